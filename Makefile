@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install into .venv, then train the centralized model on ML-100K
+#   make test   install into .venv (with test extras), then run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= runs/ml-100k-centralized
+
+.PHONY: run test install install-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and exactly 2.13.0: an unpinned torch pulled by another package is a CUDA build.
+# recbole is installed without its dependencies only as the offline carrier of ML-100K.
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps recbole==1.2.1
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed
+
+run: install
+	$(BIN)/fedrec train --mode centralized --dataset ml-100k --out $(OUT)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/fedrec bench quality --dataset ml-100k --out runs/bench-quality
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,146 @@
+"""From raw events to what the model trains on.
+
+  implicit()          events -> positive feedback (optionally ratings >= a threshold), one per
+                      (user, item), the earliest kept
+  k_core()            drop users / items with too few events, repeated until stable
+  encode()            catalog order -> item index 1..n (0 is padding); users -> time-ordered
+                      sequences of item indices
+  leave_one_out()     each user's last item is test, second-last validation, the rest train
+  partition_by_user() one partition per user: what one federated client will hold
+
+Every catalog item keeps an index even if no one touched it: those are the cold items the
+content features must carry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from shared.schema import Catalog, DataError, Interactions
+
+MIN_EVENTS_FOR_SPLIT = 3  # one train item at least, one validation, one test
+
+
+def implicit(interactions: Interactions, min_rating: float | None = None) -> Interactions:
+    frame = interactions.frame
+    if min_rating is not None:
+        frame = frame[frame["rating"] >= min_rating]
+    frame = frame.drop_duplicates(["user", "item"], keep="first")  # sorted by time: earliest
+    return Interactions(frame.reset_index(drop=True), interactions.source)
+
+
+def k_core(interactions: Interactions, user_core: int = 0, item_core: int = 0) -> Interactions:
+    """Keep users with >= user_core events and items with >= item_core, until both hold."""
+    frame = interactions.frame
+    while True:
+        users = frame["user"].map(frame["user"].value_counts()) >= user_core
+        items = frame["item"].map(frame["item"].value_counts()) >= item_core
+        keep = users & items
+        if keep.all():
+            break
+        frame = frame[keep]
+    if frame.empty:
+        raise DataError(f"no interactions left after {user_core}-core users / {item_core}-core "
+                        f"items filtering", file=interactions.source)
+    return Interactions(frame.reset_index(drop=True), interactions.source)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Integer view of a dataset. Item index i (1..n_items) is catalog row i-1; 0 pads."""
+    item_ids: np.ndarray          # (n_items,) original ids, catalog order
+    user_ids: np.ndarray          # (n_users,) original ids
+    sequences: list[np.ndarray]   # per user: item indices in time order
+    timestamps: list[np.ndarray]  # per user: unix seconds, aligned with sequences
+    first_lines: np.ndarray       # per user: source line of their first event (for errors)
+    source: str
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+
+def encode(interactions: Interactions, catalog: Catalog) -> Encoded:
+    item_index = pd.Series(np.arange(1, len(catalog) + 1), index=catalog.frame["item"].to_numpy())
+    frame = interactions.frame
+    indices = item_index.reindex(frame["item"].to_numpy()).to_numpy()
+    if np.isnan(indices.astype(float)).any():
+        raise DataError("interactions name items outside the catalog; validate first",
+                        file=interactions.source)
+    frame = frame.assign(index=indices.astype(np.int64))
+    groups = frame.groupby("user", sort=True)
+    return Encoded(
+        item_ids=catalog.frame["item"].to_numpy(),
+        user_ids=np.array(list(groups.groups.keys())),
+        sequences=[g["index"].to_numpy() for _, g in groups],
+        timestamps=[g["timestamp"].to_numpy() for _, g in groups],
+        first_lines=groups["line"].min().to_numpy(),
+        source=interactions.source,
+    )
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """One user's private log, split in time. This is exactly what one client holds."""
+    user_id: str
+    train: np.ndarray   # item indices, time order
+    valid: int          # second-last item
+    test: int           # last item
+
+    @property
+    def history_for_test(self) -> np.ndarray:
+        return np.append(self.train, self.valid)
+
+
+@dataclass(frozen=True)
+class Split:
+    users: list[UserSplit]
+    n_items: int
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def leave_one_out(encoded: Encoded) -> Split:
+    """Temporal leave-one-out. A user with fewer than 3 events cannot be split: that is an
+    error naming the user (drop such users first with `k_core(user_core=3)`)."""
+    users = []
+    for user_id, seq, line in zip(encoded.user_ids, encoded.sequences, encoded.first_lines):
+        if len(seq) < MIN_EVENTS_FOR_SPLIT:
+            raise DataError(f"user {user_id!r} has {len(seq)} interaction(s) left after "
+                            f"filtering; leave-one-out needs {MIN_EVENTS_FOR_SPLIT} (raise "
+                            f"--user-core to drop such users)", file=encoded.source,
+                            line=int(line), field="user")
+        users.append(UserSplit(str(user_id), seq[:-2], int(seq[-2]), int(seq[-1])))
+    return Split(users, encoded.n_items)
+
+
+def partition_by_user(split: Split) -> list[UserSplit]:
+    """One partition per user, in user-id order: partition i is client i's whole private log."""
+    return list(split.users)
+
+
+def item_popularity(split: Split) -> np.ndarray:
+    """Training-interaction count per item index (0..n_items; index 0 is padding, count 0).
+    Only training events count: the held-out items must not leak into features."""
+    counts = np.zeros(split.n_items + 1, dtype=np.int64)
+    for user in split.users:
+        np.add.at(counts, user.train, 1)
+    return counts
+
+
+def prepare(interactions: Interactions, catalog: Catalog, *, min_rating: float | None = None,
+            user_core: int = MIN_EVENTS_FOR_SPLIT, item_core: int = 0) -> tuple[Encoded, Split]:
+    """The standard pipeline: implicit -> k-core -> encode -> leave-one-out."""
+    events = implicit(interactions, min_rating)
+    if events.frame.empty:
+        raise DataError(f"no interactions with rating >= {min_rating}", file=interactions.source)
+    events = k_core(events, user_core, item_core)
+    encoded = encode(events, catalog)
+    return encoded, leave_one_out(encoded)
