@@ -113,7 +113,7 @@ def leave_one_out(encoded: Encoded) -> Split:
     users = []
     for user_id, seq, line in zip(encoded.user_ids, encoded.sequences, encoded.first_lines):
         if len(seq) < MIN_EVENTS_FOR_SPLIT:
-            raise DataError(f"user {user_id!r} has {len(seq)} interaction(s) left after "
+            raise DataError(f"user {str(user_id)!r} has {len(seq)} interaction(s) left after "
                             f"filtering; leave-one-out needs {MIN_EVENTS_FOR_SPLIT} (raise "
                             f"--user-core to drop such users)", file=encoded.source,
                             line=int(line), field="user")

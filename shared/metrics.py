@@ -1,0 +1,74 @@
+"""Ranking metrics for leave-one-out evaluation: one held-out item per user.
+
+Ranks are 1-based over the full catalog after removing the user's own training items (and
+the padding index 0). Ties are broken by item index, lower first, which is what a stable
+descending sort gives: the result never depends on the order of evaluation.
+
+With a single relevant item at rank r:
+  HR@K   = 1[r <= K]
+  NDCG@K = 1[r <= K] / log2(r + 1)      (the ideal DCG is 1)
+  MRR@K  = 1[r <= K] / r
+Catalog coverage@K = |union of all users' top-K lists| / N
+Novelty@K          = mean over recommended items of -log2(p_i), p_i = (users who trained on
+                     item i + 1) / (users + 1): higher means less popular recommendations.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NEG_INF = -np.inf
+
+
+def exclude_seen(scores: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+    """Set the padding column and each user's history items to -inf, in place."""
+    scores[:, 0] = NEG_INF
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    if len(rows):
+        scores[rows, np.concatenate(histories)] = NEG_INF
+    return scores
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B, N) scores, (B,) target indices -> (B,) 1-based ranks, ties broken by lower index."""
+    target_scores = scores[np.arange(len(targets)), targets][:, None]
+    above = (scores > target_scores).sum(axis=1)
+    tied_before = ((scores == target_scores) & (np.arange(scores.shape[1])[None, :] < targets[:, None])).sum(axis=1)
+    return 1 + above + tied_before
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, N) -> (B, k) item indices, best first, same tie rule as `target_ranks`."""
+    part = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, : k + 1]
+    # Re-rank the candidates exactly: by score descending, then index ascending.
+    cand_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -cand_scores), axis=1)
+    best = np.take_along_axis(part, order, axis=1)[:, :k]
+    # argpartition may cut inside a tie at position k: fall back to a full sort for those rows.
+    kth_score = np.take_along_axis(scores, best[:, -1:], axis=1)
+    unsafe = (scores == kth_score).sum(axis=1) > (np.take_along_axis(scores, best, axis=1) == kth_score).sum(axis=1)
+    for row in np.flatnonzero(unsafe):
+        best[row] = np.lexsort((np.arange(scores.shape[1]), -scores[row]))[:k]
+    return best
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:
+    return (ranks <= k).astype(np.float64)
+
+
+def ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def mrr(ranks: np.ndarray, k: int) -> np.ndarray:
+    return np.where(ranks <= k, 1.0 / ranks, 0.0)
+
+
+def coverage(recommended: np.ndarray, n_items: int) -> float:
+    """Share of the catalog (indices 1..n_items) in at least one top-K list."""
+    return len(np.unique(recommended)) / n_items
+
+
+def novelty(recommended: np.ndarray, item_users: np.ndarray, n_users: int) -> float:
+    """Mean self-information of recommended items; item_users[i] = users who trained on i."""
+    p = (item_users[recommended] + 1.0) / (n_users + 1.0)
+    return float(np.mean(-np.log2(p)))

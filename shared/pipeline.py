@@ -1,0 +1,101 @@
+"""One call from a dataset argument to what training needs: split + content features.
+
+The dataset argument is one of
+  - a registered name (`ml-100k`, `ml-latest-small`, `ml-1m`, `ml-20m`, `ml-25m`)
+  - `synthetic:USERSxITEMS` (e.g. `synthetic:1000x2000`)
+  - a folder in a known format (MovieLens 100K / 1M / CSV, RecBole atomic files)
+  - a CSV or Parquet file of interactions (columns user, item, timestamp[, rating] unless
+    mapped otherwise), with an optional catalog CSV
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from shared.datasets import REGISTRY, cache_dir, load_dataset
+from shared.features import MINILM, ContentFeatures, build_features
+from shared.preprocess import MIN_EVENTS_FOR_SPLIT, Encoded, Split, item_popularity, prepare
+from shared.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
+                            read_movielens_csv, read_recbole, read_table)
+from shared.schema import DataError, Dataset, check_items_known, make_catalog
+from shared.synthetic import generate
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    catalog: str | None = None          # catalog CSV for a generic interactions file
+    min_rating: float | None = None     # None: every interaction is a positive
+    user_core: int = MIN_EVENTS_FOR_SPLIT
+    item_core: int = 0
+    text_encoder: str = MINILM          # or "none"
+    allow_download: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreparedData:
+    dataset: Dataset
+    encoded: Encoded
+    split: Split
+    features: ContentFeatures
+
+
+_SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)$")
+
+
+def load_any(cfg: DataConfig) -> Dataset:
+    name = cfg.dataset
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    if name in REGISTRY:
+        return load_dataset(name, data_dir, allow_download=cfg.allow_download)
+    if match := _SYNTHETIC.match(name):
+        return generate(int(match.group(1)), int(match.group(2)), seed=cfg.seed)
+    path = Path(name)
+    if path.is_dir():
+        interactions, catalog = _read_folder(path)
+    elif path.is_file():
+        interactions = read_table(path, ColumnMap())
+        if cfg.catalog:
+            catalog = read_catalog_table(Path(cfg.catalog))
+        else:  # no catalog: the items seen are the catalog, with no content
+            items = pd.DataFrame({"item": sorted(interactions.frame["item"].unique())})
+            catalog = make_catalog(items, str(path))
+    else:
+        raise DataError(f"not a known dataset ({', '.join(REGISTRY)}, synthetic:UxI) and no such "
+                        f"file or folder", file=name)
+    check_items_known(interactions, catalog)
+    return Dataset(path.name, interactions, catalog)
+
+
+def _read_folder(folder: Path):
+    if (folder / "u.data").is_file():
+        return read_ml100k(folder)
+    if (folder / "ratings.dat").is_file():
+        return read_ml1m(folder)
+    if (folder / "ratings.csv").is_file():
+        return read_movielens_csv(folder)
+    inter = sorted(folder.glob("*.inter"))
+    if inter:
+        item = inter[0].with_suffix(".item")
+        interactions, catalog = read_recbole(inter[0], item if item.is_file() else None)
+        if catalog is None:
+            catalog = make_catalog(pd.DataFrame({"item": sorted(interactions.frame["item"].unique())}), str(inter[0]))
+        return interactions, catalog
+    raise DataError("folder has none of u.data, ratings.dat, ratings.csv or *.inter", file=folder)
+
+
+def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedData:
+    dataset = load_any(cfg)
+    encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
+                             user_core=cfg.user_core, item_core=cfg.item_core)
+    features = build_features(dataset.catalog, item_popularity(split), text_encoder=cfg.text_encoder,
+                              cache_dir=cache_dir() / "features", show_progress=show_progress)
+    return PreparedData(dataset, encoded, split, features)

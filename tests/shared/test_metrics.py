@@ -1,0 +1,61 @@
+"""Metrics on a hand-computed case, and against independent implementations."""
+import numpy as np
+import pytest
+from sklearn.metrics import ndcg_score
+
+from shared.metrics import (coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
+                            top_k)
+
+
+def test_hand_computed_case():
+    # 2 users, items 1..5 (column 0 pads). User 0 saw item 1; user 1 saw items 2 and 3.
+    scores = np.array([[0, 9.0, 1.0, 5.0, 3.0, 2.0],
+                       [0, 4.0, 8.0, 7.0, 1.0, 6.0]])
+    scores = exclude_seen(scores, [np.array([1]), np.array([2, 3])])
+    ranks = target_ranks(scores, np.array([4, 5]))
+    # user 0 ranking after exclusion: 3 (5.0), 4 (3.0), 5, 2 -> target 4 at rank 2
+    # user 1: 5 (6.0), 1 (4.0), 4 -> target 5 at rank 1
+    assert list(ranks) == [2, 1]
+    assert list(hit_rate(ranks, 1)) == [0.0, 1.0]
+    assert ndcg(ranks, 10) == pytest.approx([1 / np.log2(3), 1.0])
+    assert mrr(ranks, 10) == pytest.approx([0.5, 1.0])
+    assert list(top_k(scores, 2)[0]) == [3, 4] and list(top_k(scores, 2)[1]) == [5, 1]
+    assert coverage(top_k(scores, 2), n_items=5) == pytest.approx(4 / 5)
+    # novelty: item_users counts, 10 users
+    item_users = np.array([0, 9, 1, 4, 0, 2])
+    assert novelty(np.array([[3, 4]]), item_users, 10) == pytest.approx(
+        np.mean([-np.log2(5 / 11), -np.log2(1 / 11)]))
+
+
+def test_ties_break_by_lower_index_consistently():
+    scores = np.array([[-np.inf, 1.0, 1.0, 1.0, 0.5]])
+    assert list(target_ranks(scores, np.array([3]))) == [3]
+    assert list(top_k(scores, 2)[0]) == [1, 2]
+
+
+def reference_rank(row: np.ndarray, target: int) -> int:
+    """Independent: a stable descending sort, then the target's position."""
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    return order.index(target) + 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_against_brute_force_and_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 40, 60
+    scores = rng.normal(size=(n_users, n_items + 1))
+    histories = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, 10), replace=False) for _ in range(n_users)]
+    targets = np.array([rng.choice(np.setdiff1d(np.arange(1, n_items + 1), h)) for h in histories])
+    masked = exclude_seen(scores.copy(), histories)
+    ranks = target_ranks(masked, targets)
+    assert list(ranks) == [reference_rank(masked[u], t) for u, t in enumerate(targets)]
+    for k in (1, 5, 10):
+        top = top_k(masked, k)
+        for u in range(n_users):
+            assert list(top[u]) == sorted(range(n_items + 1), key=lambda i: (-masked[u, i], i))[:k]
+        # sklearn's NDCG@k with one relevant item (finite scores only, no ties here)
+        ours = ndcg(ranks, k)
+        for u, t in enumerate(targets):
+            finite = np.isfinite(masked[u])
+            truth = (np.arange(n_items + 1) == t)[finite][None, :].astype(float)
+            assert ours[u] == pytest.approx(ndcg_score(truth, masked[u][finite][None, :], k=k))

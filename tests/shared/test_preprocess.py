@@ -1,0 +1,70 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out,
+                               partition_by_user, prepare)
+from shared.schema import DataError, make_catalog, make_interactions
+
+
+def events(rows):
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    return make_interactions(frame, "log.csv")
+
+
+def catalog(items):
+    return make_catalog(pd.DataFrame({"item": items}), "items.csv")
+
+
+def test_implicit_keeps_earliest_duplicate_and_applies_threshold():
+    ev = events([("u", "a", 1, 5), ("u", "a", 2, 1), ("u", "b", 3, 2)])
+    assert list(implicit(ev).frame["timestamp"]) == [1, 3]
+    assert list(implicit(ev, min_rating=4).frame["item"]) == ["a"]
+
+
+def test_k_core_iterates_until_stable():
+    # item c has 1 user; dropping it leaves user y with 1 event, which must go too.
+    ev = events([("x", "a", 1, 1), ("x", "b", 2, 1), ("y", "a", 1, 1), ("y", "c", 2, 1),
+                 ("z", "a", 1, 1), ("z", "b", 2, 1)])
+    out = k_core(ev, user_core=2, item_core=2).frame
+    assert sorted(out["user"].unique()) == ["x", "z"]
+    assert sorted(out["item"].unique()) == ["a", "b"]
+
+
+def test_k_core_that_empties_everything_is_an_error():
+    with pytest.raises(DataError, match="log.csv: no interactions left after 5-core"):
+        k_core(events([("x", "a", 1, 1)]), user_core=5)
+
+
+def test_leave_one_out_is_temporal_and_keeps_cold_items_indexed():
+    ev = events([("u", "c", 30, 1), ("u", "a", 10, 1), ("u", "b", 20, 1), ("u", "d", 40, 1)])
+    enc = encode(ev, catalog(["a", "b", "c", "d", "cold"]))
+    assert enc.n_items == 5                       # "cold" has an index though no one used it
+    split = leave_one_out(enc)
+    user = split.users[0]
+    assert list(user.train) == [1, 2] and user.valid == 3 and user.test == 4
+    assert list(user.history_for_test) == [1, 2, 3]
+    assert list(item_popularity(split)) == [0, 1, 1, 0, 0, 0]   # training events only
+
+
+def test_user_left_too_short_by_filtering_is_named():
+    ev = events([("u", "a", 1, 5), ("u", "b", 2, 5), ("u", "c", 3, 5),
+                 ("v", "a", 1, 5), ("v", "b", 2, 1), ("v", "c", 3, 1)])
+    enc = encode(implicit(ev, min_rating=4), catalog(["a", "b", "c"]))
+    with pytest.raises(DataError, match=r"log.csv:\d+: field 'user': user 'v' has 1 interaction\(s\) left after filtering"):
+        leave_one_out(enc)
+
+
+def test_prepare_drops_short_users_by_default_and_partitions_one_per_user():
+    ev = events([("u", "a", 1, 5), ("u", "b", 2, 5), ("u", "c", 3, 5), ("v", "a", 1, 5)])
+    _, split = prepare(ev, catalog(["a", "b", "c"]))
+    parts = partition_by_user(split)
+    assert [p.user_id for p in parts] == ["u"]
+
+
+def test_ml100k_split_matches_recbole_protocol(datasets_dir):
+    from shared.datasets import load_dataset
+    ds = load_dataset("ml-100k", datasets_dir, allow_download=False)
+    enc, split = prepare(ds.interactions, ds.catalog)
+    assert len(split) == 943 and split.n_items == 1682
+    assert sum(len(u.train) for u in split.users) == 100_000 - 2 * 943
