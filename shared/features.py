@@ -5,8 +5,10 @@
               key that hashes the model name and every text (any change re-encodes)
   genres      multi-hot over the catalog's genre vocabulary
   year        release year, standardised, plus a "year unknown" flag
-  popularity  log(1 + training interactions), standardised (from the training split only: the
-              held-out items must not leak into features)
+  popularity  log(1 + training interactions), standardised
+  recency     log(1 + days since the item's newest training event), and the mean time of its
+              training events, both standardised, plus a "never seen" flag
+Popularity and recency come from the training split only: held-out items must not leak.
 
 Row 0 of the matrix is the padding item and is all zeros.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.preprocess import ItemActivity
 from shared.schema import Catalog
 
 MINILM = "all-MiniLM-L6-v2"
@@ -77,11 +80,11 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
-def build_features(catalog: Catalog, popularity: np.ndarray, *, text_encoder: str = MINILM,
+def build_features(catalog: Catalog, activity: ItemActivity, *, text_encoder: str = MINILM,
                    cache_dir: Path | None = None, show_progress: bool = False) -> ContentFeatures:
     """Feature matrix for catalog items in catalog order (item index i = row i).
 
-    `popularity` is the per-index training count from `preprocess.item_popularity`."""
+    `activity` summarises the training events (`preprocess.item_activity`)."""
     frame = catalog.frame
     n = len(frame)
     blocks = []
@@ -101,7 +104,14 @@ def build_features(catalog: Catalog, popularity: np.ndarray, *, text_encoder: st
     if known.any():
         year[known] = _standardise(years[known])
     blocks.append(np.stack([year, (~known).astype(np.float32)], axis=1))
-    blocks.append(_standardise(np.log1p(popularity[1:].astype(np.float64)))[:, None])
+    blocks.append(_standardise(np.log1p(activity.count[1:].astype(np.float64)))[:, None])
+    seen = activity.count[1:] > 0
+    age_days = np.zeros(n)
+    mean_time = np.zeros(n)
+    if seen.any():
+        age_days[seen] = _standardise(np.log1p((activity.end_time - activity.last_seen[1:][seen]) / 86400))
+        mean_time[seen] = _standardise(activity.mean_time[1:][seen])
+    blocks.append(np.stack([age_days, mean_time, (~seen).astype(np.float64)], axis=1))
     body = np.concatenate(blocks, axis=1).astype(np.float32)
     matrix = np.vstack([np.zeros((1, body.shape[1]), np.float32), body])
     return ContentFeatures(matrix, genre_names, text_encoder)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from shared.datasets import REGISTRY, cache_dir, load_dataset
 from shared.features import MINILM, ContentFeatures, build_features
-from shared.preprocess import MIN_EVENTS_FOR_SPLIT, Encoded, Split, item_popularity, prepare
+from shared.preprocess import MIN_EVENTS_FOR_SPLIT, Encoded, Split, item_activity, prepare
 from shared.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
 from shared.schema import DataError, Dataset, check_items_known, make_catalog
@@ -96,6 +96,6 @@ def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedDat
     dataset = load_any(cfg)
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
                              user_core=cfg.user_core, item_core=cfg.item_core)
-    features = build_features(dataset.catalog, item_popularity(split), text_encoder=cfg.text_encoder,
+    features = build_features(dataset.catalog, item_activity(split), text_encoder=cfg.text_encoder,
                               cache_dir=cache_dir() / "features", show_progress=show_progress)
     return PreparedData(dataset, encoded, split, features)

@@ -89,9 +89,10 @@ def encode(interactions: Interactions, catalog: Catalog) -> Encoded:
 class UserSplit:
     """One user's private log, split in time. This is exactly what one client holds."""
     user_id: str
-    train: np.ndarray   # item indices, time order
-    valid: int          # second-last item
-    test: int           # last item
+    train: np.ndarray        # item indices, time order
+    valid: int               # second-last item
+    test: int                # last item
+    train_times: np.ndarray  # unix seconds of the training events
 
     @property
     def history_for_test(self) -> np.ndarray:
@@ -111,13 +112,14 @@ def leave_one_out(encoded: Encoded) -> Split:
     """Temporal leave-one-out. A user with fewer than 3 events cannot be split: that is an
     error naming the user (drop such users first with `k_core(user_core=3)`)."""
     users = []
-    for user_id, seq, line in zip(encoded.user_ids, encoded.sequences, encoded.first_lines):
+    for user_id, seq, times, line in zip(encoded.user_ids, encoded.sequences, encoded.timestamps,
+                                         encoded.first_lines):
         if len(seq) < MIN_EVENTS_FOR_SPLIT:
             raise DataError(f"user {str(user_id)!r} has {len(seq)} interaction(s) left after "
                             f"filtering; leave-one-out needs {MIN_EVENTS_FOR_SPLIT} (raise "
                             f"--user-core to drop such users)", file=encoded.source,
                             line=int(line), field="user")
-        users.append(UserSplit(str(user_id), seq[:-2], int(seq[-2]), int(seq[-1])))
+        users.append(UserSplit(str(user_id), seq[:-2], int(seq[-2]), int(seq[-1]), times[:-2]))
     return Split(users, encoded.n_items)
 
 
@@ -133,6 +135,29 @@ def item_popularity(split: Split) -> np.ndarray:
     for user in split.users:
         np.add.at(counts, user.train, 1)
     return counts
+
+
+@dataclass(frozen=True)
+class ItemActivity:
+    """What the training events say about each item (index 0..n_items; 0 pads)."""
+    count: np.ndarray        # training interactions
+    last_seen: np.ndarray    # unix seconds of the newest one (NaN: never)
+    mean_time: np.ndarray    # mean unix seconds (NaN: never)
+    end_time: float          # newest training event overall
+
+
+def item_activity(split: Split) -> ItemActivity:
+    items = np.concatenate([u.train for u in split.users])
+    times = np.concatenate([u.train_times for u in split.users]).astype(np.float64)
+    n = split.n_items + 1
+    count = np.bincount(items, minlength=n)
+    last = np.full(n, -np.inf)
+    np.maximum.at(last, items, times)
+    total = np.bincount(items, weights=times, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    last = np.where(np.isfinite(last), last, np.nan)
+    return ItemActivity(count, last, mean, float(times.max()) if len(times) else 0.0)
 
 
 def prepare(interactions: Interactions, catalog: Catalog, *, min_rating: float | None = None,

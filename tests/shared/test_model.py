@@ -1,0 +1,81 @@
+"""The model's contract: shapes, causality, padding, cold items, Opacus compatibility."""
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from shared.model import ModelConfig, Recommender
+from shared.training import left_pad, next_item_loss
+
+N_ITEMS, CONTENT = 30, 8
+
+
+def model(dropout=0.0, content=True):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=N_ITEMS, content_dim=CONTENT if content else 0, dim=16, layers=2,
+                      heads=2, max_len=12, dropout=dropout)
+    features = torch.randn(N_ITEMS + 1, CONTENT)
+    features[0] = 0
+    return Recommender(cfg, features if content else None).eval()
+
+
+def test_shapes_and_padding_scores_minus_inf():
+    m = model()
+    items = left_pad([np.array([1, 2, 3]), np.array([4])], 12)
+    states = m.user_states(items)
+    assert states.shape == (2, 12, 16)
+    scores = m.score_all(m.user_vector(items))
+    assert scores.shape == (2, N_ITEMS + 1) and torch.isinf(scores[:, 0]).all()
+    assert torch.isfinite(states).all()                     # fully padded rows stay finite
+
+
+def test_causal_a_later_item_does_not_change_earlier_states():
+    m = model()
+    a = m.user_states(left_pad([np.array([1, 2, 3, 4])], 12))
+    b = m.user_states(left_pad([np.array([1, 2, 3, 9])], 12))
+    assert torch.allclose(a[0, -2], b[0, -2], atol=1e-6)      # state after item 3 is the same
+    assert not torch.allclose(a[0, -1], b[0, -1])
+
+
+def test_more_left_padding_does_not_change_the_user_vector():
+    m = model()
+    history = np.array([5, 6, 7])
+    wide, narrow = left_pad([history], 12), left_pad([history], 4)   # 9 vs 1 padding slots
+    assert torch.allclose(m.user_vector(wide), m.user_vector(narrow), atol=1e-6)
+
+
+def test_cold_item_is_represented_by_its_content():
+    m = model()
+    items = m.item_tower.all_items()
+    with torch.no_grad():
+        m.item_tower.id_embedding.weight.zero_()             # no collaborative signal at all
+    content_only = m.item_tower.all_items()
+    assert content_only[1:].norm(dim=1).min() > 0            # every item still has a vector
+    assert not torch.allclose(content_only[1], content_only[2])
+    assert items.shape == content_only.shape
+
+
+def test_encoder_uses_only_layers_opacus_supports_with_per_example_gradients():
+    m = model(content=False).train()
+    assert ModuleValidator.validate(m.user_encoder, strict=False) == []
+    # Per-example gradients for the encoder: the user's history goes in, a per-example loss out.
+    encoder = GradSampleModule(m.user_encoder)
+    items = left_pad([np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9])], 12)
+    vectors = m.item_tower(items).detach()
+    states = encoder(vectors, items)
+    states[:, -1].pow(2).sum().backward()
+    for name, p in encoder.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 3, name
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
+    m = model().train()
+    inputs = left_pad([np.array([1, 2, 3, 4]), np.array([5, 6, 7])], 12)
+    targets = left_pad([np.array([2, 3, 4, 5]), np.array([6, 7, 8])], 12)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    before = next_item_loss(m, inputs, targets).item()
+    for _ in range(20):
+        opt.zero_grad()
+        next_item_loss(m, inputs, targets).backward()
+        opt.step()
+    assert next_item_loss(m, inputs, targets).item() < before - 0.5

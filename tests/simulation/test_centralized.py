@@ -1,0 +1,67 @@
+"""The centralized job end to end through the CLI, on data the test makes."""
+import json
+
+import pytest
+
+from fedrec.cli import main
+
+FAST = ["--text-encoder", "none", "--dim", "16", "--max-len", "20", "--eval-every", "2",
+        "--batch-size", "64", "--quiet"]
+
+
+def test_train_writes_summary_plot_and_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--mode", "centralized", "--dataset", "synthetic:300x200", "--epochs", "6",
+                 "--out", str(out), *FAST])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "synthetic-300x200" and summary["mode"] == "centralized"
+    for key in ("hr@10", "ndcg@10", "mrr@10", "coverage@10"):
+        assert 0.0 <= summary["metrics"][key] <= 1.0
+    assert summary["wall_seconds"] > 0 and summary["config"]["train"]["epochs"] == 6
+    assert "sampled100_ndcg@10" in summary["sampled_metrics"]
+    assert (out / "validation_curve.png").stat().st_size > 1000
+    assert (out / "model.pt").is_file()
+    assert "NDCG@10" in capsys.readouterr().out
+
+
+def test_model_learns_more_than_popularity_on_synthetic_data(tmp_path):
+    from shared.baselines import MostPopular
+    from shared.evaluation import evaluate
+    from shared.pipeline import DataConfig, prepare_data
+    from shared.training import TrainConfig, model_scorer
+    from simulation.centralized import CentralizedJob, ModelHyper, train_centralized
+    prepared = prepare_data(DataConfig(dataset="synthetic:600x300", text_encoder="none"))
+    job = CentralizedJob(model=ModelHyper(dim=32, max_len=30),
+                         train=TrainConfig(epochs=25, batch_size=64, lr=3e-3, eval_every=5, patience=3))
+    model, _ = train_centralized(prepared, job, progress=False)
+    ours = evaluate(model_scorer(model), prepared.split, "test").metrics["ndcg@10"]
+    popular = evaluate(MostPopular().fit(prepared.split), prepared.split, "test").metrics["ndcg@10"]
+    assert ours > 1.5 * popular, (ours, popular)
+
+
+def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,timestamp\na,x,2024-01-01\na,y,soon\n")
+    code = main(["train", "--dataset", str(log), "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fedrec: error: ") and "log.csv:3: field 'timestamp'" in err
+    assert "Traceback" not in err
+
+
+def test_bench_quality_table_and_json(tmp_path, capsys):
+    code = main(["bench", "quality", "--dataset", "synthetic:200x150", "--epochs", "2",
+                 "--out", str(tmp_path), *FAST])
+    assert code == 0
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["method"] for r in report["results"]] == ["most-popular", "item-knn", "ease", "fedrec-centralized"]
+    assert "| ease |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ml100k_reaches_the_target(datasets_dir, tmp_path):
+    """The acceptance figure (about 5 minutes): run with `pytest -m slow`."""
+    assert main(["train", "--dataset", "ml-100k", "--data-dir", str(datasets_dir), "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert metrics["ndcg@10"] >= 0.080 and metrics["hr@10"] >= 0.150
