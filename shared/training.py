@@ -34,6 +34,8 @@ class TrainConfig:
     patience: int = 5         # validation runs without improvement before stopping
     seed: int = 0
     time_budget_s: float | None = None  # stop early (keeping the best model) past this
+    refit_epochs: int = 0     # after selection: epochs on train + validation items (never test)
+    refit_lr_scale: float = 0.3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +153,15 @@ def fit(model: Recommender, split: Split, cfg: TrainConfig,
             result.stopped_because = "early stopping"
             break
     model.load_state_dict(best_state)
+    if cfg.refit_epochs:
+        # The validation item chose the epoch; now it joins the training data, as it would in
+        # deployment. The test item is never trained on.
+        refit = torch.optim.AdamW(model.parameters(), lr=cfg.lr * cfg.refit_lr_scale,
+                                  weight_decay=cfg.weight_decay)
+        everything_but_test = [u.history_for_test for u in split.users]
+        for _ in range(cfg.refit_epochs):
+            train_steps(model, refit, everything_but_test, batch_size=cfg.batch_size, rng=rng)
+        best_state = copy.deepcopy(model.state_dict())
     result.best_state, result.best_epoch = best_state, best_epoch
     result.train_seconds = time.perf_counter() - start
     return result
