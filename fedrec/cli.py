@@ -36,6 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
     p.add_argument("--eval-every", type=int, default=t.eval_every)
     p.add_argument("--patience", type=int, default=t.patience)
+    p.add_argument("--refit-epochs", type=int, default=t.refit_epochs,
+                   help="epochs on train + validation items after model selection")
     p.add_argument("--time-budget", type=float, help="stop training after this many seconds")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -56,7 +58,8 @@ def _job(args: argparse.Namespace):
                          dropout=args.dropout, content=not args.no_content),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, eval_every=args.eval_every,
-                          patience=args.patience, seed=args.seed, time_budget_s=args.time_budget),
+                          patience=args.patience, seed=args.seed, time_budget_s=args.time_budget,
+                          refit_epochs=args.refit_epochs),
         threads=args.threads)
 
 

@@ -92,8 +92,9 @@ class Block(nn.Module):
         self.attention_norm = nn.LayerNorm(dim)
         self.attention = CausalSelfAttention(dim, heads)
         self.feed_forward_norm = nn.LayerNorm(dim)
-        self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout),
-                                          nn.Linear(4 * dim, dim))
+        # Dropout only on the residual branches: masks on the 4D-wide hidden layer were most
+        # of the random-number cost on CPU.
+        self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -132,17 +133,20 @@ class Recommender(nn.Module):
         self.item_tower = ItemTower(cfg, content)
         self.user_encoder = UserEncoder(cfg)
 
-    def user_states(self, items: torch.Tensor) -> torch.Tensor:
-        """items (B, L) left-padded histories -> (B, L, D) interest after each position."""
-        return self.user_encoder(self.item_tower(items), items)
+    def user_states(self, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """items (B, L) left-padded histories -> (B, L, D) interest after each position.
+        `item_table` (N+1, D) is `item_tower.all_items()` when the caller already has it."""
+        vectors = item_table[items] if item_table is not None else self.item_tower(items)
+        return self.user_encoder(vectors, items)
 
     def user_vector(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, L) left-padded histories -> (B, D): interest after the newest item."""
         return self.user_states(items)[:, -1]
 
-    def score_all(self, user_vectors: torch.Tensor) -> torch.Tensor:
+    def score_all(self, user_vectors: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D) -> (..., N+1) scores over the whole catalog; the padding item scores -inf."""
-        scores = user_vectors @ self.item_tower.all_items().T
+        table = item_table if item_table is not None else self.item_tower.all_items()
+        scores = user_vectors @ table.T
         scores[..., 0] = float("-inf")
         return scores
 

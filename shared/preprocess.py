@@ -123,6 +123,15 @@ def leave_one_out(encoded: Encoded) -> Split:
     return Split(users, encoded.n_items)
 
 
+def with_validation_in_train(split: Split) -> Split:
+    """The split as the test stage sees it: each user's validation item appended to training
+    (its time approximated by the last training time). Test items stay held out."""
+    users = [UserSplit(u.user_id, u.history_for_test, u.valid, u.test,
+                       np.append(u.train_times, u.train_times[-1] if len(u.train_times) else 0))
+             for u in split.users]
+    return Split(users, split.n_items)
+
+
 def partition_by_user(split: Split) -> list[UserSplit]:
     """One partition per user, in user-id order: partition i is client i's whole private log."""
     return list(split.users)

@@ -98,7 +98,8 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
                  "train_interactions": int(sum(len(u.train) for u in prepared.split.users)),
                  "source": prepared.dataset.interactions.source,
                  "protocol": "temporal leave-one-out; full ranking over all items; the user's "
-                             "history items excluded"},
+                             "history items excluded; validation item used for early stopping, "
+                             "then trained on for refit_epochs; test item never trained on"},
         "config": {"data": asdict(job.data), "model": asdict(job.model), "train": asdict(job.train),
                    "threads": job.threads, "text_encoder": prepared.features.text_encoder},
         "validation_curve": result.curve,

@@ -68,3 +68,14 @@ def test_ml100k_split_matches_recbole_protocol(datasets_dir):
     enc, split = prepare(ds.interactions, ds.catalog)
     assert len(split) == 943 and split.n_items == 1682
     assert sum(len(u.train) for u in split.users) == 100_000 - 2 * 943
+
+
+def test_validation_joins_training_for_the_test_stage_but_test_never_does():
+    from shared.preprocess import with_validation_in_train
+    ev = events([("u", "a", 1, 1), ("u", "b", 2, 1), ("u", "c", 3, 1), ("u", "d", 4, 1)])
+    split = leave_one_out(encode(ev, catalog(["a", "b", "c", "d"])))
+    test_stage = with_validation_in_train(split)
+    user = test_stage.users[0]
+    assert list(user.train) == [1, 2, 3] and user.test == 4
+    assert len(user.train_times) == len(user.train)
+    assert list(split.users[0].train) == [1, 2]          # the original split is untouched
