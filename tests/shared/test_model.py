@@ -1,5 +1,6 @@
 """The model's contract: shapes, causality, padding, cold items, Opacus compatibility."""
 import numpy as np
+import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
@@ -55,6 +56,7 @@ def test_cold_item_is_represented_by_its_content():
     assert items.shape == content_only.shape
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs are data, not parameters
 def test_encoder_uses_only_layers_opacus_supports_with_per_example_gradients():
     m = model(content=False).train()
     assert ModuleValidator.validate(m.user_encoder, strict=False) == []
