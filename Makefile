@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/ml-100k-centralized
 
-.PHONY: run test install install-test bench clean
+.PHONY: run test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,11 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed
 
 run: install
 	$(BIN)/fedrec train --mode centralized --dataset ml-100k --out $(OUT)
 
-test: install-test
+test: install
 	$(BIN)/python -m pytest -q
 
 bench: install

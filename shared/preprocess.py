@@ -159,7 +159,7 @@ def item_activity(split: Split) -> ItemActivity:
     items = np.concatenate([u.train for u in split.users])
     times = np.concatenate([u.train_times for u in split.users]).astype(np.float64)
     n = split.n_items + 1
-    count = np.bincount(items, minlength=n)
+    count = item_popularity(split)
     last = np.full(n, -np.inf)
     np.maximum.at(last, items, times)
     total = np.bincount(items, weights=times, minlength=n)
