@@ -65,14 +65,19 @@ def load_any(cfg: DataConfig) -> Dataset:
         interactions = read_table(path, ColumnMap())
         if cfg.catalog:
             catalog = read_catalog_table(Path(cfg.catalog))
-        else:  # no catalog: the items seen are the catalog, with no content
-            items = pd.DataFrame({"item": sorted(interactions.frame["item"].unique())})
-            catalog = make_catalog(items, str(path))
+        else:
+            catalog = _catalog_of_seen_items(interactions)
     else:
         raise DataError(f"not a known dataset ({', '.join(REGISTRY)}, synthetic:UxI) and no such "
                         f"file or folder", file=name)
     check_items_known(interactions, catalog)
     return Dataset(path.name, interactions, catalog)
+
+
+def _catalog_of_seen_items(interactions):
+    """No catalog given: the items seen are the catalog, with no content."""
+    items = pd.DataFrame({"item": sorted(interactions.frame["item"].unique())})
+    return make_catalog(items, interactions.source)
 
 
 def _read_folder(folder: Path):
@@ -86,9 +91,7 @@ def _read_folder(folder: Path):
     if inter:
         item = inter[0].with_suffix(".item")
         interactions, catalog = read_recbole(inter[0], item if item.is_file() else None)
-        if catalog is None:
-            catalog = make_catalog(pd.DataFrame({"item": sorted(interactions.frame["item"].unique())}), str(inter[0]))
-        return interactions, catalog
+        return interactions, catalog if catalog is not None else _catalog_of_seen_items(interactions)
     raise DataError("folder has none of u.data, ratings.dat, ratings.csv or *.inter", file=folder)
 
 
