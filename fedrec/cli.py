@@ -29,6 +29,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=m.heads)
     p.add_argument("--max-len", type=int, default=m.max_len)
     p.add_argument("--dropout", type=float, default=m.dropout)
+    p.add_argument("--id-buckets", type=int, default=m.id_buckets,
+                   help="rows of the item ID table; a larger catalog hashes into them")
     p.add_argument("--no-content", action="store_true", help="item tower without content features")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -36,8 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
     p.add_argument("--eval-every", type=int, default=t.eval_every)
     p.add_argument("--patience", type=int, default=t.patience)
-    p.add_argument("--refit-epochs", type=int, default=t.refit_epochs,
-                   help="epochs on train + validation items after model selection")
+    p.add_argument("--refit-fraction", type=float, default=t.refit_fraction,
+                   help="after model selection, train this x the best epoch count more epochs "
+                        "on train + validation items (0: no refit)")
     p.add_argument("--time-budget", type=float, help="stop training after this many seconds")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -55,11 +58,12 @@ def _job(args: argparse.Namespace):
                         item_core=args.item_core, text_encoder=args.text_encoder,
                         allow_download=not args.no_download, seed=args.seed),
         model=ModelHyper(dim=args.dim, layers=args.layers, heads=args.heads, max_len=args.max_len,
-                         dropout=args.dropout, content=not args.no_content),
+                         dropout=args.dropout, content=not args.no_content,
+                         id_buckets=args.id_buckets),
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, eval_every=args.eval_every,
                           patience=args.patience, seed=args.seed, time_budget_s=args.time_budget,
-                          refit_epochs=args.refit_epochs),
+                          refit_fraction=args.refit_fraction),
         threads=args.threads)
 
 

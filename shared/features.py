@@ -80,11 +80,12 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
-def build_features(catalog: Catalog, activity: ItemActivity, *, text_encoder: str = MINILM,
+def build_features(catalog: Catalog, activity: ItemActivity | None, *, text_encoder: str = MINILM,
                    cache_dir: Path | None = None, show_progress: bool = False) -> ContentFeatures:
     """Feature matrix for catalog items in catalog order (item index i = row i).
 
-    `activity` summarises the training events (`preprocess.item_activity`)."""
+    `activity` summarises the training events (`preprocess.item_activity`): popularity and
+    recency. None leaves them out: a federated server has no central log to count from."""
     frame = catalog.frame
     n = len(frame)
     blocks = []
@@ -104,14 +105,15 @@ def build_features(catalog: Catalog, activity: ItemActivity, *, text_encoder: st
     if known.any():
         year[known] = _standardise(years[known])
     blocks.append(np.stack([year, (~known).astype(np.float32)], axis=1))
-    blocks.append(_standardise(np.log1p(activity.count[1:].astype(np.float64)))[:, None])
-    seen = activity.count[1:] > 0
-    age_days = np.zeros(n)
-    mean_time = np.zeros(n)
-    if seen.any():
-        age_days[seen] = _standardise(np.log1p((activity.end_time - activity.last_seen[1:][seen]) / 86400))
-        mean_time[seen] = _standardise(activity.mean_time[1:][seen])
-    blocks.append(np.stack([age_days, mean_time, (~seen).astype(np.float64)], axis=1))
+    if activity is not None:
+        blocks.append(_standardise(np.log1p(activity.count[1:].astype(np.float64)))[:, None])
+        seen = activity.count[1:] > 0
+        age_days = np.zeros(n)
+        mean_time = np.zeros(n)
+        if seen.any():
+            age_days[seen] = _standardise(np.log1p((activity.end_time - activity.last_seen[1:][seen]) / 86400))
+            mean_time[seen] = _standardise(activity.mean_time[1:][seen])
+        blocks.append(np.stack([age_days, mean_time, (~seen).astype(np.float64)], axis=1))
     body = np.concatenate(blocks, axis=1).astype(np.float32)
     matrix = np.vstack([np.zeros((1, body.shape[1]), np.float32), body])
     return ContentFeatures(matrix, genre_names, text_encoder)

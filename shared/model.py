@@ -2,7 +2,10 @@
 
   ItemTower     item index -> vector. A collaborative ID embedding plus a projection of the
                 item's content features, so an item nobody has touched (ID row untrained) is
-                still placed by what it is.
+                still placed by what it is. The ID table has at most `id_buckets` rows: a
+                larger catalog shares rows by two fixed hashes (Svenstrup et al., NeurIPS 2017
+                "hash embeddings", Weinberger et al. 2009), so the shared weights, and with them
+                a federated client's upload, stay bounded however large the catalog grows.
   UserEncoder   a user's recent items -> interest vector at every position: SASRec-style causal
                 self-attention (Kang & McAuley, ICDM 2018), built only from nn.Embedding,
                 nn.Linear and nn.LayerNorm, the layers Opacus computes per-example gradients for
@@ -32,15 +35,35 @@ class ModelConfig:
     heads: int = 2
     max_len: int = 200
     dropout: float = 0.3
+    id_buckets: int = 4096  # rows of the ID table; a larger catalog hashes into them
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def id_rows(n_items: int, buckets: int) -> torch.Tensor:
+    """(N+1, k) ID-table rows of each item index; row 0 is padding.
+
+    k = 1 and the identity when the catalog fits; otherwise k = 2 rows from two fixed
+    universal hashes ((a*i + b) mod p mod buckets), so two items rarely share both rows and
+    the content projection tells the rest apart. Public and deterministic: every client and
+    the server derive the same map from (n_items, buckets)."""
+    items = torch.arange(n_items + 1, dtype=torch.int64)
+    if n_items <= buckets:
+        return items[:, None]
+    prime = 2_147_483_647
+    hashes = [((a * items + b) % prime) % buckets + 1 for a, b in ((48271, 11), (69621, 7919))]
+    rows = torch.stack(hashes, dim=1)
+    rows[0] = 0
+    return rows
+
+
 class ItemTower(nn.Module):
     def __init__(self, cfg: ModelConfig, content: torch.Tensor | None):
         super().__init__()
-        self.id_embedding = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
+        self.n_items = cfg.n_items
+        self.register_buffer("id_rows", id_rows(cfg.n_items, cfg.id_buckets), persistent=False)
+        self.id_embedding = nn.Embedding(min(cfg.n_items, cfg.id_buckets) + 1, cfg.dim, padding_idx=0)
         nn.init.normal_(self.id_embedding.weight, std=0.02)
         with torch.no_grad():
             self.id_embedding.weight[0].zero_()
@@ -53,14 +76,14 @@ class ItemTower(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items (...,) long -> (..., D)"""
-        vectors = self.id_embedding(items)
+        vectors = self.id_embedding(self.id_rows[items]).sum(-2)
         if self.content_projection is not None:
             vectors = vectors + self.content_projection(self.content[items])
         return vectors
 
     def all_items(self) -> torch.Tensor:
         """(N+1, D): every catalog item, row 0 the padding item."""
-        return self.forward(torch.arange(self.id_embedding.num_embeddings, device=self.id_embedding.weight.device))
+        return self.forward(torch.arange(self.n_items + 1, device=self.id_rows.device))
 
 
 class CausalSelfAttention(nn.Module):

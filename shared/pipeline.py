@@ -33,6 +33,7 @@ class DataConfig:
     user_core: int = MIN_EVENTS_FOR_SPLIT
     item_core: int = 0
     text_encoder: str = MINILM          # or "none"
+    activity_features: bool = True      # popularity/recency from the training log (centralized only)
     allow_download: bool = True
     seed: int = 0
 
@@ -99,6 +100,7 @@ def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedDat
     dataset = load_any(cfg)
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
                              user_core=cfg.user_core, item_core=cfg.item_core)
-    features = build_features(dataset.catalog, item_activity(split), text_encoder=cfg.text_encoder,
+    activity = item_activity(split) if cfg.activity_features else None
+    features = build_features(dataset.catalog, activity, text_encoder=cfg.text_encoder,
                               cache_dir=cache_dir() / "features", show_progress=show_progress)
     return PreparedData(dataset, encoded, split, features)

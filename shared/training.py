@@ -5,7 +5,8 @@ centralized loop (all users' histories in one place) that gives the upper bound 
 federated or private run is compared with.
 
 Model selection uses the validation item (early stopping on validation NDCG@10); then the
-validation item joins the training data for `refit_epochs` more epochs, as it would in a
+validation item joins the training data for `refit_fraction` x the selected epoch count more
+epochs (a data-dependent length: a model selected early overfits early), as it would in a
 deployment where only the future is unknown. The test item is never trained on. Baselines
 in the benchmark get the same data for the test stage (`with_validation_in_train`).
 
@@ -39,7 +40,8 @@ class TrainConfig:
     patience: int = 5         # validation runs without improvement before stopping
     seed: int = 0
     time_budget_s: float | None = None  # stop early (keeping the best model) past this
-    refit_epochs: int = 10    # after selection: epochs on train + validation items (never test)
+    refit_fraction: float = 0.1  # after selection: this x best epoch more epochs on train +
+                                 # validation items (never test); 0 turns the refit off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +123,7 @@ class FitResult:
     best_epoch: int
     curve: list[dict] = field(default_factory=list)  # {"epoch", "loss", "ndcg@10", "hr@10"}
     stopped_because: str = "epochs"
+    refit_epochs: int = 0
     train_seconds: float = 0.0
 
 
@@ -158,15 +161,16 @@ def fit(model: Recommender, split: Split, cfg: TrainConfig,
             result.stopped_because = "early stopping"
             break
     model.load_state_dict(best_state)
-    if cfg.refit_epochs:
+    refit_epochs = round(cfg.refit_fraction * best_epoch)
+    if refit_epochs:
         # The validation item chose the epoch; now it joins the training data, as it would in
         # deployment. The test item is never trained on.
         refit = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         everything_but_test = with_validation_in_train(split).users
-        for _ in range(cfg.refit_epochs):
+        for _ in range(refit_epochs):
             train_steps(model, refit, [u.train for u in everything_but_test],
                         batch_size=cfg.batch_size, rng=rng)
         best_state = copy.deepcopy(model.state_dict())
-    result.best_state, result.best_epoch = best_state, best_epoch
+    result.best_state, result.best_epoch, result.refit_epochs = best_state, best_epoch, refit_epochs
     result.train_seconds = time.perf_counter() - start
     return result

@@ -31,6 +31,7 @@ class ModelHyper:
     max_len: int = 50
     dropout: float = 0.3
     content: bool = True
+    id_buckets: int = 4096
 
 
 @dataclass
@@ -47,7 +48,8 @@ def build_model(prepared: PreparedData, hyper: ModelHyper) -> Recommender:
     cfg = ModelConfig(n_items=prepared.split.n_items,
                       content_dim=prepared.features.dim if hyper.content else 0,
                       dim=hyper.dim, layers=hyper.layers, heads=hyper.heads,
-                      max_len=hyper.max_len, dropout=hyper.dropout)
+                      max_len=hyper.max_len, dropout=hyper.dropout,
+                      id_buckets=hyper.id_buckets)
     return Recommender(cfg, content)
 
 
@@ -93,13 +95,14 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
         "wall_seconds": round(time.perf_counter() - started, 2),
         "train_seconds": round(result.train_seconds, 2),
         "best_epoch": result.best_epoch,
+        "refit_epochs": result.refit_epochs,
         "stopped_because": result.stopped_because,
         "data": {"users": len(prepared.split), "items": prepared.split.n_items,
                  "train_interactions": int(sum(len(u.train) for u in prepared.split.users)),
                  "source": prepared.dataset.interactions.source,
                  "protocol": "temporal leave-one-out; full ranking over all items; the user's "
                              "history items excluded; validation item used for early stopping, "
-                             "then trained on for refit_epochs; test item never trained on"},
+                             "then trained on for refit_fraction x best epoch more epochs; test item never trained on"},
         "config": {"data": asdict(job.data), "model": asdict(job.model), "train": asdict(job.train),
                    "threads": job.threads, "text_encoder": prepared.features.text_encoder},
         "validation_curve": result.curve,

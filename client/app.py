@@ -1,0 +1,100 @@
+"""The Flower ClientApp (Message API): a thin adapter around `client.local`.
+
+Where the client's data lives:
+  * on a device (a SuperNode), node config `user-log=PATH` (its own log, `UserLog` .npz) and
+    `catalog=PATH` (the public catalog bundle);
+  * in simulation, run config `store=DIR` plus node config `partition-id`: the log is
+    DIR/users/<partition-id>.npz and the catalog DIR/catalog.npz.
+
+A train message carries the global weights ("arrays") and a "config" record (round, model
+shape, local training settings). The reply carries "delta" (trained - global, float32, the
+same keys and shapes) and "metrics" (num-examples, train-loss). An evaluate message gets
+"metrics" with this one user's HR/NDCG/MRR @10 for the requested stage. Nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update
+from shared.catalog_bundle import load_catalog
+from shared.model import ModelConfig, Recommender
+
+MODEL_KEYS = ("dim", "layers", "heads", "max_len", "dropout", "id_buckets")
+
+
+def client_paths(node_config: dict, run_config: dict) -> tuple[Path, Path]:
+    """(user log, catalog bundle) for this node."""
+    if "user-log" in node_config:
+        return Path(str(node_config["user-log"])), Path(str(node_config["catalog"]))
+    store = Path(str(run_config["store"]))
+    return store / "users" / f"{int(node_config['partition-id'])}.npz", store / "catalog.npz"
+
+
+@functools.lru_cache(maxsize=4)
+def _model(catalog_path: str, model_items: tuple) -> Recommender:
+    """One model object per process and shape, reused by every virtual client it runs: the
+    weights are overwritten from the message each time, so nothing carries between users."""
+    catalog = load_catalog(Path(catalog_path))
+    cfg = ModelConfig(n_items=catalog.n_items, content_dim=catalog.content_dim, **dict(model_items))
+    return Recommender(cfg, torch.from_numpy(catalog.content) if catalog.content_dim else None)
+
+
+def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender, UserLog, ConfigRecord]:
+    torch.set_num_threads(1)  # one core per virtual client: several run side by side
+    run_config = {**settings, **context.run_config}
+    log_path, catalog_path = client_paths(context.node_config, run_config)
+    config = msg.content["config"]
+    model_items = tuple((k, config[k]) for k in MODEL_KEYS)
+    return _model(str(catalog_path), model_items), UserLog.load(log_path), config
+
+
+def handle_train(msg: Message, context: Context, settings: dict) -> Message:
+    model, log, config = _setup(msg, context, settings)
+    global_weights = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    local = LocalConfig(local_epochs=int(config["local-epochs"]), lr=float(config["local-lr"]),
+                        optimizer=str(config["local-optimizer"]), train_on=str(config["train-on"]))
+    seed = (int(config["seed"]), int(config["server-round"]), int(context.node_id) % (2**32))
+    torch.manual_seed(hash(seed) % (2**31))
+    started = time.perf_counter()
+    delta, metrics = local_update(model, global_weights, log, local, np.random.default_rng(seed))
+    metrics["train-seconds"] = time.perf_counter() - started
+    content = RecordDict({"delta": ArrayRecord({k: _array(v) for k, v in delta.items()}),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
+    model, log, config = _setup(msg, context, settings)
+    load_weights(model, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    metrics = local_metrics(model, log, str(config["stage"]))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _array(value: np.ndarray):
+    return Array(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def make_client_app(settings: dict | None = None) -> ClientApp:
+    """`settings` stand in for the run config where Flower passes none (run_simulation)."""
+    settings = dict(settings or {})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, settings)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, settings)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,104 @@
+"""Server-side aggregation: plain functions, no Flower.
+
+Clients answer with a weight change (delta) and a weight (their number of training targets).
+The server
+  1. checks every reply and drops bad ones with a reason (missing or extra keys, wrong
+     shapes or dtypes, NaN or Inf, a non-positive or absurd weight),
+  2. averages the surviving deltas,
+  3. applies the average as a pseudo-gradient (-delta) with a torch optimizer: SGD with
+     lr 1 is FedAvg (McMahan et al. 2017); Adam is FedAdam (Reddi et al., ICLR 2021). The
+     optimizer's state is a torch state_dict, so a checkpoint holds all of it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "fedavg"   # "fedavg" | "fedavgm" | "fedadam"
+    lr: float = 1.0             # server learning rate (1.0 with fedavg = plain averaging)
+    momentum: float = 0.9       # fedavgm only
+    betas: tuple[float, float] = (0.9, 0.99)  # fedadam only
+    eps: float = 1e-3           # fedadam's tau (adaptivity), as in Reddi et al.
+    weighting: str = "examples"  # "examples": by training targets; "uniform": one vote per user
+    max_examples: float = 10_000.0  # a claimed weight above this is rejected as absurd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_update(delta: Weights, num_examples: float, expected: dict[str, tuple[int, ...]],
+                 cfg: ServerConfig) -> str | None:
+    """None if the reply can be aggregated, else the reason it cannot."""
+    missing = sorted(set(expected) - set(delta))
+    if missing:
+        return f"missing arrays {missing[:3]}{'...' if len(missing) > 3 else ''}"
+    extra = sorted(set(delta) - set(expected))
+    if extra:
+        return f"unexpected arrays {extra[:3]}{'...' if len(extra) > 3 else ''}"
+    for name, shape in expected.items():
+        value = delta[name]
+        if tuple(value.shape) != tuple(shape):
+            return f"{name}: shape {tuple(value.shape)}, expected {tuple(shape)}"
+        if not np.issubdtype(value.dtype, np.floating):
+            return f"{name}: dtype {value.dtype}, expected a float array"
+        if not np.isfinite(value).all():
+            return f"{name}: contains NaN or Inf"
+    if not np.isfinite(num_examples) or not 0 < num_examples <= cfg.max_examples:
+        return f"num-examples {num_examples} outside (0, {cfg.max_examples:g}]"
+    return None
+
+
+def mean_delta(deltas: list[Weights], num_examples: list[float], weighting: str) -> Weights:
+    """Weighted mean of the deltas (float64 accumulation)."""
+    w = np.asarray(num_examples if weighting == "examples" else [1.0] * len(deltas), dtype=np.float64)
+    w = w / w.sum()
+    return {name: sum(wi * d[name].astype(np.float64) for wi, d in zip(w, deltas)).astype(np.float32)
+            for name in deltas[0]}
+
+
+class ServerOptimizer:
+    """Global weights plus the optimizer that moves them by the clients' mean delta."""
+
+    def __init__(self, weights: Weights, cfg: ServerConfig):
+        self.cfg = cfg
+        self.params = {n: torch.nn.Parameter(torch.from_numpy(np.array(v, dtype=np.float32)))
+                       for n, v in weights.items()}
+        plist = list(self.params.values())
+        if cfg.optimizer == "fedavg":
+            self.optimizer = torch.optim.SGD(plist, lr=cfg.lr)
+        elif cfg.optimizer == "fedavgm":
+            self.optimizer = torch.optim.SGD(plist, lr=cfg.lr, momentum=cfg.momentum)
+        elif cfg.optimizer == "fedadam":
+            self.optimizer = torch.optim.Adam(plist, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        else:
+            raise ValueError(f"unknown server optimizer {cfg.optimizer!r}: use fedavg, fedavgm or fedadam")
+
+    def weights(self) -> Weights:
+        return {n: p.detach().numpy().copy() for n, p in self.params.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.params.items()}
+
+    def step(self, delta: Weights) -> None:
+        """Move the global weights by `delta` (the clients' mean change), through the optimizer."""
+        for name, p in self.params.items():
+            p.grad = -torch.from_numpy(np.asarray(delta[name], dtype=np.float32))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"weights": {n: p.detach().clone() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["weights"][n])
+        self.optimizer.load_state_dict(state["optimizer"])

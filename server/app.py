@@ -1,0 +1,89 @@
+"""The Flower ServerApp (Message API): a thin adapter around `server.federation`.
+
+Configuration comes from the run config (`[tool.flwr.app.config]` in pyproject.toml, or
+`flwr run . --run-config ...`); the simulation passes the same keys as `settings`, because
+Flower's `run_simulation` hands the apps an empty run config. The server needs only the
+public catalog bundle (to build the initial model), never a user's log.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.local import LocalConfig, shared_weights
+from server.aggregation import ServerConfig
+from server.federation import FederationConfig, RoundHook, run_federation
+from shared.catalog_bundle import load_catalog
+from shared.model import ModelConfig, Recommender
+from shared.report import write_json
+
+DEFAULTS = {
+    "store": "runs/store/ml-100k", "out": "runs/federated",
+    "rounds": 100, "clients-per-round": 100, "seed": 0,
+    "local-epochs": 2, "local-lr": 1e-3, "local-optimizer": "adam", "train-on": "valid",
+    "server-optimizer": "fedavg", "server-lr": 1.0, "weighting": "examples",
+    "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
+    "eval-every": 0, "eval-clients": 100, "final-test": True,
+}
+
+
+def federation_config(run_config: dict) -> FederationConfig:
+    c = {**DEFAULTS, **run_config}
+    return FederationConfig(
+        rounds=int(c["rounds"]), clients_per_round=int(c["clients-per-round"]), seed=int(c["seed"]),
+        local=LocalConfig(local_epochs=int(c["local-epochs"]), lr=float(c["local-lr"]),
+                          optimizer=str(c["local-optimizer"]), train_on=str(c["train-on"])),
+        server=ServerConfig(optimizer=str(c["server-optimizer"]), lr=float(c["server-lr"]),
+                            weighting=str(c["weighting"])),
+        model={"dim": int(c["dim"]), "layers": int(c["layers"]), "heads": int(c["heads"]),
+               "max_len": int(c["max-len"]), "dropout": float(c["dropout"]),
+               "id_buckets": int(c["id-buckets"])},
+        eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
+        final_test=bool(c["final-test"]))
+
+
+def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
+    catalog = load_catalog(catalog_path)
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(n_items=catalog.n_items, content_dim=catalog.content_dim, **cfg.model)
+    content = torch.from_numpy(catalog.content) if catalog.content_dim else None
+    return shared_weights(Recommender(model_cfg, content))
+
+
+def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, progress=None) -> dict:
+    c = {**DEFAULTS, **run_config}
+    cfg = federation_config(c)
+    out = Path(str(c["out"]))
+    try:
+        final = run_federation(grid, cfg, initial_weights(Path(str(c["store"])) / "catalog.npz", cfg),
+                               out, on_round=on_round, progress=progress)
+        torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
+        write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"])})
+        return final
+    except BaseException:
+        # run_simulation logs and swallows ServerApp exceptions: leave the reason where the
+        # caller looks for the result, so the failure cannot vanish.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.txt").write_text(traceback.format_exc())
+        raise
+
+
+def make_server_app(settings: dict | None = None, *, on_round: RoundHook | None = None,
+                    progress=None) -> ServerApp:
+    settings = dict(settings or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("fedrec").setLevel(logging.INFO)
+        serve(grid, {**settings, **context.run_config}, on_round=on_round, progress=progress)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,251 @@
+"""The federation's round loop on Flower's Grid (Message API), with checkpoints and resume.
+
+A round: sample clients -> send them the global weights -> receive deltas -> drop bad replies
+with a logged reason -> average -> server optimizer step -> checkpoint. Every `eval_every`
+rounds a sample of clients evaluates the global model on their validation item; at the end
+every client evaluates it on its test item. The server sees deltas and metric values, never a
+history, a held-out item or any per-user state (see docs/federated.md).
+
+The loop is ours rather than `Strategy.start` because `start` cannot resume: we keep Flower's
+Strategy interface (configure/aggregate) and add the checkpoint between rounds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from client.local import LocalConfig
+from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
+from server.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("fedrec.server")
+
+
+class ClientFailure(RuntimeError):
+    """A ClientApp raised: a bug on our side, so the run stops with the client's message."""
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 100
+    clients_per_round: int = 100
+    local: LocalConfig = field(default_factory=LocalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: dict = field(default_factory=dict)   # dim, layers, heads, max_len, dropout, id_buckets
+    seed: int = 0
+    eval_every: int = 0          # federated validation every this many rounds (0: never)
+    eval_clients: int = 100      # clients asked per federated validation
+    final_test: bool = True      # every client evaluates the final model on its test item
+    fail_on_client_error: bool = True
+    timeout_s: float = 600.0     # per round, for replies
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: int
+    accepted: int
+    rejected: list[str]
+    bytes_down: int              # per client
+    bytes_up_mean: float         # per accepted client
+    seconds: float               # wall time of the round (send -> aggregate)
+    client_seconds_mean: float   # local training time reported by clients
+    train_loss: float
+    metrics: dict = field(default_factory=dict)
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload size of a message's records (arrays, metrics, config), as Flower counts them."""
+    return int(sum(record.count_bytes() for record in content.values()))
+
+
+def _weights_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()})
+
+
+class FedRecStrategy(Strategy):
+    """Flower Strategy over our plain aggregation functions."""
+
+    def __init__(self, cfg: FederationConfig, optimizer: ServerOptimizer):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.expected = optimizer.shapes()
+        self.last_round: RoundRecord | None = None
+
+    def summary(self) -> None:
+        log.info("fedrec strategy: %s", json.dumps(self.cfg.to_dict()))
+
+    def _config(self, server_round: int, extra: dict) -> ConfigRecord:
+        local = self.cfg.local
+        return ConfigRecord({"server-round": server_round, "seed": self.cfg.seed,
+                             "local-epochs": local.local_epochs, "local-lr": local.lr,
+                             "local-optimizer": local.optimizer, "train-on": local.train_on,
+                             **self.cfg.model, **extra})
+
+    def _sample(self, grid: Grid, server_round: int, k: int, salt: int) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        rng = np.random.default_rng([self.cfg.seed, server_round, salt])
+        # Indices, not the ids themselves: node ids are unsigned 64-bit and numpy would wrap them.
+        return [nodes[i] for i in rng.choice(len(nodes), size=min(k, len(nodes)), replace=False)]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        record = RecordDict({"arrays": arrays, "config": self._config(server_round, {})})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
+                for n in self._sample(grid, server_round, self.cfg.clients_per_round, 0)]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        deltas, counts, losses, seconds, up, rejected = [], [], [], [], [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = f"node {node}: client error: {reply.error.reason}"
+                if self.cfg.fail_on_client_error:
+                    raise ClientFailure(reason)
+                rejected.append(reason)
+                continue
+            delta, metrics, reason = _unpack_train_reply(reply.content)
+            if reason is None:
+                reason = check_update(delta, metrics["num-examples"], self.expected, self.cfg.server)
+            if reason is not None:
+                log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
+                rejected.append(f"node {node}: {reason}")
+                continue
+            deltas.append(delta)
+            counts.append(metrics["num-examples"])
+            losses.append(metrics.get("train-loss", float("nan")))
+            seconds.append(metrics.get("train-seconds", float("nan")))
+            up.append(record_bytes(reply.content))
+        if deltas:
+            self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting))
+        self.last_round = RoundRecord(
+            server_round, 0, len(deltas), rejected, 0, float(np.mean(up)) if up else 0.0, 0.0,
+            float(np.nanmean(seconds)) if seconds else 0.0,
+            float(np.average(losses, weights=counts)) if deltas else float("nan"))
+        arrays = _weights_record(self.optimizer.weights()) if deltas else None
+        return arrays, MetricRecord({"accepted": len(deltas), "rejected": len(rejected)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        stage = str(config["stage"])
+        k = len(list(grid.get_node_ids())) if stage == "test" else self.cfg.eval_clients
+        record = RecordDict({"arrays": arrays, "config": self._config(server_round, {"stage": stage})})
+        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
+                for n in self._sample(grid, server_round, k, 1)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean over the users who answered of each metric (each reply is one user's values)."""
+        sums: dict[str, float] = {}
+        for reply in replies:
+            if reply.has_error():
+                if self.cfg.fail_on_client_error:
+                    raise ClientFailure(f"node {reply.metadata.src_node_id}: client error: {reply.error.reason}")
+                continue
+            metrics = reply.content.get("metrics")
+            if not isinstance(metrics, MetricRecord) or "users" not in metrics:
+                log.warning("evaluation reply from node %d rejected: no metrics", reply.metadata.src_node_id)
+                continue
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and np.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        users = sums.pop("users", 0.0)
+        if not users:
+            return None
+        return MetricRecord({**{k: v / users for k, v in sums.items()}, "users": users})
+
+
+def _unpack_train_reply(content: RecordDict):
+    """(delta, metrics, reason): reason is None when the reply has the expected records."""
+    delta_record, metrics = content.get("delta"), content.get("metrics")
+    if not isinstance(delta_record, ArrayRecord):
+        return None, None, "no 'delta' ArrayRecord"
+    if not isinstance(metrics, MetricRecord) or "num-examples" not in metrics:
+        return None, None, "no 'metrics' with num-examples"
+    try:
+        delta = {k: v.numpy() for k, v in delta_record.items()}
+    except Exception as err:  # a malformed array from a client must not stop the round
+        return None, None, f"unreadable array: {err}"
+    return delta, dict(metrics), None
+
+
+RoundHook = Callable[[int, dict[str, np.ndarray]], dict]
+
+
+def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str, np.ndarray],
+                   out: Path, *, on_round: RoundHook | None = None,
+                   progress: Callable[[RoundRecord], None] | None = None) -> dict:
+    """Run (or resume) the federation; returns the final state. Writes to `out`:
+    checkpoint.pt after every round, rounds.jsonl (one line per finished round)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = ServerOptimizer(initial_weights, cfg.server)
+    strategy = FedRecStrategy(cfg, optimizer)
+    history: list[dict] = []
+    start_round = 1
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    if checkpoint is not None:
+        if checkpoint["config"] != cfg.to_dict():
+            raise ValueError(f"{out / 'checkpoint.pt'} was written by a run with another "
+                             "configuration; use a new output folder or the same flags")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history, start_round = checkpoint["history"], checkpoint["round"] + 1
+        log.info("resuming from round %d", checkpoint["round"])
+    _write_rounds(out / "rounds.jsonl", history)
+    for server_round in range(start_round, cfg.rounds + 1):
+        started = time.perf_counter()
+        arrays = _weights_record(optimizer.weights())
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        down = record_bytes(messages[0].content) if messages else 0
+        replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
+        strategy.aggregate_train(server_round, replies)
+        record = strategy.last_round
+        record.sampled, record.bytes_down = len(messages), down
+        record.seconds = time.perf_counter() - started
+        if len(replies) < len(messages):
+            record.rejected.append(f"{len(messages) - len(replies)} client(s) did not answer in time")
+        if cfg.eval_every and server_round % cfg.eval_every == 0:
+            metrics = federated_evaluate(grid, strategy, server_round, "valid")
+            record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
+        if on_round is not None:
+            record.metrics.update(on_round(server_round, optimizer.weights()))
+        history.append(asdict(record))
+        save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
+                                                "optimizer": optimizer.state_dict(), "history": history})
+        _append_round(out / "rounds.jsonl", history[-1])
+        if progress is not None:
+            progress(record)
+    final = {"weights": optimizer.weights(), "history": history, "test": None}
+    if cfg.final_test:
+        final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
+    return final
+
+
+def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:
+    arrays = _weights_record(strategy.optimizer.weights())
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"stage": stage}), grid))
+    replies = grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s)
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    return dict(metrics) if metrics is not None else None
+
+
+def _write_rounds(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.replace(path)
+
+
+def _append_round(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,149 @@
+"""Federated simulation: one virtual Flower SuperNode per user, on this machine.
+
+1. Prepare the dataset as in the centralized job (same split), but with catalog-only item
+   features: popularity and recency would need a central log the federation does not have.
+2. Write the store: the public catalog bundle and one private log file per user.
+3. Run our ServerApp and ClientApp on Flower's simulation engine (Ray backend, one CPU per
+   virtual client so two train side by side on two cores).
+4. The harness, not the server, holds every user's data here, so after each round it may
+   score the global model centrally on the validation items: the per-round curve is then
+   exactly comparable with the centralized run. The server itself only sees what clients
+   send; the final test metrics come from federated evaluation, and are checked against the
+   harness's own evaluation of the final weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from client.local import UserLog, load_weights
+from shared.catalog_bundle import CatalogBundle, save_catalog
+from shared.evaluation import evaluate
+from shared.pipeline import DataConfig, PreparedData, prepare_data
+from shared.report import plot_validation_curve, write_json
+from shared.training import model_scorer
+from simulation.centralized import ModelHyper, build_model
+
+
+@dataclass
+class FederatedJob:
+    data: DataConfig = field(default_factory=lambda: DataConfig(activity_features=False))
+    model: ModelHyper = field(default_factory=ModelHyper)
+    settings: dict = field(default_factory=dict)   # server/client keys, see server.app.DEFAULTS
+    eval_every: int = 5          # harness validation every this many rounds
+    threads: int = 1
+
+
+def write_store(prepared: PreparedData, store: Path) -> Path:
+    """The catalog bundle and one log per user (partition i = user i). Rewritten only when
+    the data it came from changed."""
+    store = Path(store)
+    stamp = {"users": len(prepared.split), "items": prepared.split.n_items,
+             "content_dim": prepared.features.dim,
+             "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
+             "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
+    manifest = store / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()) == stamp:
+        return store
+    (store / "users").mkdir(parents=True, exist_ok=True)
+    save_catalog(CatalogBundle(np.asarray(prepared.encoded.item_ids), prepared.features.matrix),
+                 store / "catalog.npz")
+    for i, u in enumerate(prepared.split.users):
+        UserLog(u.train, u.valid, u.test).save(store / "users" / f"{i}.npz")
+    write_json(manifest, stamp)
+    return store
+
+
+def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dict:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import DEFAULTS, make_server_app
+
+    started = time.perf_counter()
+    torch.set_num_threads(job.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("error.txt", "result.json"):
+        (out / stale).unlink(missing_ok=True)
+    prepared = prepare_data(job.data, show_progress=progress)
+    store = write_store(prepared, out / "store")
+    m = job.model
+    settings = {**DEFAULTS, "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
+                "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout,
+                "id-buckets": m.id_buckets, **job.settings}
+    rounds = int(settings["rounds"])
+    scorer_model = build_model(prepared, m)
+    curve: list[dict] = []
+
+    def on_round(server_round: int, weights: dict) -> dict:
+        if server_round % job.eval_every and server_round != rounds:
+            return {}
+        load_weights(scorer_model, weights)
+        v = evaluate(model_scorer(scorer_model), prepared.split, "valid").metrics
+        curve.append({"round": server_round, "ndcg@10": v["ndcg@10"], "hr@10": v["hr@10"]})
+        return {"valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]}
+
+    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+
+    def on_progress(record) -> None:
+        bar.update(1)
+        bar.set_postfix(s=f"{record.seconds:.1f}", ok=record.accepted,
+                        val=f"{curve[-1]['ndcg@10']:.4f}" if curve else "-")
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                             "log_to_driver": False}}
+    run_simulation(server_app=make_server_app(settings, on_round=on_round, progress=on_progress),
+                   client_app=make_client_app(settings), num_supernodes=len(prepared.split),
+                   backend_config=backend)
+    bar.close()
+    if (out / "error.txt").exists():
+        raise RuntimeError(f"the federation failed:\n{(out / 'error.txt').read_text()}")
+    if not (out / "result.json").exists():
+        raise RuntimeError(f"the federation ended without a result in {out}; see the log above")
+    result = json.loads((out / "result.json").read_text())
+    final = torch.load(out / "final.pt", weights_only=False)
+    load_weights(scorer_model, final["weights"])
+    test = evaluate(model_scorer(scorer_model), prepared.split, "test").metrics
+    history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = {
+        "dataset": prepared.dataset.name,
+        "mode": "federated",
+        "metrics": test,
+        "federated_test_metrics": result["test"],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "rounds": len(history),
+        "clients": len(prepared.split),
+        "bytes_down": int(sum(h["bytes_down"] * h["sampled"] for h in history)),
+        "bytes_up": int(sum(h["bytes_up_mean"] * h["accepted"] for h in history)),
+        "bytes_per_client_round": {"down": history[-1]["bytes_down"] if history else 0,
+                                   "up": history[-1]["bytes_up_mean"] if history else 0},
+        "round_seconds": _percentiles([h["seconds"] for h in history]),
+        "client_train_seconds_mean": float(np.mean([h["client_seconds_mean"] for h in history])) if history else 0,
+        "rejected_replies": sum(len(h["rejected"]) for h in history),
+        "privacy": {"mode": "none"},
+        "config": {"data": asdict(job.data), "model": asdict(job.model), "federation": settings,
+                   "text_encoder": prepared.features.text_encoder},
+        "validation_curve": curve,
+    }
+    write_json(out / "summary.json", summary)
+    plot_validation_curve({"federated": [{"epoch": p["round"], **p} for p in curve]},
+                          out / "validation_curve.png", title=f"{prepared.dataset.name}: federated")
+    return summary
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    p = np.percentile(values, [50, 90, 99])
+    return {"p50": round(float(p[0]), 3), "p90": round(float(p[1]), 3), "p99": round(float(p[2]), 3),
+            "mean": round(float(np.mean(values)), 3)}
