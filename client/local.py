@@ -97,6 +97,9 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
     load_weights(model, global_weights)
     history = log.history(cfg.train_on)
     windows = user_windows(history, model.cfg.max_len)
+    if not windows:  # one item: no next-item target; the server skips a zero-example reply
+        return ({k: np.zeros_like(v) for k, v in global_weights.items()},
+                {"num-examples": 0.0, "train-loss": float("nan")})
     optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
                  else torch.optim.SGD(model.parameters(), lr=cfg.lr))
     losses = [train_steps(model, optimizer, windows, batch_size=len(windows), rng=rng)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from shared.schema import DataError
 
-MODES = ("centralized",)  # federated arrives with the federation issue
+MODES = ("centralized", "federated")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -67,24 +67,70 @@ def _job(args: argparse.Namespace):
         threads=args.threads)
 
 
+def _add_federated(p: argparse.ArgumentParser) -> None:
+    from server.app import DEFAULTS as d
+    g = p.add_argument_group("federated (--mode federated)")
+    g.add_argument("--rounds", type=int, default=d["rounds"])
+    g.add_argument("--clients-per-round", type=int, default=d["clients-per-round"])
+    g.add_argument("--local-epochs", type=int, default=d["local-epochs"],
+                   help="passes over its own history a client makes per round")
+    g.add_argument("--local-lr", type=float, default=d["local-lr"])
+    g.add_argument("--local-optimizer", choices=["adam", "sgd"], default=d["local-optimizer"])
+    g.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam"], default=d["server-optimizer"])
+    g.add_argument("--server-lr", type=float, default=d["server-lr"])
+    g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
+    g.add_argument("--eval-rounds", type=int, default=5,
+                   help="score the global model on the validation items every this many rounds")
+
+
+def _federated_job(args: argparse.Namespace):
+    from dataclasses import replace
+    from simulation.federated import FederatedJob
+    job = _job(args)
+    settings = {"rounds": args.rounds, "clients-per-round": args.clients_per_round,
+                "local-epochs": args.local_epochs, "local-lr": args.local_lr,
+                "local-optimizer": args.local_optimizer, "server-optimizer": args.server_optimizer,
+                "server-lr": args.server_lr, "weighting": args.weighting, "seed": args.seed}
+    return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
+                        settings=settings, eval_every=args.eval_rounds)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedrec", description="Federated, private recommendations")
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a recommender and write DIR/summary.json")
     train.add_argument("--mode", choices=MODES, default="centralized")
     _add_common(train)
+    _add_federated(train)
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True)
     _add_common(kinds.add_parser("quality", help="baselines vs our model on one split"))
     return top
 
 
+def _log_to_stderr() -> None:
+    """fedrec's own log lines (resume, rejected replies) on stderr, once."""
+    import logging
+    logger = logging.getLogger("fedrec")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedrec: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _log_to_stderr()
     try:
         if args.command == "train":
-            from simulation.centralized import run_centralized
-            summary = run_centralized(_job(args), args.out, progress=not args.quiet)
+            if args.mode == "federated":
+                from simulation.federated import run_federated
+                summary = run_federated(_federated_job(args), args.out, progress=not args.quiet)
+            else:
+                from simulation.centralized import run_centralized
+                summary = run_centralized(_job(args), args.out, progress=not args.quiet)
             m = summary["metrics"]
             print(f"{summary['dataset']} {summary['mode']}: NDCG@10 {m['ndcg@10']:.4f}  "
                   f"HR@10 {m['hr@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  coverage@10 "

@@ -50,6 +50,8 @@ def check_update(delta: Weights, num_examples: float, expected: dict[str, tuple[
             return f"{name}: dtype {value.dtype}, expected a float array"
         if not np.isfinite(value).all():
             return f"{name}: contains NaN or Inf"
+    if num_examples == 0:
+        return "the client had nothing to train on (num-examples 0)"
     if not np.isfinite(num_examples) or not 0 < num_examples <= cfg.max_examples:
         return f"num-examples {num_examples} outside (0, {cfg.max_examples:g}]"
     return None

@@ -7,7 +7,6 @@ public catalog bundle (to build the initial model), never a user's log.
 """
 from __future__ import annotations
 
-import logging
 import traceback
 from pathlib import Path
 
@@ -80,7 +79,6 @@ def make_server_app(settings: dict | None = None, *, on_round: RoundHook | None 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.getLogger("fedrec").setLevel(logging.INFO)
         serve(grid, {**settings, **context.run_config}, on_round=on_round, progress=progress)
 
     return app

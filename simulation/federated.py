@@ -62,9 +62,18 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     return store
 
 
-def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dict:
+def simulate(server_app, client_app, num_clients: int) -> None:
+    """Flower's simulation engine, one virtual SuperNode per client, one CPU per ClientApp
+    (two at a time on two cores; asking for more CPUs than exist makes Ray hang)."""
     from flwr.simulation import run_simulation
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                             "log_to_driver": False}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                   backend_config=backend)
 
+
+def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dict:
     from client.app import make_client_app
     from server.app import DEFAULTS, make_server_app
 
@@ -99,12 +108,8 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
         bar.set_postfix(s=f"{record.seconds:.1f}", ok=record.accepted,
                         val=f"{curve[-1]['ndcg@10']:.4f}" if curve else "-")
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                             "log_to_driver": False}}
-    run_simulation(server_app=make_server_app(settings, on_round=on_round, progress=on_progress),
-                   client_app=make_client_app(settings), num_supernodes=len(prepared.split),
-                   backend_config=backend)
+    simulate(make_server_app(settings, on_round=on_round, progress=on_progress),
+             make_client_app(settings), len(prepared.split))
     bar.close()
     if (out / "error.txt").exists():
         raise RuntimeError(f"the federation failed:\n{(out / 'error.txt').read_text()}")

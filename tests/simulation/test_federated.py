@@ -1,0 +1,162 @@
+"""The federation on Flower's real simulation engine (Ray), on small synthetic data.
+
+Each test starts Ray (about 10 s): they are few and small on purpose.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.serverapp import ServerApp
+
+from client.app import make_client_app
+from fedrec.cli import main
+from server.app import DEFAULTS, serve
+from shared.pipeline import DataConfig, prepare_data
+from simulation.federated import simulate, write_store
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
+        "--max-len", "10", "--clients-per-round", "6", "--eval-rounds", "1", "--quiet"]
+SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "id-buckets": 4096,
+            "clients-per-round": 8, "local-epochs": 1, "local-lr": 1e-2}
+
+
+def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, capsys):
+    out = tmp_path / "fed"
+    assert main(["train", "--mode", "federated", "--rounds", "3", "--out", str(out), *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["mode"] == "federated" and s["rounds"] == 3 and 30 <= s["clients"] <= 40
+    assert s["bytes_down"] > 0 and s["bytes_up"] > 0
+    assert s["bytes_per_client_round"]["down"] > 0 and {"p50", "p90", "p99"} <= set(s["round_seconds"])
+    assert s["privacy"] == {"mode": "none"}
+    # The server's federated test evaluation (every client, its own test item) is the same
+    # number the harness computes centrally from the final weights.
+    for key in ("hr@10", "ndcg@10", "mrr@10"):
+        assert s["federated_test_metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-9)
+    assert s["federated_test_metrics"]["users"] == s["clients"]
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert len(s["validation_curve"]) == 3 and (out / "validation_curve.png").stat().st_size > 1000
+    assert "federated: NDCG@10" in capsys.readouterr().out
+
+
+class RecordingGrid:
+    """The real Grid, with every reply the server receives kept for inspection (and,
+    optionally, damaged on the way in, as a faulty or malicious client would send it)."""
+
+    def __init__(self, grid, damage=None):
+        self.grid, self.damage, self.replies = grid, damage, []
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if self.damage:
+            for i, reply in enumerate(replies):
+                self.damage(i, reply)
+        self.replies.extend(replies)
+        return replies
+
+
+def run_recorded(tmp_path, settings, damage=None):
+    prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none",
+                                       activity_features=False))
+    store = write_store(prepared, tmp_path / "store")
+    settings = {**DEFAULTS, **SETTINGS, "store": str(store), "out": str(tmp_path / "out"), **settings}
+    recorder = {}
+    app = ServerApp()
+
+    @app.main()
+    def main_(grid, context):
+        recorder["grid"] = RecordingGrid(grid, damage)
+        recorder["final"] = serve(recorder["grid"], settings)
+
+    simulate(app, make_client_app(settings), len(prepared.split))
+    assert "final" in recorder, "the ServerApp did not finish"
+    return prepared, recorder["grid"].replies, recorder["final"]
+
+
+def test_every_reply_carries_only_the_delta_and_metric_values(tmp_path):
+    prepared, replies, final = run_recorded(tmp_path, {"rounds": 2})
+    expected_shapes = {k: v.shape for k, v in final["weights"].items()}
+    train = [r for r in replies if "delta" in r.content]
+    evaluation = [r for r in replies if "delta" not in r.content]
+    assert len(train) == 2 * 8 and len(evaluation) == 30
+    for reply in train:
+        assert set(reply.content.keys()) == {"delta", "metrics"}
+        delta = reply.content["delta"]
+        # Exactly the shared weights: no extra array, so no per-user embedding or state.
+        assert {k: tuple(v.numpy().shape) for k, v in delta.items()} == expected_shapes
+        assert all(v.numpy().dtype == np.float32 for v in delta.values())
+        assert set(reply.content["metrics"].keys()) == {"num-examples", "train-loss", "train-seconds"}
+    for reply in evaluation:
+        assert set(reply.content.keys()) == {"metrics"}
+        m = reply.content["metrics"]
+        assert set(m.keys()) == {"users", "hr@10", "ndcg@10", "mrr@10"}
+        assert m["users"] == 1 and m["hr@10"] in (0.0, 1.0) and 0 <= m["ndcg@10"] <= 1
+    # No integer arrays anywhere (item indices would be integers) and no reply holds a
+    # user's held-out item or history as a value.
+    held_out = {float(u.test) for u in prepared.split.users} | {float(u.valid) for u in prepared.split.users}
+    for reply in evaluation:
+        assert not (set(reply.content["metrics"].values()) - {0.0, 1.0}) & held_out
+
+
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path):
+    def damage(i, reply):
+        if "delta" not in reply.content:
+            return
+        arrays = {k: v.numpy() for k, v in reply.content["delta"].items()}
+        name = sorted(arrays)[0]
+        if i == 0:
+            arrays[name] = np.full_like(arrays[name], np.nan)
+        elif i == 1:
+            arrays[name] = np.zeros((3, 3), np.float32)
+        elif i == 2:
+            del arrays[name]
+        elif i == 3:
+            reply.content["metrics"] = MetricRecord({"train-loss": 1.0})
+            return
+        else:
+            return
+        reply.content["delta"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    _, _, final = run_recorded(tmp_path, {"rounds": 2, "final-test": False}, damage)
+    for record in final["history"]:
+        assert record["sampled"] == 8 and record["accepted"] == 4
+        reasons = " | ".join(record["rejected"])
+        assert "contains NaN or Inf" in reasons and "shape (3, 3)" in reasons
+        assert "missing arrays" in reasons and "no 'metrics' with num-examples" in reasons
+    assert all(np.isfinite(w).all() for w in final["weights"].values())
+
+
+def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "fed"
+    cmd = [sys.executable, "-m", "fedrec.cli", "train", "--mode", "federated", "--rounds", "6",
+           "--out", str(out), *TINY, "--eval-rounds", "100"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rounds = out / "rounds.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if rounds.exists() and len(rounds.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, "the first run ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)  # the server and its Ray workers, mid-run
+    first.wait()
+    done_before = len(rounds.read_text().splitlines())
+    assert 2 <= done_before < 6
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from round {done_before}" in second.stderr
+    history = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
+    assert history == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 6
