@@ -105,6 +105,11 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True)
     _add_common(kinds.add_parser("quality", help="baselines vs our model on one split"))
+    store = commands.add_parser("store", help="write the catalog bundle and one log file per user "
+                                "(what `flwr run .` and SuperNodes read)")
+    _add_common(store)
+    payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
+    payload.add_argument("--out", type=Path, required=True)
     return top
 
 
@@ -138,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.bench == "quality":
             from simulation.bench import run_quality_bench
             run_quality_bench(_job(args), args.out, progress=not args.quiet)
+        elif args.command == "store":
+            from dataclasses import replace
+            from shared.pipeline import prepare_data
+            from simulation.federated import write_store
+            prepared = prepare_data(replace(_job(args).data, activity_features=False),
+                                    show_progress=not args.quiet)
+            write_store(prepared, args.out)
+            print(f"{len(prepared.split)} user logs and the catalog bundle -> {args.out}")
+        elif args.command == "bench" and args.bench == "payload":
+            from simulation.bench import run_payload_bench
+            run_payload_bench(args.out)
     except DataError as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2

@@ -53,3 +53,41 @@ def format_table(rows: list[dict]) -> str:
     body = [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + f" | {r['fit_seconds']:.1f} |"
             for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), content_dim: int = 405,
+                      id_buckets: int = 4096) -> dict:
+    """Bytes one client receives and sends per round, by catalog size: the ArrayRecord of the
+    shared weights as Flower serialises it. Beside it, what a table with one row per item
+    would cost, i.e. what the bounded (hashed) ID table saves."""
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from client.local import shared_weights
+    from shared.model import ModelConfig, Recommender
+
+    rows = []
+    for n_items in catalog_sizes:
+        cfg = ModelConfig(n_items=n_items, content_dim=content_dim, max_len=50, id_buckets=id_buckets)
+        weights = shared_weights(Recommender(cfg, torch.zeros(n_items + 1, content_dim)))
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        per_item = (n_items + 1) * cfg.dim * 4
+        bounded = weights["item_tower.id_embedding.weight"].nbytes
+        rows.append({"items": n_items, "parameters": int(sum(v.size for v in weights.values())),
+                     "bytes_per_direction": record.count_bytes(),
+                     "id_table_bytes": bounded,
+                     "bytes_if_one_row_per_item": record.count_bytes() - bounded + per_item})
+    report = {"id_buckets": id_buckets, "content_dim": content_dim,
+              "note": "per client per round, each direction (global weights down, delta up), float32",
+              "results": rows}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "payload.json", report)
+    table = "\n".join(["| items | parameters | bytes per direction | of which ID table | with one row per item |",
+                       "|---|---|---|---|---|"] +
+                      [f"| {r['items']:,} | {r['parameters']:,} | {r['bytes_per_direction']:,} | "
+                       f"{r['id_table_bytes']:,} | {r['bytes_if_one_row_per_item']:,} |" for r in rows])
+    (out / "payload.md").write_text(f"# Bytes per client-round\n\n{table}\n")
+    print(table)
+    return report
