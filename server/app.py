@@ -23,8 +23,8 @@ from shared.report import write_json
 
 DEFAULTS = {
     "store": "runs/store/ml-100k", "out": "runs/federated",
-    "rounds": 100, "clients-per-round": 100, "seed": 0,
-    "local-epochs": 2, "local-lr": 1e-3, "local-optimizer": "adam", "train-on": "valid",
+    "rounds": 220, "clients-per-round": 50, "seed": 0,
+    "local-epochs": 2, "local-lr": 1e-2, "local-optimizer": "adam", "train-on": "valid",
     "server-optimizer": "fedavg", "server-lr": 1.0, "weighting": "examples",
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
     "eval-every": 0, "eval-clients": 100, "final-test": True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,18 +45,24 @@ class ModelConfig:
 def id_rows(n_items: int, buckets: int) -> torch.Tensor:
     """(N+1, k) ID-table rows of each item index; row 0 is padding.
 
-    k = 1 and the identity when the catalog fits; otherwise k = 2 rows from two fixed
-    universal hashes ((a*i + b) mod p mod buckets), so two items rarely share both rows and
+    k = 1 and the identity when the catalog fits; otherwise k = 2 rows from two independent
+    hashes (splitmix64's finaliser with two seeds), so two items rarely share both rows and
     the content projection tells the rest apart. Public and deterministic: every client and
     the server derive the same map from (n_items, buckets)."""
-    items = torch.arange(n_items + 1, dtype=torch.int64)
+    items = np.arange(n_items + 1, dtype=np.uint64)
     if n_items <= buckets:
-        return items[:, None]
-    prime = 2_147_483_647
-    hashes = [((a * items + b) % prime) % buckets + 1 for a, b in ((48271, 11), (69621, 7919))]
-    rows = torch.stack(hashes, dim=1)
+        return torch.from_numpy(items.astype(np.int64))[:, None]
+    rows = np.stack([_splitmix64(items, seed) % np.uint64(buckets) + np.uint64(1) for seed in (1, 2)], axis=1)
     rows[0] = 0
-    return rows
+    return torch.from_numpy(rows.astype(np.int64))
+
+
+def _splitmix64(x: np.ndarray, seed: int) -> np.ndarray:
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 class ItemTower(nn.Module):

@@ -34,9 +34,9 @@ from shared.preprocess import Split, with_validation_in_train
 class TrainConfig:
     epochs: int = 150
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-2          # 3x faster to the same or better validation than 1e-3 (docs/results.md)
     weight_decay: float = 0.0
-    eval_every: int = 10      # epochs between validation runs
+    eval_every: int = 5       # epochs between validation runs
     patience: int = 5         # validation runs without improvement before stopping
     seed: int = 0
     time_budget_s: float | None = None  # stop early (keeping the best model) past this

@@ -81,3 +81,20 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
         next_item_loss(m, inputs, targets).backward()
         opt.step()
     assert next_item_loss(m, inputs, targets).item() < before - 0.5
+
+
+def test_id_table_is_bounded_and_hashing_is_deterministic():
+    from shared.model import id_rows
+    small = id_rows(10, 16)
+    assert small.shape == (11, 1) and small[:, 0].tolist() == list(range(11))
+    big = id_rows(1000, 256)
+    assert big.shape == (1001, 2) and big[0].tolist() == [0, 0]
+    assert 1 <= int(big[1:].min()) and int(big.max()) <= 256
+    assert torch.equal(big, id_rows(1000, 256))
+    # Independent hashes: 1000 items in 256^2 pairs collide about as often as random pairs
+    # would (birthday bound: ~998 distinct); correlated hashes would give at most 256.
+    assert len({tuple(r) for r in big[1:].tolist()}) > 0.98 * 1000
+    m = Recommender(ModelConfig(n_items=1000, content_dim=0, dim=8, layers=1, heads=2, max_len=5,
+                                id_buckets=64))
+    assert m.item_tower.id_embedding.num_embeddings == 65
+    assert m.item_tower.all_items().shape == (1001, 8)
