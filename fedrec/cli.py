@@ -79,6 +79,8 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam"], default=d["server-optimizer"])
     g.add_argument("--server-lr", type=float, default=d["server-lr"])
     g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
+    g.add_argument("--refit-rounds", type=int, default=d["refit-rounds"],
+                   help="in the last this many rounds clients also train on their validation item")
     g.add_argument("--eval-rounds", type=int, default=5,
                    help="score the global model on the validation items every this many rounds")
 
@@ -90,7 +92,8 @@ def _federated_job(args: argparse.Namespace):
     settings = {"rounds": args.rounds, "clients-per-round": args.clients_per_round,
                 "local-epochs": args.local_epochs, "local-lr": args.local_lr,
                 "local-optimizer": args.local_optimizer, "server-optimizer": args.server_optimizer,
-                "server-lr": args.server_lr, "weighting": args.weighting, "seed": args.seed}
+                "server-lr": args.server_lr, "weighting": args.weighting, "seed": args.seed,
+                "refit-rounds": args.refit_rounds}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds)
 

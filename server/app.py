@@ -27,7 +27,7 @@ DEFAULTS = {
     "local-epochs": 2, "local-lr": 1e-2, "local-optimizer": "adam", "train-on": "valid",
     "server-optimizer": "fedavg", "server-lr": 1.0, "weighting": "examples",
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
-    "eval-every": 0, "eval-clients": 100, "final-test": True,
+    "refit-rounds": 0, "eval-every": 0, "eval-clients": 100, "final-test": True,
 }
 
 
@@ -42,7 +42,7 @@ def federation_config(run_config: dict) -> FederationConfig:
         model={"dim": int(c["dim"]), "layers": int(c["layers"]), "heads": int(c["heads"]),
                "max_len": int(c["max-len"]), "dropout": float(c["dropout"]),
                "id_buckets": int(c["id-buckets"])},
-        eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
+        refit_rounds=int(c["refit-rounds"]), eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
         final_test=bool(c["final-test"]))
 
 

@@ -42,6 +42,8 @@ class FederationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: dict = field(default_factory=dict)   # dim, layers, heads, max_len, dropout, id_buckets
     seed: int = 0
+    refit_rounds: int = 0        # the last this many rounds clients also train on their
+                                 # validation item (as the centralized refit does); never test
     eval_every: int = 0          # federated validation every this many rounds (0: never)
     eval_clients: int = 100      # clients asked per federated validation
     final_test: bool = True      # every client evaluates the final model on its test item
@@ -87,14 +89,16 @@ class FedRecStrategy(Strategy):
     def summary(self) -> None:
         log.info("fedrec strategy: %s", json.dumps(self.cfg.to_dict()))
 
-    def _config(self, server_round: int, extra: dict) -> ConfigRecord:
+    def round_config(self, server_round: int, extra: dict) -> ConfigRecord:
         local = self.cfg.local
+        refit = server_round > self.cfg.rounds - self.cfg.refit_rounds
         return ConfigRecord({"server-round": server_round, "seed": self.cfg.seed,
                              "local-epochs": local.local_epochs, "local-lr": local.lr,
-                             "local-optimizer": local.optimizer, "train-on": local.train_on,
+                             "local-optimizer": local.optimizer,
+                             "train-on": "test" if refit else local.train_on,
                              **self.cfg.model, **extra})
 
-    def _sample(self, grid: Grid, server_round: int, k: int, salt: int) -> list[int]:
+    def sample(self, grid: Grid, server_round: int, k: int, salt: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
         rng = np.random.default_rng([self.cfg.seed, server_round, salt])
         # Indices, not the ids themselves: node ids are unsigned 64-bit and numpy would wrap them.
@@ -102,9 +106,9 @@ class FedRecStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        record = RecordDict({"arrays": arrays, "config": self._config(server_round, {})})
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, {})})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
-                for n in self._sample(grid, server_round, self.cfg.clients_per_round, 0)]
+                for n in self.sample(grid, server_round, self.cfg.clients_per_round, 0)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         deltas, counts, losses, seconds, up, rejected = [], [], [], [], [], []
@@ -141,9 +145,9 @@ class FedRecStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         stage = str(config["stage"])
         k = len(list(grid.get_node_ids())) if stage == "test" else self.cfg.eval_clients
-        record = RecordDict({"arrays": arrays, "config": self._config(server_round, {"stage": stage})})
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, {"stage": stage})})
         return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
-                for n in self._sample(grid, server_round, k, 1)]
+                for n in self.sample(grid, server_round, k, 1)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean over the users who answered of each metric (each reply is one user's values)."""

@@ -1,0 +1,34 @@
+"""FedRecStrategy's messages: who is sampled and what they are told."""
+import numpy as np
+
+from server.aggregation import ServerConfig, ServerOptimizer
+from server.federation import FederationConfig, FedRecStrategy
+
+
+class Nodes:
+    """Just the node list of a Grid: sampling needs nothing else."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return self.ids
+
+
+def strategy(**kw):
+    cfg = FederationConfig(rounds=10, clients_per_round=3, **kw)
+    return FedRecStrategy(cfg, ServerOptimizer({"w": np.zeros(2, np.float32)}, ServerConfig()))
+
+
+def test_sampling_is_reproducible_per_round_and_handles_64_bit_node_ids():
+    ids = [2**63 + 5, 17, 2**64 - 1, 3, 2**40]
+    s = strategy()
+    first = s.sample(Nodes(ids), 4, 3, 0)
+    assert first == s.sample(Nodes(ids), 4, 3, 0) and first != s.sample(Nodes(ids), 5, 3, 0)
+    assert len(set(first)) == 3 and set(first) <= set(ids)
+
+
+def test_clients_train_on_their_validation_item_only_in_the_refit_rounds():
+    s = strategy(refit_rounds=2)
+    told = {r: s.round_config(r, {})["train-on"] for r in (1, 8, 9, 10)}
+    assert told == {1: "valid", 8: "valid", 9: "test", 10: "test"}
