@@ -39,8 +39,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=t.eval_every)
     p.add_argument("--patience", type=int, default=t.patience)
     p.add_argument("--refit-fraction", type=float, default=t.refit_fraction,
-                   help="after model selection, train this x the best epoch count more epochs "
-                        "on train + validation items (0: no refit)")
+                   help="centralized: after model selection, train this x the best epoch count "
+                        "more epochs on train + validation items; federated: in this last "
+                        "fraction of the rounds clients also train on their validation item "
+                        "(0: no refit)")
     p.add_argument("--time-budget", type=float, help="stop training after this many seconds")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -78,9 +80,8 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-optimizer", choices=["adam", "sgd"], default=d["local-optimizer"])
     g.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam"], default=d["server-optimizer"])
     g.add_argument("--server-lr", type=float, default=d["server-lr"])
+    g.add_argument("--server-eps", type=float, default=d["server-eps"], help="fedadam's epsilon (tau)")
     g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
-    g.add_argument("--refit-rounds", type=int, default=d["refit-rounds"],
-                   help="in the last this many rounds clients also train on their validation item")
     g.add_argument("--eval-rounds", type=int, default=5,
                    help="score the global model on the validation items every this many rounds")
 
@@ -92,8 +93,8 @@ def _federated_job(args: argparse.Namespace):
     settings = {"rounds": args.rounds, "clients-per-round": args.clients_per_round,
                 "local-epochs": args.local_epochs, "local-lr": args.local_lr,
                 "local-optimizer": args.local_optimizer, "server-optimizer": args.server_optimizer,
-                "server-lr": args.server_lr, "weighting": args.weighting, "seed": args.seed,
-                "refit-rounds": args.refit_rounds}
+                "server-lr": args.server_lr, "server-eps": args.server_eps, "weighting": args.weighting, "seed": args.seed,
+                "refit-fraction": args.refit_fraction}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds)
 

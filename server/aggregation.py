@@ -25,7 +25,7 @@ class ServerConfig:
     lr: float = 1.0             # server learning rate (1.0 with fedavg = plain averaging)
     momentum: float = 0.9       # fedavgm only
     betas: tuple[float, float] = (0.9, 0.99)  # fedadam only
-    eps: float = 1e-3           # fedadam's tau (adaptivity), as in Reddi et al.
+    eps: float = 1e-8           # fedadam's tau (adaptivity; Reddi et al. tune it per task)
     weighting: str = "examples"  # "examples": by training targets; "uniform": one vote per user
     max_examples: float = 10_000.0  # a claimed weight above this is rejected as absurd
 

@@ -42,7 +42,7 @@ class FederationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: dict = field(default_factory=dict)   # dim, layers, heads, max_len, dropout, id_buckets
     seed: int = 0
-    refit_rounds: int = 0        # the last this many rounds clients also train on their
+    refit_fraction: float = 0.0  # in the last fraction of rounds clients also train on their
                                  # validation item (as the centralized refit does); never test
     eval_every: int = 0          # federated validation every this many rounds (0: never)
     eval_clients: int = 100      # clients asked per federated validation
@@ -91,7 +91,7 @@ class FedRecStrategy(Strategy):
 
     def round_config(self, server_round: int, extra: dict) -> ConfigRecord:
         local = self.cfg.local
-        refit = server_round > self.cfg.rounds - self.cfg.refit_rounds
+        refit = server_round > self.cfg.rounds - round(self.cfg.refit_fraction * self.cfg.rounds)
         return ConfigRecord({"server-round": server_round, "seed": self.cfg.seed,
                              "local-epochs": local.local_epochs, "local-lr": local.lr,
                              "local-optimizer": local.optimizer,

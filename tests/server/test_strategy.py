@@ -29,6 +29,6 @@ def test_sampling_is_reproducible_per_round_and_handles_64_bit_node_ids():
 
 
 def test_clients_train_on_their_validation_item_only_in_the_refit_rounds():
-    s = strategy(refit_rounds=2)
+    s = strategy(refit_fraction=0.2)
     told = {r: s.round_config(r, {})["train-on"] for r in (1, 8, 9, 10)}
     assert told == {1: "valid", 8: "valid", 9: "test", 10: "test"}
