@@ -43,6 +43,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "more epochs on train + validation items; federated: in this last "
                         "fraction of the rounds clients also train on their validation item "
                         "(0: no refit)")
+    p.add_argument("--epoch-averaging", type=float, default=t.epoch_averaging,
+                   help="select the exponential average of the weights over epochs (decay; 0: off)")
     p.add_argument("--time-budget", type=float, help="stop training after this many seconds")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -65,7 +67,8 @@ def _job(args: argparse.Namespace):
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, eval_every=args.eval_every,
                           patience=args.patience, seed=args.seed, time_budget_s=args.time_budget,
-                          refit_fraction=args.refit_fraction),
+                          refit_fraction=args.refit_fraction,
+                          epoch_averaging=args.epoch_averaging),
         threads=args.threads)
 
 
