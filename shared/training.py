@@ -41,7 +41,7 @@ class TrainConfig:
     patience: int = 5         # validation runs without improvement before stopping
     seed: int = 0
     time_budget_s: float | None = None  # stop early (keeping the best model) past this
-    epoch_averaging: float = 0.0  # >0: select (and refit) the exponential average of the
+    epoch_averaging: float = 0.5  # >0: select (and refit) the exponential average of the
                                   # weights over epochs with this decay, not the last weights
     refit_fraction: float = 0.1  # after selection: this x best epoch more epochs on train +
                                  # validation items (never test); 0 turns the refit off
