@@ -85,6 +85,7 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=float, default=d["server-lr"])
     g.add_argument("--server-eps", type=float, default=d["server-eps"], help="fedadam's epsilon (tau)")
     g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
+    g.add_argument("--compare-with", help="a centralized run's output folder, drawn on the same chart")
     g.add_argument("--eval-rounds", type=int, default=5,
                    help="score the global model on the validation items every this many rounds")
 
@@ -99,7 +100,7 @@ def _federated_job(args: argparse.Namespace):
                 "server-lr": args.server_lr, "server-eps": args.server_eps, "weighting": args.weighting, "seed": args.seed,
                 "refit-fraction": args.refit_fraction}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
-                        settings=settings, eval_every=args.eval_rounds)
+                        settings=settings, eval_every=args.eval_rounds, compare_with=args.compare_with)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,13 +26,17 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str = "epoch",
-                          metric: str = "ndcg@10", title: str = "") -> None:
-    """One line per run: validation `metric` against `x` (epochs or rounds)."""
+                          metric: str = "ndcg@10", title: str = "",
+                          levels: dict[str, float] | None = None) -> None:
+    """One line per run: validation `metric` against `x` (epochs or rounds); `levels` adds
+    horizontal reference lines (e.g. the centralized model's best validation value)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, curve in curves.items():
         points = [(p[x], p[metric]) for p in curve if metric in p]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    for i, (label, value) in enumerate((levels or {}).items()):
+        ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
     ax.set_xlabel(x)
     ax.set_ylabel(f"validation {metric.upper()}")
     ax.set_title(title)

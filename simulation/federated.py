@@ -39,6 +39,7 @@ class FederatedJob:
     model: ModelHyper = field(default_factory=ModelHyper)
     settings: dict = field(default_factory=dict)   # server/client keys, see server.app.DEFAULTS
     eval_every: int = 5          # harness validation every this many rounds
+    compare_with: str | None = None  # a centralized run's folder: drawn on the same chart
     threads: int = 1
 
 
@@ -141,9 +142,22 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
         "validation_curve": curve,
     }
     write_json(out / "summary.json", summary)
-    plot_validation_curve({"federated": [{"epoch": p["round"], **p} for p in curve]},
-                          out / "validation_curve.png", title=f"{prepared.dataset.name}: federated")
+    plot_validation_curve({"federated (harness, by round)": curve}, out / "validation_curve.png",
+                          x="round", title=f"{prepared.dataset.name}: federated vs centralized",
+                          levels=_centralized_levels(job.compare_with))
     return summary
+
+
+def _centralized_levels(folder: str | None) -> dict[str, float]:
+    """The centralized run's best validation NDCG@10 and its test NDCG@10, as reference lines."""
+    if not folder:
+        return {}
+    summary = json.loads((Path(folder) / "summary.json").read_text())
+    best = max((p["ndcg@10"] for p in summary["validation_curve"] if "ndcg@10" in p), default=None)
+    levels = {"centralized, test": summary["metrics"]["ndcg@10"]}
+    if best is not None:
+        levels["centralized, best validation"] = best
+    return levels
 
 
 def _time_split(history: list[dict]) -> dict:

@@ -29,8 +29,12 @@ SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "
 
 
 def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, capsys):
-    out = tmp_path / "fed"
-    assert main(["train", "--mode", "federated", "--rounds", "3", "--out", str(out), *TINY]) == 0
+    out, central = tmp_path / "fed", tmp_path / "central"
+    (central).mkdir()
+    (central / "summary.json").write_text(json.dumps(
+        {"metrics": {"ndcg@10": 0.05}, "validation_curve": [{"epoch": 1, "ndcg@10": 0.06}]}))
+    assert main(["train", "--mode", "federated", "--rounds", "3", "--out", str(out),
+                 "--compare-with", str(central), *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "federated" and s["rounds"] == 3 and 30 <= s["clients"] <= 40
     assert s["bytes_down"] > 0 and s["bytes_up"] > 0
