@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
+from shared.wire import from_record, to_record
 
 MODEL_KEYS = ("dim", "layers", "heads", "max_len", "dropout", "id_buckets")
 
@@ -57,7 +58,7 @@ def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender,
 
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
-    global_weights = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    global_weights = from_record(msg.content["arrays"])
     local = LocalConfig(local_epochs=int(config["local-epochs"]), lr=float(config["local-lr"]),
                         optimizer=str(config["local-optimizer"]), train_on=str(config["train-on"]))
     seed = (int(config["seed"]), int(config["server-round"]), int(context.node_id) % (2**32))
@@ -65,20 +66,16 @@ def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     started = time.perf_counter()
     delta, metrics = local_update(model, global_weights, log, local, np.random.default_rng(seed))
     metrics["train-seconds"] = time.perf_counter() - started
-    content = RecordDict({"delta": ArrayRecord({k: _array(v) for k, v in delta.items()}),
+    content = RecordDict({"delta": to_record(delta),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
-    load_weights(model, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    load_weights(model, from_record(msg.content["arrays"]))
     metrics = local_metrics(model, log, str(config["stage"]))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-def _array(value: np.ndarray):
-    return Array(np.ascontiguousarray(value, dtype=np.float32))
 
 
 def make_client_app(settings: dict | None = None) -> ClientApp:

@@ -22,8 +22,8 @@ import torch
 from shared.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
 from shared.model import Recommender
 from shared.training import left_pad, train_steps
+from shared.wire import Weights
 
-Weights = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-Weights = dict[str, np.ndarray]
+from shared.wire import Weights
+
 
 
 @dataclass

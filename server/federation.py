@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.local import LocalConfig
 from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
+from shared.wire import from_record, to_record
 
 log = logging.getLogger("fedrec.server")
 
@@ -71,10 +72,6 @@ class RoundRecord:
 def record_bytes(content: RecordDict) -> int:
     """Payload size of a message's records (arrays, metrics, config), as Flower counts them."""
     return int(sum(record.count_bytes() for record in content.values()))
-
-
-def _weights_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()})
 
 
 class FedRecStrategy(Strategy):
@@ -138,7 +135,7 @@ class FedRecStrategy(Strategy):
             server_round, 0, len(deltas), rejected, 0, float(np.mean(up)) if up else 0.0, 0.0,
             float(np.nanmean(seconds)) if seconds else 0.0,
             float(np.average(losses, weights=counts)) if deltas else float("nan"))
-        arrays = _weights_record(self.optimizer.weights()) if deltas else None
+        arrays = to_record(self.optimizer.weights()) if deltas else None
         return arrays, MetricRecord({"accepted": len(deltas), "rejected": len(rejected)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -178,7 +175,7 @@ def _unpack_train_reply(content: RecordDict):
     if not isinstance(metrics, MetricRecord) or "num-examples" not in metrics:
         return None, None, "no 'metrics' with num-examples"
     try:
-        delta = {k: v.numpy() for k, v in delta_record.items()}
+        delta = from_record(delta_record)
     except Exception as err:  # a malformed array from a client must not stop the round
         return None, None, f"unreadable array: {err}"
     return delta, dict(metrics), None
@@ -209,7 +206,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     _write_rounds(out / "rounds.jsonl", history)
     for server_round in range(start_round, cfg.rounds + 1):
         started = time.perf_counter()
-        arrays = _weights_record(optimizer.weights())
+        arrays = to_record(optimizer.weights())
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         down = record_bytes(messages[0].content) if messages else 0
         replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
@@ -237,7 +234,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
 
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:
-    arrays = _weights_record(strategy.optimizer.weights())
+    arrays = to_record(strategy.optimizer.weights())
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"stage": stage}), grid))
     replies = grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s)
     metrics = strategy.aggregate_evaluate(server_round, replies)

@@ -60,18 +60,17 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     """Bytes one client receives and sends per round, by catalog size: the ArrayRecord of the
     shared weights as Flower serialises it. Beside it, what a table with one row per item
     would cost, i.e. what the bounded (hashed) ID table saves."""
-    import numpy as np
     import torch
-    from flwr.app import Array, ArrayRecord
 
     from client.local import shared_weights
     from shared.model import ModelConfig, Recommender
+    from shared.wire import to_record
 
     rows = []
     for n_items in catalog_sizes:
         cfg = ModelConfig(n_items=n_items, content_dim=content_dim, max_len=50, id_buckets=id_buckets)
         weights = shared_weights(Recommender(cfg, torch.zeros(n_items + 1, content_dim)))
-        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        record = to_record(weights)
         per_item = (n_items + 1) * cfg.dim * 4
         bounded = weights["item_tower.id_embedding.weight"].nbytes
         rows.append({"items": n_items, "parameters": int(sum(v.size for v in weights.values())),
