@@ -85,8 +85,11 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=float, default=d["server-lr"])
     g.add_argument("--server-eps", type=float, default=d["server-eps"], help="fedadam's epsilon (tau)")
     g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
+    g.add_argument("--server-averaging", type=float, default=d["server-averaging"],
+                   help="evaluate and ship the exponential average of the global weights over "
+                        "rounds, with this decay (0: the last weights)")
     g.add_argument("--compare-with", help="a centralized run's output folder, drawn on the same chart")
-    g.add_argument("--eval-rounds", type=int, default=5,
+    g.add_argument("--eval-rounds", type=int, default=40,
                    help="score the global model on the validation items every this many rounds")
 
 
@@ -98,6 +101,7 @@ def _federated_job(args: argparse.Namespace):
                 "local-epochs": args.local_epochs, "local-lr": args.local_lr,
                 "local-optimizer": args.local_optimizer, "server-optimizer": args.server_optimizer,
                 "server-lr": args.server_lr, "server-eps": args.server_eps, "weighting": args.weighting, "seed": args.seed,
+                "server-averaging": args.server_averaging,
                 "refit-fraction": args.refit_fraction}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds, compare_with=args.compare_with)

@@ -29,6 +29,8 @@ class ServerConfig:
     eps: float = 1e-8           # fedadam's tau (adaptivity; Reddi et al. tune it per task)
     weighting: str = "examples"  # "examples": by training targets; "uniform": one vote per user
     max_examples: float = 10_000.0  # a claimed weight above this is rejected as absurd
+    averaging: float = 0.95     # >0: also keep an exponential average of the global weights over
+                                # rounds (this decay); it is what gets evaluated and shipped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,9 +84,21 @@ class ServerOptimizer:
             self.optimizer = torch.optim.Adam(plist, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         else:
             raise ValueError(f"unknown server optimizer {cfg.optimizer!r}: use fedavg, fedavgm or fedadam")
+        if not 0 <= cfg.averaging < 1:
+            raise ValueError(f"averaging must be in [0, 1), not {cfg.averaging}")
+        # Polyak-style averaging of the iterates: the last weights of a FedAdam run jump around
+        # by one noisy step per round; their average over ~1/(1 - decay) rounds does not.
+        self.average = {n: p.detach().clone() for n, p in self.params.items()}
 
     def weights(self) -> Weights:
+        """The weights clients train from."""
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}
+
+    def model_weights(self) -> Weights:
+        """The weights to evaluate and ship: the running average, or the last ones if off."""
+        if not self.cfg.averaging:
+            return self.weights()
+        return {n: a.numpy().copy() for n, a in self.average.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in self.params.items()}
@@ -95,13 +109,18 @@ class ServerOptimizer:
             p.grad = -torch.from_numpy(np.asarray(delta[name], dtype=np.float32))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                self.average[name].lerp_(p.detach(), 1 - self.cfg.averaging)
 
     def state_dict(self) -> dict:
         return {"weights": {n: p.detach().clone() for n, p in self.params.items()},
+                "average": {n: a.clone() for n, a in self.average.items()},
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(state["weights"][n])
+                self.average[n].copy_(state["average"][n])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -23,9 +23,10 @@ from shared.report import write_json
 
 DEFAULTS = {
     "store": "runs/store/ml-100k", "out": "runs/federated",
-    "rounds": 340, "clients-per-round": 50, "seed": 0,
-    "local-epochs": 2, "local-lr": 0.5, "local-optimizer": "sgd", "train-on": "valid",
+    "rounds": 800, "clients-per-round": 25, "seed": 0,
+    "local-epochs": 1, "local-lr": 1.0, "local-optimizer": "sgd", "train-on": "valid",
     "server-optimizer": "fedadam", "server-lr": 1e-2, "server-eps": 1e-8, "weighting": "examples",
+    "server-averaging": 0.95,
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
     "refit-fraction": 0.1, "eval-every": 0, "eval-clients": 100, "final-test": True,
 }
@@ -38,8 +39,8 @@ def federation_config(run_config: dict) -> FederationConfig:
         local=LocalConfig(local_epochs=int(c["local-epochs"]), lr=float(c["local-lr"]),
                           optimizer=str(c["local-optimizer"]), train_on=str(c["train-on"])),
         server=ServerConfig(optimizer=str(c["server-optimizer"]), lr=float(c["server-lr"]),
-                            eps=float(c["server-eps"]),
-                            weighting=str(c["weighting"])),
+                            eps=float(c["server-eps"]), weighting=str(c["weighting"]),
+                            averaging=float(c["server-averaging"])),
         model={"dim": int(c["dim"]), "layers": int(c["layers"]), "heads": int(c["heads"]),
                "max_len": int(c["max-len"]), "dropout": float(c["dropout"]),
                "id_buckets": int(c["id-buckets"])},

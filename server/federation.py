@@ -220,21 +220,21 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
         if on_round is not None:
-            record.metrics.update(on_round(server_round, optimizer.weights()))
+            record.metrics.update(on_round(server_round, optimizer.model_weights()))
         history.append(asdict(record))
         save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
                                                 "optimizer": optimizer.state_dict(), "history": history})
         _append_round(out / "rounds.jsonl", history[-1])
         if progress is not None:
             progress(record)
-    final = {"weights": optimizer.weights(), "history": history, "test": None}
+    final = {"weights": optimizer.model_weights(), "history": history, "test": None}
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final
 
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:
-    arrays = to_record(strategy.optimizer.weights())
+    arrays = to_record(strategy.optimizer.model_weights())
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"stage": stage}), grid))
     replies = grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s)
     metrics = strategy.aggregate_evaluate(server_round, replies)

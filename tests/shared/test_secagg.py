@@ -1,0 +1,202 @@
+"""Secure aggregation without Flower: correctness, dropouts, aborts, and what the server sees."""
+import secrets
+
+import numpy as np
+import pytest
+
+from shared.secagg import (PRIME, ProtocolViolation, RoundAborted, SecAggClient, SecAggParams,
+                           SecAggServer, default_params, neighbour_graph, prg,
+                           quantisation_error_bound, shamir_combine, shamir_split)
+
+
+class Transcript:
+    """Everything the server receives in one round, kept to check what it could learn."""
+
+    def __init__(self):
+        self.keys, self.sealed, self.masked, self.answers = {}, {}, {}, {}
+
+
+def run_round(n, params, vectors, *, drop_before_masking=(), drop_after_masking=(), seed=0,
+              transcript=None):
+    """One full round in process; returns (decoded sum, count)."""
+    rng = np.random.default_rng(seed)
+    round_id = secrets.token_bytes(8)
+    clients = {u: SecAggClient(u, params, round_id) for u in range(1, n + 1)}
+    server = SecAggServer(n, params, round_id)
+    keys = {u: c.public_keys() for u, c in clients.items()}
+    neighbour_keys = server.receive_keys(keys)
+    sealed = {u: clients[u].share_keys(neighbour_keys[u]) for u in neighbour_keys}
+    inbox = server.route_shares(sealed)
+    masked = {u: clients[u].masked_input(vectors[u], inbox[u], rng)
+              for u in inbox if u not in drop_before_masking}
+    asks = server.receive_masked(masked)
+    answers = {u: clients[u].unmask_shares(*asks[u]) for u in asks if u not in drop_after_masking}
+    if transcript is not None:
+        transcript.keys, transcript.sealed, transcript.masked, transcript.answers = keys, sealed, masked, answers
+        transcript.server = server
+    return server.unmask(answers)
+
+
+def random_vectors(n, d, bound, seed=0):
+    rng = np.random.default_rng(seed)
+    return {u: rng.uniform(-bound, bound, d) / np.sqrt(d) for u in range(1, n + 1)}
+
+
+@pytest.mark.parametrize("n", [3, 4, 10, 50, 200])
+def test_sum_equals_plain_sum_within_quantisation_bound(n):
+    params = default_params(n, clip=1.0)
+    vectors = random_vectors(n, 500, 1.0, seed=n)
+    total, count = run_round(n, params, vectors)
+    assert count == n
+    plain = sum(vectors.values())
+    assert np.abs(total - plain).max() <= quantisation_error_bound(params, n)
+    assert np.abs(total - plain).max() > 0  # it really went through the fixed-point ring
+
+
+def test_dropouts_after_masking_are_recovered():
+    """30% vanish after sending their masked input: their inputs count, their shares are missed."""
+    n = 60
+    params = default_params(n, clip=1.0, dropout=0.3)
+    vectors = random_vectors(n, 300, 1.0, seed=1)
+    gone = set(np.random.default_rng(2).choice(np.arange(1, n + 1), size=18, replace=False).tolist())
+    total, count = run_round(n, params, vectors, drop_after_masking=gone)
+    assert count == n
+    assert np.abs(total - sum(vectors.values())).max() <= quantisation_error_bound(params, n)
+
+
+def test_dropouts_before_masking_leave_the_survivors_sum():
+    """30% vanish after sharing keys but before masking: their pairwise masks are rebuilt
+    from their mask keys, and the result is the survivors' sum."""
+    n = 60
+    params = default_params(n, clip=1.0, dropout=0.3)
+    vectors = random_vectors(n, 300, 1.0, seed=3)
+    gone = set(np.random.default_rng(4).choice(np.arange(1, n + 1), size=18, replace=False).tolist())
+    total, count = run_round(n, params, vectors, drop_before_masking=gone)
+    survivors = [u for u in vectors if u not in gone]
+    assert count == len(survivors)
+    assert np.abs(total - sum(vectors[u] for u in survivors)).max() <= quantisation_error_bound(params, n)
+
+
+def test_too_many_dropouts_abort_the_round():
+    n = 20
+    params = SecAggParams(neighbours=8, threshold=5, clip=1.0, max_clients=n)
+    vectors = random_vectors(n, 100, 1.0)
+    with pytest.raises(RoundAborted):
+        run_round(n, params, vectors, drop_after_masking=set(range(1, 15)))
+    with pytest.raises(RoundAborted):
+        run_round(n, params, vectors, drop_before_masking=set(range(1, 17)))
+
+
+def test_no_individual_update_is_recoverable_from_what_the_server_receives():
+    n = 30
+    params = default_params(n, clip=1.0)
+    # One client's update is large and structured: it must still not show through.
+    vectors = {u: np.zeros(4000) for u in range(1, n + 1)}
+    vectors[7] = np.where(np.arange(4000) < 2000, 0.015, 0.0)  # L2 norm 0.67 < clip
+    t = Transcript()
+    total, _ = run_round(n, params, vectors, drop_after_masking={3, 11}, transcript=t)
+
+    # Masked vectors look uniform on the ring: bytes are flat (chi-square, 255 dof) and the
+    # masked vector of the structured update is uncorrelated with it.
+    for u in (7, 8):
+        counts = np.bincount(t.masked[u].view(np.uint8), minlength=256)
+        expected = counts.sum() / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 340, (u, chi2)  # p ~ 0.0003 for 255 degrees of freedom
+    high = (t.masked[7] >> 31).astype(float)
+    assert abs(np.corrcoef(high, vectors[7] > 0.01)[0, 1]) < 0.08
+    assert abs(high.mean() - 0.5) < 0.03
+
+    # The server never holds enough of both secrets of any client, nor any secret in clear.
+    for owner in range(1, n + 1):
+        kinds = [share[:1] for answers in t.answers.values() for o, share in answers.items() if o == owner]
+        assert not (kinds.count(b"b") >= params.threshold and kinds.count(b"s") >= params.threshold)
+        assert not ({b"b", b"s"} <= set(kinds)), f"both kinds of share of client {owner} were sent"
+    everything = b"".join([b"".join(k) for k in t.keys.values()] +
+                          [b"".join(box.values()) for box in t.sealed.values()])
+    assert b"fedrec" not in everything  # only keys and AES-GCM ciphertexts travel in steps 1-2
+
+
+def test_client_refuses_requests_that_would_unmask_someone():
+    params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=5)
+    round_id = b"r"
+    clients = {u: SecAggClient(u, params, round_id) for u in range(1, 6)}
+    server = SecAggServer(5, params, round_id)
+    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
+    rng = np.random.default_rng(0)
+    for u in clients:
+        clients[u].masked_input(np.zeros(10), inbox[u], rng)
+    with pytest.raises(ProtocolViolation):
+        clients[1].unmask_shares(alive=[1, 2, 3], dropped=[3, 4])   # 3 both alive and dropped
+    with pytest.raises(ProtocolViolation):
+        clients[1].unmask_shares(alive=[1, 2], dropped=[3, 4, 5])   # fewer alive than threshold
+    clients[2].unmask_shares(alive=[1, 2, 3, 4, 5], dropped=[])
+    with pytest.raises(ProtocolViolation):
+        clients[2].unmask_shares(alive=[1, 2, 3], dropped=[4, 5])   # a second, different answer
+
+
+def test_tampered_shares_are_rejected():
+    params = SecAggParams(neighbours=2, threshold=2, clip=1.0, max_clients=3)
+    clients = {u: SecAggClient(u, params, b"r") for u in (1, 2, 3)}
+    server = SecAggServer(3, params, b"r")
+    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
+    box = bytearray(inbox[1][2])
+    box[-1] ^= 1
+    with pytest.raises(ProtocolViolation):
+        clients[1].masked_input(np.zeros(5), {**inbox[1], 2: bytes(box)}, np.random.default_rng(0))
+
+
+def test_client_state_survives_a_restart_between_steps():
+    n = 6
+    params = default_params(n, clip=1.0)
+    vectors = random_vectors(n, 50, 1.0)
+    clients = {u: SecAggClient(u, params, b"r9") for u in range(1, n + 1)}
+    server = SecAggServer(n, params, b"r9")
+    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    sealed = {u: clients[u].share_keys(nk[u]) for u in nk}
+    clients = {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
+    inbox = server.route_shares(sealed)
+    rng = np.random.default_rng(0)
+    masked = {u: clients[u].masked_input(vectors[u], inbox[u], rng) for u in inbox}
+    clients = {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
+    asks = server.receive_masked(masked)
+    total, _ = server.unmask({u: clients[u].unmask_shares(*asks[u]) for u in asks})
+    assert np.abs(total - sum(vectors.values())).max() <= quantisation_error_bound(params, n)
+
+
+@pytest.mark.parametrize("threshold,holders", [(1, 3), (2, 3), (5, 9), (12, 23), (40, 80)])
+def test_shamir_any_threshold_shares_rebuild_and_fewer_do_not(threshold, holders):
+    rng = np.random.default_rng(threshold)
+    for _ in range(5):
+        secret = secrets.token_bytes(32)
+        ids = sorted(rng.choice(np.arange(1, 1000), size=holders, replace=False).tolist())
+        shares = shamir_split(secret, threshold, ids)
+        subset = rng.choice(ids, size=threshold, replace=False).tolist()
+        assert shamir_combine({i: shares[i] for i in subset}) == secret
+        if threshold > 1:
+            fewer = {i: shares[i] for i in subset[:-1]}
+            try:
+                assert shamir_combine(fewer) != secret
+            except ValueError:
+                pass  # interpolated outside 32 bytes: also "no"
+        assert all(int.from_bytes(s, "big") < PRIME for s in shares.values())
+
+
+def test_graph_is_regular_symmetric_and_connected():
+    for n, k in [(10, 4), (100, 18), (200, 18), (7, 6)]:
+        graph = neighbour_graph(n, k, secrets.token_bytes(16))
+        assert all(len(vs) == min(k, n - 1) for vs in graph.values())
+        assert all(u in graph[v] for u, vs in graph.items() for v in vs)
+        seen, frontier = {1}, [1]
+        while frontier:
+            frontier = [v for u in frontier for v in graph[u] if v not in seen]
+            seen.update(frontier)
+        assert len(seen) == n
+
+
+def test_prg_is_deterministic_per_seed_and_differs_across_seeds():
+    a, b = secrets.token_bytes(32), secrets.token_bytes(32)
+    assert np.array_equal(prg(a, 100), prg(a, 100))
+    assert not np.array_equal(prg(a, 100), prg(b, 100))
