@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
-from shared.wire import from_record, to_record
+from shared.wire import Layout, from_record, to_record
 
 MODEL_KEYS = ("dim", "layers", "heads", "max_len", "dropout", "id_buckets")
 
@@ -47,6 +47,10 @@ def _model(catalog_path: str, model_items: tuple) -> Recommender:
     return Recommender(cfg, torch.from_numpy(catalog.content) if catalog.content_dim else None)
 
 
+def model_layout(model: Recommender) -> Layout:
+    return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
+
+
 def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender, UserLog, ConfigRecord]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
     run_config = {**settings, **context.run_config}
@@ -58,7 +62,7 @@ def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender,
 
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
-    global_weights = from_record(msg.content["arrays"])
+    global_weights = from_record(msg.content["arrays"], model_layout(model))
     local = LocalConfig(local_epochs=int(config["local-epochs"]), lr=float(config["local-lr"]),
                         optimizer=str(config["local-optimizer"]), train_on=str(config["train-on"]))
     seed = (int(config["seed"]), int(config["server-round"]), int(context.node_id) % (2**32))
@@ -73,7 +77,7 @@ def handle_train(msg: Message, context: Context, settings: dict) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
-    load_weights(model, from_record(msg.content["arrays"]))
+    load_weights(model, from_record(msg.content["arrays"], model_layout(model)))
     metrics = local_metrics(model, log, str(config["stage"]))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

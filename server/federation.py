@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from client.local import LocalConfig
 from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
-from shared.wire import from_record, to_record
+from shared.wire import from_record, layout_of, to_record
 
 log = logging.getLogger("fedrec.server")
 
@@ -67,6 +67,7 @@ class RoundRecord:
     client_seconds_mean: float   # local training time reported by clients
     train_loss: float
     metrics: dict = field(default_factory=dict)
+    phase_seconds: dict = field(default_factory=dict)  # where the round's wall time went
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -80,7 +81,7 @@ class FedRecStrategy(Strategy):
     def __init__(self, cfg: FederationConfig, optimizer: ServerOptimizer):
         self.cfg = cfg
         self.optimizer = optimizer
-        self.expected = optimizer.shapes()
+        self.expected = layout_of(optimizer.weights())
         self.last_round: RoundRecord | None = None
 
     def summary(self) -> None:
@@ -117,7 +118,7 @@ class FedRecStrategy(Strategy):
                     raise ClientFailure(reason)
                 rejected.append(reason)
                 continue
-            delta, metrics, reason = _unpack_train_reply(reply.content)
+            delta, metrics, reason = _unpack_train_reply(reply.content, self.expected)
             if reason is None:
                 reason = check_update(delta, metrics["num-examples"], self.expected, self.cfg.server)
             if reason is not None:
@@ -167,7 +168,7 @@ class FedRecStrategy(Strategy):
         return MetricRecord({**{k: v / users for k, v in sums.items()}, "users": users})
 
 
-def _unpack_train_reply(content: RecordDict):
+def _unpack_train_reply(content: RecordDict, layout: dict):
     """(delta, metrics, reason): reason is None when the reply has the expected records."""
     delta_record, metrics = content.get("delta"), content.get("metrics")
     if not isinstance(delta_record, ArrayRecord):
@@ -175,9 +176,9 @@ def _unpack_train_reply(content: RecordDict):
     if not isinstance(metrics, MetricRecord) or "num-examples" not in metrics:
         return None, None, "no 'metrics' with num-examples"
     try:
-        delta = from_record(delta_record)
+        delta = from_record(delta_record, layout)
     except Exception as err:  # a malformed array from a client must not stop the round
-        return None, None, f"unreadable array: {err}"
+        return None, None, f"unreadable delta: {err}"
     return delta, dict(metrics), None
 
 
@@ -209,9 +210,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         arrays = to_record(optimizer.weights())
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         down = record_bytes(messages[0].content) if messages else 0
+        sent = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
+        received = time.perf_counter()
         strategy.aggregate_train(server_round, replies)
         record = strategy.last_round
+        record.phase_seconds = {"configure": sent - started, "send_and_receive": received - sent,
+                                "aggregate": time.perf_counter() - received}
         record.sampled, record.bytes_down = len(messages), down
         record.seconds = time.perf_counter() - started
         if len(replies) < len(messages):
@@ -221,9 +226,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
         if on_round is not None:
             record.metrics.update(on_round(server_round, optimizer.model_weights()))
+        saving = time.perf_counter()
+        record.phase_seconds["checkpoint"] = 0.0
         history.append(asdict(record))
         save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
                                                 "optimizer": optimizer.state_dict(), "history": history})
+        history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
         _append_round(out / "rounds.jsonl", history[-1])
         if progress is not None:
             progress(record)

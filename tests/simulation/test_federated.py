@@ -99,9 +99,12 @@ def test_every_reply_carries_only_the_delta_and_metric_values(tmp_path):
     for reply in train:
         assert set(reply.content.keys()) == {"delta", "metrics"}
         delta = reply.content["delta"]
-        # Exactly the shared weights: no extra array, so no per-user embedding or state.
-        assert {k: tuple(v.numpy().shape) for k, v in delta.items()} == expected_shapes
-        assert all(v.numpy().dtype == np.float32 for v in delta.values())
+        # Exactly the shared weights, as one float32 vector: no extra array, so no per-user
+        # embedding or state.
+        assert list(delta.keys()) == ["flat"]
+        flat = delta["flat"].numpy()
+        assert flat.dtype == np.float32
+        assert flat.shape == (sum(int(np.prod(s)) for s in expected_shapes.values()),)
         assert set(reply.content["metrics"].keys()) == {"num-examples", "train-loss", "train-seconds"}
     for reply in evaluation:
         assert set(reply.content.keys()) == {"metrics"}
@@ -119,14 +122,13 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path):
     def damage(i, reply):
         if "delta" not in reply.content:
             return
-        arrays = {k: v.numpy() for k, v in reply.content["delta"].items()}
-        name = sorted(arrays)[0]
+        flat = reply.content["delta"]["flat"].numpy()
         if i == 0:
-            arrays[name] = np.full_like(arrays[name], np.nan)
+            arrays = {"flat": np.full_like(flat, np.nan)}
         elif i == 1:
-            arrays[name] = np.zeros((3, 3), np.float32)
+            arrays = {"flat": flat[:-5]}
         elif i == 2:
-            del arrays[name]
+            arrays = {"other": flat}
         elif i == 3:
             reply.content["metrics"] = MetricRecord({"train-loss": 1.0})
             return
@@ -139,8 +141,8 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path):
         reasons = " | ".join(record["rejected"])
         idle = reasons.count("nothing to train on")
         assert record["sampled"] == 8 and record["accepted"] == 8 - idle - 4, record["rejected"]
-        assert "contains NaN or Inf" in reasons and "shape (3, 3)" in reasons
-        assert "missing arrays" in reasons and "no 'metrics' with num-examples" in reasons
+        assert "contains NaN or Inf" in reasons and "expected a flat vector of" in reasons
+        assert "expected one array 'flat'" in reasons and "no 'metrics' with num-examples" in reasons
     assert all(np.isfinite(w).all() for w in final["weights"].values())
 
 
