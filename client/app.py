@@ -22,10 +22,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update
+from client import secure
+from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update, model_layout
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
-from shared.wire import Layout, from_record, to_record
+from shared.wire import from_record, to_record
 
 MODEL_KEYS = ("dim", "layers", "heads", "max_len", "dropout", "id_buckets")
 
@@ -47,10 +48,6 @@ def _model(catalog_path: str, model_items: tuple) -> Recommender:
     return Recommender(cfg, torch.from_numpy(catalog.content) if catalog.content_dim else None)
 
 
-def model_layout(model: Recommender) -> Layout:
-    return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
-
-
 def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender, UserLog, ConfigRecord]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
     run_config = {**settings, **context.run_config}
@@ -60,15 +57,25 @@ def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender,
     return _model(str(catalog_path), model_items), UserLog.load(log_path), config
 
 
+def _local_config(config: ConfigRecord) -> LocalConfig:
+    return LocalConfig(local_epochs=int(config["local-epochs"]), lr=float(config["local-lr"]),
+                       optimizer=str(config["local-optimizer"]), train_on=str(config["train-on"]),
+                       clip=float(config.get("update-clip", 0.0)))
+
+
+def _seeded_rng(config: ConfigRecord, context: Context) -> np.random.Generator:
+    """Per (run seed, round, node): reproducible local training (dropout, window order)."""
+    seed = (int(config["seed"]), int(config["server-round"]), int(context.node_id) % (2**32))
+    torch.manual_seed(hash(seed) % (2**31))
+    return np.random.default_rng(seed)
+
+
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
     global_weights = from_record(msg.content["arrays"], model_layout(model))
-    local = LocalConfig(local_epochs=int(config["local-epochs"]), lr=float(config["local-lr"]),
-                        optimizer=str(config["local-optimizer"]), train_on=str(config["train-on"]))
-    seed = (int(config["seed"]), int(config["server-round"]), int(context.node_id) % (2**32))
-    torch.manual_seed(hash(seed) % (2**31))
+    rng = _seeded_rng(config, context)
     started = time.perf_counter()
-    delta, metrics = local_update(model, global_weights, log, local, np.random.default_rng(seed))
+    delta, metrics = local_update(model, global_weights, log, _local_config(config), rng)
     metrics["train-seconds"] = time.perf_counter() - started
     content = RecordDict({"delta": to_record(delta),
                           "metrics": MetricRecord(metrics)})
@@ -82,10 +89,11 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_client_app(settings: dict | None = None) -> ClientApp:
-    """`settings` stand in for the run config where Flower passes none (run_simulation)."""
+def make_client_app(settings: dict | None = None, mods: list | None = None) -> ClientApp:
+    """`settings` stand in for the run config where Flower passes none (run_simulation);
+    `mods` are Flower client mods wrapped around every handler."""
     settings = dict(settings or {})
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -94,6 +102,25 @@ def make_client_app(settings: dict | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, settings)
+
+    # Secure aggregation: the four steps of a round (client/secure.py).
+    @app.train("secagg_keys")
+    def secagg_keys(msg: Message, context: Context) -> Message:
+        return secure.handle_keys(msg, context)
+
+    @app.train("secagg_shares")
+    def secagg_shares(msg: Message, context: Context) -> Message:
+        return secure.handle_shares(msg, context)
+
+    @app.train("secagg_masked")
+    def secagg_masked(msg: Message, context: Context) -> Message:
+        model, log, config = _setup(msg, context, settings)
+        return secure.handle_masked(msg, context, model, log, _local_config(config),
+                                    _seeded_rng(config, context))
+
+    @app.train("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return secure.handle_unmask(msg, context)
 
     return app
 

@@ -22,7 +22,7 @@ import torch
 from shared.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
 from shared.model import Recommender
 from shared.training import left_pad, train_steps
-from shared.wire import Weights
+from shared.wire import Layout, Weights
 
 
 
@@ -63,6 +63,8 @@ class LocalConfig:
     lr: float = 1e-3
     optimizer: str = "adam"     # "adam" or "sgd"; fresh every round (no state kept)
     train_on: str = "valid"     # "valid": train items only; "test": train + validation item
+    clip: float = 0.0           # >0: scale the whole delta down to this L2 norm at most (bounds
+                                # one user's influence; needed by secure aggregation and DP)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +74,11 @@ def shared_weights(model: Recommender) -> Weights:
     """The weights every client trains and the server aggregates: all trainable parameters.
     Buffers (content features, ID hashing) are public catalog data and never travel."""
     return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+
+
+def model_layout(model: Recommender) -> Layout:
+    """Names and shapes of the shared weights, in wire order (shared.wire)."""
+    return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
 
 
 def load_weights(model: Recommender, weights: Weights) -> None:
@@ -106,6 +113,10 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
               for _ in range(cfg.local_epochs)]
     trained = shared_weights(model)
     delta = {name: trained[name] - global_weights[name] for name in trained}
+    if cfg.clip > 0:
+        norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+        if norm > cfg.clip:
+            delta = {name: d * np.float32(cfg.clip / norm) for name, d in delta.items()}
     return delta, {"num-examples": float(len(history) - 1), "train-loss": float(np.mean(losses))}
 
 

@@ -85,9 +85,21 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=float, default=d["server-lr"])
     g.add_argument("--server-eps", type=float, default=d["server-eps"], help="fedadam's epsilon (tau)")
     g.add_argument("--weighting", choices=["examples", "uniform"], default=d["weighting"])
+    g.add_argument("--update-clip", type=float, default=d["update-clip"],
+                   help="each client scales its update down to this L2 norm at most (0: off)")
     g.add_argument("--server-averaging", type=float, default=d["server-averaging"],
                    help="evaluate and ship the exponential average of the global weights over "
                         "rounds, with this decay (0: the last weights)")
+    g.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction,
+                   default=d["secure-aggregation"],
+                   help="SecAgg+: the server learns only the sum of each round's updates")
+    g.add_argument("--secagg-neighbours", type=int, default=d["secagg-neighbours"],
+                   help="masking/sharing neighbours per client (0: sized from the round)")
+    g.add_argument("--secagg-threshold", type=int, default=d["secagg-threshold"],
+                   help="shares needed to rebuild a secret (0: a strict majority of holders)")
+    g.add_argument("--secagg-dropout", type=float, default=d["secagg-dropout"],
+                   help="share of a round's clients that may vanish (sizes the graph when "
+                        "--secagg-neighbours is 0)")
     g.add_argument("--compare-with", help="a centralized run's output folder, drawn on the same chart")
     g.add_argument("--eval-rounds", type=int, default=40,
                    help="score the global model on the validation items every this many rounds")
@@ -101,7 +113,9 @@ def _federated_job(args: argparse.Namespace):
                 "local-epochs": args.local_epochs, "local-lr": args.local_lr,
                 "local-optimizer": args.local_optimizer, "server-optimizer": args.server_optimizer,
                 "server-lr": args.server_lr, "server-eps": args.server_eps, "weighting": args.weighting, "seed": args.seed,
-                "server-averaging": args.server_averaging,
+                "server-averaging": args.server_averaging, "update-clip": args.update_clip,
+                "secure-aggregation": args.secure_aggregation, "secagg-neighbours": args.secagg_neighbours,
+                "secagg-threshold": args.secagg_threshold, "secagg-dropout": args.secagg_dropout,
                 "refit-fraction": args.refit_fraction}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds, compare_with=args.compare_with)
@@ -122,6 +136,11 @@ def parser() -> argparse.ArgumentParser:
     _add_common(store)
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
+    secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
+                              "aggregation, side by side in one simulation")
+    _add_common(secagg)
+    secagg.add_argument("--clients-per-round", type=int, default=100)
+    secagg.add_argument("--rounds", type=int, default=6, help="pairs of rounds (plain, secure)")
     return top
 
 
@@ -166,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.bench == "payload":
             from simulation.bench import run_payload_bench
             run_payload_bench(args.out)
+        elif args.command == "bench" and args.bench == "secagg":
+            from dataclasses import replace
+            from simulation.bench import run_secagg_bench
+            run_secagg_bench(replace(_job(args).data, activity_features=False), args.out,
+                             clients_per_round=args.clients_per_round, rounds=args.rounds)
     except DataError as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,8 @@ class ServerConfig:
     eps: float = 1e-8           # fedadam's tau (adaptivity; Reddi et al. tune it per task)
     weighting: str = "examples"  # "examples": by training targets; "uniform": one vote per user
     max_examples: float = 10_000.0  # a claimed weight above this is rejected as absurd
+    weight_cap: float = 1_000.0  # "examples" weighting counts at most this many per client,
+                                 # so no single user dominates a round (also bounds secure sums)
     averaging: float = 0.95     # >0: also keep an exponential average of the global weights over
                                 # rounds (this decay); it is what gets evaluated and shipped
 
@@ -60,9 +62,15 @@ def check_update(delta: Weights, num_examples: float, expected: dict[str, tuple[
     return None
 
 
-def mean_delta(deltas: list[Weights], num_examples: list[float], weighting: str) -> Weights:
+def client_weight(num_examples: float, weighting: str, cap: float) -> float:
+    """A client's vote in the mean: its training targets up to `cap`, or 1 each."""
+    return float(min(num_examples, cap)) if weighting == "examples" else 1.0
+
+
+def mean_delta(deltas: list[Weights], num_examples: list[float], weighting: str,
+               cap: float = float("inf")) -> Weights:
     """Weighted mean of the deltas (float64 accumulation)."""
-    w = np.asarray(num_examples if weighting == "examples" else [1.0] * len(deltas), dtype=np.float64)
+    w = np.asarray([client_weight(n, weighting, cap) for n in num_examples], dtype=np.float64)
     w = w / w.sum()
     return {name: sum(wi * d[name].astype(np.float64) for wi, d in zip(w, deltas)).astype(np.float32)
             for name in deltas[0]}

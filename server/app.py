@@ -17,16 +17,19 @@ from flwr.serverapp import Grid, ServerApp
 from client.local import LocalConfig, shared_weights
 from server.aggregation import ServerConfig
 from server.federation import FederationConfig, RoundHook, run_federation
+from server.secure import SecureConfig
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
 from shared.report import write_json
 
 DEFAULTS = {
     "store": "runs/store/ml-100k", "out": "runs/federated",
-    "rounds": 800, "clients-per-round": 25, "seed": 0,
+    "rounds": 700, "clients-per-round": 25, "seed": 0,
     "local-epochs": 1, "local-lr": 1.0, "local-optimizer": "sgd", "train-on": "valid",
+    "update-clip": 5.0,
     "server-optimizer": "fedadam", "server-lr": 1e-2, "server-eps": 1e-8, "weighting": "examples",
     "server-averaging": 0.95,
+    "secure-aggregation": True, "secagg-neighbours": 0, "secagg-threshold": 0, "secagg-dropout": 0.1,
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
     "refit-fraction": 0.1, "eval-every": 0, "eval-clients": 100, "final-test": True,
 }
@@ -37,7 +40,8 @@ def federation_config(run_config: dict) -> FederationConfig:
     return FederationConfig(
         rounds=int(c["rounds"]), clients_per_round=int(c["clients-per-round"]), seed=int(c["seed"]),
         local=LocalConfig(local_epochs=int(c["local-epochs"]), lr=float(c["local-lr"]),
-                          optimizer=str(c["local-optimizer"]), train_on=str(c["train-on"])),
+                          optimizer=str(c["local-optimizer"]), train_on=str(c["train-on"]),
+                          clip=float(c["update-clip"])),
         server=ServerConfig(optimizer=str(c["server-optimizer"]), lr=float(c["server-lr"]),
                             eps=float(c["server-eps"]), weighting=str(c["weighting"]),
                             averaging=float(c["server-averaging"])),
@@ -45,7 +49,9 @@ def federation_config(run_config: dict) -> FederationConfig:
                "max_len": int(c["max-len"]), "dropout": float(c["dropout"]),
                "id_buckets": int(c["id-buckets"])},
         refit_fraction=float(c["refit-fraction"]), eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
-        final_test=bool(c["final-test"]))
+        final_test=bool(c["final-test"]),
+        secure=SecureConfig(enabled=bool(c["secure-aggregation"]), neighbours=int(c["secagg-neighbours"]),
+                            threshold=int(c["secagg-threshold"]), dropout=float(c["secagg-dropout"])))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from client.local import LocalConfig
 from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
+from server.secure import SecureConfig, secure_round
 from shared.wire import from_record, layout_of, to_record
 
 log = logging.getLogger("fedrec.server")
@@ -50,6 +51,7 @@ class FederationConfig:
     final_test: bool = True      # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
     timeout_s: float = 600.0     # per round, for replies
+    secure: SecureConfig = field(default_factory=SecureConfig)  # secure aggregation (server/secure.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +94,7 @@ class FedRecStrategy(Strategy):
         refit = server_round > self.cfg.rounds - round(self.cfg.refit_fraction * self.cfg.rounds)
         return ConfigRecord({"server-round": server_round, "seed": self.cfg.seed,
                              "local-epochs": local.local_epochs, "local-lr": local.lr,
-                             "local-optimizer": local.optimizer,
+                             "local-optimizer": local.optimizer, "update-clip": local.clip,
                              "train-on": "test" if refit else local.train_on,
                              **self.cfg.model, **extra})
 
@@ -131,7 +133,7 @@ class FedRecStrategy(Strategy):
             seconds.append(metrics.get("train-seconds", float("nan")))
             up.append(record_bytes(reply.content))
         if deltas:
-            self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting))
+            self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting, self.cfg.server.weight_cap))
         self.last_round = RoundRecord(
             server_round, 0, len(deltas), rejected, 0, float(np.mean(up)) if up else 0.0, 0.0,
             float(np.nanmean(seconds)) if seconds else 0.0,
@@ -206,21 +208,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         log.info("resuming from round %d", checkpoint["round"])
     _write_rounds(out / "rounds.jsonl", history)
     for server_round in range(start_round, cfg.rounds + 1):
-        started = time.perf_counter()
-        arrays = to_record(optimizer.weights())
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        down = record_bytes(messages[0].content) if messages else 0
-        sent = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
-        received = time.perf_counter()
-        strategy.aggregate_train(server_round, replies)
-        record = strategy.last_round
-        record.phase_seconds = {"configure": sent - started, "send_and_receive": received - sent,
-                                "aggregate": time.perf_counter() - received}
-        record.sampled, record.bytes_down = len(messages), down
-        record.seconds = time.perf_counter() - started
-        if len(replies) < len(messages):
-            record.rejected.append(f"{len(messages) - len(replies)} client(s) did not answer in time")
+        record = (_secure_round(grid, strategy, server_round) if cfg.secure.enabled
+                  else _plain_round(grid, strategy, server_round))
         if cfg.eval_every and server_round % cfg.eval_every == 0:
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
@@ -239,6 +228,35 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final
+
+
+def _plain_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundRecord:
+    started = time.perf_counter()
+    arrays = to_record(strategy.optimizer.weights())
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    down = record_bytes(messages[0].content) if messages else 0
+    sent = time.perf_counter()
+    replies = list(grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s))
+    received = time.perf_counter()
+    strategy.aggregate_train(server_round, replies)
+    record = strategy.last_round
+    record.phase_seconds = {"configure": sent - started, "send_and_receive": received - sent,
+                            "aggregate": time.perf_counter() - received}
+    record.sampled, record.bytes_down = len(messages), down
+    record.seconds = time.perf_counter() - started
+    if len(replies) < len(messages):
+        record.rejected.append(f"{len(messages) - len(replies)} client(s) did not answer in time")
+    return record
+
+
+def _secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundRecord:
+    """Bytes here are per sampled client over all four steps; clients report no timing."""
+    o = secure_round(grid, strategy, server_round)
+    sampled = max(o["sampled"], 1)
+    return RoundRecord(server_round, o["sampled"], o["accepted"], o["rejected"],
+                       bytes_down=int(o["bytes_down"] / sampled), bytes_up_mean=o["bytes_up"] / sampled,
+                       seconds=o["seconds"], client_seconds_mean=float("nan"), train_loss=o["train_loss"],
+                       metrics={"secagg": o["params"]}, phase_seconds=o["phases"])
 
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:

@@ -452,3 +452,27 @@ class SecAggServer:
 
 def _first(shares: dict[int, bytes], count: int) -> dict[int, bytes]:
     return dict(sorted(shares.items())[:count])
+
+
+# ---------------------------------------------------------------- one client's contribution
+
+LOSS_SCALE = 32.0  # a training loss enters the sum divided by this, to stay inside the bound
+
+
+def encode_contribution(delta_flat: np.ndarray, weight: float, loss: float) -> np.ndarray:
+    """What a client feeds into the secure sum: [weight * delta, weight, weight * loss / 32].
+    The server gets sum(w * delta) / sum(w), the weighted mean, and a mean loss, without any
+    client's weight (its history length) or loss. `weight` must be in [0, 1] and the delta
+    already clipped, so every coordinate is within the quantisation bound."""
+    if not 0 <= weight <= 1:
+        raise ValueError(f"weight {weight} outside [0, 1]")
+    loss_term = min(max(float(loss), 0.0), LOSS_SCALE) / LOSS_SCALE if np.isfinite(loss) else 0.0
+    return np.concatenate([delta_flat.astype(np.float64) * weight, [weight, weight * loss_term]])
+
+
+def decode_mean(total: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Sum of contributions -> (weighted mean delta, total weight, weighted mean loss)."""
+    weight = float(total[-2])
+    if weight <= 0:
+        raise RoundAborted("the clients' weights sum to zero: nothing to average")
+    return (total[:-2] / weight).astype(np.float32), weight, float(total[-1]) / weight * LOSS_SCALE

@@ -90,3 +90,67 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     (out / "payload.md").write_text(f"# Bytes per client-round\n\n{table}\n")
     print(table)
     return report
+
+
+def run_secagg_bench(data: "DataConfig", out: Path, *, clients_per_round: int = 100, rounds: int = 6,
+                     settings: dict | None = None) -> dict:
+    """Round time and bytes with and without secure aggregation, measured side by side in
+    one simulation: plain and secure rounds alternate on the same clients (each pair uses the
+    same round number, so the same sample and the same local training)."""
+    import numpy as np
+    from flwr.serverapp import ServerApp
+
+    from client.app import make_client_app
+    from server.aggregation import ServerOptimizer
+    from server.app import DEFAULTS, federation_config, initial_weights
+    from server.federation import FedRecStrategy, _plain_round, _secure_round
+    from simulation.federated import simulate, write_store
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(data, show_progress=False)
+    store = write_store(prepared, out / "store")
+    settings = {**DEFAULTS, "store": str(store), "out": str(out), "clients-per-round": clients_per_round,
+                **(settings or {})}
+    rows: list[dict] = []
+    app = ServerApp()
+
+    @app.main()
+    def main_(grid, context):
+        cfg = federation_config(settings)
+        start = initial_weights(store / "catalog.npz", cfg)
+        strategy = FedRecStrategy(cfg, ServerOptimizer(start, cfg.server))
+        for server_round in range(1, rounds + 1):
+            for mode, run_round in (("plain", _plain_round), ("secure", _secure_round)):
+                strategy.optimizer = ServerOptimizer(start, cfg.server)
+                record = run_round(grid, strategy, server_round)
+                rows.append({"round": server_round, "mode": mode, "seconds": record.seconds,
+                             "accepted": record.accepted, "bytes_down": record.bytes_down,
+                             "bytes_up": record.bytes_up_mean, "phases": record.phase_seconds,
+                             "secagg": record.metrics.get("secagg")})
+                print(f"round {server_round} {mode}: {record.seconds:.2f} s, {record.accepted} clients, "
+                      f"{record.bytes_down:,} B down / {record.bytes_up_mean:,.0f} B up per client", flush=True)
+
+    simulate(app, make_client_app(settings), len(prepared.split))
+    measured = [r for r in rows if r["round"] > 1]  # round 1 starts Ray's workers
+    summary = {}
+    for mode in ("plain", "secure"):
+        mine = [r for r in measured if r["mode"] == mode]
+        summary[mode] = {"round_seconds_mean": float(np.mean([r["seconds"] for r in mine])),
+                         "bytes_down_per_client": float(np.mean([r["bytes_down"] for r in mine])),
+                         "bytes_up_per_client": float(np.mean([r["bytes_up"] for r in mine]))}
+    ratio = {k: summary["secure"][k] / summary["plain"][k] for k in summary["plain"]}
+    report = {"dataset": prepared.dataset.name, "clients_per_round": clients_per_round,
+              "rounds_measured": len(measured) // 2, "secagg": rows[-1]["secagg"],
+              "plain": summary["plain"], "secure": summary["secure"], "ratio_secure_over_plain": ratio,
+              "rounds": rows}
+    write_json(out / "secagg.json", report)
+    table = "\n".join([
+        "| | round s | bytes down / client | bytes up / client |", "|---|---|---|---|",
+        *[f"| {m} | {summary[m]['round_seconds_mean']:.2f} | {summary[m]['bytes_down_per_client']:,.0f} | "
+          f"{summary[m]['bytes_up_per_client']:,.0f} |" for m in ("plain", "secure")],
+        f"| secure / plain | {ratio['round_seconds_mean']:.2f}x | {ratio['bytes_down_per_client']:.3f}x | "
+        f"{ratio['bytes_up_per_client']:.3f}x |"])
+    (out / "secagg.md").write_text(f"# Secure aggregation overhead, {clients_per_round} clients a round\n\n{table}\n")
+    print(table)
+    return report

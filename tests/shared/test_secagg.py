@@ -3,6 +3,8 @@ import secrets
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.secagg import (PRIME, ProtocolViolation, RoundAborted, SecAggClient, SecAggParams,
                            SecAggServer, default_params, neighbour_graph, prg,
@@ -166,22 +168,23 @@ def test_client_state_survives_a_restart_between_steps():
     assert np.abs(total - sum(vectors.values())).max() <= quantisation_error_bound(params, n)
 
 
-@pytest.mark.parametrize("threshold,holders", [(1, 3), (2, 3), (5, 9), (12, 23), (40, 80)])
-def test_shamir_any_threshold_shares_rebuild_and_fewer_do_not(threshold, holders):
-    rng = np.random.default_rng(threshold)
-    for _ in range(5):
-        secret = secrets.token_bytes(32)
-        ids = sorted(rng.choice(np.arange(1, 1000), size=holders, replace=False).tolist())
-        shares = shamir_split(secret, threshold, ids)
-        subset = rng.choice(ids, size=threshold, replace=False).tolist()
-        assert shamir_combine({i: shares[i] for i in subset}) == secret
-        if threshold > 1:
-            fewer = {i: shares[i] for i in subset[:-1]}
-            try:
-                assert shamir_combine(fewer) != secret
-            except ValueError:
-                pass  # interpolated outside 32 bytes: also "no"
-        assert all(int.from_bytes(s, "big") < PRIME for s in shares.values())
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_shamir_any_threshold_shares_rebuild_and_fewer_do_not(data):
+    holders = data.draw(st.integers(1, 60), label="holders")
+    threshold = data.draw(st.integers(1, holders), label="threshold")
+    ids = data.draw(st.lists(st.integers(1, 10_000), min_size=holders, max_size=holders, unique=True))
+    secret = data.draw(st.binary(min_size=32, max_size=32))
+    shares = shamir_split(secret, threshold, ids)
+    subset = data.draw(st.lists(st.sampled_from(ids), min_size=threshold, max_size=holders, unique=True))
+    assert shamir_combine({i: shares[i] for i in subset}) == secret
+    if threshold > 1:
+        fewer = {i: shares[i] for i in subset[:threshold - 1]}
+        try:
+            assert shamir_combine(fewer) != secret
+        except ValueError:
+            pass  # interpolated outside 32 bytes: also "no"
+    assert all(int.from_bytes(s, "big") < PRIME for s in shares.values())
 
 
 def test_graph_is_regular_symmetric_and_connected():

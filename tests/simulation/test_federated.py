@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
         "--max-len", "10", "--clients-per-round", "6", "--eval-rounds", "1", "--quiet"]
 SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "id-buckets": 4096,
-            "clients-per-round": 8, "local-epochs": 1, "local-lr": 1e-2}
+            "clients-per-round": 8, "local-epochs": 1, "local-lr": 1e-2,
+            "secure-aggregation": False}  # the plain path; tests/simulation/test_secure.py has the other
 
 
 def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, capsys):

@@ -1,0 +1,125 @@
+"""Secure aggregation inside the real Flower simulation: the same result as the plain round,
+only masked vectors reach the server, dropouts are survived, too many abort the round."""
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.serverapp import ServerApp
+
+from client.app import make_client_app
+from server.aggregation import ServerConfig, ServerOptimizer
+from server.app import DEFAULTS, federation_config, initial_weights
+from server.federation import FedRecStrategy, _plain_round, _secure_round
+from shared.pipeline import DataConfig, prepare_data
+from shared.secagg import SecAggParams, quantisation_error_bound
+from simulation.federated import simulate, write_store
+
+DEFAULTS_CAP = ServerConfig().weight_cap
+
+SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "id-buckets": 4096,
+            "clients-per-round": 12, "local-epochs": 1, "local-lr": 0.5, "update-clip": 5.0,
+            "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0,
+            "secure-aggregation": True, "secagg-neighbours": 6, "secagg-threshold": 4}
+
+
+class RecordingGrid:
+    def __init__(self, grid):
+        self.grid, self.replies = grid, []
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+def run_in_simulation(tmp_path, body, mods=None, n_users=30):
+    prepared = prepare_data(DataConfig(dataset=f"synthetic:{n_users}x25", text_encoder="none",
+                                       activity_features=False))
+    store = write_store(prepared, tmp_path / "store")
+    settings = {**DEFAULTS, **SETTINGS, "store": str(store), "out": str(tmp_path / "out")}
+    result = {}
+    app = ServerApp()
+
+    @app.main()
+    def main_(grid, context):
+        cfg = federation_config(settings)
+        cfg.fail_on_client_error = False  # vanishing clients answer with errors here
+        start = initial_weights(store / "catalog.npz", cfg)
+        strategy = FedRecStrategy(cfg, ServerOptimizer(start, cfg.server))
+        result.update(body(RecordingGrid(grid), strategy, start))
+
+    simulate(app, make_client_app(settings, mods), len(prepared.split))
+    assert result, "the ServerApp did not finish"
+    return result
+
+
+def _fresh(strategy, start):
+    strategy.optimizer = ServerOptimizer(start, strategy.cfg.server)
+
+
+def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors(tmp_path):
+    def body(grid, strategy, start):
+        _fresh(strategy, start)
+        plain_record = _plain_round(grid, strategy, 1)
+        plain = strategy.optimizer.weights()
+        first = len(grid.replies)
+        _fresh(strategy, start)
+        secure_record = _secure_round(grid, strategy, 1)   # same round: same clients, same training
+        return {"plain": plain, "secure": strategy.optimizer.weights(), "replies": grid.replies[first:],
+                "plain_record": plain_record, "secure_record": secure_record}
+
+    r = run_in_simulation(tmp_path, body)
+    assert r["secure_record"].accepted == r["plain_record"].accepted == 12
+    assert not r["secure_record"].rejected
+    # The mean is sum(w d) / sum(w), both sums off by at most the ring's rounding bound e;
+    # |d| <= clip and each weight >= 1/cap, so the mean is off by <= e (1 + clip) cap / n.
+    params = SecAggParams(**r["secure_record"].metrics["secagg"])
+    e = quantisation_error_bound(params, 12)
+    bound = e * (1 + params.clip) * DEFAULTS_CAP / 12
+    worst = max(float(np.abs(r["plain"][k] - r["secure"][k]).max()) for k in r["plain"])
+    assert 0 < worst <= bound, (worst, bound)
+    # Every reply the server got in the secure round: keys, sealed shares, one uint32 masked
+    # vector, shares for unmasking. No float array, no metrics, no example count.
+    kinds = {}
+    for reply in r["replies"]:
+        kind = reply.metadata.message_type
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert "metrics" not in reply.content and "delta" not in reply.content
+        for name, record in reply.content.items():
+            if hasattr(record, "numpy") or name == "masked":
+                arrays = list(record.values())
+                assert [a.numpy().dtype for a in arrays] == [np.dtype(np.uint32)]
+    assert kinds == {f"train.secagg_{s}": 12 for s in ("keys", "shares", "masked", "unmask")}
+
+
+def _vanish(partitions, step):
+    """A client mod: these partitions raise (an error reply = gone) at this secure step."""
+    def mod(msg: Message, context, call_next):
+        if msg.metadata.message_type == f"train.secagg_{step}" and int(context.node_config["partition-id"]) in partitions:
+            raise ConnectionError("vanished")
+        return call_next(msg, context)
+    return mod
+
+
+@pytest.mark.parametrize("gone,aborts", [(range(0, 9), False), (range(0, 24), True)])
+def test_vanishing_clients_are_survived_or_abort_the_round_leaving_the_model(tmp_path, gone, aborts):
+    """30% of 30 users vanish after sending their masked input: the round completes. 80%
+    vanish: fewer shares than the threshold, the round aborts and the weights stay put."""
+    def body(grid, strategy, start):
+        strategy.cfg.clients_per_round = 30
+        strategy.cfg.secure.neighbours, strategy.cfg.secure.threshold = 29, 16
+        _fresh(strategy, start)
+        record = _secure_round(grid, strategy, 1)
+        return {"record": record, "after": strategy.optimizer.weights(), "start": start}
+
+    r = run_in_simulation(tmp_path, body, mods=[_vanish(set(gone), "unmask")])
+    record = r["record"]
+    unchanged = all(np.array_equal(r["after"][k], r["start"][k]) for k in r["start"])
+    if aborts:
+        assert record.accepted == 0 and unchanged
+        assert any("round aborted" in reason for reason in record.rejected)
+    else:
+        assert record.accepted == 30 and not unchanged  # their masked inputs count
+        assert not any("round aborted" in reason for reason in record.rejected)
