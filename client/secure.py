@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.local import LocalConfig, local_update, model_layout
-from server.aggregation import client_weight
+from shared.weighting import unit_weight
 from shared.secagg import SecAggClient, SecAggParams, clip_l2, encode_contribution
 from shared.wire import flatten, from_record
 
@@ -66,8 +66,7 @@ def handle_masked(msg: Message, context: Context, model, log, local: LocalConfig
     global_weights = from_record(msg.content["arrays"], model_layout(model))
     delta, metrics = local_update(model, global_weights, log, local, rng)
     c = msg.content["secagg"]
-    weighting, cap = str(c["weighting"]), float(c["weight-cap"])
-    weight = client_weight(metrics["num-examples"], weighting, cap) / (cap if weighting == "examples" else 1.0)
+    weight = unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
     flat = clip_l2(flatten(delta).astype(np.float64), client.params.clip)
     vector = encode_contribution(flat, weight, metrics["train-loss"])
     masked = client.masked_input(vector, _ids(msg.content["inbox"]), rng)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from shared.weighting import client_weight
 from shared.wire import Weights
 
 
@@ -60,11 +61,6 @@ def check_update(delta: Weights, num_examples: float, expected: dict[str, tuple[
     if not np.isfinite(num_examples) or not 0 < num_examples <= cfg.max_examples:
         return f"num-examples {num_examples} outside (0, {cfg.max_examples:g}]"
     return None
-
-
-def client_weight(num_examples: float, weighting: str, cap: float) -> float:
-    """A client's vote in the mean: its training targets up to `cap`, or 1 each."""
-    return float(min(num_examples, cap)) if weighting == "examples" else 1.0
 
 
 def mean_delta(deltas: list[Weights], num_examples: list[float], weighting: str,

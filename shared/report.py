@@ -27,21 +27,40 @@ def write_json(path: Path, data: dict) -> None:
 
 def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str = "epoch",
                           metric: str = "ndcg@10", title: str = "",
-                          levels: dict[str, float] | None = None) -> None:
-    """One line per run: validation `metric` against `x` (epochs or rounds); `levels` adds
-    horizontal reference lines (e.g. the centralized model's best validation value)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+                          levels: dict[str, float] | None = None,
+                          secondary: tuple[str, list[dict], str] | None = None,
+                          shade: tuple[float, float, str] | None = None,
+                          points: dict[str, tuple[float, float]] | None = None) -> None:
+    """One line per run: validation `metric` against `x` (epochs or rounds).
+    levels:    horizontal reference lines (label -> value);
+    secondary: (label, curve, its x key): another run against its own x axis, drawn on top
+               (e.g. the centralized run by epoch beside the federated run by round);
+    shade:     (from, to, label): a span of x to grey out (e.g. where validation is trained on);
+    points:    label -> (x, value) single markers (e.g. the final test value)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    handles = []
     for label, curve in curves.items():
-        points = [(p[x], p[metric]) for p in curve if metric in p]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+        pts = [(p[x], p[metric]) for p in curve if metric in p]
+        if pts:
+            handles += ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
     for i, (label, value) in enumerate((levels or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=label)
+        handles.append(ax.axhline(value, linestyle="--", color=f"C{i + 2}", label=label))
+    if shade is not None:
+        handles.append(ax.axvspan(shade[0], shade[1], color="grey", alpha=0.15, label=shade[2]))
+    for i, (label, (px, py)) in enumerate((points or {}).items()):
+        handles += ax.plot([px], [py], marker="*", markersize=12, linestyle="none", color=f"C{i + 4}", label=label)
     ax.set_xlabel(x)
     ax.set_ylabel(f"validation {metric.upper()}")
+    if secondary is not None:
+        label, curve, sx = secondary
+        pts = [(p[sx], p[metric]) for p in curve if metric in p]
+        if pts:
+            top = ax.twiny()
+            handles += top.plot(*zip(*pts), marker="s", markersize=3, color="C1", alpha=0.8, label=label)
+            top.set_xlabel(f"{sx} ({label})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

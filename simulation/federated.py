@@ -142,22 +142,28 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
         "validation_curve": curve,
     }
     write_json(out / "summary.json", summary)
-    plot_validation_curve({"federated (harness, by round)": curve}, out / "validation_curve.png",
-                          x="round", title=f"{prepared.dataset.name}: federated vs centralized",
-                          levels=_centralized_levels(job.compare_with))
+    plot_federated(summary, out / "validation_curve.png", job.compare_with)
     return summary
 
 
-def _centralized_levels(folder: str | None) -> dict[str, float]:
-    """The centralized run's best validation NDCG@10 and its test NDCG@10, as reference lines."""
-    if not folder:
-        return {}
-    summary = json.loads((Path(folder) / "summary.json").read_text())
-    best = max((p["ndcg@10"] for p in summary["validation_curve"] if "ndcg@10" in p), default=None)
-    levels = {"centralized, test": summary["metrics"]["ndcg@10"]}
-    if best is not None:
-        levels["centralized, best validation"] = best
-    return levels
+def plot_federated(summary: dict, path: Path, compare_with: str | None = None) -> None:
+    """NDCG@10 by round, the final test value, and (with a centralized run's folder) that run's
+    validation curve by epoch on the top axis and its test value as a line. The refit rounds
+    are greyed out: there clients train on their validation items, so it is not held out."""
+    rounds = summary["rounds"]
+    refit = float(summary["config"]["federation"].get("refit-fraction", 0.0))
+    first_refit = rounds - round(refit * rounds)
+    levels, secondary = {}, None
+    if compare_with:
+        central = json.loads((Path(compare_with) / "summary.json").read_text())
+        levels["centralized, test"] = central["metrics"]["ndcg@10"]
+        secondary = ("centralized, validation", central["validation_curve"], "epoch")
+    plot_validation_curve(
+        {"federated, validation (by round)": summary["validation_curve"]}, path, x="round",
+        title=f"{summary['dataset']}: federated vs centralized, NDCG@10",
+        levels=levels, secondary=secondary,
+        shade=(first_refit, rounds, "refit rounds (validation items trained on)") if refit else None,
+        points={"federated, test": (rounds, summary["metrics"]["ndcg@10"])})
 
 
 def _time_split(history: list[dict]) -> dict:
