@@ -7,8 +7,10 @@ Where the client's data lives:
     DIR/users/<partition-id>.npz and the catalog DIR/catalog.npz.
 
 A train message carries the global weights ("arrays") and a "config" record (round, model
-shape, local training settings). The reply carries "delta" (trained - global, float32, the
-same keys and shapes) and "metrics" (num-examples, train-loss). An evaluate message gets
+shape, local training settings). The reply carries "delta" (trained - global, one flat
+float32 vector like "arrays", see shared/wire.py) and "metrics" (num-examples, train-loss,
+train-seconds). With secure aggregation a round is four messages instead (client/secure.py)
+and the reply holds only a masked vector. An evaluate message gets
 "metrics" with this one user's HR/NDCG/MRR @10 for the requested stage. Nothing else.
 """
 from __future__ import annotations

@@ -104,9 +104,6 @@ class ServerOptimizer:
             return self.weights()
         return {n: a.numpy().copy() for n, a in self.average.items()}
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.params.items()}
-
     def step(self, delta: Weights) -> None:
         """Move the global weights by `delta` (the clients' mean change), through the optimizer."""
         for name, p in self.params.items():

@@ -66,7 +66,8 @@ class RoundRecord:
     bytes_down: int              # per client
     bytes_up_mean: float         # per accepted client
     seconds: float               # wall time of the round (send -> aggregate)
-    client_seconds_mean: float   # local training time reported by clients
+    client_seconds_mean: float | None  # local training time reported by clients (None: secure
+                                       # rounds, where clients report no timing)
     train_loss: float
     metrics: dict = field(default_factory=dict)
     phase_seconds: dict = field(default_factory=dict)  # where the round's wall time went
@@ -255,7 +256,7 @@ def _secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Ro
     sampled = max(o["sampled"], 1)
     return RoundRecord(server_round, o["sampled"], o["accepted"], o["rejected"],
                        bytes_down=int(o["bytes_down"] / sampled), bytes_up_mean=o["bytes_up"] / sampled,
-                       seconds=o["seconds"], client_seconds_mean=float("nan"), train_loss=o["train_loss"],
+                       seconds=o["seconds"], client_seconds_mean=None, train_loss=o["train_loss"],
                        metrics={"secagg": o["params"]}, phase_seconds=o["phases"])
 
 
