@@ -9,6 +9,8 @@ trains only once it is known to have enough neighbours to be unmasked.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -18,6 +20,7 @@ from shared.secagg import SecAggClient, SecAggParams, clip_l2, encode_contributi
 from shared.wire import flatten, from_record
 
 STATE_KEY = "secagg"
+log = logging.getLogger("fedrec.client")
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -68,6 +71,11 @@ def handle_masked(msg: Message, context: Context, model, log, local: LocalConfig
     c = msg.content["secagg"]
     weight = unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
     flat = clip_l2(flatten(delta).astype(np.float64), client.params.clip)
+    if not np.isfinite(flat).all():
+        # The plain server would drop this reply; here a weight-0 zero vector keeps the masks
+        # consistent and the round averages the others.
+        log.warning("non-finite local update: contributing weight 0 this round")
+        flat, weight = np.zeros_like(flat), 0.0
     vector = encode_contribution(flat, weight, metrics["train-loss"])
     masked = client.masked_input(vector, _ids(msg.content["inbox"]), rng)
     _save(context, client)
