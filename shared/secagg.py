@@ -258,8 +258,8 @@ class SecAggClient:
 
     # step 1
     def public_keys(self) -> tuple[bytes, bytes]:
-        return (X25519PrivateKey.from_private_bytes(self.c_private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-                X25519PrivateKey.from_private_bytes(self.s_private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return (_public_bytes(X25519PrivateKey.from_private_bytes(self.c_private)),
+                _public_bytes(X25519PrivateKey.from_private_bytes(self.s_private)))
 
     # step 2
     def share_keys(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
