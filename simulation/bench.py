@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared.baselines import EASE, ItemKNN, MostPopular
 from shared.evaluation import evaluate
-from shared.pipeline import prepare_data
+from shared.pipeline import DataConfig, prepare_data
 from shared.preprocess import with_validation_in_train
 from shared.report import write_json
 from shared.training import model_scorer
@@ -92,7 +92,7 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     return report
 
 
-def run_secagg_bench(data: "DataConfig", out: Path, *, clients_per_round: int = 100, rounds: int = 6,
+def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 100, rounds: int = 6,
                      settings: dict | None = None) -> dict:
     """Round time and bytes with and without secure aggregation, measured side by side in
     one simulation: plain and secure rounds alternate on the same clients (each pair uses the
