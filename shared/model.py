@@ -66,31 +66,60 @@ def _splitmix64(x: np.ndarray, seed: int) -> np.ndarray:
 
 
 class ItemTower(nn.Module):
+    """Item vectors: a row (or two hashed rows) of the ID table plus a two-layer projection of
+    the item's public content features.
+
+    Its parameters are its own (no child modules), so that Opacus treats it as one layer with
+    one per-example gradient rule (`shared.dp_grad`): the catalog-wide table is used at every
+    position, on the input side and in the softmax, and the stock per-layer rules would
+    materialise a batch x catalog x width gradient or refuse the shared use outright.
+
+    Called with a long tensor of items it returns their vectors; called with float user
+    states (B, L, D) it returns their scores over the whole catalog (B, L, N+1)."""
+
     def __init__(self, cfg: ModelConfig, content: torch.Tensor | None):
         super().__init__()
         self.n_items = cfg.n_items
         self.register_buffer("id_rows", id_rows(cfg.n_items, cfg.id_buckets), persistent=False)
-        self.id_embedding = nn.Embedding(min(cfg.n_items, cfg.id_buckets) + 1, cfg.dim, padding_idx=0)
-        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        self.id_table = nn.Parameter(torch.randn(min(cfg.n_items, cfg.id_buckets) + 1, cfg.dim) * 0.02)
         with torch.no_grad():
-            self.id_embedding.weight[0].zero_()
-        self.content_projection = None
+            self.id_table[0].zero_()
+        self.content_dim = cfg.content_dim
         if cfg.content_dim > 0:
             # Public catalog data, not learned: a buffer travels with the model, never in updates.
             self.register_buffer("content", content.float(), persistent=False)  # (N+1, C)
-            self.content_projection = nn.Sequential(
-                nn.Linear(cfg.content_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+            self.content_hidden_weight, self.content_hidden_bias = _linear_parameters(cfg.content_dim, cfg.dim)
+            self.content_out_weight, self.content_out_bias = _linear_parameters(cfg.dim, cfg.dim)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """items (...,) long -> (..., D)"""
-        vectors = self.id_embedding(self.id_rows[items]).sum(-2)
-        if self.content_projection is not None:
-            vectors = vectors + self.content_projection(self.content[items])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """items (...,) long -> (..., D) vectors;  states (B, L, D) float -> (B, L, N+1) scores,
+        the padding item at -inf."""
+        if not x.is_floating_point():
+            return self.vectors(x)
+        scores = x @ self.all_items().T
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def vectors(self, items: torch.Tensor) -> torch.Tensor:
+        vectors = self.id_table[self.id_rows[items]].sum(-2)
+        if self.content_dim:
+            vectors = vectors + self.content_vectors(self.content[items])
         return vectors
+
+    def content_vectors(self, content: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(F.linear(content, self.content_hidden_weight, self.content_hidden_bias))
+        return F.linear(hidden, self.content_out_weight, self.content_out_bias)
 
     def all_items(self) -> torch.Tensor:
         """(N+1, D): every catalog item, row 0 the padding item."""
-        return self.forward(torch.arange(self.n_items + 1, device=self.id_rows.device))
+        return self.vectors(torch.arange(self.n_items + 1, device=self.id_rows.device))
+
+
+def _linear_parameters(fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """nn.Linear's default initialisation, as bare parameters."""
+    bound = 1 / fan_in ** 0.5
+    return (nn.Parameter(torch.empty(fan_out, fan_in).uniform_(-bound, bound)),
+            nn.Parameter(torch.empty(fan_out).uniform_(-bound, bound)))
 
 
 class CausalSelfAttention(nn.Module):

@@ -90,6 +90,19 @@ def next_item_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits, targets[real])
 
 
+def per_example_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) each sequence's mean next-item cross-entropy over its non-padded positions.
+
+    The same objective as `next_item_loss`, shaped for per-example gradients (DP-SGD): the item
+    tower is called on the inputs and on the states, so Opacus sees both uses of the catalog
+    table (shared.dp_grad). Scores every position, padding included: pad inputs only to the
+    longest sequence in the batch."""
+    states = model.user_states(inputs)                   # (B, L, D)
+    scores = model.item_tower(states)                    # (B, L, N+1)
+    losses = F.cross_entropy(scores.transpose(1, 2), targets, ignore_index=0, reduction="none")
+    return losses.sum(1) / (targets != 0).sum(1).clamp(min=1)
+
+
 def train_steps(model: Recommender, optimizer: torch.optim.Optimizer, sequences: list[np.ndarray],
                 *, batch_size: int, rng: np.random.Generator, max_steps: int | None = None) -> float:
     """One pass over `sequences` (or `max_steps` batches); returns the mean loss."""

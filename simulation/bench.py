@@ -72,7 +72,7 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
         weights = shared_weights(Recommender(cfg, torch.zeros(n_items + 1, content_dim)))
         record = to_record(weights)
         per_item = (n_items + 1) * cfg.dim * 4
-        bounded = weights["item_tower.id_embedding.weight"].nbytes
+        bounded = weights["item_tower.id_table"].nbytes
         rows.append({"items": n_items, "parameters": int(sum(v.size for v in weights.values())),
                      "bytes_per_direction": record.count_bytes(),
                      "id_table_bytes": bounded,
