@@ -112,12 +112,18 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
     losses = [train_steps(model, optimizer, windows, batch_size=len(windows), rng=rng)
               for _ in range(cfg.local_epochs)]
     trained = shared_weights(model)
-    delta = {name: trained[name] - global_weights[name] for name in trained}
-    if cfg.clip > 0:
-        norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
-        if norm > cfg.clip:
-            delta = {name: d * np.float32(cfg.clip / norm) for name, d in delta.items()}
+    delta = clip_delta({name: trained[name] - global_weights[name] for name in trained}, cfg.clip)
     return delta, {"num-examples": float(len(history) - 1), "train-loss": float(np.mean(losses))}
+
+
+def clip_delta(delta: Weights, clip: float) -> Weights:
+    """Scale the whole update down to L2 norm `clip` at most (0: no clipping)."""
+    if clip <= 0:
+        return delta
+    norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+    if norm <= clip:
+        return delta
+    return {name: d * np.float32(clip / norm) for name, d in delta.items()}
 
 
 @torch.no_grad()

@@ -16,6 +16,9 @@ checks every per-example gradient against one backward pass per example.
 from __future__ import annotations
 
 import math
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -47,7 +50,9 @@ def _lookup_grads(layer: ItemTower, items: torch.Tensor, backprops: torch.Tensor
                          grads.repeat_interleave(k, dim=1))
     out = {layer.id_table: id_grad}
     if layer.content_dim:
-        out.update(_content_grads(layer, layer.content[items], grads, "bmd,bmc->bdc", "bmd,bme->bde"))
+        content = layer.content[items]
+        out.update(_content_grads(layer, content, grads, "bmd,bmc->bdc", "bmd,bme->bde",
+                                  _content_pre(layer, content)))
     return out
 
 
@@ -55,27 +60,36 @@ def _scoring_grads(layer: ItemTower, states: torch.Tensor, backprops: torch.Tens
     """states (B, L, D) -> scores (B, L, N+1); backprops the gradient of the scores."""
     backprops = backprops.clone()
     backprops[..., 0] = 0   # the padding item's score is a constant (-inf), not a function of the table
-    parts = [_scoring_chunk(layer, states[i:i + EXAMPLES_PER_CHUNK], backprops[i:i + EXAMPLES_PER_CHUNK])
-             for i in range(0, states.shape[0], EXAMPLES_PER_CHUNK)]
+    if layer.catalog_pass:
+        content_pre = layer.catalog_pass.pop()
+    else:
+        content_pre = _content_pre(layer, layer.content) if layer.content_dim else None
+    parts = [_scoring_chunk(layer, states[i:i + EXAMPLES_PER_CHUNK], backprops[i:i + EXAMPLES_PER_CHUNK],
+                            content_pre) for i in range(0, states.shape[0], EXAMPLES_PER_CHUNK)]
     return {p: torch.cat([part[p] for part in parts]) for p in parts[0]}
 
 
-def _scoring_chunk(layer: ItemTower, states: torch.Tensor, backprops: torch.Tensor) -> dict:
+def _scoring_chunk(layer: ItemTower, states: torch.Tensor, backprops: torch.Tensor,
+                   content_pre: torch.Tensor | None) -> dict:
     table_grad = torch.einsum("bln,bld->bnd", backprops, states)  # (b, N+1, D): G_b
     id_grad = torch.zeros(states.shape[0], *layer.id_table.shape, dtype=states.dtype)
     for column in layer.id_rows.T:                                 # one or two hashed rows
         id_grad.index_add_(1, column, table_grad)
     out = {layer.id_table: id_grad}
     if layer.content_dim:
-        out.update(_content_grads(layer, layer.content, table_grad, "bnd,nc->bdc", "bnd,ne->bde"))
+        out.update(_content_grads(layer, layer.content, table_grad, "bnd,nc->bdc", "bnd,ne->bde", content_pre))
     return out
 
 
+def _content_pre(layer: ItemTower, content: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(content, layer.content_hidden_weight, layer.content_hidden_bias)
+
+
 def _content_grads(layer: ItemTower, content: torch.Tensor, grads: torch.Tensor,
-                   hidden_weight_eq: str, out_weight_eq: str) -> dict:
+                   hidden_weight_eq: str, out_weight_eq: str, pre: torch.Tensor) -> dict:
     """Back through vectors = W2 gelu(W1 c + b1) + b2 for each example's gradient `grads`
-    (B, M, D) of the vectors of content rows `content` ((B, M, C) or shared (M, C))."""
-    pre = torch.nn.functional.linear(content, layer.content_hidden_weight, layer.content_hidden_bias)
+    (B, M, D) of the vectors of content rows `content` ((B, M, C) or shared (M, C)), whose
+    first-layer pre-activations are `pre`."""
     hidden = torch.nn.functional.gelu(pre)
     # d gelu(x)/dx for the exact (erf) GELU: Phi(x) + x phi(x)
     slope = 0.5 * (1 + torch.erf(pre / math.sqrt(2))) + pre * torch.exp(-0.5 * pre * pre) / math.sqrt(2 * math.pi)
@@ -88,8 +102,15 @@ def _content_grads(layer: ItemTower, content: torch.Tensor, grads: torch.Tensor,
     }
 
 
-def per_example_gradients(model: torch.nn.Module) -> "GradSampleModule":
-    """Opacus's GradSampleModule over `model` (mean-reduced loss, batch first).
+_wrapped: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def per_example_gradients(model: torch.nn.Module) -> Iterator["GradSampleModule"]:
+    """Opacus's GradSampleModule over `model` (mean-reduced loss, batch first), active for the
+    duration of the block; outside it the model computes ordinary gradients. The wrapper is
+    made once per model object and its hooks switched on and off, because building it walks
+    every module (5 ms a round on the ML-100K model).
 
     Opacus's validator refuses any trainable layer that has buffers, for fear of statistics
     like BatchNorm's that mix examples. The item tower's buffers are the public catalog (content
@@ -97,7 +118,21 @@ def per_example_gradients(model: torch.nn.Module) -> "GradSampleModule":
     any other stays an error."""
     from opacus import GradSampleModule
 
-    errors = [e for e in GradSampleModule.validate(model, strict=False) if "ItemTower" not in str(e)]
-    if errors:
-        raise NotImplementedError(errors)
-    return GradSampleModule(model, loss_reduction="mean", strict=False)
+    wrapped = _wrapped.get(model)
+    if wrapped is None:
+        errors = [e for e in GradSampleModule.validate(model, strict=False) if "ItemTower" not in str(e)]
+        if errors:
+            raise NotImplementedError(errors)
+        wrapped = _wrapped[model] = GradSampleModule(model, loss_reduction="mean", strict=False)
+    towers = [m for m in model.modules() if isinstance(m, ItemTower)]
+    wrapped.enable_hooks()
+    for tower in towers:
+        tower.gradients_by_rule = True
+    try:
+        yield wrapped
+    finally:
+        for tower in towers:
+            tower.gradients_by_rule = False
+            tower.catalog_pass.clear()
+        wrapped.disable_hooks()
+        wrapped.zero_grad(set_to_none=True)   # drops per-example gradients with the gradients

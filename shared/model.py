@@ -85,6 +85,7 @@ class ItemTower(nn.Module):
         with torch.no_grad():
             self.id_table[0].zero_()
         self.content_dim = cfg.content_dim
+        self.catalog_pass: list[torch.Tensor | None] = []
         if cfg.content_dim > 0:
             # Public catalog data, not learned: a buffer travels with the model, never in updates.
             self.register_buffer("content", content.float(), persistent=False)  # (N+1, C)
@@ -94,11 +95,38 @@ class ItemTower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """items (...,) long -> (..., D) vectors;  states (B, L, D) float -> (B, L, N+1) scores,
         the padding item at -inf."""
+        if self.gradients_by_rule:
+            return self._forward_for_rule(x)
         if not x.is_floating_point():
             return self.vectors(x)
         scores = x @ self.all_items().T
         scores[..., 0] = float("-inf")
         return scores
+
+    # Set while Opacus computes per-example gradients (shared.dp_grad.per_example_gradients):
+    # the registered rule then yields every parameter gradient, so autograd is spared the
+    # catalog-wide parameter backward that the optimizer would never read.
+    gradients_by_rule = False
+
+    def _forward_for_rule(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            with torch.no_grad():
+                vectors = self.vectors(x)
+            return _AttachToParameters.apply(vectors, self.id_table)
+        with torch.no_grad():
+            pre = (F.linear(self.content, self.content_hidden_weight, self.content_hidden_bias)
+                   if self.content_dim else None)
+            table = self._table_from(pre)
+            self.catalog_pass.append(pre)   # the rule reuses it instead of recomputing
+        scores = x @ table.T                # gradient flows to the states only
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def _table_from(self, content_pre: torch.Tensor | None) -> torch.Tensor:
+        table = self.id_table[self.id_rows].sum(-2)
+        if content_pre is not None:
+            table = table + F.linear(F.gelu(content_pre), self.content_out_weight, self.content_out_bias)
+        return table
 
     def vectors(self, items: torch.Tensor) -> torch.Tensor:
         vectors = self.id_table[self.id_rows[items]].sum(-2)
@@ -113,6 +141,19 @@ class ItemTower(nn.Module):
     def all_items(self) -> torch.Tensor:
         """(N+1, D): every catalog item, row 0 the padding item."""
         return self.vectors(torch.arange(self.n_items + 1, device=self.id_rows.device))
+
+
+class _AttachToParameters(torch.autograd.Function):
+    """Identity on values computed without autograd, made part of the graph (through a
+    parameter) so the module's backward hook sees their gradient; passes no gradient on."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
 
 
 def _linear_parameters(fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:

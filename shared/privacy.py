@@ -1,0 +1,121 @@
+"""Differential privacy settings and accounting: plain functions over Opacus's accountants.
+
+Two units of protection (docs/privacy.md says what each protects and against whom):
+  record  one record of one user's log, a chunk of up to `record_window` consecutive
+          interactions (so every single interaction). DP-SGD on the client (client/privacy.py):
+          each chunk's gradient clipped to `record_clip`, Gaussian noise on their sum, one
+          full-batch step per local epoch. Each client accounts its own steps in a persistent
+          ledger. The server's sampling of clients is not counted as amplification, because a
+          client cannot check it.
+  user    one user's whole contribution. Each sampled client's update is clipped to
+          `user_clip`. The server samples each client independently with probability q
+          (Poisson), adds Gaussian noise to the sum and divides by the expected count
+          (McMahan et al., ICLR 2018, "DP-FedAvg"). Accounted over the rounds with sampling
+          rate q.
+
+Noise multipliers come from the target epsilon by Opacus's `get_noise_multiplier`. Epsilons
+come from its RDP accountant (default) or PRV accountant. tests/shared/test_privacy.py checks
+them against Google's dp-accounting.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+MODES = ("none", "record", "user", "both")
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+# One accountant event: (noise multiplier, sampling rate, number of steps), Opacus's history format.
+Event = tuple[float, float, int]
+
+
+@dataclass
+class PrivacyConfig:
+    mode: str = "none"
+    target_epsilon: float = 8.0   # per unit; for "both", each unit gets this epsilon
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    record_clip: float = 1.0      # L2 bound of one record's gradient (DP-SGD)
+    record_window: int = 51       # interactions per record (training chunk); at most max_len + 1
+    participation_quantile: float = 0.95  # record level: plan the noise for this quantile of
+                                          # the number of rounds a client is sampled into
+    record_noise: float = 0.0     # noise multipliers, resolved by `resolve` before a run
+    user_noise: float = 0.0
+    planned_participations: int = 0
+    user_sample_rate: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"privacy mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, not {self.accountant!r}")
+        if self.mode != "none" and not (self.target_epsilon > 0 and 0 < self.delta < 1):
+            raise ValueError(f"need target epsilon > 0 and 0 < delta < 1, got {self.target_epsilon}, {self.delta}")
+
+    @property
+    def record(self) -> bool:
+        return self.mode in ("record", "both")
+
+    @property
+    def user(self) -> bool:
+        return self.mode in ("user", "both")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def epsilon(history: list[Event], delta: float, accountant: str = "rdp") -> float:
+    """The accountant's epsilon at `delta` after the events in `history` (0 if none)."""
+    if not history:
+        return 0.0
+    acc = ACCOUNTANTS[accountant]()
+    acc.history = [tuple(e) for e in history]
+    return float(acc.get_epsilon(delta))
+
+
+def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+              accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) that keeps `steps` Gaussian steps
+    at `sample_rate` within (target_epsilon, delta). Infinite epsilon needs no noise."""
+    if math.isinf(target_epsilon):
+        return 0.0
+    with warnings.catch_warnings():  # the bisection visits noise levels whose best RDP order is
+        warnings.simplefilter("ignore")  # off Opacus's grid; the answer's is not
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                          epsilon_tolerance=0.005))
+
+
+def planned_participations(rounds: int, sample_rate: float, quantile: float) -> int:
+    """Rounds a client takes part in, at this quantile of Binomial(rounds, sample_rate)."""
+    from scipy.stats import binom
+    return max(1, int(binom.ppf(quantile, rounds, min(sample_rate, 1.0))))
+
+
+def resolve(cfg: PrivacyConfig, *, rounds: int, clients_per_round: int, clients: int,
+            local_epochs: int) -> PrivacyConfig:
+    """Fill in the noise multipliers for a planned run of `rounds` rounds that samples
+    `clients_per_round` of `clients` each round."""
+    if cfg.mode == "none":
+        return cfg
+    q = min(clients_per_round / clients, 1.0)
+    out = PrivacyConfig(**{**cfg.to_dict(), "user_sample_rate": q if cfg.user else 0.0})
+    if cfg.record:
+        out.planned_participations = planned_participations(rounds, q, cfg.participation_quantile)
+        out.record_noise = noise_for(cfg.target_epsilon, cfg.delta, 1.0,
+                                     out.planned_participations * local_epochs, cfg.accountant)
+    if cfg.user:
+        out.user_noise = noise_for(cfg.target_epsilon, cfg.delta, q, rounds, cfg.accountant)
+    return out
+
+
+def user_epsilon(cfg: PrivacyConfig, rounds_done: int) -> float:
+    """User-level epsilon spent after `rounds_done` rounds."""
+    if not cfg.user or rounds_done == 0:
+        return 0.0
+    if cfg.user_noise == 0:
+        return math.inf
+    return epsilon([(cfg.user_noise, cfg.user_sample_rate, rounds_done)], cfg.delta, cfg.accountant)
