@@ -16,6 +16,7 @@ and the reply holds only a masked vector. An evaluate message gets
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client import secure
 from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update, model_layout
+from client.privacy import PrivacyBudgetExceeded, PrivacyLedger, RecordPrivacy, private_local_update
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
 from shared.wire import from_record, to_record
@@ -52,11 +54,48 @@ def _model(catalog_path: str, model_items: tuple) -> Recommender:
 
 def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender, UserLog, ConfigRecord]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
-    run_config = {**settings, **context.run_config}
-    log_path, catalog_path = client_paths(context.node_config, run_config)
+    log_path, catalog_path = client_paths(context.node_config, {**settings, **context.run_config})
     config = msg.content["config"]
     model_items = tuple((k, config[k]) for k in MODEL_KEYS)
     return _model(str(catalog_path), model_items), UserLog.load(log_path), config
+
+
+def ledger_path(node_config: dict, run_config: dict) -> Path:
+    """This client's privacy ledger: node config `privacy-ledger`, else beside its log."""
+    if "privacy-ledger" in node_config:
+        return Path(str(node_config["privacy-ledger"]))
+    log_path, _ = client_paths(node_config, run_config)
+    return log_path.with_name(log_path.name.removesuffix(".npz") + ".privacy.json")
+
+
+def _record_privacy(config: ConfigRecord, node_config: dict) -> RecordPrivacy | None:
+    """Record-level DP settings for this round, or None. The budget is the server's target
+    epsilon, or the device's own `privacy-budget` node config when that is smaller."""
+    if str(config.get("privacy-mode", "none")) not in ("record", "both"):
+        return None
+    budget = float(config["privacy-budget"])
+    if "privacy-budget" in node_config:
+        budget = min(budget, float(node_config["privacy-budget"]))
+    return RecordPrivacy(float(config["record-noise"]), float(config["record-clip"]), int(config["record-window"]),
+                         budget, float(config["privacy-delta"]), str(config["privacy-accountant"]))
+
+
+def train_update(model: Recommender, global_weights: dict, user: UserLog, config: ConfigRecord,
+                 context: Context, settings: dict, rng: np.random.Generator) -> tuple[dict, dict]:
+    """One round of local training, private or not: (delta, metrics). A client whose record-level
+    budget would be exceeded does not train; it answers a zero update with `privacy-refused`."""
+    local = _local_config(config)
+    privacy = _record_privacy(config, context.node_config)
+    if privacy is None:
+        return local_update(model, global_weights, user, local, rng)
+    ledger = PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
+    try:
+        return private_local_update(model, global_weights, user, local, privacy, ledger, rng)
+    except PrivacyBudgetExceeded as refusal:
+        logging.getLogger("fedrec.client").warning("node %d refuses to train: %s", context.node_id, refusal)
+        return ({k: np.zeros_like(v) for k, v in global_weights.items()},
+                {"num-examples": 0.0, "train-loss": float("nan"), "privacy-refused": 1.0,
+                 "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)})
 
 
 def _local_config(config: ConfigRecord) -> LocalConfig:
@@ -77,7 +116,7 @@ def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     global_weights = from_record(msg.content["arrays"], model_layout(model))
     rng = _seeded_rng(config, context)
     started = time.perf_counter()
-    delta, metrics = local_update(model, global_weights, log, _local_config(config), rng)
+    delta, metrics = train_update(model, global_weights, log, config, context, settings, rng)
     metrics["train-seconds"] = time.perf_counter() - started
     content = RecordDict({"delta": to_record(delta),
                           "metrics": MetricRecord(metrics)})
@@ -117,8 +156,10 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
     @app.train("secagg_masked")
     def secagg_masked(msg: Message, context: Context) -> Message:
         model, log, config = _setup(msg, context, settings)
-        return secure.handle_masked(msg, context, model, log, _local_config(config),
-                                    _seeded_rng(config, context))
+        rng = _seeded_rng(config, context)
+        train = functools.partial(train_update, model, user=log, config=config, context=context,
+                                  settings=settings, rng=rng)
+        return secure.handle_masked(msg, context, model, train, rng)
 
     @app.train("secagg_unmask")
     def secagg_unmask(msg: Message, context: Context) -> Message:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from shared.training import left_pad, per_example_loss
 from shared.wire import Weights
 
 log = logging.getLogger("fedrec.client")
+# The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
+# it must, and torch warns about exactly that on every step.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ trains only once it is known to have enough neighbours to be unmasked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.local import LocalConfig, local_update, model_layout
+from client.local import model_layout
 from shared.weighting import unit_weight
 from shared.secagg import SecAggClient, SecAggParams, clip_l2, encode_contribution
 from shared.wire import flatten, from_record
@@ -61,15 +62,17 @@ def handle_shares(msg: Message, context: Context) -> Message:
     return _reply(msg, shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
 
 
-def handle_masked(msg: Message, context: Context, model, log, local: LocalConfig,
-                  rng: np.random.Generator) -> Message:
-    """Train as in a plain round, then send only the masked, quantised contribution."""
+def handle_masked(msg: Message, context: Context, model, train: Callable, rng: np.random.Generator) -> Message:
+    """Train as in a plain round (`train(global_weights) -> (delta, metrics)`), then send only
+    the masked, quantised contribution. A client that refused to train (privacy budget)
+    contributes weight 0: the server cannot tell it from the others."""
     round_id = bytes(msg.content["secagg"]["round-id"])
     client = _load(context, round_id)
     global_weights = from_record(msg.content["arrays"], model_layout(model))
-    delta, metrics = local_update(model, global_weights, log, local, rng)
+    delta, metrics = train(global_weights)
     c = msg.content["secagg"]
-    weight = unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
+    weight = (unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
+              if metrics["num-examples"] > 0 else 0.0)
     flat = clip_l2(flatten(delta).astype(np.float64), client.params.clip)
     if not np.isfinite(flat).all():
         # The plain server would drop this reply; here a weight-0 zero vector keeps the masks

@@ -100,6 +100,18 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secagg-dropout", type=float, default=d["secagg-dropout"],
                    help="share of a round's clients that may vanish (sizes the graph when "
                         "--secagg-neighbours is 0)")
+    g.add_argument("--privacy", choices=["none", "record", "user", "both"], default=d["privacy"],
+                   help="differential privacy: record (DP-SGD on each client, protects one chunk of "
+                        "--record-window interactions), user (clipped updates plus noise on the "
+                        "aggregate, protects a whole user), or both (docs/privacy.md)")
+    g.add_argument("--target-epsilon", type=float, default=d["target-epsilon"],
+                   help="epsilon per protected unit; the noise is computed for the planned rounds")
+    g.add_argument("--delta", type=float, default=d["delta"])
+    g.add_argument("--dp-accountant", choices=["rdp", "prv"], default=d["dp-accountant"])
+    g.add_argument("--record-clip", type=float, default=d["record-clip"],
+                   help="record level: L2 bound of one record's gradient")
+    g.add_argument("--record-window", type=int, default=d["record-window"],
+                   help="record level: interactions per record (at most --max-len + 1)")
     g.add_argument("--compare-with", help="a centralized run's output folder, drawn on the same chart")
     g.add_argument("--eval-rounds", type=int, default=40,
                    help="score the global model on the validation items every this many rounds")
@@ -116,7 +128,9 @@ def _federated_job(args: argparse.Namespace):
                 "server-averaging": args.server_averaging, "update-clip": args.update_clip,
                 "secure-aggregation": args.secure_aggregation, "secagg-neighbours": args.secagg_neighbours,
                 "secagg-threshold": args.secagg_threshold, "secagg-dropout": args.secagg_dropout,
-                "refit-fraction": args.refit_fraction}
+                "refit-fraction": args.refit_fraction, "privacy": args.privacy,
+                "target-epsilon": args.target_epsilon, "delta": args.delta, "dp-accountant": args.dp_accountant,
+                "record-clip": args.record_clip, "record-window": args.record_window}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds, compare_with=args.compare_with)
 

@@ -72,6 +72,22 @@ def mean_delta(deltas: list[Weights], num_examples: list[float], weighting: str,
             for name in deltas[0]}
 
 
+def dp_mean(total: np.ndarray, expected_count: float, noise_multiplier: float, clip: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """User-level DP average (DP-FedAvg, McMahan et al., ICLR 2018): the sum of the clients'
+    clipped updates plus Gaussian noise of std noise_multiplier x clip, divided by the
+    *expected* number of clients. A data-independent denominator, so adding or removing one
+    user moves the result by at most clip / expected_count before the noise."""
+    noise = rng.normal(0.0, noise_multiplier * clip, size=total.shape) if noise_multiplier > 0 else 0.0
+    return ((total.astype(np.float64) + noise) / expected_count).astype(np.float32)
+
+
+def clip_flat(vector: np.ndarray, clip: float) -> np.ndarray:
+    """Scale a flat update down to L2 norm `clip` at most."""
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    return vector if norm <= clip else (vector * (clip / norm)).astype(vector.dtype)
+
+
 class ServerOptimizer:
     """Global weights plus the optimizer that moves them by the clients' mean delta."""
 

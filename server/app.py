@@ -20,6 +20,7 @@ from server.federation import FederationConfig, RoundHook, run_federation
 from server.secure import SecureConfig
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
+from shared.privacy import PrivacyConfig
 from shared.report import write_json
 
 DEFAULTS = {
@@ -32,6 +33,8 @@ DEFAULTS = {
     "secure-aggregation": True, "secagg-neighbours": 0, "secagg-threshold": 0, "secagg-dropout": 0.1,
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
     "refit-fraction": 0.1, "eval-every": 0, "eval-clients": 100, "final-test": True,
+    "privacy": "none", "target-epsilon": 8.0, "delta": 1e-5, "dp-accountant": "rdp",
+    "record-clip": 1.0, "record-window": 51,
 }
 
 
@@ -51,7 +54,16 @@ def federation_config(run_config: dict) -> FederationConfig:
         refit_fraction=float(c["refit-fraction"]), eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
         final_test=bool(c["final-test"]),
         secure=SecureConfig(enabled=bool(c["secure-aggregation"]), neighbours=int(c["secagg-neighbours"]),
-                            threshold=int(c["secagg-threshold"]), dropout=float(c["secagg-dropout"])))
+                            threshold=int(c["secagg-threshold"]), dropout=float(c["secagg-dropout"])),
+        privacy=PrivacyConfig(mode=str(c["privacy"]), target_epsilon=float(c["target-epsilon"]),
+                              delta=float(c["delta"]), accountant=str(c["dp-accountant"]),
+                              record_clip=float(c["record-clip"]), record_window=int(c["record-window"])))
+
+
+def check_privacy(cfg: FederationConfig) -> None:
+    if cfg.privacy.record and cfg.privacy.record_window - 1 > cfg.model["max_len"]:
+        raise ValueError(f"record-window {cfg.privacy.record_window} needs max-len >= "
+                         f"{cfg.privacy.record_window - 1} (it is {cfg.model['max_len']})")
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
@@ -65,12 +77,14 @@ def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
 def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, progress=None) -> dict:
     c = {**DEFAULTS, **run_config}
     cfg = federation_config(c)
+    check_privacy(cfg)
     out = Path(str(c["out"]))
     try:
         final = run_federation(grid, cfg, initial_weights(Path(str(c["store"])) / "catalog.npz", cfg),
                                out, on_round=on_round, progress=progress)
         torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
-        write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"])})
+        write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
+                                         "privacy": final["privacy"]})
         return final
     except BaseException:
         # run_simulation logs and swallows ServerApp exceptions: leave the reason where the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,10 +25,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.local import LocalConfig
-from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
+from server.aggregation import ServerConfig, ServerOptimizer, check_update, clip_flat, dp_mean, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.secure import SecureConfig, secure_round
-from shared.wire import from_record, layout_of, to_record
+from shared.privacy import PrivacyConfig, resolve, user_epsilon
+from shared.wire import flatten, from_record, layout_of, to_record, unflatten
 
 log = logging.getLogger("fedrec.server")
 
@@ -52,6 +54,7 @@ class FederationConfig:
     fail_on_client_error: bool = True
     timeout_s: float = 600.0     # per round, for replies
     secure: SecureConfig = field(default_factory=SecureConfig)  # secure aggregation (server/secure.py)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy (shared/privacy.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +89,38 @@ class FedRecStrategy(Strategy):
         self.optimizer = optimizer
         self.expected = layout_of(optimizer.weights())
         self.last_round: RoundRecord | None = None
+        self.privacy = cfg.privacy          # with noise multipliers once `resolve_privacy` ran
+        self.clients = 0                    # nodes in the federation, known at the first round
+        # DP noise and the user-level client sample come from the OS, not the run seed: whoever
+        # knows the seed could otherwise subtract the noise or know who took part.
+        self.private_rng = np.random.default_rng(secrets.randbits(128))
+
+    def resolve_privacy(self, grid: Grid) -> None:
+        self.clients = len(list(grid.get_node_ids()))
+        self.privacy = resolve(self.cfg.privacy, rounds=self.cfg.rounds, clients_per_round=self.cfg.clients_per_round,
+                               clients=self.clients, local_epochs=self.cfg.local.local_epochs)
+        if self.privacy.mode != "none":
+            log.info("privacy: %s", json.dumps(self.privacy.to_dict()))
+
+    def privacy_config(self) -> dict:
+        p = self.privacy
+        if p.mode == "none":
+            return {"privacy-mode": "none"}
+        return {"privacy-mode": p.mode, "privacy-budget": p.target_epsilon, "privacy-delta": p.delta,
+                "privacy-accountant": p.accountant, "record-noise": p.record_noise,
+                "record-clip": p.record_clip, "record-window": p.record_window}
+
+    def expected_clients(self) -> float:
+        """The data-independent denominator of a user-level DP round."""
+        return self.privacy.user_sample_rate * self.clients
+
+    def average(self, total: np.ndarray, weight: float) -> np.ndarray:
+        """The round's mean update from the sum of contributions: DP-FedAvg under user-level
+        DP (unit weights, noise, expected count), else the weighted mean."""
+        if self.privacy.user:
+            return dp_mean(total, self.expected_clients(), self.privacy.user_noise, self.cfg.local.clip,
+                           self.private_rng)
+        return (total / weight).astype(np.float32)
 
     def summary(self) -> None:
         log.info("fedrec strategy: %s", json.dumps(self.cfg.to_dict()))
@@ -97,10 +132,14 @@ class FedRecStrategy(Strategy):
                              "local-epochs": local.local_epochs, "local-lr": local.lr,
                              "local-optimizer": local.optimizer, "update-clip": local.clip,
                              "train-on": "test" if refit else local.train_on,
-                             **self.cfg.model, **extra})
+                             **self.cfg.model, **self.privacy_config(), **extra})
 
     def sample(self, grid: Grid, server_round: int, k: int, salt: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
+        if salt == 0 and self.privacy.user:
+            # Poisson sampling, as the user-level accountant assumes: each node independently.
+            keep = self.private_rng.random(len(nodes)) < self.privacy.user_sample_rate
+            return [n for n, kept in zip(nodes, keep) if kept]
         rng = np.random.default_rng([self.cfg.seed, server_round, salt])
         # Indices, not the ids themselves: node ids are unsigned 64-bit and numpy would wrap them.
         return [nodes[i] for i in rng.choice(len(nodes), size=min(k, len(nodes)), replace=False)]
@@ -112,7 +151,8 @@ class FedRecStrategy(Strategy):
                 for n in self.sample(grid, server_round, self.cfg.clients_per_round, 0)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        deltas, counts, losses, seconds, up, rejected = [], [], [], [], [], []
+        deltas, counts, losses, seconds, up, rejected, epsilons = [], [], [], [], [], [], []
+        refused = 0
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -122,6 +162,9 @@ class FedRecStrategy(Strategy):
                 rejected.append(reason)
                 continue
             delta, metrics, reason = _unpack_train_reply(reply.content, self.expected)
+            if reason is None and metrics.get("privacy-refused"):
+                refused += 1
+                reason = "privacy budget spent: the client refused to train"
             if reason is None:
                 reason = check_update(delta, metrics["num-examples"], self.expected, self.cfg.server)
             if reason is not None:
@@ -133,12 +176,21 @@ class FedRecStrategy(Strategy):
             losses.append(metrics.get("train-loss", float("nan")))
             seconds.append(metrics.get("train-seconds", float("nan")))
             up.append(record_bytes(reply.content))
-        if deltas:
+            if "record-epsilon" in metrics:
+                epsilons.append(metrics["record-epsilon"])
+        if deltas and self.privacy.user:
+            # The server holds each update here, so it enforces the clip itself.
+            total = sum(clip_flat(flatten(d).astype(np.float64), self.cfg.local.clip) for d in deltas)
+            self.optimizer.step(unflatten(self.average(total, float(len(deltas))), self.expected))
+        elif deltas:
             self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting, self.cfg.server.weight_cap))
         self.last_round = RoundRecord(
             server_round, 0, len(deltas), rejected, 0, float(np.mean(up)) if up else 0.0, 0.0,
             float(np.nanmean(seconds)) if seconds else 0.0,
             float(np.average(losses, weights=counts)) if deltas else float("nan"))
+        if self.privacy.mode != "none":
+            self.last_round.metrics["privacy"] = {"refused": refused, "record_epsilon_max":
+                                                  max(epsilons) if epsilons else None}
         arrays = to_record(self.optimizer.weights()) if deltas else None
         return arrays, MetricRecord({"accepted": len(deltas), "rejected": len(rejected)})
 
@@ -208,6 +260,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         history, start_round = checkpoint["history"], checkpoint["round"] + 1
         log.info("resuming from round %d", checkpoint["round"])
     _write_rounds(out / "rounds.jsonl", history)
+    strategy.resolve_privacy(grid)
     for server_round in range(start_round, cfg.rounds + 1):
         record = (_secure_round(grid, strategy, server_round) if cfg.secure.enabled
                   else _plain_round(grid, strategy, server_round))
@@ -225,7 +278,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         _append_round(out / "rounds.jsonl", history[-1])
         if progress is not None:
             progress(record)
-    final = {"weights": optimizer.model_weights(), "history": history, "test": None}
+    final = {"weights": optimizer.model_weights(), "history": history, "test": None,
+             "privacy": privacy_summary(strategy, history)}
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final
@@ -258,6 +312,33 @@ def _secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Ro
                        bytes_down=int(o["bytes_down"] / sampled), bytes_up_mean=o["bytes_up"] / sampled,
                        seconds=o["seconds"], client_seconds_mean=None, train_loss=o["train_loss"],
                        metrics={"secagg": o["params"]}, phase_seconds=o["phases"])
+
+
+def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:
+    """What the run's differential privacy guarantees, per unit (docs/privacy.md)."""
+    p = strategy.privacy
+    if p.mode == "none":
+        return {"mode": "none"}
+    out = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant}
+    if p.record:
+        reported = [h["metrics"]["privacy"]["record_epsilon_max"] for h in history
+                    if (h["metrics"].get("privacy") or {}).get("record_epsilon_max") is not None]
+        out["record"] = {
+            "unit": f"one record: a chunk of up to {p.record_window} consecutive interactions of one user",
+            "epsilon": p.target_epsilon, "epsilon_max_reported": max(reported) if reported else None,
+            "noise_multiplier": p.record_noise, "clip": p.record_clip,
+            "planned_participations": p.planned_participations,
+            "refusals": sum((h["metrics"].get("privacy") or {}).get("refused", 0) for h in history),
+            "note": "each client's ledger stops it at epsilon; sampling by the server is not counted"}
+    if p.user:
+        out["user"] = {"unit": "one user's whole contribution", "epsilon": user_epsilon(p, len(history)),
+                       "noise_multiplier": p.user_noise, "clip": strategy.cfg.local.clip,
+                       "sample_rate": p.user_sample_rate, "rounds": len(history)}
+    unit = out.get("user") if p.mode == "user" else out.get("record")
+    if p.mode == "both":
+        unit = {k: {"record": out["record"][k], "user": out["user"][k]} for k in ("epsilon", "noise_multiplier", "clip")}
+    out.update({k: unit[k] if unit else None for k in ("epsilon", "noise_multiplier", "clip")})
+    return out
 
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:

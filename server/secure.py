@@ -110,7 +110,9 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
                                      for u, c in shares.items()})
         arrays = to_record(strategy.optimizer.weights())
         train_config = strategy.round_config(server_round, {})
-        secagg_config = ConfigRecord({**base, "weighting": cfg.server.weighting, "weight-cap": cfg.server.weight_cap})
+        # User-level DP counts every user once (unit weights): its sensitivity is per user.
+        weighting = "uniform" if strategy.privacy.user else cfg.server.weighting
+        secagg_config = ConfigRecord({**base, "weighting": weighting, "weight-cap": cfg.server.weight_cap})
         masked = step("masked", {node_of[u]: RecordDict({
             "arrays": arrays, "config": train_config, "secagg": secagg_config,
             "inbox": ConfigRecord({str(v): box for v, box in boxes.items()})})
@@ -133,6 +135,7 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         total, count = server.unmask({u: {int(o): bytes(s) for o, s in c["shares"].items()}
                                       for u, c in answers.items()})
         mean, weight, loss = decode_mean(total)
+        mean = strategy.average(total[:-2], weight)
         timings["unmask-compute"] = time.perf_counter() - t
     except RoundAborted as err:
         log.warning("round %d: secure aggregation aborted, global model unchanged: %s", server_round, err)

@@ -85,6 +85,10 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
         (out / stale).unlink(missing_ok=True)
     prepared = prepare_data(job.data, show_progress=progress)
     store = write_store(prepared, out / "store")
+    if not (out / "checkpoint.pt").exists():
+        # A new run (not a resume): the simulated devices start with unspent privacy budgets.
+        for ledger in (store / "users").glob("*.privacy.json"):
+            ledger.unlink()
     m = job.model
     settings = {**DEFAULTS, "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
                 "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout,
@@ -135,7 +139,7 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
         "round_seconds": _percentiles([h["seconds"] for h in history]),
         "round_time_split": _time_split(history[1:] or history),
         "rejected_replies": sum(len(h["rejected"]) for h in history),
-        "privacy": {"mode": "none"},
+        "privacy": result["privacy"],
         "secure_aggregation": _secure_summary(settings, history),
         "config": {"data": asdict(job.data), "model": asdict(job.model), "federation": settings,
                    "text_encoder": prepared.features.text_encoder},
