@@ -118,8 +118,8 @@ def private_local_update(model, global_weights: Weights, log_: UserLog, cfg: Loc
     """`client.local.local_update` with DP-SGD: returns (delta, metrics), metrics including
     this client's record-level epsilon after the round. Raises PrivacyBudgetExceeded (before
     touching the data) if the round would take the client past its budget."""
-    if privacy.noise_multiplier <= 0 or privacy.clip <= 0:
-        raise ValueError("record-level DP needs a positive noise multiplier and clip")
+    if privacy.noise_multiplier < 0 or privacy.clip <= 0:
+        raise ValueError("record-level DP needs a noise multiplier >= 0 and a positive clip")
     event = (privacy.noise_multiplier, 1.0, cfg.local_epochs)   # full batch: sample rate 1
     after = ledger.check(event, privacy.budget, privacy.delta, privacy.accountant)
     load_weights(model, global_weights)

@@ -155,6 +155,16 @@ def parser() -> argparse.ArgumentParser:
     _add_common(secagg)
     secagg.add_argument("--clients-per-round", type=int, default=100)
     secagg.add_argument("--rounds", type=int, default=6, help="pairs of rounds (plain, secure)")
+    privacy = kinds.add_parser("privacy", help="privacy-utility sweep (record and user level, epsilon "
+                               "1, 2, 4, 8, inf) with a canary membership-inference audit")
+    _add_common(privacy)
+    _add_federated(privacy)
+    privacy.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated target epsilons")
+    privacy.add_argument("--modes", default="record,user", help="comma-separated: record, user, both")
+    privacy.add_argument("--canaries", type=int, default=100, help="member canaries (as many non-members)")
+    speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
+    speed.add_argument("--out", type=Path, required=True)
+    speed.add_argument("--repeats", type=int, default=5)
     return top
 
 
@@ -204,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             from simulation.bench import run_secagg_bench
             run_secagg_bench(replace(_job(args).data, activity_features=False), args.out,
                              clients_per_round=args.clients_per_round, rounds=args.rounds)
+        elif args.command == "bench" and args.bench == "privacy":
+            from simulation.dp_bench import run_privacy_sweep
+            run_privacy_sweep(_federated_job(args), args.out,
+                              epsilons=tuple(float(e) for e in args.epsilons.split(",")),
+                              modes=tuple(m.strip() for m in args.modes.split(",")),
+                              canaries=args.canaries, progress=not args.quiet)
+        elif args.command == "bench" and args.bench == "dp-speed":
+            from simulation.dp_bench import run_dp_speed_bench
+            run_dp_speed_bench(args.out, repeats=args.repeats)
     except DataError as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2

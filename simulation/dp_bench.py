@@ -83,3 +83,120 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
               ", ".join(f"{int(k):,} items {v:.2f}x" for k, v in summary.items())]
     (out / "dp_speed.md").write_text("\n".join(lines) + "\n")
     return report
+
+
+def _eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf), modes=("record", "user"),
+                      canaries: int = 100, progress: bool = True) -> dict:
+    """Privacy-utility sweep with a membership-inference audit on the same runs.
+
+    One federated run per (mode, epsilon), plus one without DP, on the same data with the
+    same canaries in it (simulation/audit.py). For each: test NDCG@10/HR@10, the epsilon
+    spent, and the canary attack's AUC beside the bound that epsilon allows. Runs already
+    finished in `out` are read back, not redone (a stopped sweep resumes)."""
+    import json
+    from dataclasses import replace
+
+    from client.local import load_weights
+    from shared.pipeline import prepare_data
+    from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
+    from simulation.centralized import build_model
+    from simulation.federated import run_federated
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(job.data, show_progress=progress)
+    window = int(job.settings.get("record-window", 51))
+    delta = float(job.settings.get("delta", 1e-5))
+    marks = make_canaries(prepared.split.n_items, len(prepared.split), canaries, window, seed=job.data.seed)
+    with_canaries = replace(prepared, split=insert_canaries(prepared.split, marks))
+    rows = []
+    for mode, eps in [("none", math.inf)] + [(m, e) for m in modes for e in epsilons]:
+        run_dir = out / f"{mode}-eps{_eps_label(eps)}"
+        if not (run_dir / "summary.json").exists():
+            if progress:
+                print(f"--- privacy {mode}, epsilon {_eps_label(eps)} -> {run_dir}", flush=True)
+            settings = {**job.settings, "privacy": mode, "target-epsilon": eps}
+            run_federated(replace(job, settings=settings), run_dir, progress=progress, prepared=with_canaries)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        model = build_model(with_canaries, job.model)
+        load_weights(model, torch_load(run_dir / "final.pt")["weights"])
+        auc = attack_auc(canary_losses(model, marks), marks.member)
+        spent = summary["privacy"].get("epsilon")
+        if isinstance(spent, dict):
+            spent = max(spent.values())
+        rows.append({"mode": mode, "target_epsilon": _eps_label(eps),
+                     "epsilon": None if spent is None or math.isinf(spent) else spent,
+                     "noise_multiplier": summary["privacy"].get("noise_multiplier"),
+                     "ndcg@10": summary["metrics"]["ndcg@10"], "hr@10": summary["metrics"]["hr@10"],
+                     "attack_auc": auc, "auc_bound": auc_bound(eps, delta),
+                     "wall_seconds": summary["wall_seconds"]})
+        if progress:
+            r = rows[-1]
+            print(f"{mode:>6} eps {r['target_epsilon']:>4}: NDCG@10 {r['ndcg@10']:.4f}  attack AUC "
+                  f"{auc:.3f} (bound {r['auc_bound']:.3f})", flush=True)
+    baseline = rows[0]["ndcg@10"]
+    for r in rows:
+        r["ndcg_vs_non_private"] = r["ndcg@10"] / baseline if baseline else None
+    report = {"dataset": prepared.dataset.name, "rounds": job.settings.get("rounds"),
+              "clients_per_round": job.settings.get("clients-per-round"), "delta": delta,
+              "canaries": {"members": canaries, "non_members": canaries, "window": window,
+                           "attack": "next-item loss on the canary, lower = member"},
+              "rows": rows}
+    write_json(out / "privacy.json", report)
+    lines = [f"# Privacy-utility sweep: {report['dataset']}, {report['rounds']} rounds, "
+             f"{report['clients_per_round']} clients a round, delta {delta:g}", "",
+             "| mode | target epsilon | noise multiplier | NDCG@10 | vs no DP | HR@10 | attack AUC | AUC bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        noise = r["noise_multiplier"]
+        noise = "-" if noise is None else (f"{noise:.3g}" if not isinstance(noise, dict) else
+                                           ", ".join(f"{k} {v:.3g}" for k, v in noise.items()))
+        lines.append(f"| {r['mode']} | {r['target_epsilon']} | {noise} | {r['ndcg@10']:.4f} | "
+                     f"{r['ndcg_vs_non_private']:.0%} | {r['hr@10']:.4f} | {r['attack_auc']:.3f} | {r['auc_bound']:.3f} |")
+    (out / "privacy.md").write_text("\n".join(lines) + "\n")
+    plot_privacy(report, out / "privacy.png")
+    return report
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+    return torch.load(path, weights_only=False)
+
+
+def plot_privacy(report: dict, path: Path) -> None:
+    """NDCG@10 against epsilon per mode (no-DP level dashed), and the attack's AUC against
+    the bound each epsilon allows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [e for e in dict.fromkeys(r["target_epsilon"] for r in rows if r["mode"] != "none")]
+    x = {e: i for i, e in enumerate(labels)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, colour in (("record", "tab:blue"), ("user", "tab:orange")):
+        mine = [r for r in rows if r["mode"] == mode]
+        if mine:
+            left.plot([x[r["target_epsilon"]] for r in mine], [r["ndcg@10"] for r in mine], "o-",
+                      color=colour, label=f"{mode} level")
+            right.plot([x[r["target_epsilon"]] for r in mine], [r["attack_auc"] for r in mine], "o-",
+                       color=colour, label=f"attack AUC, {mode} level")
+    base = rows[0]
+    left.axhline(base["ndcg@10"], color="grey", ls="--", label="no DP")
+    bound = {r["target_epsilon"]: r["auc_bound"] for r in rows if r["mode"] != "none"}
+    right.plot([x[e] for e in labels], [bound[e] for e in labels], "k:", label="bound at epsilon")
+    right.axhline(0.5, color="grey", lw=0.8)
+    right.axhline(base["attack_auc"], color="grey", ls="--", label="attack AUC, no DP")
+    for ax, title in ((left, "test NDCG@10"), (right, "membership inference on canaries")):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("target epsilon")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['dataset']}: privacy vs utility ({report['rounds']} rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -73,7 +73,10 @@ def simulate(server_app, client_app, num_clients: int) -> None:
                    backend_config=backend)
 
 
-def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dict:
+def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
+                  prepared: PreparedData | None = None) -> dict:
+    """Train federated in Flower's simulation; writes DIR/summary.json. `prepared` replaces
+    the data `job.data` describes (the privacy audit passes data with canaries in it)."""
     from client.app import make_client_app
     from server.app import DEFAULTS, make_server_app
 
@@ -83,7 +86,7 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True) -> dic
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("error.txt", "result.json"):
         (out / stale).unlink(missing_ok=True)
-    prepared = prepare_data(job.data, show_progress=progress)
+    prepared = prepared or prepare_data(job.data, show_progress=progress)
     store = write_store(prepared, out / "store")
     if not (out / "checkpoint.pt").exists():
         # A new run (not a resume): the simulated devices start with unspent privacy budgets.
