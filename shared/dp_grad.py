@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from opacus.grad_sample import register_grad_sampler
 
 from shared.model import ItemTower
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
 
 EXAMPLES_PER_CHUNK = 8  # bounds the B x (N+1) x D intermediate on large catalogs
 

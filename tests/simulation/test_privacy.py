@@ -1,0 +1,87 @@
+"""Differential privacy in the real simulation, and the pieces of the privacy audit."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.cli import main
+from server.aggregation import dp_mean
+from shared.model import ModelConfig, Recommender
+from shared.preprocess import Split, UserSplit
+from shared.privacy import epsilon
+from shared.training import left_pad, per_example_loss
+from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
+
+TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
+        "--max-len", "10", "--record-window", "11", "--clients-per-round", "6", "--eval-rounds", "3",
+        "--rounds", "3", "--quiet"]
+
+
+def test_record_level_run_reports_its_privacy_and_every_client_stays_in_budget(tmp_path):
+    out = tmp_path / "record"
+    assert main(["train", "--mode", "federated", "--privacy", "record", "--target-epsilon", "2",
+                 "--no-secure-aggregation", "--out", str(out), *TINY]) == 0
+    p = json.loads((out / "summary.json").read_text())["privacy"]
+    assert p["mode"] == "record" and p["delta"] == 1e-5 and p["accountant"] == "rdp"
+    assert p["epsilon"] == 2.0 and p["noise_multiplier"] > 1 and p["clip"] == 1.0
+    assert 0 < p["record"]["epsilon_max_reported"] <= 2.0
+    ledgers = list((out / "store" / "users").glob("*.privacy.json"))
+    assert ledgers, "clients that trained keep a ledger"
+    for path in ledgers:
+        history = json.loads(path.read_text())["history"]
+        assert history[0][0] == pytest.approx(p["noise_multiplier"]) and history[0][1] == 1.0
+        assert epsilon(history, 1e-5) <= 2.0
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert all(r["metrics"]["privacy"]["refused"] == 0 for r in rounds)
+
+
+def test_user_level_run_under_secure_aggregation_spends_the_planned_epsilon(tmp_path):
+    out = tmp_path / "user"
+    assert main(["train", "--mode", "federated", "--privacy", "user", "--target-epsilon", "4",
+                 "--out", str(out), *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    p = s["privacy"]
+    assert s["secure_aggregation"]["enabled"] and p["mode"] == "user"
+    assert p["epsilon"] == pytest.approx(4.0, abs=0.05) and p["noise_multiplier"] > 0.5
+    assert p["user"]["rounds"] == 3 and 0 < p["user"]["sample_rate"] < 1
+
+
+def test_dp_mean_divides_by_the_expected_count_and_adds_noise_of_the_stated_std():
+    rng = np.random.default_rng(0)
+    total = np.zeros(200_000)
+    out = dp_mean(total, expected_count=25.0, noise_multiplier=0.8, clip=5.0, rng=rng)
+    assert out.std() == pytest.approx(0.8 * 5.0 / 25.0, rel=0.01)
+    assert np.array_equal(dp_mean(np.full(4, 50.0), 25.0, 0.0, 5.0, rng), np.full(4, 2.0, dtype=np.float32))
+
+
+def test_auc_and_its_bound():
+    member = np.array([True, True, False, False])
+    assert attack_auc(np.array([0.1, 0.2, 0.3, 0.4]), member) == 1.0
+    assert attack_auc(np.array([0.3, 0.4, 0.1, 0.2]), member) == 0.0
+    assert attack_auc(np.array([0.1, 0.3, 0.2, 0.3]), member) == pytest.approx(0.625)
+    assert auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
+    assert auc_bound(1.0, 1e-5) == pytest.approx(0.731, abs=1e-3)       # e/(1+e) for small delta
+    assert auc_bound(math.inf, 1e-5) == 1.0
+    assert auc_bound(1.0, 1e-5) < auc_bound(2.0, 1e-5) < auc_bound(8.0, 1e-5) < 1.0
+
+
+def test_canaries_are_one_record_at_the_start_of_member_logs_and_a_trained_one_is_found():
+    users = [UserSplit(str(i), np.arange(1, 15) + i, 20, 21, np.arange(14)) for i in range(6)]
+    marks = make_canaries(n_items=30, n_users=6, count=3, window=11)
+    assert marks.member.sum() == 3 and len(set(marks.users[marks.member])) == 3
+    assert all(len(set(s)) == 2 and s[0] != s[1] for s in marks.sequences)
+    split = insert_canaries(Split(users, 30), marks)
+    for seq, u in zip(marks.sequences[marks.member], marks.users[marks.member]):
+        assert np.array_equal(split.users[u].train[:11], seq) and len(split.users[u].train) == 25
+    # A model trained on the member canaries gives them a lower loss than the others.
+    torch.manual_seed(0)
+    model = Recommender(ModelConfig(n_items=30, content_dim=0, dim=16, layers=1, heads=2, max_len=10, dropout=0.0))
+    members = marks.sequences[marks.member]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        per_example_loss(model, left_pad([s[:-1] for s in members], 10), left_pad([s[1:] for s in members], 10)).mean().backward()
+        optimizer.step()
+    assert attack_auc(canary_losses(model, marks), marks.member) == 1.0
