@@ -74,6 +74,13 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
     what happened: accepted (clients in the sum), rejected (reasons), bytes, loss, params."""
     cfg = strategy.cfg
     nodes = strategy.sample(grid, server_round, cfg.clients_per_round, 0)
+    if len(nodes) < 3:
+        # Poisson sampling (user-level DP) can draw almost nobody; masking needs company.
+        log.warning("round %d: %d client(s) sampled, too few to aggregate securely; round skipped",
+                    server_round, len(nodes))
+        return {"sampled": len(nodes), "accepted": 0, "rejected": [f"round skipped: {len(nodes)} sampled"],
+                "params": {}, "train_loss": float("nan"), "bytes_down": 0, "bytes_up": 0,
+                "seconds": 0.0, "phases": {}}
     index = {node: i + 1 for i, node in enumerate(nodes)}
     node_of = {i: node for node, i in index.items()}
     params = cfg.secure.params(len(nodes), cfg.local.clip)
