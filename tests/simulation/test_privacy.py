@@ -37,15 +37,20 @@ def test_record_level_run_reports_its_privacy_and_every_client_stays_in_budget(t
     assert all(r["metrics"]["privacy"]["refused"] == 0 for r in rounds)
 
 
-def test_user_level_run_under_secure_aggregation_spends_the_planned_epsilon(tmp_path):
-    out = tmp_path / "user"
-    assert main(["train", "--mode", "federated", "--privacy", "user", "--target-epsilon", "4",
+def test_both_levels_under_secure_aggregation_spend_the_planned_epsilons(tmp_path):
+    out = tmp_path / "both"
+    assert main(["train", "--mode", "federated", "--privacy", "both", "--target-epsilon", "4",
                  "--out", str(out), *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     p = s["privacy"]
-    assert s["secure_aggregation"]["enabled"] and p["mode"] == "user"
-    assert p["epsilon"] == pytest.approx(4.0, abs=0.05) and p["noise_multiplier"] > 0.5
+    assert s["secure_aggregation"]["enabled"] and s["secure_aggregation"]["aborted_rounds"] == 0
+    assert p["mode"] == "both" and set(p["epsilon"]) == {"record", "user"}
+    assert p["user"]["epsilon"] == pytest.approx(4.0, abs=0.05) and p["user"]["noise_multiplier"] > 0.5
     assert p["user"]["rounds"] == 3 and 0 < p["user"]["sample_rate"] < 1
+    # Record level under masking: the server sees no client's epsilon; each client's ledger has it.
+    assert p["record"]["epsilon_max_reported"] is None
+    ledgers = list((out / "store" / "users").glob("*.privacy.json"))
+    assert ledgers and all(epsilon(json.loads(f.read_text())["history"], 1e-5) <= 4.0 for f in ledgers)
 
 
 def test_dp_mean_divides_by_the_expected_count_and_adds_noise_of_the_stated_std():
