@@ -50,7 +50,7 @@ def _lookup_grads(layer: ItemTower, items: torch.Tensor, backprops: torch.Tensor
     k = rows.shape[-1]
     id_grad = torch.zeros(B, *layer.id_table.shape, dtype=grads.dtype)
     id_grad.scatter_add_(1, rows.reshape(B, -1, 1).expand(-1, -1, D),
-                         grads.repeat_interleave(k, dim=1))
+                         grads if k == 1 else grads.repeat_interleave(k, dim=1))
     out = {layer.id_table: id_grad}
     if layer.content_dim:
         content = layer.content[items]
@@ -61,8 +61,9 @@ def _lookup_grads(layer: ItemTower, items: torch.Tensor, backprops: torch.Tensor
 
 def _scoring_grads(layer: ItemTower, states: torch.Tensor, backprops: torch.Tensor) -> dict:
     """states (B, L, D) -> scores (B, L, N+1); backprops the gradient of the scores."""
-    backprops = backprops.clone()
-    backprops[..., 0] = 0   # the padding item's score is a constant (-inf), not a function of the table
+    # The padding item's score is a constant (-inf), not a function of the table. (In place:
+    # Opacus hands each rule a fresh tensor, already rescaled from the mean loss.)
+    backprops[..., 0] = 0
     if layer.catalog_pass:
         content_pre = layer.catalog_pass.pop()
     else:
