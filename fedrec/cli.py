@@ -117,9 +117,33 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
                    help="score the global model on the validation items every this many rounds")
 
 
+def _check_privacy_flags(args: argparse.Namespace) -> None:
+    """Mistakes in the DP flags, reported before anything starts (exit 2, no traceback)."""
+    from shared.privacy import PrivacyConfig
+    try:
+        PrivacyConfig(mode=args.privacy, target_epsilon=args.target_epsilon, delta=args.delta,
+                      accountant=args.dp_accountant)
+    except ValueError as err:
+        _usage_error(str(err))
+    if args.privacy in ("record", "both"):
+        if args.record_clip <= 0:
+            _usage_error(f"--record-clip must be > 0, not {args.record_clip}")
+        if not 2 <= args.record_window <= args.max_len + 1:
+            _usage_error(f"--record-window {args.record_window} must be between 2 and --max-len + 1 = "
+                         f"{args.max_len + 1}")
+    if args.privacy in ("user", "both") and args.update_clip <= 0:
+        _usage_error("user-level DP needs --update-clip > 0 (it bounds one user's update)")
+
+
+def _usage_error(message: str) -> None:
+    print(f"fedrec: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _federated_job(args: argparse.Namespace):
     from dataclasses import replace
     from simulation.federated import FederatedJob
+    _check_privacy_flags(args)
     job = _job(args)
     settings = {"rounds": args.rounds, "clients-per-round": args.clients_per_round,
                 "local-epochs": args.local_epochs, "local-lr": args.local_lr,

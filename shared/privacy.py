@@ -54,7 +54,8 @@ class PrivacyConfig:
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, not {self.accountant!r}")
         if self.mode != "none" and not (self.target_epsilon > 0 and 0 < self.delta < 1):
-            raise ValueError(f"need target epsilon > 0 and 0 < delta < 1, got {self.target_epsilon}, {self.delta}")
+            raise ValueError(f"--target-epsilon must be > 0 (got {self.target_epsilon:g}) and --delta in (0, 1) "
+                             f"(got {self.delta:g})")
 
     @property
     def record(self) -> bool:

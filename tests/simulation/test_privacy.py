@@ -90,3 +90,16 @@ def test_canaries_are_one_record_at_the_start_of_member_logs_and_a_trained_one_i
         per_example_loss(model, left_pad([s[:-1] for s in members], 10), left_pad([s[1:] for s in members], 10)).mean().backward()
         optimizer.step()
     assert attack_auc(canary_losses(model, marks), marks.member) == 1.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--privacy", "record", "--record-window", "80"], "--record-window 80 must be between 2 and --max-len + 1 = 11"),
+    (["--privacy", "user", "--update-clip", "0"], "needs --update-clip > 0"),
+    (["--privacy", "both", "--delta", "2"], "--delta in (0, 1)"),
+    (["--privacy", "record", "--target-epsilon", "0"], "--target-epsilon must be > 0"),
+])
+def test_bad_privacy_flags_are_a_usage_error_before_anything_runs(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--mode", "federated", "--out", str(tmp_path / "x"), *TINY, *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
