@@ -26,7 +26,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
-from client.local import LocalConfig, UserLog, load_weights, local_metrics, local_update, model_layout
+from client.local import (LocalConfig, UserLog, load_weights, local_metrics, local_update, model_layout,
+                          zero_update)
 from client.privacy import PrivacyBudgetExceeded, PrivacyLedger, RecordPrivacy, private_local_update
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
@@ -93,9 +94,8 @@ def train_update(model: Recommender, global_weights: dict, user: UserLog, config
         return private_local_update(model, global_weights, user, local, privacy, ledger, rng)
     except PrivacyBudgetExceeded as refusal:
         logging.getLogger("fedrec.client").warning("node %d refuses to train: %s", context.node_id, refusal)
-        return ({k: np.zeros_like(v) for k, v in global_weights.items()},
-                {"num-examples": 0.0, "train-loss": float("nan"), "privacy-refused": 1.0,
-                 "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)})
+        return zero_update(global_weights), {"num-examples": 0.0, "train-loss": float("nan"), "privacy-refused": 1.0,
+                                             "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)}
 
 
 def _local_config(config: ConfigRecord) -> LocalConfig:

@@ -105,8 +105,7 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
     history = log.history(cfg.train_on)
     windows = user_windows(history, model.cfg.max_len)
     if not windows:  # one item: no next-item target; the server skips a zero-example reply
-        return ({k: np.zeros_like(v) for k, v in global_weights.items()},
-                {"num-examples": 0.0, "train-loss": float("nan")})
+        return zero_update(global_weights), {"num-examples": 0.0, "train-loss": float("nan")}
     optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
                  else torch.optim.SGD(model.parameters(), lr=cfg.lr))
     losses = [train_steps(model, optimizer, windows, batch_size=len(windows), rng=rng)
@@ -114,6 +113,11 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
     trained = shared_weights(model)
     delta = clip_delta({name: trained[name] - global_weights[name] for name in trained}, cfg.clip)
     return delta, {"num-examples": float(len(history) - 1), "train-loss": float(np.mean(losses))}
+
+
+def zero_update(weights: Weights) -> Weights:
+    """The reply of a client that did not train: no change to any weight."""
+    return {name: np.zeros_like(v) for name, v in weights.items()}
 
 
 def clip_delta(delta: Weights, clip: float) -> Weights:

@@ -18,7 +18,6 @@ chooses that seed, and with it the server could subtract the noise.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import warnings
@@ -29,13 +28,12 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
-from client.local import LocalConfig, UserLog, clip_delta, load_weights, shared_weights
+from client.local import LocalConfig, UserLog, clip_delta, load_weights, shared_weights, zero_update
 from shared.dp_grad import per_example_gradients
 from shared.privacy import Event, epsilon
 from shared.training import left_pad, per_example_loss
 from shared.wire import Weights
 
-log = logging.getLogger("fedrec.client")
 # The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
 # it must, and torch warns about exactly that on every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -112,7 +110,7 @@ def _compose(history: list[Event], event: Event) -> list[Event]:
     return history + [(noise, rate, steps)]
 
 
-def private_local_update(model, global_weights: Weights, log_: UserLog, cfg: LocalConfig,
+def private_local_update(model, global_weights: Weights, user: UserLog, cfg: LocalConfig,
                          privacy: RecordPrivacy, ledger: PrivacyLedger,
                          rng: np.random.Generator) -> tuple[Weights, dict[str, float]]:
     """`client.local.local_update` with DP-SGD: returns (delta, metrics), metrics including
@@ -123,10 +121,10 @@ def private_local_update(model, global_weights: Weights, log_: UserLog, cfg: Loc
     event = (privacy.noise_multiplier, 1.0, cfg.local_epochs)   # full batch: sample rate 1
     after = ledger.check(event, privacy.budget, privacy.delta, privacy.accountant)
     load_weights(model, global_weights)
-    chunks = record_chunks(log_.history(cfg.train_on), privacy.window)
+    chunks = record_chunks(user.history(cfg.train_on), privacy.window)
     if not chunks:
-        return ({k: np.zeros_like(v) for k, v in global_weights.items()},
-                {"num-examples": 0.0, "train-loss": float("nan"), "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)})
+        return zero_update(global_weights), {"num-examples": 0.0, "train-loss": float("nan"),
+                                             "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)}
     inputs = left_pad([c[:-1] for c in chunks], privacy.window - 1)
     targets = left_pad([c[1:] for c in chunks], privacy.window - 1)
     base = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
