@@ -82,12 +82,6 @@ def dp_mean(total: np.ndarray, expected_count: float, noise_multiplier: float, c
     return ((total.astype(np.float64) + noise) / expected_count).astype(np.float32)
 
 
-def clip_flat(vector: np.ndarray, clip: float) -> np.ndarray:
-    """Scale a flat update down to L2 norm `clip` at most."""
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
-    return vector if norm <= clip else (vector * (clip / norm)).astype(vector.dtype)
-
-
 class ServerOptimizer:
     """Global weights plus the optimizer that moves them by the clients' mean delta."""
 

@@ -25,10 +25,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.local import LocalConfig
-from server.aggregation import ServerConfig, ServerOptimizer, check_update, clip_flat, dp_mean, mean_delta
+from server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_mean, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.secure import SecureConfig, secure_round
 from shared.privacy import PrivacyConfig, resolve, user_epsilon
+from shared.secagg import clip_l2
 from shared.wire import flatten, from_record, layout_of, to_record, unflatten
 
 log = logging.getLogger("fedrec.server")
@@ -180,7 +181,7 @@ class FedRecStrategy(Strategy):
                 epsilons.append(metrics["record-epsilon"])
         if deltas and self.privacy.user:
             # The server holds each update here, so it enforces the clip itself.
-            total = sum(clip_flat(flatten(d).astype(np.float64), self.cfg.local.clip) for d in deltas)
+            total = sum(clip_l2(flatten(d).astype(np.float64), self.cfg.local.clip) for d in deltas)
             self.optimizer.step(unflatten(self.average(total, float(len(deltas))), self.expected))
         elif deltas:
             self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting, self.cfg.server.weight_cap))

@@ -141,7 +141,7 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         t = time.perf_counter()
         total, count = server.unmask({u: {int(o): bytes(s) for o, s in c["shares"].items()}
                                       for u, c in answers.items()})
-        mean, weight, loss = decode_mean(total)
+        _, weight, loss = decode_mean(total)
         mean = strategy.average(total[:-2], weight)
         timings["unmask-compute"] = time.perf_counter() - t
     except RoundAborted as err:
