@@ -9,7 +9,7 @@ Where the client's data lives:
 A train message carries the global weights ("arrays") and a "config" record (round, model
 shape, local training settings). The reply carries "delta" (trained - global, one flat
 float32 vector like "arrays", see shared/wire.py) and "metrics" (num-examples, train-loss,
-train-seconds). With secure aggregation a round is four messages instead (client/secure.py)
+train-seconds). With secure aggregation a round is three messages instead (client/secure.py)
 and the reply holds only a masked vector. An evaluate message gets
 "metrics" with this one user's HR/NDCG/MRR @10 for the requested stage. Nothing else.
 """
@@ -130,11 +130,24 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+class FedRecClientApp(ClientApp):
+    """Flower's simulation pickles the ClientApp with every message it hands a worker; by
+    value, our handler closures cost 2+ ms of the server process's time each (cloudpickle
+    scans sys.modules for each). This one pickles as the call that builds it."""
+
+    def __init__(self, settings: dict, mods: list | None):
+        super().__init__(mods=mods or [])
+        self._recipe = (settings, mods)
+
+    def __reduce__(self):
+        return make_client_app, self._recipe
+
+
 def make_client_app(settings: dict | None = None, mods: list | None = None) -> ClientApp:
     """`settings` stand in for the run config where Flower passes none (run_simulation);
     `mods` are Flower client mods wrapped around every handler."""
     settings = dict(settings or {})
-    app = ClientApp(mods=mods or [])
+    app = FedRecClientApp(settings, mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -144,10 +157,10 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, settings)
 
-    # Secure aggregation: the four steps of a round (client/secure.py).
-    @app.train("secagg_keys")
-    def secagg_keys(msg: Message, context: Context) -> Message:
-        return secure.handle_keys(msg, context)
+    # Secure aggregation: registration once, then three steps a round (client/secure.py).
+    @app.train("secagg_register")
+    def secagg_register(msg: Message, context: Context) -> Message:
+        return secure.handle_register(msg, context)
 
     @app.train("secagg_shares")
     def secagg_shares(msg: Message, context: Context) -> Message:

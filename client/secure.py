@@ -1,10 +1,11 @@
-"""The client's side of secure aggregation, as four Message API handlers around
-`shared.secagg.SecAggClient` (message types "train.secagg_keys", "train.secagg_shares",
-"train.secagg_masked", "train.secagg_unmask"; see server/secure.py for the server's side and docs/threat-model.md).
+"""The client's side of secure aggregation, as Message API handlers around
+`shared.secagg.SecAggClient` (message types "train.secagg_register", "train.secagg_shares",
+"train.secagg_masked", "train.secagg_unmask"; see server/secure.py for the server's side and
+docs/threat-model.md).
 
-The round's secrets (two X25519 private keys, the self-mask seed, the shares held for
-neighbours) live in this node's own Context state between the steps, never in a reply, and
-are deleted after the last step. Local training happens in the "masked" step, so a client
+The node's identity key (made at registration, once per run) and the round's secrets (the
+mask private key, the self-mask seed, the shares held for neighbours) live in this node's
+own Context state, never in a reply; a round's secrets are deleted after its last step. Local training happens in the "masked" step, so a client
 trains only once it is known to have enough neighbours to be unmasked.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client.local import model_layout
 from shared.weighting import unit_weight
-from shared.secagg import SecAggClient, SecAggParams, clip_l2, encode_contribution
+from shared.secagg import (SecAggClient, SecAggParams, clip_l2, encode_contribution, identity_public,
+                           new_identity_key)
 from shared.wire import flatten, from_record
 
 STATE_KEY = "secagg"
+IDENTITY_KEY = "secagg-identity"
 log = logging.getLogger("fedrec.client")
 
 
@@ -44,22 +47,33 @@ def _reply(msg: Message, **records) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-def handle_keys(msg: Message, context: Context) -> Message:
-    c = msg.content["secagg"]
-    params = SecAggParams(int(c["neighbours"]), int(c["threshold"]), float(c["clip"]), int(c["max-clients"]))
-    client = SecAggClient(int(c["index"]), params, bytes(c["round-id"]))
-    _save(context, client)
-    c_public, s_public = client.public_keys()
-    return _reply(msg, secagg=ConfigRecord({"c-public": c_public, "s-public": s_public}))
+def _identity(context: Context) -> bytes | None:
+    record = context.state.get(IDENTITY_KEY)
+    return bytes(record["private"]) if isinstance(record, ConfigRecord) else None
+
+
+def handle_register(msg: Message, context: Context) -> Message:
+    """Answer this node's identity public key, making the key on first use."""
+    identity = _identity(context)
+    if identity is None:
+        identity = new_identity_key()
+        context.state[IDENTITY_KEY] = ConfigRecord({"private": identity})
+    return _reply(msg, secagg=ConfigRecord({"identity": identity_public(identity)}))
 
 
 def handle_shares(msg: Message, context: Context) -> Message:
-    round_id = bytes(msg.content["secagg"]["round-id"])
-    client = _load(context, round_id)
-    keys = {v: (blob[:32], blob[32:]) for v, blob in _ids(msg.content["neighbour-keys"]).items()}
-    sealed = client.share_keys(keys)
+    c = msg.content["secagg"]
+    identity = _identity(context)
+    if identity is None or identity_public(identity) != bytes(c["identity"]):
+        # Neighbours would seal shares to a key this node cannot open: sit the round out.
+        raise RuntimeError("secure aggregation: this node's identity key is not the one the server "
+                           "registered (restarted?); it sits this round out and registers again")
+    params = SecAggParams(int(c["neighbours"]), int(c["threshold"]), float(c["clip"]), int(c["max-clients"]))
+    client = SecAggClient(int(c["index"]), params, bytes(c["round-id"]), identity)
+    s_public, sealed = client.share_keys(_ids(msg.content["neighbour-keys"]))
     _save(context, client)
-    return _reply(msg, shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
+    return _reply(msg, secagg=ConfigRecord({"s-public": s_public}),
+                  shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
 
 
 def handle_masked(msg: Message, context: Context, model, train: Callable, rng: np.random.Generator) -> Message:
@@ -80,7 +94,10 @@ def handle_masked(msg: Message, context: Context, model, train: Callable, rng: n
         log.warning("non-finite local update: contributing weight 0 this round")
         flat, weight = np.zeros_like(flat), 0.0
     vector = encode_contribution(flat, weight, metrics["train-loss"])
-    masked = client.masked_input(vector, _ids(msg.content["inbox"]), rng)
+    boxes, mask_keys = _ids(msg.content["inbox"]), _ids(msg.content["mask-keys"])
+    if set(boxes) != set(mask_keys):
+        raise RuntimeError("secure aggregation: the inbox and the mask keys name different senders")
+    masked = client.masked_input(vector, {u: (boxes[u], mask_keys[u]) for u in boxes}, rng)
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
     return _reply(msg, masked=ArrayRecord({"masked": Array(masked)}))

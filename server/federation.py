@@ -95,6 +95,8 @@ class FedRecStrategy(Strategy):
         # DP noise and the user-level client sample come from the OS, not the run seed: whoever
         # knows the seed could otherwise subtract the noise or know who took part.
         self.private_rng = np.random.default_rng(secrets.randbits(128))
+        # Secure aggregation: node -> its registered identity public key (server/secure.py).
+        self.secagg_identities: dict[int, bytes] = {}
 
     def resolve_privacy(self, grid: Grid) -> None:
         self.clients = len(list(grid.get_node_ids()))
@@ -306,7 +308,7 @@ def _plain_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Rou
 
 
 def _secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundRecord:
-    """Bytes here are per sampled client over all four steps; clients report no timing."""
+    """Bytes here are per sampled client over all its steps; clients report no timing."""
     o = secure_round(grid, strategy, server_round)
     sampled = max(o["sampled"], 1)
     return RoundRecord(server_round, o["sampled"], o["accepted"], o["rejected"],

@@ -1,10 +1,13 @@
-"""The server's side of secure aggregation: one training round as four Message API
+"""The server's side of secure aggregation: one training round as three Message API
 exchanges around `shared.secagg.SecAggServer` (client side: client/secure.py).
 
-  keys    -> each sampled node: its number in the round and the parameters; <- two public keys
-  shares  -> its neighbours' public keys;                   <- sealed shares, one per neighbour
-  masked  -> global weights, training config, shares sealed for it; <- its masked contribution
-  unmask  -> who is alive and who dropped, among its neighbours;    <- the shares asked for
+  register -> nodes never seen (all of them before the first secure round);
+              <- the node's identity public key, kept for the rest of the run
+  shares   -> each sampled node: its number in the round, the parameters, its neighbours'
+              identity keys; <- its mask public key and sealed shares, one per neighbour
+  masked   -> global weights, training config, shares sealed for it and the senders' mask
+              keys; <- its masked contribution
+  unmask   -> who is alive and who dropped, among its neighbours;    <- the shares asked for
 
 A node that does not answer a step (or answers with an error, when the run tolerates them)
 has dropped; the protocol recovers as long as every needed secret keeps `threshold` shares,
@@ -69,28 +72,49 @@ def _exchange(grid: Grid, step: str, contents: dict[int, RecordDict], timeout: f
     return replies, down, up, dropped
 
 
+def register(grid: Grid, strategy, nodes: list[int], timeout: float) -> tuple[int, int, list[str]]:
+    """Learn the identity keys of `nodes` (ones not registered yet). Returns (bytes down, bytes
+    up, reasons nodes failed); a node that fails is simply not registered (asked again later)."""
+    contents = {node: RecordDict({"secagg": ConfigRecord({"register": True})})
+                for node in nodes if node not in strategy.secagg_identities}
+    if not contents:
+        return 0, 0, []
+    replies, down, up, failed = _exchange(grid, "register", contents, timeout, fail_on_error=False)
+    for node, content in replies.items():
+        key = content["secagg"].get("identity") if "secagg" in content else None
+        if isinstance(key, bytes) and len(key) == 32:
+            strategy.secagg_identities[node] = key
+        else:
+            failed.append(f"node {node}: no valid identity key in its registration")
+    return down, up, failed
+
+
 def secure_round(grid: Grid, strategy, server_round: int) -> dict:
     """Run one securely aggregated training round and apply it (unless aborted). Returns
     what happened: accepted (clients in the sum), rejected (reasons), bytes, loss, params."""
     cfg = strategy.cfg
+    started = time.perf_counter()
     nodes = strategy.sample(grid, server_round, cfg.clients_per_round, 0)
+    # Every node the first time (one exchange for the whole run), newcomers afterwards.
+    new = list(grid.get_node_ids()) if not strategy.secagg_identities else nodes
+    down, up, reasons = register(grid, strategy, new, cfg.timeout_s)
+    registered_in = time.perf_counter() - started
+    sampled = len(nodes)
+    nodes = [node for node in nodes if node in strategy.secagg_identities]
     if len(nodes) < 3:
         # Poisson sampling (user-level DP) can draw almost nobody; masking needs company.
-        log.warning("round %d: %d client(s) sampled, too few to aggregate securely; round skipped",
-                    server_round, len(nodes))
-        return {"sampled": len(nodes), "accepted": 0, "rejected": [f"round skipped: {len(nodes)} sampled"],
-                "params": {}, "train_loss": float("nan"), "bytes_down": 0, "bytes_up": 0,
-                "seconds": 0.0, "phases": {}}
+        log.warning("round %d: %d client(s) sampled and registered, too few to aggregate securely; "
+                    "round skipped", server_round, len(nodes))
+        return {"sampled": sampled, "accepted": 0, "rejected": [*reasons, f"round skipped: {len(nodes)} to mask"],
+                "params": {}, "train_loss": float("nan"), "bytes_down": down, "bytes_up": up,
+                "seconds": time.perf_counter() - started, "phases": {"register": registered_in}}
     index = {node: i + 1 for i, node in enumerate(nodes)}
     node_of = {i: node for node, i in index.items()}
     params = cfg.secure.params(len(nodes), cfg.local.clip)
     round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
     server = SecAggServer(len(nodes), params, round_id)
     base = {"round-id": round_id}
-    down = up = 0
-    reasons: list[str] = []
-    started = time.perf_counter()
-    timings = {}
+    timings = {"register": registered_in}
 
     def step(name, contents):
         nonlocal down, up
@@ -101,19 +125,22 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         timings[name] = time.perf_counter() - t
         return {index[node]: content for node, content in replies.items()}
 
-    outcome = {"sampled": len(nodes), "accepted": 0, "rejected": reasons, "params": asdict(params),
+    outcome = {"sampled": sampled, "accepted": 0, "rejected": reasons, "params": asdict(params),
                "train_loss": float("nan")}
     try:
-        keys = step("keys", {node: RecordDict({"secagg": ConfigRecord({
-            **base, "index": index[node], "neighbours": params.neighbours, "threshold": params.threshold,
-            "clip": params.clip, "max-clients": params.max_clients})}) for node in nodes})
-        neighbour_keys = server.receive_keys({u: (bytes(c["secagg"]["c-public"]), bytes(c["secagg"]["s-public"]))
-                                              for u, c in keys.items()})
+        registered = {u: strategy.secagg_identities[node] for node, u in index.items()}
+        identities = server.receive_identities(registered)
         shares = step("shares", {node_of[u]: RecordDict({
-            "secagg": ConfigRecord(base),
-            "neighbour-keys": ConfigRecord({str(v): c + s for v, (c, s) in ks.items()})})
-            for u, ks in neighbour_keys.items()})
-        inbox = server.route_shares({u: {int(v): bytes(box) for v, box in c["shares"].items()}
+            "secagg": ConfigRecord({**base, "index": u, "neighbours": params.neighbours,
+                                    "threshold": params.threshold, "clip": params.clip,
+                                    "max-clients": params.max_clients, "identity": registered[u]}),
+            "neighbour-keys": ConfigRecord({str(v): key for v, key in keys.items()})})
+            for u, keys in identities.items()})
+        for u in set(identities) - set(shares):
+            # It may have lost its identity key (a restarted node): register it afresh next time.
+            strategy.secagg_identities.pop(node_of[u], None)
+        inbox = server.route_shares({u: (bytes(c["secagg"]["s-public"]),
+                                         {int(v): bytes(box) for v, box in c["shares"].items()})
                                      for u, c in shares.items()})
         arrays = to_record(strategy.optimizer.weights())
         train_config = strategy.round_config(server_round, {})
@@ -122,7 +149,8 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         secagg_config = ConfigRecord({**base, "weighting": weighting, "weight-cap": cfg.server.weight_cap})
         masked = step("masked", {node_of[u]: RecordDict({
             "arrays": arrays, "config": train_config, "secagg": secagg_config,
-            "inbox": ConfigRecord({str(v): box for v, box in boxes.items()})})
+            "inbox": ConfigRecord({str(v): box for v, (box, _) in boxes.items()}),
+            "mask-keys": ConfigRecord({str(v): s_public for v, (_, s_public) in boxes.items()})})
             for u, boxes in inbox.items()})
         vectors = {}
         size = sum(a.numpy().size for a in arrays.values()) + 2

@@ -4,23 +4,33 @@ SecAgg+ (Bell et al., CCS 2020), the sparse-graph form of SecAgg (Bonawitz et al
 for an honest-but-curious server. Plain functions and two small state machines, no Flower;
 `server/secure.py` and `client/app.py` carry the messages.
 
+Every client has an identity key: an X25519 key pair `c` made once per run and kept in its
+own state, whose public half the server registers before the client's first round and
+routes to its neighbours (what a PKI does in SecAgg). It only encrypts shares in transit.
+
 One round, clients numbered 1..n on a random k-regular graph chosen by the server:
-  1 keys     every client makes two X25519 key pairs, c (to encrypt shares) and s (to agree
-             masks), and sends both public keys.
-  2 shares   client u draws a 32-byte self-mask seed b_u and Shamir-shares b_u and its s
-             private key t-of-m among its holders (its graph neighbours that sent keys, and
-             itself). Each neighbour's shares go out under AES-GCM with a key from X25519 + HKDF
-             of the c keys, so the server, which routes them, cannot read them.
-  3 masked   u clips its vector, quantises it to the ring Z_2^32, adds PRG(b_u) and, for every
+  1 shares   client u makes a fresh X25519 key pair s (to agree masks) and a 32-byte self-mask
+             seed b_u, and Shamir-shares b_u and its s private key t-of-m among its holders
+             (its graph neighbours and itself). Each neighbour's shares go out under AES-GCM
+             with a key from X25519 + HKDF of the two identity keys and the round id, bound to
+             u's s public key, so the server, which routes them, can neither read them nor
+             swap u's mask key unnoticed. u sends its s public key and the sealed shares.
+  2 masked   u clips its vector, quantises it to the ring Z_2^32, adds PRG(b_u) and, for every
              neighbour v that shared keys, +PRG(s_uv) if u < v else -PRG(s_uv), where s_uv comes
              from X25519 + HKDF of the s keys. PRG = AES-256-CTR keystream.
-  4 unmask   the server says who sent a masked vector (alive) and who did not (dropped). Every
+  3 unmask   the server says who sent a masked vector (alive) and who did not (dropped). Every
              alive holder answers with its b share of each alive neighbour and its s-key share
              of each dropped one: never both for the same client.
   The server rebuilds b_u of the alive (removing self masks) and the s key of the dropped
   (removing the pairwise masks they left in their alive neighbours' vectors); the pairwise
   masks among alive clients cancel in the sum. Fewer than t shares of any needed secret:
   `RoundAborted`, and the caller leaves the model as it was.
+
+Bonawitz et al. make c fresh each round too, which costs a message exchange per round. The
+server never asks for c (it rebuilds only s and b, which stay per round), so a long-lived c
+loses only forward secrecy of the sealed shares: someone who recorded them and later steals
+a client's c reads that client's shares of its neighbours' secrets, one share per secret,
+the same as a colluding client (docs/threat-model.md).
 
 What the server sees: who took part in each step, public keys, ciphertexts, masked vectors
 (uniform on the ring by themselves), at most one kind of secret per client, and the sum.
@@ -241,65 +251,75 @@ def quantisation_error_bound(params: SecAggParams, summands: int) -> float:
 
 # ---------------------------------------------------------------- client
 
+def new_identity_key() -> bytes:
+    """A client's long-lived X25519 private key for receiving shares (kept in its own state)."""
+    return _private_bytes(X25519PrivateKey.generate())
+
+
+def identity_public(identity: bytes) -> bytes:
+    return _public_bytes(X25519PrivateKey.from_private_bytes(identity))
+
+
 class SecAggClient:
     """One client's side of one round. Holds its secrets between the steps; `state()` and
     `from_state()` let a ClientApp keep them in its private node state."""
 
-    def __init__(self, index: int, params: SecAggParams, round_id: bytes):
+    def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes):
         self.index, self.params, self.round_id = index, params, round_id
-        self.c_private = _private_bytes(X25519PrivateKey.generate())
+        self.c_private = identity
         self.s_private = _private_bytes(X25519PrivateKey.generate())
         self.self_seed = secrets.token_bytes(32)
         self.s_publics: dict[int, bytes] = {}    # neighbours' mask-agreement keys
         self.held: dict[int, bytes] = {}         # owner -> my share of (b_owner, s_owner)
         self.masked_with: list[int] = []         # neighbours whose pairwise mask I added
-        self._c_publics: dict[int, bytes] = {}   # neighbours' share-encryption keys
+        self._c_publics: dict[int, bytes] = {}   # neighbours' identity keys
         self.answered = False
 
-    # step 1
-    def public_keys(self) -> tuple[bytes, bytes]:
-        return (_public_bytes(X25519PrivateKey.from_private_bytes(self.c_private)),
-                _public_bytes(X25519PrivateKey.from_private_bytes(self.s_private)))
+    @property
+    def s_public(self) -> bytes:
+        return _public_bytes(X25519PrivateKey.from_private_bytes(self.s_private))
 
-    # step 2
-    def share_keys(self, neighbour_keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """neighbour -> (c public, s public) of the neighbours that sent keys. Returns
-        neighbour -> sealed shares for it. Refuses if its secrets could not be rebuilt."""
-        if self.index in neighbour_keys:
+    # step 1
+    def share_keys(self, neighbour_identities: dict[int, bytes]) -> tuple[bytes, dict[int, bytes]]:
+        """neighbour -> its identity public key. Returns (my s public key, neighbour -> sealed
+        shares for it). Refuses if its secrets could not be rebuilt."""
+        if self.index in neighbour_identities:
             raise ProtocolViolation("a client is not its own neighbour")
-        holders = sorted([*neighbour_keys, self.index])
+        holders = sorted([*neighbour_identities, self.index])
         if len(holders) < self.params.threshold:
             raise RoundAborted(f"client {self.index}: {len(holders)} holders < threshold {self.params.threshold}")
-        self.s_publics = {v: keys[1] for v, keys in neighbour_keys.items()}
         b_shares = shamir_split(self.self_seed, self.params.threshold, holders)
         s_shares = shamir_split(self.s_private, self.params.threshold, holders)
+        s_public = self.s_public
         sealed = {}
         for v in holders:
             bundle = b_shares[v] + s_shares[v]
             if v == self.index:
                 self.held[v] = bundle
                 continue
-            key = _kdf(_agree(self.c_private, neighbour_keys[v][0]), b"shares", self.round_id, self.index, v)
-            sealed[v] = _seal(key, bundle, self._aad(self.index, v))
-        self._c_publics = {v: keys[0] for v, keys in neighbour_keys.items()}
-        return sealed
+            key = _kdf(_agree(self.c_private, neighbour_identities[v]), b"shares", self.round_id, self.index, v)
+            sealed[v] = _seal(key, bundle, self._aad(self.index, v, s_public))
+        self._c_publics = dict(neighbour_identities)
+        return s_public, sealed
 
-    # step 3
-    def masked_input(self, vector: np.ndarray, sealed_for_me: dict[int, bytes],
+    # step 2
+    def masked_input(self, vector: np.ndarray, inbox: dict[int, tuple[bytes, bytes]],
                      rng: np.random.Generator) -> np.ndarray:
-        """Decrypt the neighbours' shares, then mask the clipped, quantised `vector` with the
-        self mask and a pairwise mask for each neighbour that sent shares."""
-        for u, sealed in sealed_for_me.items():
+        """inbox: neighbour -> (its shares sealed for me, its s public key), for the
+        neighbours that shared. Decrypt the shares (which authenticate the s key), then mask
+        the clipped, quantised `vector` with the self mask and a pairwise mask per sender."""
+        for u, (sealed, s_public) in inbox.items():
             if u not in self._c_publics:
                 raise ProtocolViolation(f"shares from client {u}, who is not a neighbour")
             key = _kdf(_agree(self.c_private, self._c_publics[u]), b"shares", self.round_id, u, self.index)
             try:
-                self.held[u] = _open(key, sealed, self._aad(u, self.index))
+                self.held[u] = _open(key, sealed, self._aad(u, self.index, s_public))
             except InvalidTag:
-                raise ProtocolViolation(f"shares from client {u} fail authentication") from None
+                raise ProtocolViolation(f"shares or mask key from client {u} fail authentication") from None
+            self.s_publics[u] = s_public
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))
-        self.masked_with = sorted(sealed_for_me)
+        self.masked_with = sorted(inbox)
         for v in self.masked_with:
             mask = prg(pair_mask_seed(self.s_private, self.s_publics[v], self.round_id, self.index, v), len(y))
             if self.index < v:
@@ -308,7 +328,7 @@ class SecAggClient:
                 y -= mask
         return y
 
-    # step 4
+    # step 3
     def unmask_shares(self, alive: list[int], dropped: list[int]) -> dict[int, bytes]:
         """The b share of each alive neighbour, the s-key share of each dropped one."""
         if self.answered:
@@ -331,8 +351,8 @@ class SecAggClient:
                 out[owner] = b"s" + bundle[SHARE_BYTES:]
         return out
 
-    def _aad(self, sender: int, recipient: int) -> bytes:
-        return self.round_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big")
+    def _aad(self, sender: int, recipient: int, sender_s_public: bytes) -> bytes:
+        return self.round_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big") + sender_s_public
 
     # persistence between steps, in the client's own (never sent) state
     def state(self) -> dict[str, bytes]:
@@ -377,7 +397,8 @@ class SecAggServer:
             raise ValueError(f"{n} clients > max_clients={params.max_clients}")
         self.n, self.params, self.round_id = n, params, round_id
         self.graph = neighbour_graph(n, params.neighbours, graph_seed or secrets.token_bytes(16))
-        self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.identities: dict[int, bytes] = {}
+        self.keys: dict[int, tuple[bytes, bytes]] = {}  # client -> (identity, s) public keys
         self.shared: set[int] = set()
         self.alive: list[int] = []
         self.total: np.ndarray | None = None
@@ -386,27 +407,29 @@ class SecAggServer:
         if count < self.params.threshold:
             raise RoundAborted(f"{what}: {count} clients < threshold {self.params.threshold}")
 
-    # after step 1
-    def receive_keys(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
-        """client -> its (c, s) public keys. Returns, per client that sent keys, its neighbours' keys."""
-        self.keys = dict(keys)
-        self._need(len(keys), "keys")
-        return {u: {v: keys[v] for v in self.graph[u] if v in keys} for u in keys}
+    # before step 1
+    def receive_identities(self, identities: dict[int, bytes]) -> dict[int, dict[int, bytes]]:
+        """client -> its registered identity public key. Returns, per client, its neighbours' keys."""
+        self._need(len(identities), "identities")
+        self.identities = dict(identities)
+        return {u: {v: identities[v] for v in self.graph[u] if v in identities} for u in identities}
 
-    # after step 2
-    def route_shares(self, sealed: dict[int, dict[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """sender -> {recipient: ciphertext}. Returns recipient -> {sender: ciphertext}, among
-        clients that sent their shares."""
-        self.shared = set(sealed)
+    # after step 1
+    def route_shares(self, replies: dict[int, tuple[bytes, dict[int, bytes]]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+        """sender -> (its s public key, {recipient: ciphertext}). Returns recipient -> {sender:
+        (ciphertext, sender's s public key)}, among clients that sent their shares."""
+        replies = {u: r for u, r in replies.items() if u in self.identities}
+        self.keys = {u: (self.identities[u], s_public) for u, (s_public, _) in replies.items()}
+        self.shared = set(replies)
         self._need(len(self.shared), "shares")
-        inbox: dict[int, dict[int, bytes]] = {u: {} for u in self.shared}
-        for sender, boxes in sealed.items():
+        inbox: dict[int, dict[int, tuple[bytes, bytes]]] = {u: {} for u in self.shared}
+        for sender, (s_public, boxes) in replies.items():
             for recipient, box in boxes.items():
                 if recipient in self.shared:
-                    inbox[recipient][sender] = box
+                    inbox[recipient][sender] = (box, s_public)
         return inbox
 
-    # after step 3
+    # after step 2
     def receive_masked(self, masked: dict[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
         """Sum the masked vectors. Returns, per alive client, (alive, dropped) neighbours to
         ask shares for."""
@@ -420,7 +443,7 @@ class SecAggServer:
         return {u: ([v for v in [*self.graph[u], u] if v in alive],
                     [v for v in self.graph[u] if v in dropped]) for u in self.alive}
 
-    # after step 4
+    # after step 3
     def unmask(self, answers: dict[int, dict[int, bytes]]) -> tuple[np.ndarray, int]:
         """holder -> {owner: share}. Returns (decoded sum of the alive clients' vectors, how
         many). Raises RoundAborted when a secret has fewer than t shares."""

@@ -180,7 +180,7 @@ def _secure_summary(settings: dict, history: list[dict]) -> dict:
     if not settings.get("secure-aggregation"):
         return {"enabled": False}
     rounds = history[1:] or history  # round 1 includes starting Ray's workers
-    steps = ("keys", "shares", "unmask", "unmask-compute")
+    steps = ("register", "shares", "unmask", "unmask-compute")
     extra = [sum(h["phase_seconds"].get(k, 0.0) for k in steps) for h in rounds]
     return {"enabled": True, "protocol": "SecAgg+ (X25519, HKDF-SHA256, AES-256-CTR masks, "
                                           "AES-GCM shares, Shamir over GF(2^521-1))",

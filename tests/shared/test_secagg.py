@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.secagg import (PRIME, ProtocolViolation, RoundAborted, SecAggClient, SecAggParams,
-                           SecAggServer, default_params, neighbour_graph, prg,
-                           quantisation_error_bound, shamir_combine, shamir_split)
+                           SecAggServer, default_params, identity_public, neighbour_graph, new_identity_key,
+                           prg, quantisation_error_bound, shamir_combine, shamir_split)
 
 
 class Transcript:
@@ -18,17 +18,24 @@ class Transcript:
         self.keys, self.sealed, self.masked, self.answers = {}, {}, {}, {}
 
 
+def start_round(n, params, round_id):
+    """Clients 1..n with registered identity keys, and the server holding those keys.
+    Returns (clients, server, each client's neighbours' identity keys)."""
+    identities = {u: new_identity_key() for u in range(1, n + 1)}
+    clients = {u: SecAggClient(u, params, round_id, identities[u]) for u in identities}
+    server = SecAggServer(n, params, round_id)
+    return clients, server, server.receive_identities({u: identity_public(k) for u, k in identities.items()})
+
+
 def run_round(n, params, vectors, *, drop_before_masking=(), drop_after_masking=(), seed=0,
               transcript=None):
     """One full round in process; returns (decoded sum, count)."""
     rng = np.random.default_rng(seed)
     round_id = secrets.token_bytes(8)
-    clients = {u: SecAggClient(u, params, round_id) for u in range(1, n + 1)}
-    server = SecAggServer(n, params, round_id)
-    keys = {u: c.public_keys() for u, c in clients.items()}
-    neighbour_keys = server.receive_keys(keys)
+    clients, server, neighbour_keys = start_round(n, params, round_id)
     sealed = {u: clients[u].share_keys(neighbour_keys[u]) for u in neighbour_keys}
     inbox = server.route_shares(sealed)
+    keys = dict(server.keys)
     masked = {u: clients[u].masked_input(vectors[u], inbox[u], rng)
               for u in inbox if u not in drop_before_masking}
     asks = server.receive_masked(masked)
@@ -115,16 +122,14 @@ def test_no_individual_update_is_recoverable_from_what_the_server_receives():
         assert not (kinds.count(b"b") >= params.threshold and kinds.count(b"s") >= params.threshold)
         assert not ({b"b", b"s"} <= set(kinds)), f"both kinds of share of client {owner} were sent"
     everything = b"".join([b"".join(k) for k in t.keys.values()] +
-                          [b"".join(box.values()) for box in t.sealed.values()])
-    assert b"fedrec" not in everything  # only keys and AES-GCM ciphertexts travel in steps 1-2
+                          [s_public + b"".join(boxes.values()) for s_public, boxes in t.sealed.values()])
+    assert b"fedrec" not in everything  # only public keys and AES-GCM ciphertexts travel in step 1
 
 
 def test_client_refuses_requests_that_would_unmask_someone():
     params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=5)
     round_id = b"r"
-    clients = {u: SecAggClient(u, params, round_id) for u in range(1, 6)}
-    server = SecAggServer(5, params, round_id)
-    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    clients, server, nk = start_round(5, params, round_id)
     inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
     rng = np.random.default_rng(0)
     for u in clients:
@@ -140,23 +145,24 @@ def test_client_refuses_requests_that_would_unmask_someone():
 
 def test_tampered_shares_are_rejected():
     params = SecAggParams(neighbours=2, threshold=2, clip=1.0, max_clients=3)
-    clients = {u: SecAggClient(u, params, b"r") for u in (1, 2, 3)}
-    server = SecAggServer(3, params, b"r")
-    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    clients, server, nk = start_round(3, params, b"r")
     inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
-    box = bytearray(inbox[1][2])
-    box[-1] ^= 1
+    box, s_public = inbox[1][2]
+    tampered = bytearray(box)
+    tampered[-1] ^= 1
     with pytest.raises(ProtocolViolation):
-        clients[1].masked_input(np.zeros(5), {**inbox[1], 2: bytes(box)}, np.random.default_rng(0))
+        clients[1].masked_input(np.zeros(5), {**inbox[1], 2: (bytes(tampered), s_public)}, np.random.default_rng(0))
+    # A server that swaps client 2's mask key for one it made is caught the same way.
+    swapped = identity_public(new_identity_key())
+    with pytest.raises(ProtocolViolation):
+        clients[1].masked_input(np.zeros(5), {**inbox[1], 2: (box, swapped)}, np.random.default_rng(0))
 
 
 def test_client_state_survives_a_restart_between_steps():
     n = 6
     params = default_params(n, clip=1.0)
     vectors = random_vectors(n, 50, 1.0)
-    clients = {u: SecAggClient(u, params, b"r9") for u in range(1, n + 1)}
-    server = SecAggServer(n, params, b"r9")
-    nk = server.receive_keys({u: c.public_keys() for u, c in clients.items()})
+    clients, server, nk = start_round(n, params, b"r9")
     sealed = {u: clients[u].share_keys(nk[u]) for u in nk}
     clients = {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
     inbox = server.route_shares(sealed)

@@ -2,7 +2,7 @@
 only masked vectors reach the server, dropouts are survived, too many abort the round."""
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import ServerApp
 
 from client.app import make_client_app
@@ -10,7 +10,7 @@ from server.aggregation import ServerConfig, ServerOptimizer
 from server.app import DEFAULTS, federation_config, initial_weights
 from server.federation import FedRecStrategy, _plain_round, _secure_round
 from shared.pipeline import DataConfig, prepare_data
-from shared.secagg import SecAggParams, quantisation_error_bound
+from shared.secagg import SecAggParams, new_identity_key, quantisation_error_bound
 from simulation.federated import simulate, write_store
 
 DEFAULTS_CAP = ServerConfig().weight_cap
@@ -83,8 +83,9 @@ def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors
     bound = e * (1 + params.clip) * DEFAULTS_CAP / 12
     worst = max(float(np.abs(r["plain"][k] - r["secure"][k]).max()) for k in r["plain"])
     assert 0 < worst <= bound, (worst, bound)
-    # Every reply the server got in the secure round: keys, sealed shares, one uint32 masked
-    # vector, shares for unmasking. No float array, no metrics, no example count.
+    # Every reply the server got in the secure round: identity keys (every node, once), mask
+    # keys and sealed shares, one uint32 masked vector, shares for unmasking. No float array,
+    # no metrics, no example count.
     kinds = {}
     for reply in r["replies"]:
         kind = reply.metadata.message_type
@@ -94,7 +95,7 @@ def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors
             if hasattr(record, "numpy") or name == "masked":
                 arrays = list(record.values())
                 assert [a.numpy().dtype for a in arrays] == [np.dtype(np.uint32)]
-    assert kinds == {f"train.secagg_{s}": 12 for s in ("keys", "shares", "masked", "unmask")}
+    assert kinds == {"train.secagg_register": 30, **{f"train.secagg_{s}": 12 for s in ("shares", "masked", "unmask")}}
 
 
 def _vanish(partitions, step):
@@ -126,3 +127,30 @@ def test_vanishing_clients_are_survived_or_abort_the_round_leaving_the_model(tmp
     else:
         assert record.accepted == 30 and not unchanged  # their masked inputs count
         assert not any("round aborted" in reason for reason in record.rejected)
+
+
+def test_a_node_that_lost_its_identity_key_sits_one_round_out_and_registers_again(tmp_path):
+    """A restarted node (its state gone) cannot open shares sealed to its old key: it refuses
+    the round's first step, the others finish without it, and it is registered afresh."""
+    def forget(msg: Message, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train.secagg_register" and int(context.node_config["partition-id"]) == 0 \
+                and "restarted" not in context.state:
+            # Restarted after registering: a new identity key, the old one gone.
+            context.state["secagg-identity"] = ConfigRecord({"private": new_identity_key()})
+            context.state["restarted"] = ConfigRecord({"once": True})
+        return reply
+
+    def body(grid, strategy, start):
+        strategy.cfg.clients_per_round = 30
+        _fresh(strategy, start)
+        first = _secure_round(grid, strategy, 1)
+        registered_after_first = len(strategy.secagg_identities)
+        second = _secure_round(grid, strategy, 2)
+        return {"first": first, "second": second, "registered_after_first": registered_after_first,
+                "registered_after_second": len(strategy.secagg_identities)}
+
+    r = run_in_simulation(tmp_path, body, mods=[forget])
+    assert r["first"].accepted == 29 and any("registered" in reason for reason in r["first"].rejected)
+    assert r["registered_after_first"] == 29
+    assert r["second"].accepted == 30 and r["registered_after_second"] == 30
