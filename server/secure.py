@@ -98,7 +98,7 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
     # Every node the first time (one exchange for the whole run), newcomers afterwards.
     new = list(grid.get_node_ids()) if not strategy.secagg_identities else nodes
     down, up, reasons = register(grid, strategy, new, cfg.timeout_s)
-    registered_in = time.perf_counter() - started
+    timings = {"register": time.perf_counter() - started} if down else {}
     sampled = len(nodes)
     nodes = [node for node in nodes if node in strategy.secagg_identities]
     if len(nodes) < 3:
@@ -107,14 +107,13 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
                     "round skipped", server_round, len(nodes))
         return {"sampled": sampled, "accepted": 0, "rejected": [*reasons, f"round skipped: {len(nodes)} to mask"],
                 "params": {}, "train_loss": float("nan"), "bytes_down": down, "bytes_up": up,
-                "seconds": time.perf_counter() - started, "phases": {"register": registered_in}}
+                "seconds": time.perf_counter() - started, "phases": timings}
     index = {node: i + 1 for i, node in enumerate(nodes)}
     node_of = {i: node for node, i in index.items()}
     params = cfg.secure.params(len(nodes), cfg.local.clip)
     round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
     server = SecAggServer(len(nodes), params, round_id)
     base = {"round-id": round_id}
-    timings = {"register": registered_in}
 
     def step(name, contents):
         nonlocal down, up

@@ -140,8 +140,10 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
                          "bytes_down_per_client": float(np.mean([r["bytes_down"] for r in mine])),
                          "bytes_up_per_client": float(np.mean([r["bytes_up"] for r in mine]))}
     ratio = {k: summary["secure"][k] / summary["plain"][k] for k in summary["plain"]}
+    registration = [r["phases"].get("register", 0.0) for r in rows if r["mode"] == "secure"][0]
     report = {"dataset": prepared.dataset.name, "clients_per_round": clients_per_round,
               "rounds_measured": len(measured) // 2, "secagg": rows[-1]["secagg"],
+              "registration_seconds": registration,  # once per run: every node's identity key
               "plain": summary["plain"], "secure": summary["secure"], "ratio_secure_over_plain": ratio,
               "rounds": rows}
     write_json(out / "secagg.json", report)
@@ -151,6 +153,8 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
           f"{summary[m]['bytes_up_per_client']:,.0f} |" for m in ("plain", "secure")],
         f"| secure / plain | {ratio['round_seconds_mean']:.2f}x | {ratio['bytes_down_per_client']:.3f}x | "
         f"{ratio['bytes_up_per_client']:.3f}x |"])
+    table += (f"\n\nOnce per run, before the first secure round: registering {len(prepared.split)} nodes' "
+              f"identity keys, {registration:.1f} s (in round 1, left out above with Ray's start).")
     (out / "secagg.md").write_text(f"# Secure aggregation overhead, {clients_per_round} clients a round\n\n{table}\n")
     print(table)
     return report

@@ -1,5 +1,3 @@
-import numpy as np
-
 from shared.preprocess import prepare
 from shared.synthetic import generate
 
@@ -28,7 +26,6 @@ def test_interest_drift_moves_the_topic_mix():
     f = ds.interactions.frame
     topic = dict(zip(ds.catalog.frame["item"], ds.catalog.frame["genres"]))
     f = f.assign(t=f["item"].map(topic).str[0], half=f.groupby("user").cumcount() >= f.groupby("user")["item"].transform("size") / 2)
-    share = f.groupby(["user", "half"])["t"].agg(lambda s: s.value_counts(normalize=True).max())
     changed = (f.groupby(["user", "half"])["t"].agg(lambda s: s.mode()[0]).unstack().nunique(axis=1) > 1).mean()
     assert changed > 0.2                                # a real share of users switch main topic
 

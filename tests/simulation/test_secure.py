@@ -154,3 +154,16 @@ def test_a_node_that_lost_its_identity_key_sits_one_round_out_and_registers_agai
     assert r["first"].accepted == 29 and any("registered" in reason for reason in r["first"].rejected)
     assert r["registered_after_first"] == 29
     assert r["second"].accepted == 30 and r["registered_after_second"] == 30
+
+
+def test_secagg_bench_writes_side_by_side_rounds_and_bytes(tmp_path):
+    from simulation.bench import run_secagg_bench
+    small = {k: v for k, v in SETTINGS.items() if k not in ("secagg-neighbours", "secagg-threshold")}
+    report = run_secagg_bench(DataConfig(dataset="synthetic:20x25", text_encoder="none", activity_features=False),
+                              tmp_path, clients_per_round=6, rounds=2, settings=small)
+    assert (tmp_path / "secagg.json").exists() and "secure / plain" in (tmp_path / "secagg.md").read_text()
+    assert [(r["round"], r["mode"]) for r in report["rounds"]] == [(1, "plain"), (1, "secure"), (2, "plain"), (2, "secure")]
+    assert all(r["accepted"] >= 5 for r in report["rounds"])  # users with one item may sit out plain rounds
+    assert report["registration_seconds"] > 0 and "register" not in report["rounds"][3]["phases"]
+    # The masked vector is as large as the float32 delta; keys and shares add a little.
+    assert 1.0 < report["ratio_secure_over_plain"]["bytes_up_per_client"] < 1.5
