@@ -16,11 +16,10 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.local import model_layout
 from shared.weighting import unit_weight
 from shared.secagg import (SecAggClient, SecAggParams, clip_l2, encode_contribution, identity_public,
                            new_identity_key)
-from shared.wire import flatten, from_record
+from shared.wire import flatten
 
 STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"
@@ -76,14 +75,13 @@ def handle_shares(msg: Message, context: Context) -> Message:
                   shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
 
 
-def handle_masked(msg: Message, context: Context, model, train: Callable, rng: np.random.Generator) -> Message:
-    """Train as in a plain round (`train(global_weights) -> (delta, metrics)`), then send only
-    the masked, quantised contribution. A client that refused to train (privacy budget)
+def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator) -> Message:
+    """Train as in a plain round (`train() -> (delta, metrics)`), then send only the masked,
+    quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others."""
     round_id = bytes(msg.content["secagg"]["round-id"])
     client = _load(context, round_id)
-    global_weights = from_record(msg.content["arrays"], model_layout(model))
-    delta, metrics = train(global_weights)
+    delta, metrics = train()
     c = msg.content["secagg"]
     weight = (unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
               if metrics["num-examples"] > 0 else 0.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.app import train_update
+from client.handlers import train_update
 from client.local import UserLog, shared_weights
 from client.privacy import PrivacyLedger, record_chunks
 from shared.model import ModelConfig, Recommender
