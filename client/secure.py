@@ -64,9 +64,11 @@ def handle_shares(msg: Message, context: Context) -> Message:
     c = msg.content["secagg"]
     identity = _identity(context)
     if identity is None or identity_public(identity) != bytes(c["identity"]):
-        # Neighbours would seal shares to a key this node cannot open: sit the round out.
-        raise RuntimeError("secure aggregation: this node's identity key is not the one the server "
-                           "registered (restarted?); it sits this round out and registers again")
+        # Neighbours would seal shares to a key this node cannot open (it restarted since it
+        # registered): sit this round out; the server registers its current key next time.
+        log.warning("secure aggregation: this node's identity key is not the one the server registered; "
+                    "sitting this round out")
+        return _reply(msg, secagg=ConfigRecord({"identity-lost": True}))
     params = SecAggParams(int(c["neighbours"]), int(c["threshold"]), float(c["clip"]), int(c["max-clients"]))
     client = SecAggClient(int(c["index"]), params, bytes(c["round-id"]), identity)
     s_public, sealed = client.share_keys(_ids(msg.content["neighbour-keys"]))

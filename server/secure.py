@@ -135,9 +135,14 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
                                     "max-clients": params.max_clients, "identity": registered[u]}),
             "neighbour-keys": ConfigRecord({str(v): key for v, key in keys.items()})})
             for u, keys in identities.items()})
+        for u in [u for u, c in shares.items() if c["secagg"].get("identity-lost")]:
+            # Restarted since it registered: it sits this round out and registers afresh next time.
+            reasons.append(f"node {node_of[u]}: holds another identity key than the one registered; "
+                           "sits the round out")
+            strategy.secagg_identities.pop(node_of[u])
+            del shares[u]
         for u in set(identities) - set(shares):
-            # It may have lost its identity key (a restarted node): register it afresh next time.
-            strategy.secagg_identities.pop(node_of[u], None)
+            strategy.secagg_identities.pop(node_of[u], None)  # silent or failed: ask for its key again
         inbox = server.route_shares({u: (bytes(c["secagg"]["s-public"]),
                                          {int(v): bytes(box) for v, box in c["shares"].items()})
                                      for u, c in shares.items()})
