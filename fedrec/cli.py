@@ -186,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
     privacy.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated target epsilons")
     privacy.add_argument("--modes", default="record,user", help="comma-separated: record, user, both")
     privacy.add_argument("--canaries", type=int, default=100, help="member canaries (as many non-members)")
+    compare = commands.add_parser("compare", help="is a difference between two kinds of run real? "
+                                  "Ratio of mean NDCG@10 with a bootstrap interval over users and seeds")
+    compare.add_argument("--baseline", type=Path, nargs="+", required=True, help="run folders (test_ranks.npy)")
+    compare.add_argument("--candidate", type=Path, nargs="+", required=True, help="run folders (test_ranks.npy)")
+    compare.add_argument("--out", type=Path, help="write compare.json here")
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True)
     speed.add_argument("--repeats", type=int, default=5)
@@ -202,6 +207,30 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def _compare(args) -> None:
+    import numpy as np
+    from shared.compare import compare_runs
+    from shared.report import write_json
+
+    def ranks(folder: Path):
+        path = folder / "test_ranks.npy"
+        if not path.exists():
+            raise DataError(f"{path}: no per-user test ranks (`fedrec train` writes them; older runs lack them)")
+        return np.load(path)
+
+    try:
+        report = compare_runs([ranks(f) for f in args.baseline], [ranks(f) for f in args.candidate])
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    report.update(baseline=[str(f) for f in args.baseline], candidate=[str(f) for f in args.candidate])
+    low, high = report["ratio_ci95"]
+    print(f"NDCG@10 baseline {report['baseline_ndcg@10']:.4f} ({report['baseline_runs']} runs), candidate "
+          f"{report['candidate_ndcg@10']:.4f} ({report['candidate_runs']} runs): candidate / baseline "
+          f"{report['ratio']:.4f}, 95% interval {low:.4f}-{high:.4f} ({report['users']} users)")
+    if args.out:
+        write_json(args.out / "compare.json", report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                               epsilons=tuple(float(e) for e in args.epsilons.split(",")),
                               modes=tuple(m.strip() for m in args.modes.split(",")),
                               canaries=args.canaries, progress=not args.quiet)
+        elif args.command == "compare":
+            _compare(args)
         elif args.command == "bench" and args.bench == "dp-speed":
             from simulation.dp_bench import run_dp_speed_bench
             run_dp_speed_bench(args.out, repeats=args.repeats)

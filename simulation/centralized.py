@@ -5,6 +5,7 @@ same split with the same model and the same evaluator. Writes to OUT:
   summary.json           metrics on the test stage, config, timings
   validation_curve.png   validation NDCG@10 by epoch
   model.pt               the best model (by validation NDCG@10) and what is needed to reload it
+  test_ranks.npy         each user's rank of their test item (for `fedrec compare`)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -78,8 +80,10 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(job.data, show_progress=progress)
     model, result = train_centralized(prepared, job, progress=progress)
-    test = evaluate(model_scorer(model), prepared.split, "test",
-                    sampled_negatives=job.sampled_negatives, seed=job.train.seed).metrics
+    evaluation = evaluate(model_scorer(model), prepared.split, "test",
+                          sampled_negatives=job.sampled_negatives, seed=job.train.seed)
+    test = evaluation.metrics
+    np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     torch.save({"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                 "item_ids": list(prepared.encoded.item_ids), "content": prepared.features.matrix},
                out / "model.pt")

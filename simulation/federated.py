@@ -125,7 +125,9 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     result = json.loads((out / "result.json").read_text())
     final = torch.load(out / "final.pt", weights_only=False)
     load_weights(scorer_model, final["weights"])
-    test = evaluate(model_scorer(scorer_model), prepared.split, "test").metrics
+    evaluation = evaluate(model_scorer(scorer_model), prepared.split, "test")
+    test = evaluation.metrics
+    np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     summary = {
         "dataset": prepared.dataset.name,

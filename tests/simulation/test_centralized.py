@@ -22,6 +22,9 @@ def test_train_writes_summary_plot_and_model(tmp_path, capsys):
     assert "sampled100_ndcg@10" in summary["sampled_metrics"]
     assert (out / "validation_curve.png").stat().st_size > 1000
     assert (out / "model.pt").is_file()
+    import numpy as np
+    ranks = np.load(out / "test_ranks.npy")  # one per user; their NDCG@10 is the reported one
+    assert abs(float(np.where(ranks <= 10, 1 / np.log2(ranks + 1.0), 0).mean()) - summary["metrics"]["ndcg@10"]) < 1e-9
     assert "NDCG@10" in capsys.readouterr().out
 
 

@@ -41,6 +41,7 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
     assert s["bytes_down"] > 0 and s["bytes_up"] > 0
     assert s["bytes_per_client_round"]["down"] > 0 and {"p50", "p90", "p99"} <= set(s["round_seconds"])
     assert s["privacy"] == {"mode": "none"}
+    assert (out / "test_ranks.npy").is_file()
     # Secure aggregation is the default: recorded with its parameters, no round aborted.
     sa = s["secure_aggregation"]
     assert sa["enabled"] and sa["aborted_rounds"] == 0 and sa["params_last_round"]["threshold"] >= 2
