@@ -5,8 +5,9 @@ docs/threat-model.md).
 
 The node's identity key (made at registration, once per run) and the round's secrets (the
 mask private key, the self-mask seed, the shares held for neighbours) live in this node's
-own Context state, never in a reply; a round's secrets are deleted after its last step. Local training happens in the "masked" step, so a client
-trains only once it is known to have enough neighbours to be unmasked.
+own Context state, never in a reply; a round's secrets are deleted after its last step.
+Local training happens in the "masked" step, so a client trains only once it is known to
+have enough neighbours to be unmasked.
 """
 from __future__ import annotations
 
