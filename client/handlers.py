@@ -18,6 +18,7 @@ from client.app import client_paths, ledger_path
 from client.local import (LocalConfig, UserLog, load_weights, local_metrics, local_update, model_layout,
                           zero_update)
 from client.privacy import PrivacyBudgetExceeded, PrivacyLedger, RecordPrivacy, private_local_update
+from shared.privacy import noise_share_std
 from shared.catalog_bundle import load_catalog
 from shared.model import ModelConfig, Recommender
 from shared.wire import from_record, to_record
@@ -51,7 +52,23 @@ def _record_privacy(config: ConfigRecord, node_config: dict) -> RecordPrivacy | 
     if "privacy-budget" in node_config:
         budget = min(budget, float(node_config["privacy-budget"]))
     return RecordPrivacy(float(config["record-noise"]), float(config["record-clip"]), int(config["record-window"]),
-                         budget, float(config["privacy-delta"]), str(config["privacy-accountant"]))
+                         budget, float(config["privacy-delta"]), str(config["privacy-accountant"]),
+                         int(config.get("noise-shares", 0)))
+
+
+def _noise_share_std(config: ConfigRecord) -> float:
+    """This client's share of the round's distributed DP noise (0: none), from the round's
+    parameters; the client checks them rather than taking a std from the server."""
+    shares = int(config.get("noise-shares", 0))
+    if not shares:
+        return 0.0
+    mode = str(config["privacy-mode"])
+    record = mode in ("record", "both")
+    user = mode in ("user", "both")
+    return noise_share_std(record_noise=float(config["record-noise"]) if record else 0.0,
+                           record_sensitivity=float(config["local-lr"]) * float(config["record-clip"]),
+                           user_noise=float(config["user-noise"]) if user else 0.0,
+                           user_clip=float(config["update-clip"]), shares=shares)
 
 
 def train_update(model: Recommender, global_weights: dict, user: UserLog, config: ConfigRecord,
@@ -86,6 +103,9 @@ def _seeded_rng(config: ConfigRecord, context: Context) -> np.random.Generator:
 
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     model, log, config = _setup(msg, context, settings)
+    if int(config.get("noise-shares", 0)):
+        # A plain reply would carry this client's update without its share of the noise.
+        raise ValueError("distributed DP noise needs secure aggregation; refusing a plain round")
     global_weights = from_record(msg.content["arrays"], model_layout(model))
     rng = _seeded_rng(config, context)
     started = time.perf_counter()
@@ -109,4 +129,4 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
     rng = _seeded_rng(config, context)
     global_weights = from_record(msg.content["arrays"], model_layout(model))
     train = functools.partial(train_update, model, global_weights, log, config, context, settings, rng)
-    return secure.handle_masked(msg, context, train, rng)
+    return secure.handle_masked(msg, context, train, rng, noise_std=_noise_share_std(config))

@@ -12,6 +12,14 @@ clipped sum by at most record_clip. The ledger composes these steps over every r
 client ever trained in. The server's random choice of clients would amplify the guarantee,
 but the client cannot check that choice, so the ledger does not count it.
 
+With distributed noise (`noise_shares` m > 0, secure aggregation only) the client's DP-SGD step
+adds no noise and sums its clipped chunk gradients: the delta is -lr x that sum. The caller then
+adds this client's share of the noise (client/secure.py, std total / sqrt(m)) before masking,
+so the server's sum of >= m contributions carries the full noise. The ledger accounts the full
+noise multiplier: the guarantee is conditional on secure aggregation (docs/privacy.md). It
+needs exactly one plain SGD step per round, because only then is the sum of the clients'
+updates the sum of their gradients plus the sum of their noise.
+
 The noise comes from the operating system's randomness, never from the run's seed: the server
 chooses that seed, and with it the server could subtract the noise.
 """
@@ -48,6 +56,7 @@ class RecordPrivacy:
     budget: float     # the client's total epsilon
     delta: float
     accountant: str = "rdp"
+    noise_shares: int = 0   # m > 0: distributed noise; the caller adds this client's share
 
 
 def record_chunks(history: np.ndarray, window: int) -> list[np.ndarray]:
@@ -118,6 +127,9 @@ def private_local_update(model, global_weights: Weights, user: UserLog, cfg: Loc
     touching the data) if the round would take the client past its budget."""
     if privacy.noise_multiplier < 0 or privacy.clip <= 0:
         raise ValueError("record-level DP needs a noise multiplier >= 0 and a positive clip")
+    if privacy.noise_shares and (cfg.local_epochs != 1 or cfg.optimizer != "sgd"):
+        raise ValueError("distributed noise needs one plain SGD step per round (local-epochs 1, "
+                         f"local-optimizer sgd), not {cfg.local_epochs} x {cfg.optimizer}")
     event = (privacy.noise_multiplier, 1.0, cfg.local_epochs)   # full batch: sample rate 1
     after = ledger.check(event, privacy.budget, privacy.delta, privacy.accountant)
     load_weights(model, global_weights)
@@ -130,9 +142,11 @@ def private_local_update(model, global_weights: Weights, user: UserLog, cfg: Loc
     base = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
             else torch.optim.SGD(model.parameters(), lr=cfg.lr))
     noise = torch.Generator().manual_seed(secrets.randbits(63))
+    # Distributed: Opacus clips and sums (batch size 1: a sum, not a mean); the noise comes later.
+    local_noise, batch = (0.0, 1) if privacy.noise_shares else (privacy.noise_multiplier, len(chunks))
     with per_example_gradients(model):
-        optimizer = DPOptimizer(base, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.clip,
-                                expected_batch_size=len(chunks), loss_reduction="mean", generator=noise)
+        optimizer = DPOptimizer(base, noise_multiplier=local_noise, max_grad_norm=privacy.clip,
+                                expected_batch_size=batch, loss_reduction="mean", generator=noise)
         model.train()
         losses = []
         for _ in range(cfg.local_epochs):
@@ -148,3 +162,4 @@ def private_local_update(model, global_weights: Weights, user: UserLog, cfg: Loc
     targets_count = float(sum(len(c) - 1 for c in chunks))
     return delta, {"num-examples": targets_count, "train-loss": float(np.mean(losses)),
                    "record-epsilon": after}
+

@@ -12,6 +12,7 @@ have enough neighbours to be unmasked.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 
 import numpy as np
@@ -78,23 +79,32 @@ def handle_shares(msg: Message, context: Context) -> Message:
                   shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
 
 
-def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator) -> Message:
+def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
+                  noise_std: float = 0.0) -> Message:
     """Train as in a plain round (`train() -> (delta, metrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
-    contributes weight 0: the server cannot tell it from the others."""
+    contributes weight 0: the server cannot tell it from the others. With distributed DP
+    (`noise_std` > 0) the contribution gets this client's noise share, refusing or not."""
     round_id = bytes(msg.content["secagg"]["round-id"])
     client = _load(context, round_id)
     delta, metrics = train()
     c = msg.content["secagg"]
     weight = (unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
               if metrics["num-examples"] > 0 else 0.0)
-    flat = clip_l2(flatten(delta).astype(np.float64), client.params.clip)
+    # Under distributed noise the server widens params.clip to leave the noise room: the
+    # update itself is held to the round's update clip, which the noise is calibrated to.
+    clip = float(msg.content["config"]["update-clip"]) if noise_std > 0 else client.params.clip
+    flat = clip_l2(flatten(delta).astype(np.float64), clip)
     if not np.isfinite(flat).all():
         # The plain server would drop this reply; here a weight-0 zero vector keeps the masks
         # consistent and the round averages the others.
         log.warning("non-finite local update: contributing weight 0 this round")
         flat, weight = np.zeros_like(flat), 0.0
     vector = encode_contribution(flat, weight, metrics["train-loss"])
+    if noise_std > 0:
+        # After the weight: a weight-0 client still adds its noise share. A coordinate past
+        # the bound takes a > 10-sigma draw (the server's sizing); clamped so the sum cannot wrap.
+        vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
     boxes, mask_keys = _ids(msg.content["inbox"]), _ids(msg.content["mask-keys"])
     if set(boxes) != set(mask_keys):
         raise RuntimeError("secure aggregation: the inbox and the mask keys name different senders")
@@ -110,3 +120,9 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     shares = client.unmask_shares(list(c["alive"]), list(c.get("dropped", [])))
     del context.state[STATE_KEY]  # the round is over for this client: forget its secrets
     return _reply(msg, shares=ConfigRecord({str(owner): share for owner, share in shares.items()}))
+
+
+def add_noise_share(vector: np.ndarray, std: float) -> np.ndarray:
+    """`vector` plus this client's share of distributed Gaussian DP noise. The generator is
+    seeded from the OS, never from the run's seed, which the server knows."""
+    return vector + np.random.default_rng(secrets.randbits(128)).normal(0.0, std, size=vector.shape)

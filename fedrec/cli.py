@@ -112,6 +112,10 @@ def _add_federated(p: argparse.ArgumentParser) -> None:
                    help="record level: L2 bound of one record's gradient")
     g.add_argument("--record-window", type=int, default=d["record-window"],
                    help="record level: interactions per record (at most --max-len + 1)")
+    g.add_argument("--distributed-noise", action="store_true",
+                   help="each client adds a share of the DP noise and only the secure sum carries "
+                        "all of it: the guarantee then also holds against the server, conditional on "
+                        "secure aggregation (docs/privacy.md)")
     g.add_argument("--compare-with", help="a centralized run's output folder, drawn on the same chart")
     g.add_argument("--eval-rounds", type=int, default=40,
                    help="score the global model on the validation items every this many rounds")
@@ -133,6 +137,16 @@ def _check_privacy_flags(args: argparse.Namespace) -> None:
                          f"{args.max_len + 1}")
     if args.privacy in ("user", "both") and args.update_clip <= 0:
         _usage_error("user-level DP needs --update-clip > 0 (it bounds one user's update)")
+    if args.distributed_noise:
+        if args.privacy == "none":
+            _usage_error("--distributed-noise needs --privacy record, user or both")
+        if not args.secure_aggregation:
+            _usage_error("--distributed-noise needs secure aggregation (drop --no-secure-aggregation)")
+        if args.privacy in ("record", "both") and (args.local_epochs != 1 or args.local_optimizer != "sgd"):
+            _usage_error("--distributed-noise with record-level DP needs --local-epochs 1 and "
+                         "--local-optimizer sgd (one plain SGD step per round)")
+        if args.update_clip <= 0:
+            _usage_error("--distributed-noise needs --update-clip > 0")
 
 
 def _usage_error(message: str) -> None:
@@ -154,7 +168,8 @@ def _federated_job(args: argparse.Namespace):
                 "secagg-threshold": args.secagg_threshold, "secagg-dropout": args.secagg_dropout,
                 "refit-fraction": args.refit_fraction, "privacy": args.privacy,
                 "target-epsilon": args.target_epsilon, "delta": args.delta, "dp-accountant": args.dp_accountant,
-                "record-clip": args.record_clip, "record-window": args.record_window}
+                "record-clip": args.record_clip, "record-window": args.record_window,
+                "distributed-noise": args.distributed_noise}
     return FederatedJob(data=replace(job.data, activity_features=False), model=job.model,
                         settings=settings, eval_every=args.eval_rounds, compare_with=args.compare_with)
 

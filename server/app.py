@@ -34,7 +34,7 @@ DEFAULTS = {
     "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
     "refit-fraction": 0.1, "eval-every": 0, "eval-clients": 100, "final-test": True,
     "privacy": "none", "target-epsilon": 8.0, "delta": 1e-5, "dp-accountant": "rdp",
-    "record-clip": 1.0, "record-window": 51,
+    "record-clip": 1.0, "record-window": 51, "distributed-noise": False,
 }
 
 
@@ -57,13 +57,26 @@ def federation_config(run_config: dict) -> FederationConfig:
                             threshold=int(c["secagg-threshold"]), dropout=float(c["secagg-dropout"])),
         privacy=PrivacyConfig(mode=str(c["privacy"]), target_epsilon=float(c["target-epsilon"]),
                               delta=float(c["delta"]), accountant=str(c["dp-accountant"]),
-                              record_clip=float(c["record-clip"]), record_window=int(c["record-window"])))
+                              record_clip=float(c["record-clip"]), record_window=int(c["record-window"]),
+                              distributed_noise=bool(c["distributed-noise"])))
 
 
 def check_privacy(cfg: FederationConfig) -> None:
-    if cfg.privacy.record and cfg.privacy.record_window - 1 > cfg.model["max_len"]:
-        raise ValueError(f"record-window {cfg.privacy.record_window} needs max-len >= "
-                         f"{cfg.privacy.record_window - 1} (it is {cfg.model['max_len']})")
+    p, local = cfg.privacy, cfg.local
+    if p.record and p.record_window - 1 > cfg.model["max_len"]:
+        raise ValueError(f"record-window {p.record_window} needs max-len >= "
+                         f"{p.record_window - 1} (it is {cfg.model['max_len']})")
+    if p.distributed_noise:
+        if p.mode == "none":
+            raise ValueError("distributed-noise needs a privacy mode (record, user or both)")
+        if not cfg.secure.enabled:
+            raise ValueError("distributed-noise needs secure aggregation: without it the server "
+                             "would see each update with only its own small share of the noise")
+        if p.record and (local.local_epochs != 1 or local.optimizer != "sgd"):
+            raise ValueError("distributed-noise with record-level DP needs local-epochs 1 and "
+                             f"local-optimizer sgd (got {local.local_epochs} and {local.optimizer})")
+        if local.clip <= 0:
+            raise ValueError("distributed-noise needs update-clip > 0 (it bounds each contribution)")
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:

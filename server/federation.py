@@ -101,7 +101,8 @@ class FedRecStrategy(Strategy):
     def resolve_privacy(self, grid: Grid) -> None:
         self.clients = len(list(grid.get_node_ids()))
         self.privacy = resolve(self.cfg.privacy, rounds=self.cfg.rounds, clients_per_round=self.cfg.clients_per_round,
-                               clients=self.clients, local_epochs=self.cfg.local.local_epochs)
+                               clients=self.clients, local_epochs=self.cfg.local.local_epochs,
+                               dropout=self.cfg.secure.dropout)
         if self.privacy.mode != "none":
             log.info("privacy: %s", json.dumps(self.privacy.to_dict()))
 
@@ -111,7 +112,8 @@ class FedRecStrategy(Strategy):
             return {"privacy-mode": "none"}
         return {"privacy-mode": p.mode, "privacy-budget": p.target_epsilon, "privacy-delta": p.delta,
                 "privacy-accountant": p.accountant, "record-noise": p.record_noise,
-                "record-clip": p.record_clip, "record-window": p.record_window}
+                "record-clip": p.record_clip, "record-window": p.record_window,
+                "user-noise": p.user_noise, "noise-shares": p.noise_shares}
 
     def expected_clients(self) -> float:
         """The data-independent denominator of a user-level DP round."""
@@ -119,7 +121,10 @@ class FedRecStrategy(Strategy):
 
     def average(self, total: np.ndarray, weight: float) -> np.ndarray:
         """The round's mean update from the sum of contributions: DP-FedAvg under user-level
-        DP (unit weights, noise, expected count), else the weighted mean."""
+        DP (unit weights, noise, expected count), else the weighted mean. With distributed
+        noise the clients' shares are already in the sum: no noise is added here."""
+        if self.privacy.user and self.privacy.distributed_noise:
+            return (total / self.expected_clients()).astype(np.float32)
         if self.privacy.user:
             return dp_mean(total, self.expected_clients(), self.privacy.user_noise, self.cfg.local.clip,
                            self.private_rng)
@@ -322,7 +327,10 @@ def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:
     p = strategy.privacy
     if p.mode == "none":
         return {"mode": "none"}
-    out = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant}
+    out = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
+           "noise": "distributed" if p.distributed_noise else "record: on each client; user: on the server"}
+    if p.distributed_noise:
+        out["noise_shares"] = p.noise_shares
     if p.record:
         reported = [h["metrics"]["privacy"]["record_epsilon_max"] for h in history
                     if (h["metrics"].get("privacy") or {}).get("record_epsilon_max") is not None]
@@ -332,7 +340,9 @@ def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:
             "noise_multiplier": p.record_noise, "clip": p.record_clip,
             "planned_participations": p.planned_participations,
             "refusals": sum((h["metrics"].get("privacy") or {}).get("refused", 0) for h in history),
-            "note": "each client's ledger stops it at epsilon; sampling by the server is not counted"}
+            "note": "each client's ledger stops it at epsilon; sampling by the server is not counted"
+                    + ("; conditional on secure aggregation and >= noise_shares clients' noise in every sum"
+                       if p.distributed_noise else "")}
     if p.user:
         out["user"] = {"unit": "one user's whole contribution", "epsilon": user_epsilon(p, len(history)),
                        "noise_multiplier": p.user_noise, "clip": strategy.cfg.local.clip,

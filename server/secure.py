@@ -72,6 +72,19 @@ def _exchange(grid: Grid, step: str, contents: dict[int, RecordDict], timeout: f
     return replies, down, up, dropped
 
 
+def secagg_clip(strategy) -> float:
+    """The L2 clip that sizes the fixed-point bound. With distributed DP noise each coordinate
+    also carries a noise share: the bound leaves room for 10 of its standard deviations."""
+    from shared.privacy import noise_share_std
+    p, local = strategy.privacy, strategy.cfg.local
+    if not p.distributed_noise:
+        return local.clip
+    std = noise_share_std(record_noise=p.record_noise if p.record else 0.0,
+                          record_sensitivity=local.lr * p.record_clip,
+                          user_noise=p.user_noise if p.user else 0.0, user_clip=local.clip, shares=p.noise_shares)
+    return local.clip + 10 * std
+
+
 def register(grid: Grid, strategy, nodes: list[int], timeout: float) -> tuple[int, int, list[str]]:
     """Learn the identity keys of `nodes` (ones not registered yet). Returns (bytes down, bytes
     up, reasons nodes failed); a node that fails is simply not registered (asked again later)."""
@@ -110,7 +123,7 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
                 "seconds": time.perf_counter() - started, "phases": timings}
     index = {node: i + 1 for i, node in enumerate(nodes)}
     node_of = {i: node for node, i in index.items()}
-    params = cfg.secure.params(len(nodes), cfg.local.clip)
+    params = cfg.secure.params(len(nodes), secagg_clip(strategy))
     round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
     server = SecAggServer(len(nodes), params, round_id)
     base = {"round-id": round_id}
@@ -149,7 +162,8 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         arrays = to_record(strategy.optimizer.weights())
         train_config = strategy.round_config(server_round, {})
         # User-level DP counts every user once (unit weights): its sensitivity is per user.
-        weighting = "uniform" if strategy.privacy.user else cfg.server.weighting
+        # Distributed noise needs them too: every share enters the sum at the same scale.
+        weighting = "uniform" if strategy.privacy.user or strategy.privacy.distributed_noise else cfg.server.weighting
         secagg_config = ConfigRecord({**base, "weighting": weighting, "weight-cap": cfg.server.weight_cap})
         masked = step("masked", {node_of[u]: RecordDict({
             "arrays": arrays, "config": train_config, "secagg": secagg_config,
@@ -173,6 +187,10 @@ def secure_round(grid: Grid, strategy, server_round: int) -> dict:
         t = time.perf_counter()
         total, count = server.unmask({u: {int(o): bytes(s) for o, s in c["shares"].items()}
                                       for u, c in answers.items()})
+        shares = strategy.privacy.noise_shares
+        if strategy.privacy.distributed_noise and count < shares:
+            raise RoundAborted(f"{count} contributions in the sum, fewer than the {shares} whose "
+                               "noise shares the privacy guarantee counts on")
         _, weight, loss = decode_mean(total)
         mean = strategy.average(total[:-2], weight)
         timings["unmask-compute"] = time.perf_counter() - t

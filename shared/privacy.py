@@ -13,6 +13,15 @@ Two units of protection (docs/privacy.md says what each protects and against who
           (McMahan et al., ICLR 2018, "DP-FedAvg"). Accounted over the rounds with sampling
           rate q.
 
+Distributed noise (`distributed_noise`, needs secure aggregation): instead of the client (record)
+or the server (user) adding the whole noise, each sampled client adds an independent share of
+std total / sqrt(m) to its already clipped contribution, and only the securely aggregated sum of
+at least m contributions is ever seen. The sum then carries at least the full noise. The
+guarantee is conditional: it holds against the server and anyone else as long as secure
+aggregation holds (docs/threat-model.md) and at least m clients' noise is in every applied sum
+(the server discards a round with fewer). m = `noise_shares`, sized so that the round survives
+`dropout` of its clients. A client's noise share alone protects it only weakly.
+
 Noise multipliers come from the target epsilon by Opacus's `get_noise_multiplier`. Epsilons
 come from its RDP accountant (default) or PRV accountant. tests/shared/test_privacy.py checks
 them against Google's dp-accounting.
@@ -45,8 +54,10 @@ class PrivacyConfig:
                                           # the number of rounds a client is sampled into
     record_noise: float = 0.0     # noise multipliers, resolved by `resolve` before a run
     user_noise: float = 0.0
+    distributed_noise: bool = False  # noise added in shares by the clients (needs secure aggregation)
     planned_participations: int = 0
     user_sample_rate: float = 0.0
+    noise_shares: int = 0         # m: fewest clients whose noise shares every applied sum holds
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -100,14 +111,27 @@ def planned_participations(rounds: int, sample_rate: float, quantile: float) -> 
     return max(1, int(binom.ppf(quantile, rounds, min(sample_rate, 1.0))))
 
 
+def noise_shares(clients_per_round: int, clients: int, poisson: bool, dropout: float) -> int:
+    """m for distributed noise: the fewest contributions a round may sum. With Poisson sampling
+    (user level) the round size varies, so m starts from its 0.1% quantile; either way it
+    leaves room for `dropout` of the round's clients to drop."""
+    from scipy.stats import binom
+    q = min(clients_per_round / clients, 1.0)
+    drawn = int(binom.ppf(1e-3, clients, q)) if poisson else min(clients_per_round, clients)
+    return max(1, math.floor((1 - dropout) * drawn))
+
+
 def resolve(cfg: PrivacyConfig, *, rounds: int, clients_per_round: int, clients: int,
-            local_epochs: int) -> PrivacyConfig:
+            local_epochs: int, dropout: float = 0.1) -> PrivacyConfig:
     """Fill in the noise multipliers for a planned run of `rounds` rounds that samples
-    `clients_per_round` of `clients` each round."""
+    `clients_per_round` of `clients` each round (and m, for distributed noise, surviving
+    `dropout` of a round's clients)."""
     if cfg.mode == "none":
         return cfg
     q = min(clients_per_round / clients, 1.0)
     out = PrivacyConfig(**{**cfg.to_dict(), "user_sample_rate": q if cfg.user else 0.0})
+    if cfg.distributed_noise:
+        out.noise_shares = noise_shares(clients_per_round, clients, cfg.user, dropout)
     if cfg.record:
         out.planned_participations = planned_participations(rounds, q, cfg.participation_quantile)
         out.record_noise = noise_for(cfg.target_epsilon, cfg.delta, 1.0,
@@ -115,6 +139,16 @@ def resolve(cfg: PrivacyConfig, *, rounds: int, clients_per_round: int, clients:
     if cfg.user:
         out.user_noise = noise_for(cfg.target_epsilon, cfg.delta, q, rounds, cfg.accountant)
     return out
+
+
+def noise_share_std(*, record_noise: float, record_sensitivity: float, user_noise: float,
+                    user_clip: float, shares: int) -> float:
+    """Std of one client's distributed noise share. The summed shares of `shares` clients must
+    carry noise_multiplier x sensitivity for each unit in force: record_sensitivity is what
+    one record can move a client's contribution (local lr x record clip, one SGD step), the
+    user clip what a whole user can. A unit with noise multiplier 0 is not in force."""
+    total = max(record_noise * record_sensitivity, user_noise * user_clip)
+    return total / math.sqrt(shares)
 
 
 def user_epsilon(cfg: PrivacyConfig, rounds_done: int) -> float:

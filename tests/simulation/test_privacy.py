@@ -53,6 +53,39 @@ def test_both_levels_under_secure_aggregation_spend_the_planned_epsilons(tmp_pat
     assert ledgers and all(epsilon(json.loads(f.read_text())["history"], 1e-5) <= 4.0 for f in ledgers)
 
 
+def test_distributed_record_noise_runs_under_secure_aggregation_and_clients_account_the_full_noise(tmp_path):
+    out = tmp_path / "distributed"
+    assert main(["train", "--mode", "federated", "--privacy", "record", "--distributed-noise",
+                 "--target-epsilon", "4", "--out", str(out), *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    p, secure = s["privacy"], s["secure_aggregation"]
+    assert secure["enabled"] and secure["aborted_rounds"] == 0
+    assert p["noise"] == "distributed" and p["noise_shares"] == 5      # 90% of 6 clients a round
+    # The fixed-point bound leaves room for 10 noise-share deviations beyond the update clip.
+    share = p["noise_multiplier"] * 1.0 * 1.0 / math.sqrt(5)          # lr x record clip, over sqrt(m)
+    assert secure["params_last_round"]["clip"] == pytest.approx(5.0 + 10 * share)
+    ledgers = list((out / "store" / "users").glob("*.privacy.json"))
+    assert ledgers
+    for path in ledgers:    # the ledger counts the whole noise (the sum's), not the client's share
+        history = json.loads(path.read_text())["history"]
+        assert history[0][0] == pytest.approx(p["noise_multiplier"]) and epsilon(history, 1e-5) <= 4.0
+
+
+def test_noise_shares_of_m_clients_sum_to_the_full_noise():
+    from client.secure import add_noise_share
+    from shared.privacy import noise_share_std, noise_shares
+    assert noise_shares(25, 943, poisson=False, dropout=0.1) == 22
+    assert noise_shares(25, 943, poisson=True, dropout=0.1) < noise_shares(25, 943, poisson=False, dropout=0.1)
+    std = noise_share_std(record_noise=3.0, record_sensitivity=0.5, user_noise=0.0, user_clip=5.0, shares=16)
+    assert std == pytest.approx(3.0 * 0.5 / 4)
+    # "both": the larger of the two units' noise, so each unit gets at least its own.
+    assert noise_share_std(record_noise=3.0, record_sensitivity=0.5, user_noise=1.0, user_clip=5.0,
+                           shares=16) == pytest.approx(5.0 / 4)
+    total = sum(add_noise_share(np.zeros(50_000), std) for _ in range(16))
+    assert total.std() == pytest.approx(3.0 * 0.5, rel=0.02)
+    assert not np.array_equal(add_noise_share(np.zeros(8), std), add_noise_share(np.zeros(8), std))
+
+
 def test_dp_mean_divides_by_the_expected_count_and_adds_noise_of_the_stated_std():
     rng = np.random.default_rng(0)
     total = np.zeros(200_000)
@@ -97,6 +130,9 @@ def test_canaries_are_one_record_at_the_start_of_member_logs_and_a_trained_one_i
     (["--privacy", "user", "--update-clip", "0"], "needs --update-clip > 0"),
     (["--privacy", "both", "--delta", "2"], "--delta in (0, 1)"),
     (["--privacy", "record", "--target-epsilon", "0"], "--target-epsilon must be > 0"),
+    (["--privacy", "record", "--distributed-noise", "--no-secure-aggregation"], "needs secure aggregation"),
+    (["--privacy", "record", "--distributed-noise", "--local-epochs", "2"], "needs --local-epochs 1"),
+    (["--distributed-noise"], "--distributed-noise needs --privacy"),
 ])
 def test_bad_privacy_flags_are_a_usage_error_before_anything_runs(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as stop:
