@@ -19,8 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from shared.weighting import unit_weight
-from shared.secagg import (SecAggClient, SecAggParams, clip_l2, encode_contribution, identity_public,
-                           new_identity_key)
+from shared.secagg import (ProtocolViolation, SecAggClient, SecAggParams, clip_l2, encode_contribution,
+                           identity_public, new_identity_key)
 from shared.wire import flatten
 
 STATE_KEY = "secagg"
@@ -87,6 +87,11 @@ def handle_masked(msg: Message, context: Context, train: Callable, rng: np.rando
     (`noise_std` > 0) the contribution gets this client's noise share, refusing or not."""
     round_id = bytes(msg.content["secagg"]["round-id"])
     client = _load(context, round_id)
+    shares = int(msg.content["config"].get("noise-shares", 0))
+    if noise_std > 0 and shares > client.params.max_clients:
+        # More shares than the round has clients: the sum would carry less noise than claimed.
+        raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
+                                f"{client.params.max_clients} clients")
     delta, metrics = train()
     c = msg.content["secagg"]
     weight = (unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))

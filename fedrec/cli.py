@@ -138,11 +138,12 @@ def _check_privacy_flags(args: argparse.Namespace) -> None:
     if args.privacy in ("user", "both") and args.update_clip <= 0:
         _usage_error("user-level DP needs --update-clip > 0 (it bounds one user's update)")
     if args.distributed_noise:
-        if args.privacy == "none":
+        sweep = getattr(args, "bench", None) == "privacy"   # its modes come from --modes
+        if args.privacy == "none" and not sweep:
             _usage_error("--distributed-noise needs --privacy record, user or both")
         if not args.secure_aggregation:
             _usage_error("--distributed-noise needs secure aggregation (drop --no-secure-aggregation)")
-        if args.privacy in ("record", "both") and (args.local_epochs != 1 or args.local_optimizer != "sgd"):
+        if (args.privacy in ("record", "both") or sweep) and (args.local_epochs != 1 or args.local_optimizer != "sgd"):
             _usage_error("--distributed-noise with record-level DP needs --local-epochs 1 and "
                          "--local-optimizer sgd (one plain SGD step per round)")
         if args.update_clip <= 0:

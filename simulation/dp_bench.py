@@ -120,6 +120,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
             if progress:
                 print(f"--- privacy {mode}, epsilon {_eps_label(eps)} -> {run_dir}", flush=True)
             settings = {**job.settings, "privacy": mode, "target-epsilon": eps}
+            if mode == "none":  # the reference run has no noise to distribute
+                settings["distributed-noise"] = False
             run_federated(replace(job, settings=settings), run_dir, progress=progress, prepared=with_canaries)
         summary = json.loads((run_dir / "summary.json").read_text())
         model = build_model(with_canaries, job.model)
