@@ -209,3 +209,17 @@ def test_prg_is_deterministic_per_seed_and_differs_across_seeds():
     a, b = secrets.token_bytes(32), secrets.token_bytes(32)
     assert np.array_equal(prg(a, 100), prg(a, 100))
     assert not np.array_equal(prg(a, 100), prg(b, 100))
+
+
+def test_distributed_noise_shares_survive_masking_and_sum_to_the_full_noise():
+    """Ten of twelve clients reach the sum, each with a zero update plus its noise share
+    (m = 10): the unmasked sum carries the full noise std, as the privacy guarantee needs."""
+    from client.secure import add_noise_share
+    n, m, full, d = 12, 10, 0.5, 20_000
+    share = full / np.sqrt(m)
+    params = default_params(n, clip=1.0 + 10 * share)
+    vectors = {u: np.clip(add_noise_share(np.zeros(d), share), -params.bound, params.bound) for u in range(1, n + 1)}
+    total, count = run_round(n, params, vectors, drop_before_masking=(11, 12))
+    assert count == m
+    assert total.std() == pytest.approx(full, rel=0.03)
+    assert np.abs(total - sum(vectors[u] for u in range(1, m + 1))).max() <= quantisation_error_bound(params, m)
