@@ -99,6 +99,10 @@ def register(grid: Grid, strategy, nodes: list[int], timeout: float) -> tuple[in
             strategy.secagg_identities[node] = key
         else:
             failed.append(f"node {node}: no valid identity key in its registration")
+    if failed:
+        log.warning("secure aggregation: %d of %d node(s) not registered (asked again when sampled): %s",
+                    len(contents) - len(strategy.secagg_identities.keys() & contents.keys()), len(contents),
+                    "; ".join(failed[:3]))
     return down, up, failed
 
 
