@@ -145,12 +145,13 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
         r["ndcg_vs_non_private"] = r["ndcg@10"] / baseline if baseline else None
     report = {"dataset": prepared.dataset.name, "rounds": job.settings.get("rounds"),
               "clients_per_round": job.settings.get("clients-per-round"), "delta": delta,
+              "noise": "distributed" if job.settings.get("distributed-noise") else "local (record) / server (user)",
               "canaries": {"members": canaries, "non_members": canaries, "window": window,
                            "attack": "next-item loss on the canary, lower = member"},
               "rows": rows}
     write_json(out / "privacy.json", report)
     lines = [f"# Privacy-utility sweep: {report['dataset']}, {report['rounds']} rounds, "
-             f"{report['clients_per_round']} clients a round, delta {delta:g}", "",
+             f"{report['clients_per_round']} clients a round, delta {delta:g}, noise {report['noise']}", "",
              "| mode | target epsilon | noise multiplier | NDCG@10 | vs no DP | HR@10 | attack AUC | AUC bound |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
