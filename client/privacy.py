@@ -162,4 +162,3 @@ def private_local_update(model, global_weights: Weights, user: UserLog, cfg: Loc
     targets_count = float(sum(len(c) - 1 for c in chunks))
     return delta, {"num-examples": targets_count, "train-loss": float(np.mean(losses)),
                    "record-epsilon": after}
-
