@@ -58,17 +58,15 @@ def _record_privacy(config: ConfigRecord, node_config: dict) -> RecordPrivacy | 
 
 def _noise_share_std(config: ConfigRecord) -> float:
     """This client's share of the round's distributed DP noise (0: none), from the round's
-    parameters; the client checks them rather than taking a std from the server."""
+    parameters; the client checks them rather than taking a std from the server. A unit not
+    in force has noise multiplier 0."""
     shares = int(config.get("noise-shares", 0))
     if not shares:
         return 0.0
-    mode = str(config["privacy-mode"])
-    record = mode in ("record", "both")
-    user = mode in ("user", "both")
-    return noise_share_std(record_noise=float(config["record-noise"]) if record else 0.0,
+    return noise_share_std(record_noise=float(config["record-noise"]),
                            record_sensitivity=float(config["local-lr"]) * float(config["record-clip"]),
-                           user_noise=float(config["user-noise"]) if user else 0.0,
-                           user_clip=float(config["update-clip"]), shares=shares)
+                           user_noise=float(config["user-noise"]), user_clip=float(config["update-clip"]),
+                           shares=shares)
 
 
 def train_update(model: Recommender, global_weights: dict, user: UserLog, config: ConfigRecord,

@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from shared.privacy import noise_share_std
 from shared.secagg import RoundAborted, SecAggParams, SecAggServer, decode_mean, default_params
 from shared.wire import to_record, unflatten
 
@@ -75,13 +76,11 @@ def _exchange(grid: Grid, step: str, contents: dict[int, RecordDict], timeout: f
 def secagg_clip(strategy) -> float:
     """The L2 clip that sizes the fixed-point bound. With distributed DP noise each coordinate
     also carries a noise share: the bound leaves room for 10 of its standard deviations."""
-    from shared.privacy import noise_share_std
     p, local = strategy.privacy, strategy.cfg.local
     if not p.distributed_noise:
         return local.clip
-    std = noise_share_std(record_noise=p.record_noise if p.record else 0.0,
-                          record_sensitivity=local.lr * p.record_clip,
-                          user_noise=p.user_noise if p.user else 0.0, user_clip=local.clip, shares=p.noise_shares)
+    std = noise_share_std(record_noise=p.record_noise, record_sensitivity=local.lr * p.record_clip,
+                          user_noise=p.user_noise, user_clip=local.clip, shares=p.noise_shares)
     return local.clip + 10 * std
 
 
@@ -100,9 +99,9 @@ def register(grid: Grid, strategy, nodes: list[int], timeout: float) -> tuple[in
         else:
             failed.append(f"node {node}: no valid identity key in its registration")
     if failed:
+        missing = sum(node not in strategy.secagg_identities for node in contents)
         log.warning("secure aggregation: %d of %d node(s) not registered (asked again when sampled): %s",
-                    len(contents) - len(strategy.secagg_identities.keys() & contents.keys()), len(contents),
-                    "; ".join(failed[:3]))
+                    missing, len(contents), "; ".join(failed[:3]))
     return down, up, failed
 
 

@@ -146,7 +146,7 @@ def noise_share_std(*, record_noise: float, record_sensitivity: float, user_nois
     """Std of one client's distributed noise share. The summed shares of `shares` clients must
     carry noise_multiplier x sensitivity for each unit in force: record_sensitivity is what
     one record can move a client's contribution (local lr x record clip, one SGD step), the
-    user clip what a whole user can. A unit with noise multiplier 0 is not in force."""
+    user clip what a whole user can. A unit not in force has noise multiplier 0 (`resolve`)."""
     total = max(record_noise * record_sensitivity, user_noise * user_clip)
     return total / math.sqrt(shares)
 
