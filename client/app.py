@@ -1,46 +1,22 @@
 """The Flower ClientApp (Message API): a thin adapter around `client.local`.
 
-Where the client's data lives:
-  * on a device (a SuperNode), node config `user-log=PATH` (its own log, `UserLog` .npz) and
-    `catalog=PATH` (the public catalog bundle);
-  * in simulation, run config `store=DIR` plus node config `partition-id`: the log is
-    DIR/users/<partition-id>.npz and the catalog DIR/catalog.npz.
+Where the client's data lives: client/store.py. What each message carries: shared/protocol.py.
 
 This module stays light (Flower, numpy, the secure-aggregation steps): training and
 evaluation live in client/handlers.py, imported on first use, because in deployment every
 message starts a fresh ClientApp process and torch + Opacus take seconds to import.
 
-A train message carries the global weights ("arrays") and a "config" record (round, model
-shape, local training settings). The reply carries "delta" (trained - global, one flat
-float32 vector like "arrays", see shared/wire.py) and "metrics" (num-examples, train-loss,
-train-seconds). With secure aggregation a round is three messages instead (client/secure.py)
-and the reply holds only a masked vector. An evaluate message gets
-"metrics" with this one user's HR/NDCG/MRR @10 for the requested stage. Nothing else.
+A train message's reply carries the delta (trained - global) and its metrics (num-examples,
+train-loss, train-seconds). With secure aggregation a round is three messages instead
+(client/secure.py) and the reply holds only a masked vector. An evaluate message gets this one
+user's HR/NDCG/MRR @10 for the requested stage. Nothing else.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import secure
-
-
-def client_paths(node_config: dict, run_config: dict) -> tuple[Path, Path]:
-    """(user log, catalog bundle) for this node."""
-    if "user-log" in node_config:
-        return Path(str(node_config["user-log"])), Path(str(node_config["catalog"]))
-    store = Path(str(run_config["store"]))
-    return store / "users" / f"{int(node_config['partition-id'])}.npz", store / "catalog.npz"
-
-
-def ledger_path(node_config: dict, run_config: dict) -> Path:
-    """This client's privacy ledger: node config `privacy-ledger`, else beside its log."""
-    if "privacy-ledger" in node_config:
-        return Path(str(node_config["privacy-ledger"]))
-    log_path, _ = client_paths(node_config, run_config)
-    return log_path.with_name(log_path.name.removesuffix(".npz") + ".privacy.json")
 
 
 class FedRecClientApp(ClientApp):

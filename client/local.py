@@ -1,10 +1,12 @@
 """What one client does with its private log: plain functions, no Flower.
 
-A client holds one user's log (`UserLog`: training items, validation item, test item, as
-catalog indices) and the public catalog (content features). In a round it
+A client holds one user's log (`client.store.UserLog`) and the public catalog (content
+features). In a round it
   1. loads the global shared weights into its local copy of the model,
-  2. trains them for `local_epochs` passes over its own history,
-  3. answers with the change (trained - global) and its number of training targets.
+  2. trains them for `local_epochs` passes over its own history, each pass one `LocalStep`:
+     a plain step here, a DP-SGD step from client/privacy.py (same loop, same clip),
+  3. answers with the change (trained - global), clipped to the update clip, and its number
+     of training targets.
 For evaluation it ranks the whole catalog for its held-out item and answers with that one
 user's metric values (HR, NDCG, MRR @K): never the item, its history or its rank list.
 
@@ -13,79 +15,17 @@ the client keeps no per-user parameter that could leak or that the server would 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from shared.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
-from shared.model import Recommender
-from shared.training import left_pad, train_steps
-from shared.wire import Layout, Weights
-
-
-
-@dataclass(frozen=True)
-class UserLog:
-    """One user's private behaviour log in catalog indices, oldest first."""
-    train: np.ndarray  # (T,) items trained on
-    valid: int         # second-last item: validation target
-    test: int          # last item: test target (trained on by nobody)
-
-    def history(self, stage: str) -> np.ndarray:
-        """The items the user had touched before the `stage` target."""
-        if stage == "valid":
-            return self.train
-        if stage == "test":
-            return np.append(self.train, self.valid)
-        raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
-
-    def target(self, stage: str) -> int:
-        return self.valid if stage == "valid" else self.test
-
-    def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, train=self.train, valid=self.valid, test=self.test)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "UserLog":
-        with np.load(path) as f:
-            return cls(f["train"].astype(np.int64), int(f["valid"]), int(f["test"]))
-
-
-@dataclass
-class LocalConfig:
-    """Local training on one client, per round."""
-    local_epochs: int = 2       # passes over the user's own history
-    lr: float = 1e-3
-    optimizer: str = "adam"     # "adam" or "sgd"; fresh every round (no state kept)
-    train_on: str = "valid"     # "valid": train items only; "test": train + validation item
-    clip: float = 0.0           # >0: scale the whole delta down to this L2 norm at most (bounds
-                                # one user's influence; needed by secure aggregation and DP)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def shared_weights(model: Recommender) -> Weights:
-    """The weights every client trains and the server aggregates: all trainable parameters.
-    Buffers (content features, ID hashing) are public catalog data and never travel."""
-    return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
-
-
-def model_layout(model: Recommender) -> Layout:
-    """Names and shapes of the shared weights, in wire order (shared.wire)."""
-    return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
-
-
-def load_weights(model: Recommender, weights: Weights) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(torch.from_numpy(np.asarray(value)))
+from client.store import UserLog
+from shared.evaluation.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
+from shared.model.recommender import Recommender, load_weights, shared_weights
+from shared.model.training import left_pad, train_steps
+from shared.protocol import LocalConfig, TrainMetrics, Weights, clip_update, zero_update
 
 
 def user_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
@@ -98,48 +38,64 @@ def user_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:
     return windows
 
 
+class LocalStep:
+    """One local epoch of training: the plain one. client/privacy.py's DP-SGD step overrides
+    how the history is cut into examples, how the optimizer is wrapped, and the step itself."""
+
+    def begin(self) -> None:
+        """Before the data is touched (the DP step checks its privacy budget here)."""
+
+    def examples(self, history: np.ndarray, max_len: int) -> list[np.ndarray]:
+        return user_windows(history, max_len)
+
+    @contextlib.contextmanager
+    def optimizer(self, model: Recommender, base: torch.optim.Optimizer,
+                  examples: list[np.ndarray]) -> Iterator[torch.optim.Optimizer]:
+        yield base
+
+    def step(self, model: Recommender, optimizer: torch.optim.Optimizer, examples: list[np.ndarray],
+             rng: np.random.Generator) -> float:
+        return train_steps(model, optimizer, examples, batch_size=len(examples), rng=rng)
+
+    def finish(self, metrics: TrainMetrics, trained: bool) -> TrainMetrics:
+        """After training (the DP step writes its ledger and reports its epsilon here)."""
+        return metrics
+
+
+def make_optimizer(model: Recommender, cfg: LocalConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+
+
 def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg: LocalConfig,
-                 rng: np.random.Generator) -> tuple[Weights, dict[str, float]]:
+                 rng: np.random.Generator, step: LocalStep | None = None) -> tuple[Weights, TrainMetrics]:
     """Train the global weights on this user's history; returns (delta, metrics)."""
+    step = step or LocalStep()
+    step.begin()
     load_weights(model, global_weights)
-    history = log.history(cfg.train_on)
-    windows = user_windows(history, model.cfg.max_len)
-    if not windows:  # one item: no next-item target; the server skips a zero-example reply
-        return zero_update(global_weights), {"num-examples": 0.0, "train-loss": float("nan")}
-    optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
-                 else torch.optim.SGD(model.parameters(), lr=cfg.lr))
-    losses = [train_steps(model, optimizer, windows, batch_size=len(windows), rng=rng)
-              for _ in range(cfg.local_epochs)]
+    examples = step.examples(log.history(cfg.train_on), model.cfg.max_len)
+    if not examples:  # one item: no next-item target; the server skips a zero-example reply
+        return zero_update(global_weights), step.finish(TrainMetrics(0.0), trained=False)
+    model.train()
+    with step.optimizer(model, make_optimizer(model, cfg), examples) as optimizer:
+        losses = [step.step(model, optimizer, examples, rng) for _ in range(cfg.local_epochs)]
     trained = shared_weights(model)
-    delta = clip_delta({name: trained[name] - global_weights[name] for name in trained}, cfg.clip)
-    return delta, {"num-examples": float(len(history) - 1), "train-loss": float(np.mean(losses))}
-
-
-def zero_update(weights: Weights) -> Weights:
-    """The reply of a client that did not train: no change to any weight."""
-    return {name: np.zeros_like(v) for name, v in weights.items()}
-
-
-def clip_delta(delta: Weights, clip: float) -> Weights:
-    """Scale the whole update down to L2 norm `clip` at most (0: no clipping)."""
-    if clip <= 0:
-        return delta
-    norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
-    if norm <= clip:
-        return delta
-    return {name: d * np.float32(clip / norm) for name, d in delta.items()}
+    delta = clip_update({name: trained[name] - global_weights[name] for name in trained}, cfg.clip)
+    targets = float(sum(len(e) - 1 for e in examples))
+    return delta, step.finish(TrainMetrics(targets, float(np.mean(losses))), trained=True)
 
 
 @torch.no_grad()
 def local_metrics(model: Recommender, log: UserLog, stage: str, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """This user's HR/NDCG/MRR @K for the `stage` target, by full ranking with the history
-    excluded: the same definition as `shared.evaluation.evaluate`, for one user."""
+    excluded: the same definition as `shared.evaluation.ranking.evaluate`, for one user."""
     model.eval()
     history = log.history(stage)
     user = model.user_vector(left_pad([history], model.cfg.max_len))
     scores = exclude_seen(model.score_all(user).double().numpy(), [history])
     rank = target_ranks(scores, np.array([log.target(stage)]))
-    out = {"users": 1.0}
+    out = {}
     for k in ks:
         out[f"hr@{k}"] = float(hit_rate(rank, k)[0])
         out[f"ndcg@{k}"] = float(ndcg(rank, k)[0])

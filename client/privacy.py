@@ -4,7 +4,7 @@ keeps this client's privacy spending across rounds and restarts.
 A record is a chunk of up to `record_window` consecutive interactions of the user's log. Chunks
 are disjoint, so each interaction is in exactly one record, and each chunk is one training
 sequence on its own. One local epoch is one DP-SGD step over all of the client's chunks:
-  * Opacus computes each chunk's gradient (shared.dp_grad for the item tower) and clips it
+  * Opacus computes each chunk's gradient (shared.privacy.dp_grad for the item tower) and clips it
     to L2 norm `record_clip`;
   * it adds Gaussian noise of std noise_multiplier x record_clip to their sum.
 One step is one Gaussian mechanism on the chunk set. Adding or removing one chunk moves the
@@ -25,10 +25,10 @@ chooses that seed, and with it the server could subtract the noise.
 """
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import secrets
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,13 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
-from client.local import LocalConfig, UserLog, clip_delta, load_weights, shared_weights, zero_update
-from shared.dp_grad import per_example_gradients
-from shared.privacy import Event, epsilon
-from shared.training import left_pad, per_example_loss
-from shared.wire import Weights
+from client.local import LocalStep
+from client.store import read_ledger, write_ledger
+from shared.model.training import left_pad, per_example_loss
+from shared.privacy.accounting import Event, epsilon
+from shared.privacy.dp_grad import per_example_gradients
+from shared.protocol import TrainMetrics
+from shared.settings import distributed_noise_problems
 
 # The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
 # it must, and torch warns about exactly that on every step.
@@ -71,20 +73,15 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 
 class PrivacyLedger:
-    """This client's privacy spending: a JSON file beside its log, written (atomically, and
-    synced to disk) before an update leaves the client. A crash after the write and before the
-    send counts a round that was not used. That errs on the side of privacy."""
+    """This client's privacy spending, kept in a file of the device's store (client/store.py),
+    written before an update leaves the client. A crash after the write and before the send
+    counts a round that was not used. That errs on the side of privacy."""
+
+    UNIT = "one record (chunk of the log)"
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.history: list[Event] = []
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                self.history = [tuple(e) for e in data["history"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to "
-                                 "guess what was spent") from None
+        self.history: list[Event] = read_ledger(self.path)
 
     def spent(self, delta: float, accountant: str = "rdp") -> float:
         return epsilon(self.history, delta, accountant)
@@ -101,13 +98,7 @@ class PrivacyLedger:
 
     def record(self, event: Event) -> None:
         self.history = _compose(self.history, event)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"history": self.history, "unit": "one record (chunk of the log)",
-                       "accountant_history_format": "[noise multiplier, sample rate, steps]"}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        write_ledger(self.path, self.history, self.UNIT)
 
 
 def _compose(history: list[Event], event: Event) -> list[Event]:
@@ -119,46 +110,55 @@ def _compose(history: list[Event], event: Event) -> list[Event]:
     return history + [(noise, rate, steps)]
 
 
-def private_local_update(model, global_weights: Weights, user: UserLog, cfg: LocalConfig,
-                         privacy: RecordPrivacy, ledger: PrivacyLedger,
-                         rng: np.random.Generator) -> tuple[Weights, dict[str, float]]:
-    """`client.local.local_update` with DP-SGD: returns (delta, metrics), metrics including
-    this client's record-level epsilon after the round. Raises PrivacyBudgetExceeded (before
-    touching the data) if the round would take the client past its budget."""
-    if privacy.noise_multiplier < 0 or privacy.clip <= 0:
-        raise ValueError("record-level DP needs a noise multiplier >= 0 and a positive clip")
-    if privacy.noise_shares and (cfg.local_epochs != 1 or cfg.optimizer != "sgd"):
-        raise ValueError("distributed noise needs one plain SGD step per round (local-epochs 1, "
-                         f"local-optimizer sgd), not {cfg.local_epochs} x {cfg.optimizer}")
-    event = (privacy.noise_multiplier, 1.0, cfg.local_epochs)   # full batch: sample rate 1
-    after = ledger.check(event, privacy.budget, privacy.delta, privacy.accountant)
-    load_weights(model, global_weights)
-    chunks = record_chunks(user.history(cfg.train_on), privacy.window)
-    if not chunks:
-        return zero_update(global_weights), {"num-examples": 0.0, "train-loss": float("nan"),
-                                             "record-epsilon": ledger.spent(privacy.delta, privacy.accountant)}
-    inputs = left_pad([c[:-1] for c in chunks], privacy.window - 1)
-    targets = left_pad([c[1:] for c in chunks], privacy.window - 1)
-    base = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
-            else torch.optim.SGD(model.parameters(), lr=cfg.lr))
-    noise = torch.Generator().manual_seed(secrets.randbits(63))
-    # Distributed: Opacus clips and sums (batch size 1: a sum, not a mean); the noise comes later.
-    local_noise, batch = (0.0, 1) if privacy.noise_shares else (privacy.noise_multiplier, len(chunks))
-    with per_example_gradients(model):
-        optimizer = DPOptimizer(base, noise_multiplier=local_noise, max_grad_norm=privacy.clip,
-                                expected_batch_size=batch, loss_reduction="mean", generator=noise)
-        model.train()
-        losses = []
-        for _ in range(cfg.local_epochs):
-            optimizer.zero_grad(set_to_none=True)
-            loss = per_example_loss(model, inputs, targets).mean()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    # Spent: written down before anything derived from the data leaves this client.
-    ledger.record(event)
-    trained = shared_weights(model)
-    delta = clip_delta({name: trained[name] - global_weights[name] for name in trained}, cfg.clip)
-    targets_count = float(sum(len(c) - 1 for c in chunks))
-    return delta, {"num-examples": targets_count, "train-loss": float(np.mean(losses)),
-                   "record-epsilon": after}
+class DPStep(LocalStep):
+    """The local step of client.local.local_update, made record-level DP-SGD: examples are
+    the log's disjoint records, Opacus clips each record's gradient and adds the noise, and
+    the ledger is checked before the data is touched and written before anything leaves."""
+
+    def __init__(self, privacy: RecordPrivacy, ledger: PrivacyLedger, local_epochs: int, optimizer: str):
+        if privacy.noise_multiplier < 0 or privacy.clip <= 0:
+            raise ValueError("record-level DP needs a noise multiplier >= 0 and a positive clip")
+        if privacy.noise_shares:
+            # The server said so too, but a client cannot trust it: the rule is checked here again.
+            problems = distributed_noise_problems("record", True, local_epochs, optimizer, 1.0)
+            if problems:
+                raise ValueError(problems[0])
+        self.privacy, self.ledger = privacy, ledger
+        self.event: Event = (privacy.noise_multiplier, 1.0, local_epochs)   # full batch: sample rate 1
+        self.after = 0.0
+
+    def begin(self) -> None:
+        p = self.privacy
+        self.after = self.ledger.check(self.event, p.budget, p.delta, p.accountant)
+
+    def examples(self, history: np.ndarray, max_len: int) -> list[np.ndarray]:
+        return record_chunks(history, self.privacy.window)
+
+    @contextlib.contextmanager
+    def optimizer(self, model, base: torch.optim.Optimizer,
+                  examples: list[np.ndarray]) -> Iterator[torch.optim.Optimizer]:
+        noise = torch.Generator().manual_seed(secrets.randbits(63))
+        # Distributed: Opacus clips and sums (batch size 1: a sum, not a mean); the noise comes later.
+        distributed = bool(self.privacy.noise_shares)
+        with per_example_gradients(model):
+            yield DPOptimizer(base, noise_multiplier=0.0 if distributed else self.privacy.noise_multiplier,
+                              max_grad_norm=self.privacy.clip, expected_batch_size=1 if distributed else len(examples),
+                              loss_reduction="mean", generator=noise)
+
+    def step(self, model, optimizer: torch.optim.Optimizer, examples: list[np.ndarray],
+             rng: np.random.Generator) -> float:
+        inputs = left_pad([c[:-1] for c in examples], self.privacy.window - 1)
+        targets = left_pad([c[1:] for c in examples], self.privacy.window - 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = per_example_loss(model, inputs, targets).mean()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def finish(self, metrics: TrainMetrics, trained: bool) -> TrainMetrics:
+        if trained:
+            self.ledger.record(self.event)   # spent: written down before anything derived from the data leaves
+            metrics.record_epsilon = self.after
+        else:
+            metrics.record_epsilon = self.ledger.spent(self.privacy.delta, self.privacy.accountant)
+        return metrics

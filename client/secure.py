@@ -16,12 +16,14 @@ import secrets
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from shared.weighting import unit_weight
-from shared.secagg import (ProtocolViolation, SecAggClient, SecAggParams, clip_l2, encode_contribution,
-                           identity_public, new_identity_key)
-from shared.wire import flatten
+from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_masked_reply, pack_register_reply,
+                             pack_shares_reply, pack_unmask_reply, unit_weight, unpack_masked_request,
+                             unpack_shares_request, unpack_unmask_request)
+from shared.secagg.client import SecAggClient, identity_public, new_identity_key
+from shared.secagg.fixed_point import encode_contribution
+from shared.secagg.params import ProtocolViolation, SecAggParams
 
 STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"
@@ -40,12 +42,8 @@ def _load(context: Context, round_id: bytes) -> SecAggClient:
     return SecAggClient.from_state({k: bytes(v) for k, v in record.items()})
 
 
-def _ids(record: ConfigRecord) -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in record.items()}
-
-
-def _reply(msg: Message, **records) -> Message:
-    return Message(content=RecordDict(records), reply_to=msg)
+def _reply(msg: Message, content: RecordDict) -> Message:
+    return Message(content=content, reply_to=msg)
 
 
 def _identity(context: Context) -> bytes | None:
@@ -59,72 +57,69 @@ def handle_register(msg: Message, context: Context) -> Message:
     if identity is None:
         identity = new_identity_key()
         context.state[IDENTITY_KEY] = ConfigRecord({"private": identity})
-    return _reply(msg, secagg=ConfigRecord({"identity": identity_public(identity)}))
+    return _reply(msg, pack_register_reply(identity_public(identity)))
 
 
 def handle_shares(msg: Message, context: Context) -> Message:
-    c = msg.content["secagg"]
+    request = unpack_shares_request(msg.content)
     identity = _identity(context)
-    if identity is None or identity_public(identity) != bytes(c["identity"]):
+    if identity is None or identity_public(identity) != request.identity:
         # Neighbours would seal shares to a key this node cannot open (it restarted since it
         # registered): sit this round out; the server registers its current key next time.
         log.warning("secure aggregation: this node's identity key is not the one the server registered; "
                     "sitting this round out")
-        return _reply(msg, secagg=ConfigRecord({"identity-lost": True}))
-    params = SecAggParams(int(c["neighbours"]), int(c["threshold"]), float(c["clip"]), int(c["max-clients"]))
-    client = SecAggClient(int(c["index"]), params, bytes(c["round-id"]), identity)
-    s_public, sealed = client.share_keys(_ids(msg.content["neighbour-keys"]))
+        return _reply(msg, pack_shares_reply(SharesReply(identity_lost=True)))
+    params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients)
+    client = SecAggClient(request.index, params, request.round_id, identity)
+    s_public, sealed = client.share_keys(request.neighbour_keys)
     _save(context, client)
-    return _reply(msg, secagg=ConfigRecord({"s-public": s_public}),
-                  shares=ConfigRecord({str(v): box for v, box in sealed.items()}))
+    return _reply(msg, pack_shares_reply(SharesReply(s_public, sealed)))
 
 
 def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
-                  noise_std: float = 0.0) -> Message:
-    """Train as in a plain round (`train() -> (delta, metrics)`), then send only the masked,
+                  config: RoundConfig, noise_std: float = 0.0) -> Message:
+    """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others. With distributed DP
     (`noise_std` > 0) the contribution gets this client's noise share, refusing or not."""
-    round_id = bytes(msg.content["secagg"]["round-id"])
-    client = _load(context, round_id)
-    shares = int(msg.content["config"].get("noise-shares", 0))
+    request = unpack_masked_request(msg.content)
+    client = _load(context, request.round_id)
+    shares = config.privacy.noise_shares
     if noise_std > 0 and shares > client.params.max_clients:
         # More shares than the round has clients: the sum would carry less noise than claimed.
         raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
                                 f"{client.params.max_clients} clients")
     delta, metrics = train()
-    c = msg.content["secagg"]
-    weight = (unit_weight(metrics["num-examples"], str(c["weighting"]), float(c["weight-cap"]))
-              if metrics["num-examples"] > 0 else 0.0)
+    weight = (unit_weight(metrics.num_examples, request.weighting, request.weight_cap)
+              if metrics.num_examples > 0 else 0.0)
     # Under distributed noise the server widens params.clip to leave the noise room: the
     # update itself is held to the round's update clip, which the noise is calibrated to.
-    clip = float(msg.content["config"]["update-clip"]) if noise_std > 0 else client.params.clip
+    clip = config.local.clip if noise_std > 0 else client.params.clip
     flat = clip_l2(flatten(delta).astype(np.float64), clip)
     if not np.isfinite(flat).all():
         # The plain server would drop this reply; here a weight-0 zero vector keeps the masks
         # consistent and the round averages the others.
         log.warning("non-finite local update: contributing weight 0 this round")
         flat, weight = np.zeros_like(flat), 0.0
-    vector = encode_contribution(flat, weight, metrics["train-loss"])
+    vector = encode_contribution(flat, weight, metrics.train_loss)
     if noise_std > 0:
         # After the weight: a weight-0 client still adds its noise share. A coordinate past
         # the bound takes a > 10-sigma draw (the server's sizing); clamped so the sum cannot wrap.
         vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
-    boxes, mask_keys = _ids(msg.content["inbox"]), _ids(msg.content["mask-keys"])
-    if set(boxes) != set(mask_keys):
+    if set(request.inbox) != set(request.mask_keys):
         raise RuntimeError("secure aggregation: the inbox and the mask keys name different senders")
-    masked = client.masked_input(vector, {u: (boxes[u], mask_keys[u]) for u in boxes}, rng)
+    masked = client.masked_input(vector, {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox}, rng)
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
-    return _reply(msg, masked=ArrayRecord({"masked": Array(masked)}))
+    return _reply(msg, pack_masked_reply(masked))
 
 
 def handle_unmask(msg: Message, context: Context) -> Message:
-    c = msg.content["secagg"]
-    client = _load(context, bytes(c["round-id"]))
-    shares = client.unmask_shares(list(c["alive"]), list(c.get("dropped", [])))
+    request = unpack_unmask_request(msg.content)
+    client = _load(context, request.round_id)
+    shares = client.unmask_shares(request.alive, request.dropped)
     del context.state[STATE_KEY]  # the round is over for this client: forget its secrets
-    return _reply(msg, shares=ConfigRecord({str(owner): share for owner, share in shares.items()}))
+    return _reply(msg, pack_unmask_reply(shares))
 
 
 def add_noise_share(vector: np.ndarray, std: float) -> np.ndarray:

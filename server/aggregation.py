@@ -16,23 +16,23 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from shared.weighting import client_weight
-from shared.wire import Weights
+from shared.protocol import Weights, client_weight
+from shared.settings import default
 
 
 
 @dataclass
 class ServerConfig:
-    optimizer: str = "fedavg"   # "fedavg" | "fedavgm" | "fedadam"
-    lr: float = 1.0             # server learning rate (1.0 with fedavg = plain averaging)
+    optimizer: str = default("server-optimizer")  # "fedavg" | "fedavgm" | "fedadam"
+    lr: float = default("server-lr")  # server learning rate (1.0 with fedavg = plain averaging)
     momentum: float = 0.9       # fedavgm only
     betas: tuple[float, float] = (0.9, 0.99)  # fedadam only
-    eps: float = 1e-8           # fedadam's tau (adaptivity; Reddi et al. tune it per task)
-    weighting: str = "examples"  # "examples": by training targets; "uniform": one vote per user
+    eps: float = default("server-eps")  # fedadam's tau (adaptivity; Reddi et al. tune it per task)
+    weighting: str = default("weighting")  # "examples": by training targets; "uniform": one vote per user
     max_examples: float = 10_000.0  # a claimed weight above this is rejected as absurd
     weight_cap: float = 1_000.0  # "examples" weighting counts at most this many per client,
                                  # so no single user dominates a round (also bounds secure sums)
-    averaging: float = 0.95     # >0: also keep an exponential average of the global weights over
+    averaging: float = default("server-averaging")  # >0: also keep an exponential average of the global weights over
                                 # rounds (this decay); it is what gets evaluated and shipped
 
     def to_dict(self) -> dict:

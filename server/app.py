@@ -14,90 +14,64 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.local import LocalConfig, shared_weights
 from server.aggregation import ServerConfig
 from server.federation import FederationConfig, RoundHook, run_federation
 from server.secure import SecureConfig
-from shared.catalog_bundle import load_catalog
-from shared.model import ModelConfig, Recommender
-from shared.privacy import PrivacyConfig
+from shared.data.catalog_bundle import load_catalog
+from shared.model.config import ModelHyper
+from shared.model.recommender import build_recommender, shared_weights
+from shared.privacy.accounting import PrivacyConfig
+from shared.protocol import LocalConfig
 from shared.report import write_json
-
-DEFAULTS = {
-    "store": "runs/store/ml-100k", "out": "runs/federated",
-    "rounds": 700, "clients-per-round": 25, "seed": 0,
-    "local-epochs": 1, "local-lr": 1.0, "local-optimizer": "sgd", "train-on": "valid",
-    "update-clip": 5.0,
-    "server-optimizer": "fedadam", "server-lr": 1e-2, "server-eps": 1e-8, "weighting": "examples",
-    "server-averaging": 0.95,
-    "secure-aggregation": True, "secagg-neighbours": 0, "secagg-threshold": 0, "secagg-dropout": 0.1,
-    "dim": 64, "layers": 2, "heads": 2, "max-len": 50, "dropout": 0.3, "id-buckets": 4096,
-    "refit-fraction": 0.1, "eval-every": 0, "eval-clients": 100, "final-test": True,
-    "privacy": "none", "target-epsilon": 8.0, "delta": 1e-5, "dp-accountant": "rdp",
-    "record-clip": 1.0, "record-window": 51, "distributed-noise": False,
-}
+from shared.settings import default, read_run_config
 
 
 def federation_config(run_config: dict) -> FederationConfig:
-    c = {**DEFAULTS, **run_config}
+    """The federation from run-config keys (shared/settings.py), checked there first."""
+    c = read_run_config(run_config)
     return FederationConfig(
-        rounds=int(c["rounds"]), clients_per_round=int(c["clients-per-round"]), seed=int(c["seed"]),
-        local=LocalConfig(local_epochs=int(c["local-epochs"]), lr=float(c["local-lr"]),
-                          optimizer=str(c["local-optimizer"]), train_on=str(c["train-on"]),
-                          clip=float(c["update-clip"])),
-        server=ServerConfig(optimizer=str(c["server-optimizer"]), lr=float(c["server-lr"]),
-                            eps=float(c["server-eps"]), weighting=str(c["weighting"]),
-                            averaging=float(c["server-averaging"])),
-        model={"dim": int(c["dim"]), "layers": int(c["layers"]), "heads": int(c["heads"]),
-               "max_len": int(c["max-len"]), "dropout": float(c["dropout"]),
-               "id_buckets": int(c["id-buckets"])},
-        refit_fraction=float(c["refit-fraction"]), eval_every=int(c["eval-every"]), eval_clients=int(c["eval-clients"]),
-        final_test=bool(c["final-test"]),
-        secure=SecureConfig(enabled=bool(c["secure-aggregation"]), neighbours=int(c["secagg-neighbours"]),
-                            threshold=int(c["secagg-threshold"]), dropout=float(c["secagg-dropout"])),
-        privacy=PrivacyConfig(mode=str(c["privacy"]), target_epsilon=float(c["target-epsilon"]),
-                              delta=float(c["delta"]), accountant=str(c["dp-accountant"]),
-                              record_clip=float(c["record-clip"]), record_window=int(c["record-window"]),
-                              distributed_noise=bool(c["distributed-noise"])))
-
-
-def check_privacy(cfg: FederationConfig) -> None:
-    p, local = cfg.privacy, cfg.local
-    if p.record and p.record_window - 1 > cfg.model["max_len"]:
-        raise ValueError(f"record-window {p.record_window} needs max-len >= "
-                         f"{p.record_window - 1} (it is {cfg.model['max_len']})")
-    if p.distributed_noise:
-        if p.mode == "none":
-            raise ValueError("distributed-noise needs a privacy mode (record, user or both)")
-        if not cfg.secure.enabled:
-            raise ValueError("distributed-noise needs secure aggregation: without it the server "
-                             "would see each update with only its own small share of the noise")
-        if p.record and (local.local_epochs != 1 or local.optimizer != "sgd"):
-            raise ValueError("distributed-noise with record-level DP needs local-epochs 1 and "
-                             f"local-optimizer sgd (got {local.local_epochs} and {local.optimizer})")
-        if local.clip <= 0:
-            raise ValueError("distributed-noise needs update-clip > 0 (it bounds each contribution)")
+        rounds=c["rounds"], clients_per_round=c["clients-per-round"], seed=c["seed"],
+        local=LocalConfig(local_epochs=c["local-epochs"], lr=c["local-lr"], optimizer=c["local-optimizer"],
+                          train_on=c["train-on"], clip=c["update-clip"]),
+        server=ServerConfig(optimizer=c["server-optimizer"], lr=c["server-lr"], eps=c["server-eps"],
+                            weighting=c["weighting"], averaging=c["server-averaging"]),
+        model=ModelHyper(dim=c["dim"], layers=c["layers"], heads=c["heads"], max_len=c["max-len"],
+                         dropout=c["dropout"], id_buckets=c["id-buckets"], content=c["content"]),
+        refit_fraction=c["refit-fraction"], eval_every=c["federated-eval-every"], eval_clients=c["eval-clients"],
+        final_test=c["final-test"], min_nodes=c["min-nodes"], wait_for_nodes_s=c["wait-for-nodes"],
+        secure=SecureConfig(enabled=c["secure-aggregation"], neighbours=c["secagg-neighbours"],
+                            threshold=c["secagg-threshold"], dropout=c["secagg-dropout"]),
+        privacy=PrivacyConfig(mode=c["privacy"], target_epsilon=c["target-epsilon"], delta=c["delta"],
+                              accountant=c["dp-accountant"], record_clip=c["record-clip"],
+                              record_window=c["record-window"], distributed_noise=c["distributed-noise"]))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
     catalog = load_catalog(catalog_path)
     torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig(n_items=catalog.n_items, content_dim=catalog.content_dim, **cfg.model)
-    content = torch.from_numpy(catalog.content) if catalog.content_dim else None
-    return shared_weights(Recommender(model_cfg, content))
+    return shared_weights(build_recommender(cfg.model, catalog.n_items,
+                                            catalog.content if catalog.content_dim else None))
+
+
+class NoRoundTrained(RuntimeError):
+    """Every round was skipped or aborted: there is no trained model to ship."""
 
 
 def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, progress=None) -> dict:
-    c = {**DEFAULTS, **run_config}
-    cfg = federation_config(c)
-    check_privacy(cfg)
-    out = Path(str(c["out"]))
+    out = Path(str(run_config.get("out", default("out"))))
     try:
-        final = run_federation(grid, cfg, initial_weights(Path(str(c["store"])) / "catalog.npz", cfg),
+        cfg = federation_config(run_config)
+        store = Path(str(run_config.get("store", default("store"))))
+        final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
                                out, on_round=on_round, progress=progress)
         torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
+        trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
-                                         "privacy": final["privacy"]})
+                                         "rounds_trained": trained, "privacy": final["privacy"]})
+        if final["history"] and not trained:
+            reasons = sorted({r for h in final["history"] for r in h["rejected"]})[:3]
+            raise NoRoundTrained(f"none of the {len(final['history'])} rounds trained (skipped or aborted): "
+                                 f"{'; '.join(reasons)}")
         return final
     except BaseException:
         # run_simulation logs and swallows ServerApp exceptions: leave the reason where the

@@ -24,38 +24,39 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from client.local import LocalConfig
 from server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_mean, mean_delta
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.secure import SecureConfig, secure_round
-from shared.privacy import PrivacyConfig, resolve, user_epsilon
-from shared.secagg import clip_l2
-from shared.wire import flatten, from_record, layout_of, to_record, unflatten
+from server.exchange import ClientFailure, exchange, record_bytes
+from server.secure import SecureConfig, SecureRound, SecureTask
+from shared.model.config import ModelHyper
+from shared.privacy.accounting import PrivacyConfig, noise_share_std, resolve, user_epsilon
+from shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
+                             layout_of, pack_round_config, to_record, unflatten, unpack_eval_reply,
+                             unpack_train_reply)
+from shared.settings import default
 
 log = logging.getLogger("fedrec.server")
 
 
-class ClientFailure(RuntimeError):
-    """A ClientApp raised: a bug on our side, so the run stops with the client's message."""
-
-
 @dataclass
 class FederationConfig:
-    rounds: int = 100
-    clients_per_round: int = 100
+    rounds: int = default("rounds")
+    clients_per_round: int = default("clients-per-round")
     local: LocalConfig = field(default_factory=LocalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    model: dict = field(default_factory=dict)   # dim, layers, heads, max_len, dropout, id_buckets
-    seed: int = 0
+    model: ModelHyper = field(default_factory=ModelHyper)
+    seed: int = default("seed")
     refit_fraction: float = 0.0  # in the last fraction of rounds clients also train on their
                                  # validation item (as the centralized refit does); never test
     eval_every: int = 0          # federated validation every this many rounds (0: never)
-    eval_clients: int = 100      # clients asked per federated validation
+    eval_clients: int = default("eval-clients")   # clients asked per federated validation
     final_test: bool = True      # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
     timeout_s: float = 600.0     # per round, for replies
+    min_nodes: int = 0           # wait for this many connected nodes before round 1 (0: clients_per_round)
+    wait_for_nodes_s: float = default("wait-for-nodes")
     secure: SecureConfig = field(default_factory=SecureConfig)  # secure aggregation (server/secure.py)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy (shared/privacy.py)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,11 +76,15 @@ class RoundRecord:
     train_loss: float
     metrics: dict = field(default_factory=dict)
     phase_seconds: dict = field(default_factory=dict)  # where the round's wall time went
+    trained: bool = False        # an update was applied (False: aborted, skipped or nobody answered)
 
 
-def record_bytes(content: RecordDict) -> int:
-    """Payload size of a message's records (arrays, metrics, config), as Flower counts them."""
-    return int(sum(record.count_bytes() for record in content.values()))
+@dataclass
+class RoundOutcome:
+    """What a round (plain or secure) produced: the mean update to apply (None: nothing), and
+    its record. `train_round` applies it; nothing else touches the global weights."""
+    update: Weights | None
+    record: RoundRecord
 
 
 class FedRecStrategy(Strategy):
@@ -89,14 +94,16 @@ class FedRecStrategy(Strategy):
         self.cfg = cfg
         self.optimizer = optimizer
         self.expected = layout_of(optimizer.weights())
-        self.last_round: RoundRecord | None = None
         self.privacy = cfg.privacy          # with noise multipliers once `resolve_privacy` ran
         self.clients = 0                    # nodes in the federation, known at the first round
         # DP noise and the user-level client sample come from the OS, not the run seed: whoever
         # knows the seed could otherwise subtract the noise or know who took part.
         self.private_rng = np.random.default_rng(secrets.randbits(128))
-        # Secure aggregation: node -> its registered identity public key (server/secure.py).
-        self.secagg_identities: dict[int, bytes] = {}
+        self.secure = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error)
+
+    @property
+    def secagg_identities(self) -> dict[int, bytes]:
+        return self.secure.identities
 
     def resolve_privacy(self, grid: Grid) -> None:
         self.clients = len(list(grid.get_node_ids()))
@@ -106,14 +113,13 @@ class FedRecStrategy(Strategy):
         if self.privacy.mode != "none":
             log.info("privacy: %s", json.dumps(self.privacy.to_dict()))
 
-    def privacy_config(self) -> dict:
+    def privacy_round(self) -> PrivacyRound:
         p = self.privacy
         if p.mode == "none":
-            return {"privacy-mode": "none"}
-        return {"privacy-mode": p.mode, "privacy-budget": p.target_epsilon, "privacy-delta": p.delta,
-                "privacy-accountant": p.accountant, "record-noise": p.record_noise,
-                "record-clip": p.record_clip, "record-window": p.record_window,
-                "user-noise": p.user_noise, "noise-shares": p.noise_shares}
+            return PrivacyRound()
+        return PrivacyRound(mode=p.mode, budget=p.target_epsilon, delta=p.delta, accountant=p.accountant,
+                            record_noise=p.record_noise, record_clip=p.record_clip, record_window=p.record_window,
+                            user_noise=p.user_noise, noise_shares=p.noise_shares)
 
     def expected_clients(self) -> float:
         """The data-independent denominator of a user-level DP round."""
@@ -133,14 +139,12 @@ class FedRecStrategy(Strategy):
     def summary(self) -> None:
         log.info("fedrec strategy: %s", json.dumps(self.cfg.to_dict()))
 
-    def round_config(self, server_round: int, extra: dict) -> ConfigRecord:
+    def round_config(self, server_round: int, stage: str = "") -> ConfigRecord:
         local = self.cfg.local
-        refit = server_round > self.cfg.rounds - round(self.cfg.refit_fraction * self.cfg.rounds)
-        return ConfigRecord({"server-round": server_round, "seed": self.cfg.seed,
-                             "local-epochs": local.local_epochs, "local-lr": local.lr,
-                             "local-optimizer": local.optimizer, "update-clip": local.clip,
-                             "train-on": "test" if refit else local.train_on,
-                             **self.cfg.model, **self.privacy_config(), **extra})
+        if server_round > self.cfg.rounds - round(self.cfg.refit_fraction * self.cfg.rounds):
+            local = LocalConfig(**{**local.to_dict(), "train_on": "test"})
+        return pack_round_config(RoundConfig(server_round, self.cfg.seed, local, self.cfg.model,
+                                             self.privacy_round(), stage))
 
     def sample(self, grid: Grid, server_round: int, k: int, salt: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
@@ -154,59 +158,65 @@ class FedRecStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, {})})
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
                 for n in self.sample(grid, server_round, self.cfg.clients_per_round, 0)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        deltas, counts, losses, seconds, up, rejected, epsilons = [], [], [], [], [], [], []
-        refused = 0
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                reason = f"node {node}: client error: {reply.error.reason}"
-                if self.cfg.fail_on_client_error:
-                    raise ClientFailure(reason)
-                rejected.append(reason)
-                continue
-            delta, metrics, reason = _unpack_train_reply(reply.content, self.expected)
-            if reason is None and metrics.get("privacy-refused"):
-                refused += 1
-                reason = "privacy budget spent: the client refused to train"
-            if reason is None:
-                reason = check_update(delta, metrics["num-examples"], self.expected, self.cfg.server)
+        """Flower's Strategy interface; our loop calls `plain_mean` and `train_round` applies."""
+        outcome = self.plain_mean(server_round, {r.metadata.src_node_id: r.content for r in replies
+                                                 if not r.has_error()})
+        if outcome.update is None:
+            return None, MetricRecord({"accepted": 0})
+        self.optimizer.step(outcome.update)
+        return to_record(self.optimizer.weights()), MetricRecord({"accepted": outcome.record.accepted})
+
+    def plain_mean(self, server_round: int, replies: dict[int, RecordDict]) -> RoundOutcome:
+        """The mean update of a plain round's replies (node -> content), bad ones dropped with a reason."""
+        accepted: list[tuple] = []
+        rejected, refused = [], 0
+        for node, content in replies.items():
+            try:
+                delta, metrics = unpack_train_reply(content, self.expected)
+            except MalformedRecord as err:
+                reason = str(err)
+            else:
+                refused += metrics.privacy_refused
+                reason = ("privacy budget spent: the client refused to train" if metrics.privacy_refused
+                          else check_update(delta, metrics.num_examples, self.expected, self.cfg.server))
             if reason is not None:
                 log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
                 rejected.append(f"node {node}: {reason}")
                 continue
-            deltas.append(delta)
-            counts.append(metrics["num-examples"])
-            losses.append(metrics.get("train-loss", float("nan")))
-            seconds.append(metrics.get("train-seconds", float("nan")))
-            up.append(record_bytes(reply.content))
-            if "record-epsilon" in metrics:
-                epsilons.append(metrics["record-epsilon"])
+            accepted.append((delta, metrics, record_bytes(content)))
+        return self._plain_outcome(server_round, accepted, rejected, refused)
+
+    def _plain_outcome(self, server_round: int, accepted: list[tuple], rejected: list[str],
+                       refused: int) -> RoundOutcome:
+        deltas = [d for d, _, _ in accepted]
+        counts = [m.num_examples for _, m, _ in accepted]
+        update = None
         if deltas and self.privacy.user:
             # The server holds each update here, so it enforces the clip itself.
             total = sum(clip_l2(flatten(d).astype(np.float64), self.cfg.local.clip) for d in deltas)
-            self.optimizer.step(unflatten(self.average(total, float(len(deltas))), self.expected))
+            update = unflatten(self.average(total, float(len(deltas))), self.expected)
         elif deltas:
-            self.optimizer.step(mean_delta(deltas, counts, self.cfg.server.weighting, self.cfg.server.weight_cap))
-        self.last_round = RoundRecord(
-            server_round, 0, len(deltas), rejected, 0, float(np.mean(up)) if up else 0.0, 0.0,
-            float(np.nanmean(seconds)) if seconds else 0.0,
-            float(np.average(losses, weights=counts)) if deltas else float("nan"))
+            update = mean_delta(deltas, counts, self.cfg.server.weighting, self.cfg.server.weight_cap)
+        seconds = [m.train_seconds for _, m, _ in accepted]
+        record = RoundRecord(
+            server_round, 0, len(deltas), rejected, 0, float(np.mean([b for *_, b in accepted])) if accepted else 0.0,
+            0.0, float(np.nanmean(seconds)) if seconds else 0.0,
+            float(np.average([m.train_loss for _, m, _ in accepted], weights=counts)) if deltas else float("nan"))
         if self.privacy.mode != "none":
-            self.last_round.metrics["privacy"] = {"refused": refused, "record_epsilon_max":
-                                                  max(epsilons) if epsilons else None}
-        arrays = to_record(self.optimizer.weights()) if deltas else None
-        return arrays, MetricRecord({"accepted": len(deltas), "rejected": len(rejected)})
+            epsilons = [m.record_epsilon for _, m, _ in accepted if m.record_epsilon is not None]
+            record.metrics["privacy"] = {"refused": refused, "record_epsilon_max": max(epsilons) if epsilons else None}
+        return RoundOutcome(update, record)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         stage = str(config["stage"])
         k = len(list(grid.get_node_ids())) if stage == "test" else self.cfg.eval_clients
-        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, {"stage": stage})})
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, stage)})
         return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in self.sample(grid, server_round, k, 1)]
 
@@ -218,31 +228,18 @@ class FedRecStrategy(Strategy):
                 if self.cfg.fail_on_client_error:
                     raise ClientFailure(f"node {reply.metadata.src_node_id}: client error: {reply.error.reason}")
                 continue
-            metrics = reply.content.get("metrics")
-            if not isinstance(metrics, MetricRecord) or "users" not in metrics:
-                log.warning("evaluation reply from node %d rejected: no metrics", reply.metadata.src_node_id)
+            try:
+                metrics = unpack_eval_reply(reply.content)
+            except MalformedRecord as err:
+                log.warning("evaluation reply from node %d rejected: %s", reply.metadata.src_node_id, err)
                 continue
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and np.isfinite(value):
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                if np.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + value
         users = sums.pop("users", 0.0)
         if not users:
             return None
         return MetricRecord({**{k: v / users for k, v in sums.items()}, "users": users})
-
-
-def _unpack_train_reply(content: RecordDict, layout: dict):
-    """(delta, metrics, reason): reason is None when the reply has the expected records."""
-    delta_record, metrics = content.get("delta"), content.get("metrics")
-    if not isinstance(delta_record, ArrayRecord):
-        return None, None, "no 'delta' ArrayRecord"
-    if not isinstance(metrics, MetricRecord) or "num-examples" not in metrics:
-        return None, None, "no 'metrics' with num-examples"
-    try:
-        delta = from_record(delta_record, layout)
-    except Exception as err:  # a malformed array from a client must not stop the round
-        return None, None, f"unreadable delta: {err}"
-    return delta, dict(metrics), None
 
 
 RoundHook = Callable[[int, dict[str, np.ndarray]], dict]
@@ -255,71 +252,129 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     checkpoint.pt after every round, rounds.jsonl (one line per finished round)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    optimizer = ServerOptimizer(initial_weights, cfg.server)
-    strategy = FedRecStrategy(cfg, optimizer)
-    history: list[dict] = []
-    start_round = 1
-    checkpoint = load_checkpoint(out / "checkpoint.pt")
-    if checkpoint is not None:
-        if checkpoint["config"] != cfg.to_dict():
-            raise ValueError(f"{out / 'checkpoint.pt'} was written by a run with another "
-                             "configuration; use a new output folder or the same flags")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history, start_round = checkpoint["history"], checkpoint["round"] + 1
-        log.info("resuming from round %d", checkpoint["round"])
+    strategy = FedRecStrategy(cfg, ServerOptimizer(initial_weights, cfg.server))
+    history, start_round = _resume(out, cfg, strategy.optimizer)
     _write_rounds(out / "rounds.jsonl", history)
+    wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
     strategy.resolve_privacy(grid)
     for server_round in range(start_round, cfg.rounds + 1):
-        record = (_secure_round(grid, strategy, server_round) if cfg.secure.enabled
-                  else _plain_round(grid, strategy, server_round))
+        record = train_round(grid, strategy, server_round)
         if cfg.eval_every and server_round % cfg.eval_every == 0:
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
         if on_round is not None:
-            record.metrics.update(on_round(server_round, optimizer.model_weights()))
-        saving = time.perf_counter()
-        record.phase_seconds["checkpoint"] = 0.0
-        history.append(asdict(record))
-        save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
-                                                "optimizer": optimizer.state_dict(), "history": history})
-        history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
-        _append_round(out / "rounds.jsonl", history[-1])
+            record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
+        _checkpoint(out, cfg, strategy.optimizer, history, record, server_round)
         if progress is not None:
             progress(record)
-    final = {"weights": optimizer.model_weights(), "history": history, "test": None,
+    final = {"weights": strategy.optimizer.model_weights(), "history": history, "test": None,
              "privacy": privacy_summary(strategy, history)}
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final
 
 
-def _plain_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundRecord:
+def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tuple[list[dict], int]:
+    """(history, first round to run): from the checkpoint in `out`, if there is one."""
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    if checkpoint is None:
+        return [], 1
+    if checkpoint["config"] != cfg.to_dict():
+        raise ValueError(f"{out / 'checkpoint.pt'} was written by a run with another "
+                         "configuration; use a new output folder or the same flags")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    log.info("resuming from round %d", checkpoint["round"])
+    return checkpoint["history"], checkpoint["round"] + 1
+
+
+def _checkpoint(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer, history: list[dict],
+                record: RoundRecord, server_round: int) -> None:
+    saving = time.perf_counter()
+    record.phase_seconds["checkpoint"] = 0.0
+    history.append(asdict(record))
+    save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
+                                            "optimizer": optimizer.state_dict(), "history": history})
+    history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
+    _append_round(out / "rounds.jsonl", history[-1])
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than the run needs, after waiting."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.2) -> int:
+    """Block until `needed` nodes are connected (SuperNodes start and register at their own pace,
+    in simulation too); returns how many are. Raises NotEnoughNodes after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() > deadline:
+            raise NotEnoughNodes(f"{connected} node(s) connected after {timeout_s:g} s; the run needs {needed} "
+                                 "(start more SuperNodes, or lower --min-nodes / --clients-per-round)")
+        time.sleep(poll_s)
+
+
+def train_round(grid: Grid, strategy: FedRecStrategy, server_round: int, secure: bool | None = None) -> RoundRecord:
+    """One training round, secure or plain (default: as configured); applies its update, if any."""
+    secure = strategy.cfg.secure.enabled if secure is None else secure
+    started = time.perf_counter()
+    outcome = secure_round(grid, strategy, server_round) if secure else plain_round(grid, strategy, server_round)
+    if outcome.update is not None:
+        strategy.optimizer.step(outcome.update)
+        outcome.record.trained = True
+    outcome.record.seconds = time.perf_counter() - started
+    return outcome.record
+
+
+def plain_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundOutcome:
     started = time.perf_counter()
     arrays = to_record(strategy.optimizer.weights())
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    down = record_bytes(messages[0].content) if messages else 0
     sent = time.perf_counter()
-    replies = list(grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s))
+    result = exchange(grid, MessageType.TRAIN, {m.metadata.dst_node_id: m.content for m in messages},
+                      strategy.cfg.timeout_s, strategy.cfg.fail_on_client_error)
     received = time.perf_counter()
-    strategy.aggregate_train(server_round, replies)
-    record = strategy.last_round
+    outcome = strategy.plain_mean(server_round, result.replies)
+    record = outcome.record
+    record.rejected.extend(result.failed)
     record.phase_seconds = {"configure": sent - started, "send_and_receive": received - sent,
                             "aggregate": time.perf_counter() - received}
-    record.sampled, record.bytes_down = len(messages), down
-    record.seconds = time.perf_counter() - started
-    if len(replies) < len(messages):
-        record.rejected.append(f"{len(messages) - len(replies)} client(s) did not answer in time")
-    return record
+    record.sampled, record.bytes_down = len(messages), result.bytes_down // max(len(messages), 1)
+    return outcome
 
 
-def _secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundRecord:
+def secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundOutcome:
     """Bytes here are per sampled client over all its steps; clients report no timing."""
-    o = secure_round(grid, strategy, server_round)
-    sampled = max(o["sampled"], 1)
-    return RoundRecord(server_round, o["sampled"], o["accepted"], o["rejected"],
-                       bytes_down=int(o["bytes_down"] / sampled), bytes_up_mean=o["bytes_up"] / sampled,
-                       seconds=o["seconds"], client_seconds_mean=None, train_loss=o["train_loss"],
-                       metrics={"secagg": o["params"]}, phase_seconds=o["phases"])
+    p = strategy.privacy
+    # User-level DP counts every user once (unit weights): its sensitivity is per user.
+    # Distributed noise needs them too: every share enters the sum at the same scale.
+    weighting = "uniform" if p.user or p.distributed_noise else strategy.cfg.server.weighting
+    task = SecureTask(to_record(strategy.optimizer.weights()), strategy.round_config(server_round), weighting,
+                      strategy.cfg.server.weight_cap, secagg_clip(strategy), p.noise_shares if p.distributed_noise else 0)
+    nodes = strategy.sample(grid, server_round, strategy.cfg.clients_per_round, 0)
+    o = strategy.secure.run(grid, server_round, nodes, task)
+    update, loss, count = None, float("nan"), 0
+    if o.result is not None:
+        update = unflatten(strategy.average(o.result.total, o.result.weight), strategy.expected)
+        loss, count = o.result.loss, o.result.count
+    sampled = max(o.sampled, 1)
+    record = RoundRecord(server_round, o.sampled, count, o.reasons, bytes_down=int(o.bytes_down / sampled),
+                         bytes_up_mean=o.bytes_up / sampled, seconds=0.0, client_seconds_mean=None, train_loss=loss,
+                         metrics={"secagg": o.params}, phase_seconds=o.phases)
+    return RoundOutcome(update, record)
+
+
+def secagg_clip(strategy: FedRecStrategy) -> float:
+    """The L2 clip that sizes the fixed-point bound. With distributed DP noise each coordinate
+    also carries a noise share: the bound leaves room for 10 of its standard deviations."""
+    p, local = strategy.privacy, strategy.cfg.local
+    if not p.distributed_noise:
+        return local.clip
+    std = noise_share_std(record_noise=p.record_noise, record_sensitivity=local.lr * p.record_clip,
+                          user_noise=p.user_noise, user_clip=local.clip, shares=p.noise_shares)
+    return local.clip + 10 * std
 
 
 def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:

@@ -1,5 +1,6 @@
 """The server's side of secure aggregation: one training round as three Message API
-exchanges around `shared.secagg.SecAggServer` (client side: client/secure.py).
+exchanges around `shared.secagg.server.SecAggServer` (client side: client/secure.py; the
+records: shared/protocol.py).
 
   register -> nodes never seen (all of them before the first secure round);
               <- the node's identity public key, kept for the rest of the run
@@ -13,31 +14,39 @@ A node that does not answer a step (or answers with an error, when the run toler
 has dropped; the protocol recovers as long as every needed secret keeps `threshold` shares,
 and otherwise the round is aborted and the global model left as it was. The server holds
 masked vectors and their unmasked sum, never one client's update, count or loss.
+
+`SecureRound.run` returns the decoded sum (or None when the round aborted or was skipped); the
+federation turns a sum into the round's mean update exactly as it does a plain round's replies.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from shared.privacy import noise_share_std
-from shared.secagg import RoundAborted, SecAggParams, SecAggServer, decode_mean, default_params
-from shared.wire import to_record, unflatten
+from server.exchange import Exchange, exchange
+from shared.protocol import (MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, pack_masked_request,
+                             pack_register_request, pack_shares_request, pack_unmask_request, secagg_message_type,
+                             unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
+from shared.secagg.fixed_point import decode_mean
+from shared.secagg.params import RoundAborted, SecAggParams, default_params
+from shared.secagg.server import SecAggServer
+from shared.settings import MIN_SECURE_CLIENTS, default
 
 log = logging.getLogger("fedrec.server")
 
 
 @dataclass
 class SecureConfig:
-    enabled: bool = False
-    neighbours: int = 0      # graph degree k; 0: sized from the round (shared.secagg.default_params)
-    threshold: int = 0       # shares to rebuild a secret; 0: a strict majority of the k + 1 holders
-    dropout: float = 0.1     # the share of a round's clients the automatic sizing must survive
+    enabled: bool = default("secure-aggregation")
+    neighbours: int = default("secagg-neighbours")  # graph degree k; 0: sized from the round
+    threshold: int = default("secagg-threshold")    # shares to rebuild a secret; 0: a strict majority
+    dropout: float = default("secagg-dropout")      # share of a round's clients the sizing must survive
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,164 +54,149 @@ class SecureConfig:
     def params(self, n: int, clip: float) -> SecAggParams:
         auto = default_params(n, clip, dropout=self.dropout)
         k = min(self.neighbours or auto.neighbours, n - 1)
-        t = self.threshold or (k + 1) // 2 + 1
+        t = min(self.threshold or (k + 1) // 2 + 1, k + 1)
         return SecAggParams(k, t, clip, n)
 
 
-def _exchange(grid: Grid, step: str, contents: dict[int, RecordDict], timeout: float,
-              fail_on_error: bool) -> tuple[dict[int, RecordDict], int, int, list[str]]:
-    """Send one message per node, collect the replies. Returns (node -> reply content,
-    bytes down, bytes up, reasons nodes dropped)."""
-    from server.federation import ClientFailure, record_bytes
-    messages = [Message(content=c, message_type=f"{MessageType.TRAIN}.secagg_{step}", dst_node_id=node)
-                for node, c in contents.items()]
-    down = sum(record_bytes(m.content) for m in messages)
-    replies, up, dropped = {}, 0, []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            if fail_on_error:
-                raise ClientFailure(f"node {node}: client error in secure step {step!r}: {reply.error.reason}")
-            dropped.append(f"node {node}: error in step {step}: {reply.error.reason}")
-            continue
-        replies[node] = reply.content
-        up += record_bytes(reply.content)
-    missing = len(contents) - len(replies) - len(dropped)
-    if missing:
-        dropped.append(f"{missing} node(s) did not answer step {step}")
-    return replies, down, up, dropped
+@dataclass
+class SecureTask:
+    """What one secure round aggregates: the same inputs a plain round sends, plus how the
+    clients weigh themselves and the bound each contribution is clipped to."""
+    arrays: ArrayRecord          # global weights
+    config: ConfigRecord         # the round config (shared.protocol.RoundConfig)
+    weighting: str
+    weight_cap: float
+    clip: float                  # sizes the fixed-point bound (update clip, plus noise room)
+    min_contributions: int = 0   # distributed DP noise: fewer summands than this aborts the round
 
 
-def secagg_clip(strategy) -> float:
-    """The L2 clip that sizes the fixed-point bound. With distributed DP noise each coordinate
-    also carries a noise share: the bound leaves room for 10 of its standard deviations."""
-    p, local = strategy.privacy, strategy.cfg.local
-    if not p.distributed_noise:
-        return local.clip
-    std = noise_share_std(record_noise=p.record_noise, record_sensitivity=local.lr * p.record_clip,
-                          user_noise=p.user_noise, user_clip=local.clip, shares=p.noise_shares)
-    return local.clip + 10 * std
+@dataclass
+class SecureSum:
+    total: np.ndarray            # decoded sum of the contributions' weighted updates
+    weight: float                # sum of their weights
+    loss: float                  # their weighted mean training loss
+    count: int                   # contributions in it
 
 
-def register(grid: Grid, strategy, nodes: list[int], timeout: float) -> tuple[int, int, list[str]]:
-    """Learn the identity keys of `nodes` (ones not registered yet). Returns (bytes down, bytes
-    up, reasons nodes failed); a node that fails is simply not registered (asked again later)."""
-    contents = {node: RecordDict({"secagg": ConfigRecord({"register": True})})
-                for node in nodes if node not in strategy.secagg_identities}
-    if not contents:
-        return 0, 0, []
-    replies, down, up, failed = _exchange(grid, "register", contents, timeout, fail_on_error=False)
-    for node, content in replies.items():
-        key = content["secagg"].get("identity") if "secagg" in content else None
-        if isinstance(key, bytes) and len(key) == 32:
-            strategy.secagg_identities[node] = key
-        else:
-            failed.append(f"node {node}: no valid identity key in its registration")
-    if failed:
-        missing = sum(node not in strategy.secagg_identities for node in contents)
-        log.warning("secure aggregation: %d of %d node(s) not registered (asked again when sampled): %s",
-                    missing, len(contents), "; ".join(failed[:3]))
-    return down, up, failed
+@dataclass
+class SecureOutcome:
+    result: SecureSum | None     # None: aborted or skipped; the model stays as it was
+    sampled: int
+    reasons: list[str] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    phases: dict = field(default_factory=dict)
 
 
-def secure_round(grid: Grid, strategy, server_round: int) -> dict:
-    """Run one securely aggregated training round and apply it (unless aborted). Returns
-    what happened: accepted (clients in the sum), rejected (reasons), bytes, loss, params."""
-    cfg = strategy.cfg
-    started = time.perf_counter()
-    nodes = strategy.sample(grid, server_round, cfg.clients_per_round, 0)
-    # Every node the first time (one exchange for the whole run), newcomers afterwards.
-    new = list(grid.get_node_ids()) if not strategy.secagg_identities else nodes
-    down, up, reasons = register(grid, strategy, new, cfg.timeout_s)
-    timings = {"register": time.perf_counter() - started} if down else {}
-    sampled = len(nodes)
-    nodes = [node for node in nodes if node in strategy.secagg_identities]
-    if len(nodes) < 3:
-        # Poisson sampling (user-level DP) can draw almost nobody; masking needs company.
-        log.warning("round %d: %d client(s) sampled and registered, too few to aggregate securely; "
-                    "round skipped", server_round, len(nodes))
-        return {"sampled": sampled, "accepted": 0, "rejected": [*reasons, f"round skipped: {len(nodes)} to mask"],
-                "params": {}, "train_loss": float("nan"), "bytes_down": down, "bytes_up": up,
-                "seconds": time.perf_counter() - started, "phases": timings}
-    index = {node: i + 1 for i, node in enumerate(nodes)}
-    node_of = {i: node for node, i in index.items()}
-    params = cfg.secure.params(len(nodes), secagg_clip(strategy))
-    round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
-    server = SecAggServer(len(nodes), params, round_id)
-    base = {"round-id": round_id}
+class SecureRound:
+    """Runs secure rounds for one federation; keeps the identity keys nodes registered."""
 
-    def step(name, contents):
-        nonlocal down, up
-        t = time.perf_counter()
-        replies, d, u, dropped = _exchange(grid, name, contents, cfg.timeout_s, cfg.fail_on_client_error)
-        down, up = down + d, up + u
-        reasons.extend(dropped)
-        timings[name] = time.perf_counter() - t
-        return {index[node]: content for node, content in replies.items()}
+    def __init__(self, cfg: SecureConfig, timeout: float, fail_on_error: bool):
+        self.cfg, self.timeout, self.fail_on_error = cfg, timeout, fail_on_error
+        self.identities: dict[int, bytes] = {}   # node -> registered identity public key
 
-    outcome = {"sampled": sampled, "accepted": 0, "rejected": reasons, "params": asdict(params),
-               "train_loss": float("nan")}
-    try:
-        registered = {u: strategy.secagg_identities[node] for node, u in index.items()}
-        identities = server.receive_identities(registered)
-        shares = step("shares", {node_of[u]: RecordDict({
-            "secagg": ConfigRecord({**base, "index": u, "neighbours": params.neighbours,
-                                    "threshold": params.threshold, "clip": params.clip,
-                                    "max-clients": params.max_clients, "identity": registered[u]}),
-            "neighbour-keys": ConfigRecord({str(v): key for v, key in keys.items()})})
-            for u, keys in identities.items()})
-        for u in [u for u, c in shares.items() if c["secagg"].get("identity-lost")]:
-            # Restarted since it registered: it sits this round out and registers afresh next time.
-            reasons.append(f"node {node_of[u]}: holds another identity key than the one registered; "
-                           "sits the round out")
-            strategy.secagg_identities.pop(node_of[u])
-            del shares[u]
-        for u in set(identities) - set(shares):
-            strategy.secagg_identities.pop(node_of[u], None)  # silent or failed: ask for its key again
-        inbox = server.route_shares({u: (bytes(c["secagg"]["s-public"]),
-                                         {int(v): bytes(box) for v, box in c["shares"].items()})
-                                     for u, c in shares.items()})
-        arrays = to_record(strategy.optimizer.weights())
-        train_config = strategy.round_config(server_round, {})
-        # User-level DP counts every user once (unit weights): its sensitivity is per user.
-        # Distributed noise needs them too: every share enters the sum at the same scale.
-        weighting = "uniform" if strategy.privacy.user or strategy.privacy.distributed_noise else cfg.server.weighting
-        secagg_config = ConfigRecord({**base, "weighting": weighting, "weight-cap": cfg.server.weight_cap})
-        masked = step("masked", {node_of[u]: RecordDict({
-            "arrays": arrays, "config": train_config, "secagg": secagg_config,
-            "inbox": ConfigRecord({str(v): box for v, (box, _) in boxes.items()}),
-            "mask-keys": ConfigRecord({str(v): s_public for v, (_, s_public) in boxes.items()})})
-            for u, boxes in inbox.items()})
-        vectors = {}
-        size = sum(a.numpy().size for a in arrays.values()) + 2
-        for u, content in masked.items():
-            record = content.get("masked")
-            vector = record["masked"].numpy() if isinstance(record, ArrayRecord) and "masked" in record else None
-            if vector is None or vector.dtype != np.uint32 or vector.shape != (size,):
-                reasons.append(f"node {node_of[u]}: masked input malformed; counted as dropped")
-                continue
-            vectors[u] = vector
-        asks = server.receive_masked(vectors)
-        # (Flower's ConfigRecord.count_bytes fails on an empty list: leave "dropped" out then.)
-        answers = step("unmask", {node_of[u]: RecordDict({"secagg": ConfigRecord({
-            **base, "alive": alive, **({"dropped": gone} if gone else {})})})
-            for u, (alive, gone) in asks.items()})
-        t = time.perf_counter()
-        total, count = server.unmask({u: {int(o): bytes(s) for o, s in c["shares"].items()}
-                                      for u, c in answers.items()})
-        shares = strategy.privacy.noise_shares
-        if strategy.privacy.distributed_noise and count < shares:
-            raise RoundAborted(f"{count} contributions in the sum, fewer than the {shares} whose "
-                               "noise shares the privacy guarantee counts on")
-        _, weight, loss = decode_mean(total)
-        mean = strategy.average(total[:-2], weight)
-        timings["unmask-compute"] = time.perf_counter() - t
-    except RoundAborted as err:
-        log.warning("round %d: secure aggregation aborted, global model unchanged: %s", server_round, err)
-        reasons.append(f"round aborted: {err}")
-        outcome.update(bytes_down=down, bytes_up=up, seconds=time.perf_counter() - started, phases=timings)
+    def _step(self, grid: Grid, step: str, contents: dict, outcome: SecureOutcome, fail_on_error: bool) -> Exchange:
+        started = time.perf_counter()
+        result = exchange(grid, secagg_message_type(step), contents, self.timeout, fail_on_error)
+        outcome.bytes_down += result.bytes_down
+        outcome.bytes_up += result.bytes_up
+        outcome.reasons.extend(result.failed)
+        outcome.phases[step] = time.perf_counter() - started
+        return result
+
+    def register(self, grid: Grid, nodes: list[int], outcome: SecureOutcome) -> None:
+        """Learn the identity keys of `nodes` not registered yet; a node that fails is simply not
+        registered (asked again when next sampled)."""
+        contents = {node: pack_register_request() for node in nodes if node not in self.identities}
+        if not contents:
+            return
+        failed_before = len(outcome.reasons)
+        result = self._step(grid, "register", contents, outcome, fail_on_error=False)
+        for node, content in result.replies.items():
+            try:
+                self.identities[node] = unpack_register_reply(content)
+            except MalformedRecord as err:
+                outcome.reasons.append(f"node {node}: {err}")
+        missing = sum(node not in self.identities for node in contents)
+        if missing:
+            log.warning("secure aggregation: %d of %d node(s) not registered (asked again when sampled): %s",
+                        missing, len(contents), "; ".join(outcome.reasons[failed_before:][:3]))
+
+    def run(self, grid: Grid, server_round: int, nodes: list[int], task: SecureTask) -> SecureOutcome:
+        """One securely aggregated round over the sampled `nodes`."""
+        outcome = SecureOutcome(result=None, sampled=len(nodes))
+        # Every node the first time (one exchange for the whole run), newcomers afterwards.
+        self.register(grid, list(grid.get_node_ids()) if not self.identities else nodes, outcome)
+        nodes = [node for node in nodes if node in self.identities]
+        if len(nodes) < MIN_SECURE_CLIENTS:
+            # Poisson sampling (user-level DP) can draw almost nobody; masking needs company.
+            log.warning("round %d: %d client(s) sampled and registered, too few to aggregate securely; "
+                        "round skipped", server_round, len(nodes))
+            outcome.reasons.append(f"round skipped: {len(nodes)} to mask")
+            return outcome
+        try:
+            outcome.result = self._protocol(grid, server_round, nodes, task, outcome)
+        except RoundAborted as err:
+            log.warning("round %d: secure aggregation aborted, global model unchanged: %s", server_round, err)
+            outcome.reasons.append(f"round aborted: {err}")
         return outcome
-    strategy.optimizer.step(unflatten(mean, strategy.expected))
-    outcome.update(accepted=count, train_loss=loss, bytes_down=down, bytes_up=up,
-                   seconds=time.perf_counter() - started, phases=timings)
-    return outcome
+
+    def _protocol(self, grid: Grid, server_round: int, nodes: list[int], task: SecureTask,
+                  outcome: SecureOutcome) -> SecureSum:
+        index = {node: i + 1 for i, node in enumerate(nodes)}
+        node_of = {i: node for node, i in index.items()}
+        params = self.cfg.params(len(nodes), task.clip)
+        outcome.params = asdict(params)
+        round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
+        server = SecAggServer(len(nodes), params, round_id)
+        registered = {u: self.identities[node] for node, u in index.items()}
+        identities = server.receive_identities(registered)
+        shares = self._shares(grid, server, identities, registered, params, round_id, node_of, outcome)
+        inbox = server.route_shares({u: (r.s_public, r.sealed) for u, r in shares.items()})
+        masked = self._step(grid, "masked", {node_of[u]: pack_masked_request(task.arrays, task.config, MaskedRequest(
+            round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
+            {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
+        size = sum(a.numpy().size for a in task.arrays.values()) + 2
+        vectors = {}
+        for node, content in masked.replies.items():
+            try:
+                vectors[index[node]] = unpack_masked_reply(content, size)
+            except MalformedRecord as err:
+                outcome.reasons.append(f"node {node}: {err}; counted as dropped")
+        asks = server.receive_masked(vectors)
+        if len(server.alive) < task.min_contributions:
+            # Before any unmask share is asked for: a sum with fewer noise shares is never opened.
+            raise RoundAborted(f"{len(server.alive)} contributions, fewer than the {task.min_contributions} "
+                               "whose noise shares the privacy guarantee counts on")
+        answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(round_id, alive, gone))
+                                              for u, (alive, gone) in asks.items()}, outcome, self.fail_on_error)
+        started = time.perf_counter()
+        total, count = server.unmask({index[node]: unpack_unmask_reply(c) for node, c in answers.replies.items()})
+        _, weight, loss = decode_mean(total)   # aborts when the weights sum to zero
+        outcome.phases["unmask-compute"] = time.perf_counter() - started
+        return SecureSum(total[:-2], weight, loss, count)
+
+    def _shares(self, grid: Grid, server: SecAggServer, identities: dict, registered: dict, params: SecAggParams,
+                round_id: bytes, node_of: dict, outcome: SecureOutcome) -> dict:
+        """Step 1: every client's mask key and sealed shares (client number -> SharesReply)."""
+        result = self._step(grid, "shares", {node_of[u]: pack_shares_request(SharesRequest(
+            round_id, u, params.neighbours, params.threshold, params.clip, params.max_clients, registered[u], keys))
+            for u, keys in identities.items()}, outcome, self.fail_on_error)
+        index = {node: u for u, node in node_of.items()}
+        shares = {}
+        for node, content in result.replies.items():
+            try:
+                reply = unpack_shares_reply(content)
+            except MalformedRecord as err:
+                outcome.reasons.append(f"node {node}: {err}")
+                continue
+            if reply.identity_lost:
+                # Restarted since it registered: it sits this round out and registers afresh next time.
+                outcome.reasons.append(f"node {node}: holds another identity key than the one registered; "
+                                       "sits the round out")
+                continue
+            shares[index[node]] = reply
+        for u in set(identities) - set(shares):
+            self.identities.pop(node_of[u], None)  # silent, failed or restarted: ask for its key again
+        return shares

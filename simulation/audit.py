@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from shared.model import Recommender
-from shared.training import left_pad, per_example_loss
+from shared.model.recommender import Recommender
+from shared.model.training import left_pad, per_example_loss
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.baselines import EASE, ItemKNN, MostPopular
-from shared.evaluation import evaluate
-from shared.pipeline import DataConfig, prepare_data
-from shared.preprocess import with_validation_in_train
+from shared.evaluation.baselines import EASE, ItemKNN, MostPopular
+from shared.evaluation.ranking import evaluate
+from shared.data.pipeline import DataConfig, prepare_data
+from shared.data.preprocess import with_validation_in_train
 from shared.report import write_json
-from shared.training import model_scorer
+from shared.model.training import model_scorer
 from simulation.centralized import CentralizedJob, train_centralized
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "novelty@10")
@@ -62,9 +62,9 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     would cost, i.e. what the bounded (hashed) ID table saves."""
     import torch
 
-    from client.local import shared_weights
-    from shared.model import ModelConfig, Recommender
-    from shared.wire import to_record
+    from shared.model.config import ModelConfig
+    from shared.model.recommender import Recommender, shared_weights
+    from shared.protocol import to_record
 
     rows = []
     for n_items in catalog_sizes:
@@ -97,20 +97,20 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
     """Round time and bytes with and without secure aggregation, measured side by side in
     one simulation: plain and secure rounds alternate on the same clients (each pair uses the
     same round number, so the same sample and the same local training)."""
-    import numpy as np
     from flwr.serverapp import ServerApp
 
     from client.app import make_client_app
     from server.aggregation import ServerOptimizer
-    from server.app import DEFAULTS, federation_config, initial_weights
-    from server.federation import FedRecStrategy, _plain_round, _secure_round
+    from server.app import federation_config, initial_weights
+    from server.federation import FedRecStrategy, train_round, wait_for_nodes
+    from shared.settings import run_config_defaults
     from simulation.federated import simulate, write_store
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(data, show_progress=False)
     store = write_store(prepared, out / "store")
-    settings = {**DEFAULTS, "store": str(store), "out": str(out), "clients-per-round": clients_per_round,
+    settings = {**run_config_defaults(), "store": str(store), "out": str(out), "clients-per-round": clients_per_round,
                 **(settings or {})}
     rows: list[dict] = []
     app = ServerApp()
@@ -120,10 +120,11 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
         cfg = federation_config(settings)
         start = initial_weights(store / "catalog.npz", cfg)
         strategy = FedRecStrategy(cfg, ServerOptimizer(start, cfg.server))
+        wait_for_nodes(grid, len(prepared.split), cfg.wait_for_nodes_s)
         for server_round in range(1, rounds + 1):
-            for mode, run_round in (("plain", _plain_round), ("secure", _secure_round)):
+            for mode in ("plain", "secure"):
                 strategy.optimizer = ServerOptimizer(start, cfg.server)
-                record = run_round(grid, strategy, server_round)
+                record = train_round(grid, strategy, server_round, secure=mode == "secure")
                 rows.append({"round": server_round, "mode": mode, "seconds": record.seconds,
                              "accepted": record.accepted, "bytes_down": record.bytes_down,
                              "bytes_up": record.bytes_up_mean, "phases": record.phase_seconds,
@@ -132,6 +133,12 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
                       f"{record.bytes_down:,} B down / {record.bytes_up_mean:,.0f} B up per client", flush=True)
 
     simulate(app, make_client_app(settings), len(prepared.split))
+    return _secagg_report(rows, prepared.dataset.name, len(prepared.split), clients_per_round, out)
+
+
+def _secagg_report(rows: list[dict], dataset: str, nodes: int, clients_per_round: int, out: Path) -> dict:
+    """secagg.json and secagg.md from the alternating plain/secure rounds."""
+    import numpy as np
     measured = [r for r in rows if r["round"] > 1]  # round 1 starts Ray's workers
     summary = {}
     for mode in ("plain", "secure"):
@@ -141,7 +148,7 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
                          "bytes_up_per_client": float(np.mean([r["bytes_up"] for r in mine]))}
     ratio = {k: summary["secure"][k] / summary["plain"][k] for k in summary["plain"]}
     registration = [r["phases"].get("register", 0.0) for r in rows if r["mode"] == "secure"][0]
-    report = {"dataset": prepared.dataset.name, "clients_per_round": clients_per_round,
+    report = {"dataset": dataset, "clients_per_round": clients_per_round,
               "rounds_measured": len(measured) // 2, "secagg": rows[-1]["secagg"],
               "registration_seconds": registration,  # once per run: every node's identity key
               "plain": summary["plain"], "secure": summary["secure"], "ratio_secure_over_plain": ratio,
@@ -153,7 +160,7 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
           f"{summary[m]['bytes_up_per_client']:,.0f} |" for m in ("plain", "secure")],
         f"| secure / plain | {ratio['round_seconds_mean']:.2f}x | {ratio['bytes_down_per_client']:.3f}x | "
         f"{ratio['bytes_up_per_client']:.3f}x |"])
-    table += (f"\n\nOnce per run, before the first secure round: registering {len(prepared.split)} nodes' "
+    table += (f"\n\nOnce per run, before the first secure round: registering {nodes} nodes' "
               f"identity keys, {registration:.1f} s (in round 1, left out above with Ray's start).")
     (out / "secagg.md").write_text(f"# Secure aggregation overhead, {clients_per_round} clients a round\n\n{table}\n")
     print(table)

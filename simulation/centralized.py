@@ -17,23 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.evaluation import evaluate
-from shared.model import ModelConfig, Recommender
-from shared.pipeline import DataConfig, PreparedData, prepare_data
+from shared.evaluation.ranking import evaluate
+from shared.model.config import ModelHyper
+from shared.settings import default
+from shared.model.recommender import Recommender, build_recommender
+from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
-from shared.training import TrainConfig, fit, model_scorer
-
-
-@dataclass
-class ModelHyper:
-    """Model width etc.; n_items and content_dim come from the data."""
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_len: int = 50
-    dropout: float = 0.3
-    content: bool = True
-    id_buckets: int = 4096
+from shared.model.training import TrainConfig, fit, model_scorer
 
 
 @dataclass
@@ -41,18 +31,18 @@ class CentralizedJob:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelHyper = field(default_factory=ModelHyper)
     train: TrainConfig = field(default_factory=TrainConfig)
-    threads: int = 2
+    threads: int = default("threads")
     sampled_negatives: int = 100
+
+    @classmethod
+    def from_settings(cls, v: dict) -> "CentralizedJob":
+        """From setting keys (shared/settings.py): the data, model and train groups."""
+        return cls(data=DataConfig.from_settings(v), model=ModelHyper.from_settings(v),
+                   train=TrainConfig.from_settings(v), threads=v["threads"])
 
 
 def build_model(prepared: PreparedData, hyper: ModelHyper) -> Recommender:
-    content = torch.from_numpy(prepared.features.matrix) if hyper.content else None
-    cfg = ModelConfig(n_items=prepared.split.n_items,
-                      content_dim=prepared.features.dim if hyper.content else 0,
-                      dim=hyper.dim, layers=hyper.layers, heads=hyper.heads,
-                      max_len=hyper.max_len, dropout=hyper.dropout,
-                      id_buckets=hyper.id_buckets)
-    return Recommender(cfg, content)
+    return build_recommender(hyper, prepared.split.n_items, prepared.features.matrix)
 
 
 def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: bool = True):

@@ -23,25 +23,23 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
                        progress: bool = True) -> dict:
     import torch
 
-    from client.local import LocalConfig, UserLog, local_update, shared_weights
-    from client.privacy import PrivacyLedger, RecordPrivacy, private_local_update
-    from server.app import DEFAULTS
-    from shared.model import ModelConfig, Recommender
-    from shared.privacy import PrivacyConfig
+    from client.local import local_update
+    from client.privacy import DPStep, PrivacyLedger, RecordPrivacy
+    from client.store import UserLog
+    from shared.model.config import ModelConfig
+    from shared.model.recommender import Recommender, shared_weights
+    from shared.protocol import LocalConfig
+    from shared.settings import default
 
     torch.set_num_threads(1)
-    local = LocalConfig(local_epochs=int(DEFAULTS["local-epochs"]), lr=float(DEFAULTS["local-lr"]),
-                        optimizer=str(DEFAULTS["local-optimizer"]), clip=float(DEFAULTS["update-clip"]))
-    privacy = RecordPrivacy(noise_multiplier, clip=1.0, window=PrivacyConfig().record_window,
-                            budget=math.inf, delta=1e-5)
+    local = LocalConfig()   # the shipped defaults
+    privacy = RecordPrivacy(noise_multiplier, clip=1.0, window=default("record-window"), budget=math.inf, delta=1e-5)
     rows = []
     for n_items in catalog_sizes:
         torch.manual_seed(0)
         rng = np.random.default_rng(0)
         content = torch.from_numpy(rng.standard_normal((n_items + 1, content_dim)).astype(np.float32))
-        cfg = ModelConfig(n_items=n_items, content_dim=content_dim, max_len=int(DEFAULTS["max-len"]),
-                          id_buckets=int(DEFAULTS["id-buckets"]))
-        model = Recommender(cfg, content)
+        model = Recommender(ModelConfig(n_items=n_items, content_dim=content_dim), content)
         weights = shared_weights(model)
         for length in log_lengths:
             user = UserLog(rng.integers(1, n_items + 1, size=length), 1, 2)
@@ -52,7 +50,7 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
                 local_update(model, weights, user, local, rng)
                 plain = time.perf_counter() - t
                 t = time.perf_counter()
-                private_local_update(model, weights, user, local, privacy, ledger, rng)
+                local_update(model, weights, user, local, rng, DPStep(privacy, ledger, local.local_epochs, local.optimizer))
                 private = time.perf_counter() - t
                 if rep:
                     plain_s.append(plain)
@@ -64,6 +62,10 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
             if progress:
                 print(f"{n_items:>7,} items, log of {length:>3}: plain {row['plain_s'] * 1e3:7.1f} ms, "
                       f"private {row['private_s'] * 1e3:7.1f} ms, ratio {row['ratio']:.2f}x", flush=True)
+    return _dp_speed_report(rows, catalog_sizes, content_dim, repeats, Path(out))
+
+
+def _dp_speed_report(rows: list[dict], catalog_sizes, content_dim: int, repeats: int, out: Path) -> dict:
     summary = {}
     for n_items in catalog_sizes:
         mine = [r for r in rows if r["items"] == n_items]
@@ -72,7 +74,6 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
                       "median of alternating repeats; one thread",
               "content_dim": content_dim, "repeats": repeats, "rows": rows,
               "ratio_by_items": summary}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "dp_speed.json", report)
     lines = ["# DP-SGD vs plain local training", "",
@@ -100,8 +101,9 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     import json
     from dataclasses import replace
 
-    from client.local import load_weights
-    from shared.pipeline import prepare_data
+    from shared.data.pipeline import prepare_data
+    from shared.model.recommender import load_weights
+    from shared.settings import default
     from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
     from simulation.centralized import build_model
     from simulation.federated import run_federated
@@ -109,8 +111,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(job.data, show_progress=progress)
-    window = int(job.settings.get("record-window", 51))
-    delta = float(job.settings.get("delta", 1e-5))
+    window = int(job.settings.get("record-window", default("record-window")))
+    delta = float(job.settings.get("delta", default("delta")))
     marks = make_canaries(prepared.split.n_items, len(prepared.split), canaries, window, seed=job.data.seed)
     with_canaries = replace(prepared, split=insert_canaries(prepared.split, marks))
     rows = []
@@ -140,12 +142,18 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
             r = rows[-1]
             print(f"{mode:>6} eps {r['target_epsilon']:>4}: NDCG@10 {r['ndcg@10']:.4f}  attack AUC "
                   f"{auc:.3f} (bound {r['auc_bound']:.3f})", flush=True)
+    return _sweep_report(rows, prepared.dataset.name, job.settings, delta, canaries, window, out)
+
+
+def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, canaries: int, window: int,
+                  out: Path) -> dict:
+    """privacy.json, privacy.md and privacy.png from the sweep's rows (the first one without DP)."""
     baseline = rows[0]["ndcg@10"]
     for r in rows:
         r["ndcg_vs_non_private"] = r["ndcg@10"] / baseline if baseline else None
-    report = {"dataset": prepared.dataset.name, "rounds": job.settings.get("rounds"),
-              "clients_per_round": job.settings.get("clients-per-round"), "delta": delta,
-              "noise": "distributed" if job.settings.get("distributed-noise") else "local (record) / server (user)",
+    report = {"dataset": dataset, "rounds": settings.get("rounds"),
+              "clients_per_round": settings.get("clients-per-round"), "delta": delta,
+              "noise": "distributed" if settings.get("distributed-noise") else "local (record) / server (user)",
               "canaries": {"members": canaries, "non_members": canaries, "window": window,
                            "attack": "next-item loss on the canary, lower = member"},
               "rows": rows}

@@ -23,23 +23,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.local import UserLog, load_weights
-from shared.catalog_bundle import CatalogBundle, save_catalog
-from shared.evaluation import evaluate
-from shared.pipeline import DataConfig, PreparedData, prepare_data
+from client.store import UserLog
+from shared.data.catalog_bundle import CatalogBundle, save_catalog
+from shared.errors import RunFailed
+from shared.evaluation.ranking import evaluate
+from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
-from shared.training import model_scorer
-from simulation.centralized import ModelHyper, build_model
+from shared.model.training import model_scorer
+from shared.model.config import ModelHyper
+from shared.model.recommender import load_weights
+from shared.settings import RUN_CONFIG, run_config_defaults
+from simulation.centralized import build_model
 
 
 @dataclass
 class FederatedJob:
     data: DataConfig = field(default_factory=lambda: DataConfig(activity_features=False))
     model: ModelHyper = field(default_factory=ModelHyper)
-    settings: dict = field(default_factory=dict)   # server/client keys, see server.app.DEFAULTS
+    settings: dict = field(default_factory=dict)   # run-config keys (shared/settings.py)
     eval_every: int = 5          # harness validation every this many rounds
     compare_with: str | None = None  # a centralized run's folder: drawn on the same chart
     threads: int = 1
+
+    @classmethod
+    def from_settings(cls, v: dict) -> "FederatedJob":
+        """From setting keys: the run-config ones go to the ServerApp and ClientApp as they are."""
+        return cls(data=DataConfig.from_settings(v, activity_features=False), model=ModelHyper.from_settings(v),
+                   settings={s.key: v[s.key] for s in RUN_CONFIG if s.key in v},
+                   eval_every=v["eval-rounds"], compare_with=v["compare-with"])
 
 
 def write_store(prepared: PreparedData, store: Path) -> Path:
@@ -76,66 +87,84 @@ def simulate(server_app, client_app, num_clients: int) -> None:
 def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
                   prepared: PreparedData | None = None) -> dict:
     """Train federated in Flower's simulation; writes DIR/summary.json. `prepared` replaces
-    the data `job.data` describes (the privacy audit passes data with canaries in it)."""
+    the data `job.data` describes (the privacy audit passes data with canaries in it).
+    Raises RunFailed (after writing the summary) when no round trained."""
     from client.app import make_client_app
-    from server.app import DEFAULTS, make_server_app
+    from server.app import NoRoundTrained, make_server_app
 
     started = time.perf_counter()
     torch.set_num_threads(job.threads)
     out = Path(out)
+    prepared = prepared or prepare_data(job.data, show_progress=progress)
+    settings = _prepare_run(job, prepared, out)
+    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_every, int(settings["rounds"]), progress)
+    try:
+        simulate(make_server_app(settings, on_round=harness.on_round, progress=harness.on_progress),
+                 make_client_app(settings), len(prepared.split))
+    except NoRoundTrained:
+        pass  # the summary says what happened to every round, and RunFailed follows it
+    harness.bar.close()
+    summary = _summarize(job, prepared, settings, out, harness, _read_result(out), started)
+    write_json(out / "summary.json", summary)
+    plot_federated(summary, out / "validation_curve.png", job.compare_with)
+    if summary["rounds"] and not summary["rounds_trained"]:
+        raise RunFailed(f"none of the {summary['rounds']} rounds trained (each was skipped or aborted; "
+                        f"{out / 'rounds.jsonl'}): {'; '.join(summary['round_problems'])}")
+    return summary
+
+
+def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
+    """Clear a previous attempt's result, write the store, and the settings the apps run with."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("error.txt", "result.json"):
         (out / stale).unlink(missing_ok=True)
-    prepared = prepared or prepare_data(job.data, show_progress=progress)
     store = write_store(prepared, out / "store")
     if not (out / "checkpoint.pt").exists():
         # A new run (not a resume): the simulated devices start with unspent privacy budgets.
         for ledger in (store / "users").glob("*.privacy.json"):
             ledger.unlink()
     m = job.model
-    settings = {**DEFAULTS, "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
-                "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout,
-                "id-buckets": m.id_buckets, **job.settings}
-    rounds = int(settings["rounds"])
-    scorer_model = build_model(prepared, m)
-    curve: list[dict] = []
+    return {**run_config_defaults(), "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
+            "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout, "id-buckets": m.id_buckets,
+            "content": m.content, "min-nodes": len(prepared.split), **job.settings}
 
-    def on_round(server_round: int, weights: dict) -> dict:
-        if server_round % job.eval_every and server_round != rounds:
+
+class _Harness:
+    """What only a simulation can do: score each round's global model on every user's validation
+    item (it holds all the data), and show progress."""
+
+    def __init__(self, model, prepared: PreparedData, eval_every: int, rounds: int, progress: bool):
+        self.model, self.prepared, self.eval_every, self.rounds = model, prepared, eval_every, rounds
+        self.curve: list[dict] = []
+        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+
+    def on_round(self, server_round: int, weights: dict) -> dict:
+        if server_round % self.eval_every and server_round != self.rounds:
             return {}
-        load_weights(scorer_model, weights)
-        v = evaluate(model_scorer(scorer_model), prepared.split, "valid").metrics
-        curve.append({"round": server_round, "ndcg@10": v["ndcg@10"], "hr@10": v["hr@10"]})
+        load_weights(self.model, weights)
+        v = evaluate(model_scorer(self.model), self.prepared.split, "valid").metrics
+        self.curve.append({"round": server_round, "ndcg@10": v["ndcg@10"], "hr@10": v["hr@10"]})
         return {"valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]}
 
-    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+    def on_progress(self, record) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(s=f"{record.seconds:.1f}", ok=record.accepted,
+                             val=f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else "-")
 
-    def on_progress(record) -> None:
-        bar.update(1)
-        bar.set_postfix(s=f"{record.seconds:.1f}", ok=record.accepted,
-                        val=f"{curve[-1]['ndcg@10']:.4f}" if curve else "-")
 
-    simulate(make_server_app(settings, on_round=on_round, progress=on_progress),
-             make_client_app(settings), len(prepared.split))
-    bar.close()
-    if (out / "error.txt").exists():
-        raise RuntimeError(f"the federation failed:\n{(out / 'error.txt').read_text()}")
-    if not (out / "result.json").exists():
-        raise RuntimeError(f"the federation ended without a result in {out}; see the log above")
-    result = json.loads((out / "result.json").read_text())
-    final = torch.load(out / "final.pt", weights_only=False)
-    load_weights(scorer_model, final["weights"])
-    evaluation = evaluate(model_scorer(scorer_model), prepared.split, "test")
-    test = evaluation.metrics
+def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: Path, harness: _Harness,
+               result: dict, started: float) -> dict:
+    load_weights(harness.model, torch.load(out / "final.pt", weights_only=False)["weights"])
+    evaluation = evaluate(model_scorer(harness.model), prepared.split, "test")
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    summary = {
-        "dataset": prepared.dataset.name,
-        "mode": "federated",
-        "metrics": test,
+    untrained = [h for h in history if not h.get("trained")]
+    return {
+        "dataset": prepared.dataset.name, "mode": "federated", "metrics": evaluation.metrics,
         "federated_test_metrics": result["test"],
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "rounds": len(history),
+        "rounds": len(history), "rounds_trained": len(history) - len(untrained),
+        "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]})[:5],
         "clients": len(prepared.split),
         "bytes_down": int(sum(h["bytes_down"] * h["sampled"] for h in history)),
         "bytes_up": int(sum(h["bytes_up_mean"] * h["accepted"] for h in history)),
@@ -148,11 +177,17 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
         "secure_aggregation": _secure_summary(settings, history),
         "config": {"data": asdict(job.data), "model": asdict(job.model), "federation": settings,
                    "text_encoder": prepared.features.text_encoder},
-        "validation_curve": curve,
+        "validation_curve": harness.curve,
     }
-    write_json(out / "summary.json", summary)
-    plot_federated(summary, out / "validation_curve.png", job.compare_with)
-    return summary
+
+
+def _read_result(out: Path) -> dict:
+    """The ServerApp's result.json; RuntimeError with the server's traceback when there is none."""
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    if (out / "error.txt").exists():
+        raise RuntimeError(f"the federation failed:\n{(out / 'error.txt').read_text()}")
+    raise RuntimeError(f"the federation ended without a result in {out}; see the log above")
 
 
 def plot_federated(summary: dict, path: Path, compare_with: str | None = None) -> None:
@@ -189,6 +224,7 @@ def _secure_summary(settings: dict, history: list[dict]) -> dict:
             "params_last_round": history[-1]["metrics"].get("secagg") if history else None,
             "dropout_sized_for": settings.get("secagg-dropout"),
             "aborted_rounds": sum(any(r.startswith("round aborted") for r in h["rejected"]) for h in history),
+            "skipped_rounds": sum(any(r.startswith("round skipped") for r in h["rejected"]) for h in history),
             "protocol_step_seconds_mean": round(float(np.mean(extra)), 3) if extra else 0.0,
             "masked_step_seconds_mean": round(float(np.mean([h["phase_seconds"].get("masked", 0.0)
                                                              for h in rounds])), 3) if rounds else 0.0}

@@ -3,10 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.local import LocalConfig, UserLog, local_metrics, local_update, shared_weights, user_windows
-from shared.evaluation import evaluate
-from shared.model import ModelConfig, Recommender
-from shared.preprocess import Split, UserSplit
+from client.local import local_metrics, local_update, user_windows
+from client.store import UserLog
+from shared.data.preprocess import Split, UserSplit
+from shared.evaluation.ranking import evaluate
+from shared.model.config import ModelConfig
+from shared.model.recommender import Recommender, shared_weights
+from shared.protocol import LocalConfig
 
 
 def tiny_model(n_items=40, content_dim=6, seed=0):
@@ -30,12 +33,12 @@ def test_local_update_answers_a_delta_of_the_shared_weights_only():
     model = tiny_model()
     log = UserLog(np.array([3, 5, 7, 9, 11, 13]), valid=15, test=17)
     global_weights = shared_weights(model)
-    delta, metrics = local_update(model, global_weights, log, LocalConfig(local_epochs=2, lr=1e-2),
+    delta, metrics = local_update(model, global_weights, log, LocalConfig(local_epochs=2, lr=1e-2, optimizer="adam", clip=0.0),
                                   np.random.default_rng(0))
     assert set(delta) == set(global_weights)
     assert all(delta[k].shape == global_weights[k].shape and np.isfinite(delta[k]).all() for k in delta)
     assert any(np.abs(d).max() > 0 for d in delta.values())
-    assert set(metrics) == {"num-examples", "train-loss"} and metrics["num-examples"] == 5
+    assert metrics.num_examples == 5 and np.isfinite(metrics.train_loss) and metrics.record_epsilon is None
 
 
 def test_held_out_items_do_not_change_what_a_client_sends():
@@ -47,7 +50,7 @@ def test_held_out_items_do_not_change_what_a_client_sends():
         model = tiny_model()
         torch.manual_seed(1)
         delta, _ = local_update(model, shared_weights(tiny_model()), UserLog(train, valid, test),
-                                LocalConfig(local_epochs=2, lr=1e-2), np.random.default_rng(0))
+                                LocalConfig(local_epochs=2, lr=1e-2, optimizer="adam", clip=0.0), np.random.default_rng(0))
         answers.append(delta)
     for other in answers[1:]:
         assert all(np.array_equal(answers[0][k], other[k]) for k in answers[0])
@@ -57,12 +60,12 @@ def test_local_metrics_match_the_central_evaluator():
     model = tiny_model()
     users = [UserSplit(str(i), np.array([1 + i, 4 + i, 9 + i]), 20 + i, 30 + i, np.zeros(3)) for i in range(5)]
     split = Split(users, 40)
-    from shared.training import model_scorer
+    from shared.model.training import model_scorer
     central = evaluate(model_scorer(model), split, "test")
     per_user = [local_metrics(model, UserLog(u.train, u.valid, u.test), "test") for u in users]
     for key in ("hr@10", "ndcg@10", "mrr@10"):
         assert np.mean([m[key] for m in per_user]) == pytest.approx(central.metrics[key])
-    assert set(per_user[0]) == {"users", "hr@10", "ndcg@10", "mrr@10"}
+    assert set(per_user[0]) == {"hr@10", "ndcg@10", "mrr@10"}
 
 
 def test_user_log_round_trips(tmp_path):

@@ -1,16 +1,34 @@
 """`flwr run .` takes its run config from pyproject.toml, and Flower refuses an override whose
-key is not declared there: every setting the ServerApp reads must be declared, with our default."""
+key is not declared there: every setting the ServerApp reads (shared/settings.py, run_config)
+must be declared, with the table's default."""
 import tomllib
 from pathlib import Path
 
-from server.app import DEFAULTS
+import pytest
+
+from server.app import federation_config
+from shared.settings import RUN_CONFIG, SettingsError, read_run_config, run_config_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_server_setting_is_declared_for_flwr_run_with_the_same_default():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(DEFAULTS) == set(declared)
+    defaults = run_config_defaults()
+    assert set(defaults) == set(declared)
     # pyproject's small flwr-run job differs on purpose in where it writes and how long it runs.
-    differs = {k for k in DEFAULTS if DEFAULTS[k] != declared[k]}
+    differs = {k for k in defaults if defaults[k] != declared[k]}
     assert differs == {"out", "rounds", "clients-per-round"}, differs
+
+
+def test_the_server_reads_the_declared_config_and_refuses_unknown_or_bad_keys():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = federation_config(declared)
+    assert cfg.rounds == declared["rounds"] and cfg.secure.enabled == declared["secure-aggregation"]
+    with pytest.raises(SettingsError, match="unknown run-config key"):
+        read_run_config({"roundz": 3})
+    with pytest.raises(SettingsError, match="--rounds 0"):
+        read_run_config({"rounds": 0})
+    with pytest.raises(SettingsError, match="expected int"):
+        read_run_config({"rounds": "many"})
+    assert len(RUN_CONFIG) == len(declared)

@@ -30,25 +30,25 @@ def test_sampling_is_reproducible_per_round_and_handles_64_bit_node_ids():
 
 def test_clients_train_on_their_validation_item_only_in_the_refit_rounds():
     s = strategy(refit_fraction=0.2)
-    told = {r: s.round_config(r, {})["train-on"] for r in (1, 8, 9, 10)}
+    told = {r: s.round_config(r)["train-on"] for r in (1, 8, 9, 10)}
     assert told == {1: "valid", 8: "valid", 9: "test", 10: "test"}
 
 
 def test_the_server_refuses_distributed_noise_that_its_guarantee_does_not_cover():
     import pytest
-    from server.app import check_privacy, federation_config
+    from server.app import federation_config
     base = {"privacy": "record", "distributed-noise": True}
-    check_privacy(federation_config(base))
+    federation_config(base)
     for extra, message in [({"secure-aggregation": False}, "needs secure aggregation"),
                            ({"local-epochs": 2}, "local-epochs 1"),
                            ({"local-optimizer": "adam"}, "local-optimizer sgd"),
-                           ({"privacy": "none"}, "needs a privacy mode")]:
+                           ({"privacy": "none"}, "needs --privacy record, user or both")]:
         with pytest.raises(ValueError, match=message):
-            check_privacy(federation_config({**base, **extra}))
+            federation_config({**base, **extra})
 
 
 def test_distributed_user_noise_is_left_to_the_clients_and_divided_by_the_expected_count():
-    from shared.privacy import PrivacyConfig
+    from shared.privacy.accounting import PrivacyConfig
     s = strategy(privacy=PrivacyConfig(mode="user", distributed_noise=True))
     s.resolve_privacy(Nodes(list(range(30))))
     assert s.privacy.user_noise > 0 and s.privacy.noise_shares >= 1

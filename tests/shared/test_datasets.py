@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from shared import datasets
-from shared.datasets import REGISTRY, download, load_dataset, locate
-from shared.schema import DataError
+from shared.data import datasets
+from shared.data.datasets import REGISTRY, download, load_dataset, locate
+from shared.data.schema import DataError
 from tests.test_readers_data import U_DATA, U_ITEM
 
 

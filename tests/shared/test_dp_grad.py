@@ -1,12 +1,13 @@
-"""Opacus per-example gradients of the whole model, item tower included (shared.dp_grad),
+"""Opacus per-example gradients of the whole model, item tower included (shared.privacy.dp_grad),
 against one plain backward pass per example."""
 import numpy as np
 import pytest
 import torch
 
-from shared.dp_grad import per_example_gradients
-from shared.model import ModelConfig, Recommender
-from shared.training import left_pad, per_example_loss
+from shared.privacy.dp_grad import per_example_gradients
+from shared.model.config import ModelConfig
+from shared.model.recommender import Recommender
+from shared.model.training import left_pad, per_example_loss
 
 
 def recommender(n_items: int, buckets: int, content_dim: int) -> Recommender:

@@ -1,10 +1,10 @@
 import numpy as np
 import pandas as pd
 
-from shared import features
-from shared.features import MINILM, build_features, embed_texts, item_texts
-from shared.preprocess import encode, item_activity, leave_one_out
-from shared.schema import make_catalog, make_interactions
+from shared.data import features
+from shared.data.features import MINILM, build_features, embed_texts, item_texts
+from shared.data.preprocess import encode, item_activity, leave_one_out
+from shared.data.schema import make_catalog, make_interactions
 
 
 def small_world():

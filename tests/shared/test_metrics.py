@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
-from shared.metrics import (coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
+from shared.evaluation.metrics import (coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
                             top_k)
 
 

@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from shared.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out,
+from shared.data.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out,
                                partition_by_user, prepare)
-from shared.schema import DataError, make_catalog, make_interactions
+from shared.data.schema import DataError, make_catalog, make_interactions
 
 
 def events(rows):
@@ -62,7 +62,7 @@ def test_prepare_drops_short_users_by_default_and_partitions_one_per_user():
 
 
 def test_ml100k_split_matches_recbole_protocol(datasets_dir):
-    from shared.datasets import load_dataset
+    from shared.data.datasets import load_dataset
     ds = load_dataset("ml-100k", datasets_dir, allow_download=False)
     enc, split = prepare(ds.interactions, ds.catalog)
     assert len(split) == 943 and split.n_items == 1682
@@ -70,7 +70,7 @@ def test_ml100k_split_matches_recbole_protocol(datasets_dir):
 
 
 def test_validation_joins_training_for_the_test_stage_but_test_never_does():
-    from shared.preprocess import with_validation_in_train
+    from shared.data.preprocess import with_validation_in_train
     ev = events([("u", "a", 1, 1), ("u", "b", 2, 1), ("u", "c", 3, 1), ("u", "d", 4, 1)])
     split = leave_one_out(encode(ev, catalog(["a", "b", "c", "d"])))
     test_stage = with_validation_in_train(split)

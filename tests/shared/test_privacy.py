@@ -5,13 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 
 from client.handlers import train_update
-from client.local import UserLog, shared_weights
 from client.privacy import PrivacyLedger, record_chunks
-from shared.model import ModelConfig, Recommender
-from shared.privacy import PrivacyConfig, epsilon, noise_for, resolve
+from client.store import UserLog
+from shared.model.config import ModelConfig, ModelHyper
+from shared.model.recommender import Recommender, shared_weights
+from shared.protocol import LocalConfig, PrivacyRound, RoundConfig
+from shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -79,11 +81,11 @@ def tiny_client(tmp_path):
     return model, shared_weights(model)
 
 
-def round_config(budget: float) -> ConfigRecord:
-    return ConfigRecord({"local-epochs": 1, "local-lr": 0.1, "local-optimizer": "sgd", "train-on": "valid",
-                         "update-clip": 5.0, "privacy-mode": "record", "privacy-budget": budget,
-                         "privacy-delta": 1e-5, "privacy-accountant": "rdp", "record-noise": 2.0,
-                         "record-clip": 1.0, "record-window": 11})
+def round_config(budget: float) -> RoundConfig:
+    return RoundConfig(1, 0, LocalConfig(local_epochs=1, lr=0.1, optimizer="sgd", train_on="valid", clip=5.0),
+                       ModelHyper(dim=8, layers=1, heads=2, max_len=10, dropout=0.0),
+                       PrivacyRound(mode="record", budget=budget, delta=1e-5, accountant="rdp", record_noise=2.0,
+                                    record_clip=1.0, record_window=11))
 
 
 def test_a_client_that_spent_its_budget_refuses_also_after_a_restart(tmp_path):
@@ -101,18 +103,18 @@ def test_a_client_that_spent_its_budget_refuses_also_after_a_restart(tmp_path):
     spent = []
     for _ in range(3):
         delta, metrics = train_update(model, weights, user, config, node(), {}, rng)
-        assert "privacy-refused" not in metrics and metrics["num-examples"] > 0
+        assert not metrics.privacy_refused and metrics.num_examples > 0
         assert any(np.abs(d).sum() > 0 for d in delta.values())
-        spent.append(metrics["record-epsilon"])
+        spent.append(metrics.record_epsilon)
     assert spent[0] == pytest.approx(per_round) and spent == sorted(spent) and spent[-1] <= budget
     ledger_file = tmp_path / "users" / "0.privacy.json"
     assert ledger_file.exists()
 
     for attempt in range(2):                              # the fourth round, twice, each after a "restart"
         delta, metrics = train_update(model, weights, user, config, node(), {}, rng)
-        assert metrics["privacy-refused"] == 1.0 and metrics["num-examples"] == 0
+        assert metrics.privacy_refused and metrics.num_examples == 0
         assert all(not np.any(d) for d in delta.values())
-        assert metrics["record-epsilon"] == pytest.approx(spent[-1])
+        assert metrics.record_epsilon == pytest.approx(spent[-1])
     assert PrivacyLedger(ledger_file).spent(1e-5) == pytest.approx(spent[-1])
     # A device may set a smaller budget of its own, whatever the server says.
     fresh = tmp_path / "other.json"
@@ -120,7 +122,7 @@ def test_a_client_that_spent_its_budget_refuses_also_after_a_restart(tmp_path):
                                                     "privacy-budget": per_round / 2},
                   state=RecordDict(), run_config={"store": str(tmp_path)})
     _, metrics = train_update(model, weights, user, config, own, {}, rng)
-    assert metrics["privacy-refused"] == 1.0 and not fresh.exists()
+    assert metrics.privacy_refused and not fresh.exists()
 
 
 def test_a_damaged_ledger_is_an_error_not_a_fresh_budget(tmp_path):

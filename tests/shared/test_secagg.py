@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.secagg import (PRIME, ProtocolViolation, RoundAborted, SecAggClient, SecAggParams,
-                           SecAggServer, default_params, identity_public, neighbour_graph, new_identity_key,
-                           prg, quantisation_error_bound, shamir_combine, shamir_split)
+from shared.secagg.client import SecAggClient, identity_public, new_identity_key
+from shared.secagg.fixed_point import quantisation_error_bound
+from shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams, default_params, neighbour_graph
+from shared.secagg.primitives import PRIME, prg, shamir_combine, shamir_split
+from shared.secagg.server import SecAggServer
 
 
 class Transcript:

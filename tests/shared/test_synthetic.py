@@ -1,5 +1,5 @@
-from shared.preprocess import prepare
-from shared.synthetic import generate
+from shared.data.preprocess import prepare
+from shared.data.synthetic import generate
 
 
 def test_shape_validity_and_determinism():

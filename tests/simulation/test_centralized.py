@@ -29,10 +29,10 @@ def test_train_writes_summary_plot_and_model(tmp_path, capsys):
 
 
 def test_model_learns_more_than_popularity_on_synthetic_data(tmp_path):
-    from shared.baselines import MostPopular
-    from shared.evaluation import evaluate
-    from shared.pipeline import DataConfig, prepare_data
-    from shared.training import TrainConfig, model_scorer
+    from shared.evaluation.baselines import MostPopular
+    from shared.evaluation.ranking import evaluate
+    from shared.data.pipeline import DataConfig, prepare_data
+    from shared.model.training import TrainConfig, model_scorer
     from simulation.centralized import CentralizedJob, ModelHyper, train_centralized
     prepared = prepare_data(DataConfig(dataset="synthetic:600x300", text_encoder="none"))
     job = CentralizedJob(model=ModelHyper(dim=32, max_len=30),

@@ -17,8 +17,9 @@ from flwr.serverapp import ServerApp
 
 from client.app import make_client_app
 from fedrec.cli import main
-from server.app import DEFAULTS, serve
-from shared.pipeline import DataConfig, prepare_data
+from server.app import serve
+from shared.data.pipeline import DataConfig, prepare_data
+from shared.settings import run_config_defaults
 from simulation.federated import simulate, write_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def run_recorded(tmp_path, settings, damage=None):
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none",
                                        activity_features=False))
     store = write_store(prepared, tmp_path / "store")
-    settings = {**DEFAULTS, **SETTINGS, "store": str(store), "out": str(tmp_path / "out"), **settings}
+    settings = {**run_config_defaults(), **SETTINGS, "store": str(store), "out": str(tmp_path / "out"), **settings}
     recorder = {}
     app = ServerApp()
 

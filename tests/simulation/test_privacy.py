@@ -8,10 +8,11 @@ import torch
 
 from fedrec.cli import main
 from server.aggregation import dp_mean
-from shared.model import ModelConfig, Recommender
-from shared.preprocess import Split, UserSplit
-from shared.privacy import epsilon
-from shared.training import left_pad, per_example_loss
+from shared.model.config import ModelConfig
+from shared.model.recommender import Recommender
+from shared.data.preprocess import Split, UserSplit
+from shared.privacy.accounting import epsilon
+from shared.model.training import left_pad, per_example_loss
 from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
 
 TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
@@ -73,7 +74,7 @@ def test_distributed_record_noise_runs_under_secure_aggregation_and_clients_acco
 
 def test_noise_shares_of_m_clients_sum_to_the_full_noise():
     from client.secure import add_noise_share
-    from shared.privacy import noise_share_std, noise_shares
+    from shared.privacy.accounting import noise_share_std, noise_shares
     assert noise_shares(25, 943, poisson=False, dropout=0.1) == 22
     assert noise_shares(25, 943, poisson=True, dropout=0.1) < noise_shares(25, 943, poisson=False, dropout=0.1)
     std = noise_share_std(record_noise=3.0, record_sensitivity=0.5, user_noise=0.0, user_clip=5.0, shares=16)
@@ -128,8 +129,8 @@ def test_canaries_are_one_record_at_the_start_of_member_logs_and_a_trained_one_i
 @pytest.mark.parametrize("flags,message", [
     (["--privacy", "record", "--record-window", "80"], "--record-window 80 must be between 2 and --max-len + 1 = 11"),
     (["--privacy", "user", "--update-clip", "0"], "needs --update-clip > 0"),
-    (["--privacy", "both", "--delta", "2"], "--delta in (0, 1)"),
-    (["--privacy", "record", "--target-epsilon", "0"], "--target-epsilon must be > 0"),
+    (["--privacy", "both", "--delta", "2"], "--delta 2.0: must be in (0, 1)"),
+    (["--privacy", "record", "--target-epsilon", "0"], "--target-epsilon 0.0: must be > 0"),
     (["--privacy", "record", "--distributed-noise", "--no-secure-aggregation"], "needs secure aggregation"),
     (["--privacy", "record", "--distributed-noise", "--local-epochs", "2"], "needs --local-epochs 1"),
     (["--distributed-noise"], "--distributed-noise needs --privacy"),

@@ -7,10 +7,13 @@ from flwr.serverapp import ServerApp
 
 from client.app import make_client_app
 from server.aggregation import ServerConfig, ServerOptimizer
-from server.app import DEFAULTS, federation_config, initial_weights
-from server.federation import FedRecStrategy, _plain_round, _secure_round
-from shared.pipeline import DataConfig, prepare_data
-from shared.secagg import SecAggParams, new_identity_key, quantisation_error_bound
+from server.app import federation_config, initial_weights
+from server.federation import FedRecStrategy, train_round, wait_for_nodes
+from shared.data.pipeline import DataConfig, prepare_data
+from shared.secagg.client import new_identity_key
+from shared.secagg.fixed_point import quantisation_error_bound
+from shared.secagg.params import SecAggParams
+from shared.settings import run_config_defaults
 from simulation.federated import simulate, write_store
 
 DEFAULTS_CAP = ServerConfig().weight_cap
@@ -38,7 +41,7 @@ def run_in_simulation(tmp_path, body, mods=None, n_users=30):
     prepared = prepare_data(DataConfig(dataset=f"synthetic:{n_users}x25", text_encoder="none",
                                        activity_features=False))
     store = write_store(prepared, tmp_path / "store")
-    settings = {**DEFAULTS, **SETTINGS, "store": str(store), "out": str(tmp_path / "out")}
+    settings = {**run_config_defaults(), **SETTINGS, "store": str(store), "out": str(tmp_path / "out")}
     result = {}
     app = ServerApp()
 
@@ -48,6 +51,7 @@ def run_in_simulation(tmp_path, body, mods=None, n_users=30):
         cfg.fail_on_client_error = False  # vanishing clients answer with errors here
         start = initial_weights(store / "catalog.npz", cfg)
         strategy = FedRecStrategy(cfg, ServerOptimizer(start, cfg.server))
+        wait_for_nodes(grid, len(prepared.split), timeout_s=300)
         result.update(body(RecordingGrid(grid), strategy, start))
 
     simulate(app, make_client_app(settings, mods), len(prepared.split))
@@ -62,11 +66,11 @@ def _fresh(strategy, start):
 def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors(tmp_path):
     def body(grid, strategy, start):
         _fresh(strategy, start)
-        plain_record = _plain_round(grid, strategy, 1)
+        plain_record = train_round(grid, strategy, 1, secure=False)
         plain = strategy.optimizer.weights()
         first = len(grid.replies)
         _fresh(strategy, start)
-        secure_record = _secure_round(grid, strategy, 1)   # same round: same clients, same training
+        secure_record = train_round(grid, strategy, 1, secure=True)   # same round: same clients, same training
         return {"plain": plain, "secure": strategy.optimizer.weights(), "replies": grid.replies[first:],
                 "plain_record": plain_record, "secure_record": secure_record}
 
@@ -115,7 +119,7 @@ def test_vanishing_clients_are_survived_or_abort_the_round_leaving_the_model(tmp
         strategy.cfg.clients_per_round = 30
         strategy.cfg.secure.neighbours, strategy.cfg.secure.threshold = 29, 16
         _fresh(strategy, start)
-        record = _secure_round(grid, strategy, 1)
+        record = train_round(grid, strategy, 1, secure=True)
         return {"record": record, "after": strategy.optimizer.weights(), "start": start}
 
     r = run_in_simulation(tmp_path, body, mods=[_vanish(set(gone), "unmask")])
@@ -145,9 +149,9 @@ def test_a_node_that_lost_its_identity_key_sits_one_round_out_and_registers_agai
         strategy.cfg.clients_per_round = 30
         strategy.cfg.fail_on_client_error = True  # a restart is routine, not a client failure
         _fresh(strategy, start)
-        first = _secure_round(grid, strategy, 1)
+        first = train_round(grid, strategy, 1, secure=True)
         registered_after_first = len(strategy.secagg_identities)
-        second = _secure_round(grid, strategy, 2)
+        second = train_round(grid, strategy, 2, secure=True)
         return {"first": first, "second": second, "registered_after_first": registered_after_first,
                 "registered_after_second": len(strategy.secagg_identities)}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.schema import Catalog, DataError, Interactions, make_catalog, make_interactions
+from shared.data.schema import Catalog, DataError, Interactions, make_catalog, make_interactions
 
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -124,10 +124,18 @@ def parse_float(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     return values.astype(np.float64)
 
 
+MAX_UNIX_SECONDS = 1e11  # about the year 5100; far past any real log, far inside int64
+
+
 def parse_timestamp(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     """Unix seconds (integer or float), or an ISO-8601 date/time string."""
     raw = frame[column].str.strip()
     numeric = pd.to_numeric(raw, errors="coerce")
+    # inf or 1e30 parse as numbers but are no time: int64 seconds would overflow or wrap.
+    out_of_range = numeric.notna() & ~(numeric.abs() <= MAX_UNIX_SECONDS)
+    if out_of_range.any():
+        _first_bad(frame, out_of_range, path, column,
+                   f"timestamp out of range (unix seconds within +-{MAX_UNIX_SECONDS:.0e} expected)")
     if numeric.notna().all():
         return np.floor(numeric).astype(np.int64)
     parsed = pd.to_datetime(raw.where(numeric.isna()), errors="coerce", utc=True, format="ISO8601")

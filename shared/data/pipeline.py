@@ -15,30 +15,39 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.datasets import REGISTRY, cache_dir, load_dataset
-from shared.features import MINILM, ContentFeatures, build_features
-from shared.preprocess import MIN_EVENTS_FOR_SPLIT, Encoded, Split, item_activity, prepare
-from shared.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
+from shared.data.datasets import REGISTRY, cache_dir, load_dataset
+from shared.data.features import ContentFeatures, build_features
+from shared.data.preprocess import Encoded, Split, item_activity, prepare
+from shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
-from shared.schema import DataError, Dataset, check_items_known, make_catalog
-from shared.synthetic import generate
+from shared.data.schema import DataError, Dataset, check_items_known, make_catalog
+from shared.data.synthetic import generate
+from shared.settings import default
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "ml-100k"
+    dataset: str = default("dataset")
     data_dir: str | None = None
     catalog: str | None = None          # catalog CSV for a generic interactions file
     min_rating: float | None = None     # None: every interaction is a positive
-    user_core: int = MIN_EVENTS_FOR_SPLIT
-    item_core: int = 0
-    text_encoder: str = MINILM          # or "none"
+    user_core: int = default("user-core")
+    item_core: int = default("item-core")
+    text_encoder: str = default("text-encoder")  # or "none"
     activity_features: bool = True      # popularity/recency from the training log (centralized only)
-    allow_download: bool = True
-    seed: int = 0
+    allow_download: bool = default("download")
+    seed: int = default("seed")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_settings(cls, v: dict, *, activity_features: bool = True) -> "DataConfig":
+        """From setting keys (shared/settings.py); the federation has no central log, so no
+        activity (popularity, recency) features there."""
+        return cls(dataset=v["dataset"], data_dir=v["data-dir"], catalog=v["catalog"], min_rating=v["min-rating"],
+                   user_core=v["user-core"], item_core=v["item-core"], text_encoder=v["text-encoder"],
+                   activity_features=activity_features, allow_download=v["download"], seed=v["seed"])
 
 
 @dataclass

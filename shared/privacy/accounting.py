@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from shared.settings import default
 
 MODES = ("none", "record", "user", "both")
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -44,12 +45,12 @@ Event = tuple[float, float, int]
 
 @dataclass
 class PrivacyConfig:
-    mode: str = "none"
-    target_epsilon: float = 8.0   # per unit; for "both", each unit gets this epsilon
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    record_clip: float = 1.0      # L2 bound of one record's gradient (DP-SGD)
-    record_window: int = 51       # interactions per record (training chunk); at most max_len + 1
+    mode: str = default("privacy")
+    target_epsilon: float = default("target-epsilon")  # per unit; for "both", each unit gets this epsilon
+    delta: float = default("delta")
+    accountant: str = default("dp-accountant")
+    record_clip: float = default("record-clip")  # L2 bound of one record's gradient (DP-SGD)
+    record_window: int = default("record-window")  # interactions per record (training chunk); at most max_len + 1
     participation_quantile: float = 0.95  # record level: plan the noise for this quantile of
                                           # the number of rounds a client is sampled into
     record_noise: float = 0.0     # noise multipliers, resolved by `resolve` before a run

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shared.schema import Catalog, DataError, Interactions
+from shared.data.schema import Catalog, DataError, Interactions
 
 MIN_EVENTS_FOR_SPLIT = 3  # one train item at least, one validation, one test
 

@@ -26,25 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from shared.evaluation import evaluate
-from shared.model import Recommender
-from shared.preprocess import Split, with_validation_in_train
+from shared.evaluation.ranking import evaluate
+from shared.model.recommender import Recommender
+from shared.data.preprocess import Split, with_validation_in_train
+from shared.settings import default
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 150
-    batch_size: int = 64
-    lr: float = 1e-2          # 3x faster to the same or better validation than 1e-3 (docs/results.md)
-    weight_decay: float = 0.0
-    eval_every: int = 5       # epochs between validation runs
-    patience: int = 5         # validation runs without improvement before stopping
-    seed: int = 0
+    epochs: int = default("epochs")
+    batch_size: int = default("batch-size")
+    lr: float = default("lr")  # 3x faster to the same or better validation than 1e-3 (docs/results.md)
+    weight_decay: float = default("weight-decay")
+    eval_every: int = default("eval-every")  # epochs between validation runs
+    patience: int = default("patience")  # validation runs without improvement before stopping
+    seed: int = default("seed")
     time_budget_s: float | None = None  # stop early (keeping the best model) past this
-    epoch_averaging: float = 0.5  # >0: select (and refit) the exponential average of the
+    epoch_averaging: float = default("epoch-averaging")  # >0: select (and refit) the exponential average of the
                                   # weights over epochs with this decay, not the last weights
-    refit_fraction: float = 0.1  # after selection: this x best epoch more epochs on train +
+    refit_fraction: float = default("refit-fraction")  # after selection: this x best epoch more epochs on train +
                                  # validation items (never test); 0 turns the refit off
+
+    @classmethod
+    def from_settings(cls, v: dict) -> "TrainConfig":
+        return cls(epochs=v["epochs"], batch_size=v["batch-size"], lr=v["lr"], weight_decay=v["weight-decay"],
+                   eval_every=v["eval-every"], patience=v["patience"], seed=v["seed"], time_budget_s=v["time-budget"],
+                   epoch_averaging=v["epoch-averaging"], refit_fraction=v["refit-fraction"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +102,7 @@ def per_example_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Te
 
     The same objective as `next_item_loss`, shaped for per-example gradients (DP-SGD): the item
     tower is called on the inputs and on the states, so Opacus sees both uses of the catalog
-    table (shared.dp_grad). Scores every position, padding included: pad inputs only to the
+    table (shared.privacy.dp_grad). Scores every position, padding included: pad inputs only to the
     longest sequence in the batch."""
     states = model.user_states(inputs)                   # (B, L, D)
     scores = model.item_tower(states)                    # (B, L, N+1)

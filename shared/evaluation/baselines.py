@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from shared.preprocess import Split, item_popularity
+from shared.data.preprocess import Split, item_popularity
 
 
 def interaction_matrix(split: Split) -> sp.csr_matrix:

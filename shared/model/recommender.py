@@ -19,27 +19,17 @@ Shapes: B batch, L sequence length, D model width, N items (index 0 pads).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.model.config import ModelConfig, ModelHyper
 
-@dataclass
-class ModelConfig:
-    n_items: int           # catalog size, without the padding index
-    content_dim: int       # width of the content feature matrix (0: no content features)
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
-    max_len: int = 200
-    dropout: float = 0.3
-    id_buckets: int = 4096  # rows of the ID table; a larger catalog hashes into them
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+if TYPE_CHECKING:  # the wire format's names only: the model itself needs no Flower
+    from shared.protocol import Layout, Weights
 
 
 def id_rows(n_items: int, buckets: int) -> torch.Tensor:
@@ -70,7 +60,7 @@ class ItemTower(nn.Module):
     the item's public content features.
 
     Its parameters are its own (no child modules), so that Opacus treats it as one layer with
-    one per-example gradient rule (`shared.dp_grad`): the catalog-wide table is used at every
+    one per-example gradient rule (`shared.privacy.dp_grad`): the catalog-wide table is used at every
     position, on the input side and in the softmax, and the stock per-layer rules would
     materialise a batch x catalog x width gradient or refuse the shared use outright.
 
@@ -250,3 +240,30 @@ class Recommender(nn.Module):
         scores[..., 0] = float("-inf")
         return scores
 
+
+
+def build_recommender(hyper: ModelHyper, n_items: int, content: np.ndarray | None) -> Recommender:
+    """The model for a catalog of `n_items` with its (N+1, C) content matrix (None: no content)."""
+    content = content if hyper.content and content is not None and content.shape[1] else None
+    cfg = hyper.config(n_items, content.shape[1] if content is not None else 0)
+    return Recommender(cfg, torch.from_numpy(content) if content is not None else None)
+
+
+# ---------------------------------------------------------------- the weights the federation shares
+
+def shared_weights(model: Recommender) -> Weights:
+    """The weights every client trains and the server aggregates: all trainable parameters.
+    Buffers (content features, ID hashing) are public catalog data and never travel."""
+    return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
+
+
+def model_layout(model: Recommender) -> Layout:
+    """Names and shapes of the shared weights, in wire order (shared.protocol)."""
+    return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
+
+
+def load_weights(model: Recommender, weights: Weights) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(torch.from_numpy(np.asarray(value)))

@@ -8,9 +8,11 @@ order in every run (`test_ranks.npy`, written beside each run's summary.json).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from shared.metrics import ndcg
+from shared.evaluation.metrics import ndcg
 
 
 def compare_runs(baseline: list[np.ndarray], candidate: list[np.ndarray], *, k: int = 10,
@@ -37,3 +39,25 @@ def compare_runs(baseline: list[np.ndarray], candidate: list[np.ndarray], *, k: 
             f"candidate_ndcg@{k}_per_run": b.mean(axis=1).round(5).tolist(),
             "ratio": float(b.mean() / a.mean()), "ratio_ci95": [float(low), float(high)],
             "method": f"bootstrap, {resamples} resamples of test users and of runs within each kind"}
+
+
+def compare_folders(baseline: list[Path], candidate: list[Path], out: Path | None = None) -> dict:
+    """`compare_runs` over run folders (their test_ranks.npy); writes OUT/compare.json when given.
+    Raises DataError for a folder without ranks or runs that cannot be paired."""
+    from shared.data.schema import DataError
+    from shared.report import write_json
+
+    def ranks(folder: Path) -> np.ndarray:
+        path = Path(folder) / "test_ranks.npy"
+        if not path.exists():
+            raise DataError(f"{path}: no per-user test ranks (`fedrec train` writes them; older runs lack them)")
+        return np.load(path)
+
+    try:
+        report = compare_runs([ranks(f) for f in baseline], [ranks(f) for f in candidate])
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    report.update(baseline=[str(f) for f in baseline], candidate=[str(f) for f in candidate])
+    if out is not None:
+        write_json(Path(out) / "compare.json", report)
+    return report

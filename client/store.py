@@ -1,0 +1,90 @@
+"""The device's own files: its behaviour log, its privacy ledger, and where each lives.
+
+One home for everything a device keeps on disk, so an encrypted store has one place to go
+(docs/threat-model.md). Where the files are:
+  * on a device (a SuperNode), node config `user-log=PATH` (its own log, `UserLog` .npz),
+    `catalog=PATH` (the public catalog bundle) and optionally `privacy-ledger=PATH`;
+  * in simulation, run config `store=DIR` plus node config `partition-id`: the log is
+    DIR/users/<partition-id>.npz and the catalog DIR/catalog.npz.
+Every write is atomic (temporary file, fsync, rename): a crash leaves the old file or the new.
+
+Light on purpose (numpy only): the ClientApp module imports it without torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class UserLog:
+    """One user's private behaviour log in catalog indices, oldest first."""
+    train: np.ndarray  # (T,) items trained on
+    valid: int         # second-last item: validation target
+    test: int          # last item: test target (trained on by nobody)
+
+    def history(self, stage: str) -> np.ndarray:
+        """The items the user had touched before the `stage` target."""
+        if stage == "valid":
+            return self.train
+        if stage == "test":
+            return np.append(self.train, self.valid)
+        raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
+
+    def target(self, stage: str) -> int:
+        return self.valid if stage == "valid" else self.test
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, train=self.train, valid=self.valid, test=self.test)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "UserLog":
+        with np.load(path) as f:
+            return cls(f["train"].astype(np.int64), int(f["valid"]), int(f["test"]))
+
+
+def client_paths(node_config: dict, run_config: dict) -> tuple[Path, Path]:
+    """(user log, catalog bundle) for this node."""
+    if "user-log" in node_config:
+        return Path(str(node_config["user-log"])), Path(str(node_config["catalog"]))
+    store = Path(str(run_config["store"]))
+    return store / "users" / f"{int(node_config['partition-id'])}.npz", store / "catalog.npz"
+
+
+def ledger_path(node_config: dict, run_config: dict) -> Path:
+    """This client's privacy ledger: node config `privacy-ledger`, else beside its log."""
+    if "privacy-ledger" in node_config:
+        return Path(str(node_config["privacy-ledger"]))
+    log_path, _ = client_paths(node_config, run_config)
+    return log_path.with_name(log_path.name.removesuffix(".npz") + ".privacy.json")
+
+
+def read_ledger(path: Path) -> list[tuple]:
+    """The privacy events a ledger file holds ([] when there is none yet). An unreadable file is
+    an error, never an empty history: that would hand the device a fresh budget."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return [tuple(e) for e in json.loads(path.read_text())["history"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
+
+
+def write_ledger(path: Path, history: list[tuple], unit: str) -> None:
+    """Replace the ledger atomically and durably (synced before the rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"history": history, "unit": unit,
+                   "accountant_history_format": "[noise multiplier, sample rate, steps]"}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -1,0 +1,50 @@
+"""One exchange with a set of nodes: send one message each, collect the replies, count bytes.
+
+Every step of a round (a plain round's train, evaluation, each secure-aggregation step) goes
+through `exchange`, so what counts as a failed or missing reply is decided in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+
+class ClientFailure(RuntimeError):
+    """A ClientApp raised: a bug on our side, so the run stops with the client's message."""
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload size of a message's records (arrays, metrics, config), as Flower counts them."""
+    return int(sum(record.count_bytes() for record in content.values()))
+
+
+@dataclass
+class Exchange:
+    replies: dict[int, RecordDict] = field(default_factory=dict)  # node -> reply content
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failed: list[str] = field(default_factory=list)              # why nodes gave no usable reply
+
+
+def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], timeout: float,
+             fail_on_error: bool) -> Exchange:
+    """Send `contents[node]` to each node as `message_type`; collect what comes back in `timeout`.
+    A client error raises ClientFailure when `fail_on_error`, else the node counts as failed."""
+    messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
+    out = Exchange(bytes_down=sum(record_bytes(m.content) for m in messages))
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            reason = f"node {node}: client error in {message_type!r}: {reply.error.reason}"
+            if fail_on_error:
+                raise ClientFailure(reason)
+            out.failed.append(reason)
+            continue
+        out.replies[node] = reply.content
+        out.bytes_up += record_bytes(reply.content)
+    missing = len(contents) - len(out.replies) - len(out.failed)
+    if missing:
+        out.failed.append(f"{missing} node(s) did not answer {message_type!r} in time")
+    return out

@@ -1,0 +1,1 @@
+"""Data: schema, readers, the dataset registry, preprocessing and the split, content features, the catalog bundle, synthetic data."""

@@ -1,0 +1,6 @@
+"""Errors a user can cause or meet, reported as one line (no traceback) by the command line.
+DataError (a mistake in the input, exit 2) lives with the data schema: shared/data/schema.py."""
+
+
+class RunFailed(RuntimeError):
+    """A run started but produced nothing usable (for example: no round trained). Exit 1."""

@@ -1,0 +1,1 @@
+"""Ranking evaluation: metrics, the full-ranking evaluator, baselines and paired comparison of runs."""

@@ -1,0 +1,382 @@
+"""Everything that crosses between a client and the server, defined once.
+
+client/ and server/ import this module and never each other. Each record is a pack/unpack
+pair: one side packs what it sends, the other unpacks (and checks) what it receives, so a
+key's name and meaning live here only. Torch-free: the ClientApp module loads without torch.
+
+Messages (Flower's message types) and their records:
+  train                  -> "arrays" (global weights), "config" (RoundConfig)
+                         <- "delta" (trained - global), "metrics" (TrainMetrics)
+  evaluate               -> "arrays", "config" (RoundConfig with a stage)
+                         <- "metrics" (one user's HR/NDCG/MRR @10 and users = 1)
+  train.secagg_register  -> "secagg" {register}            <- "secagg" {identity}
+  train.secagg_shares    -> SharesRequest                  <- SharesReply
+  train.secagg_masked    -> "arrays", "config", MaskedRequest   <- "masked" (one uint32 vector)
+  train.secagg_unmask    -> UnmaskRequest                  <- "shares" {owner: share}
+
+Weights travel as ONE flat float32 vector ("flat"), in the order of their sorted names; each
+side rebuilds names and shapes from its own copy of the model (`Layout`), so no layout
+travels and a reply of the wrong length is refused. One array instead of ~34 matters:
+Flower decodes each array with `np.load`, which took 2.7 ms per message of 34 arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+from shared.model.config import ModelHyper
+from shared.settings import default
+
+Weights = dict[str, np.ndarray]
+Layout = dict[str, tuple[int, ...]]
+FLAT = "flat"
+
+
+class MalformedRecord(ValueError):
+    """A record that does not have the form this protocol defines."""
+
+
+# ---------------------------------------------------------------- weights on the wire
+
+def layout_of(weights: Weights) -> Layout:
+    return {name: tuple(weights[name].shape) for name in sorted(weights)}
+
+
+def flatten(weights: Weights) -> np.ndarray:
+    return np.concatenate([np.ravel(weights[name]).astype(np.float32, copy=False) for name in sorted(weights)])
+
+
+def unflatten(vector: np.ndarray, layout: Layout) -> Weights:
+    size = sum(int(np.prod(shape)) for shape in layout.values())
+    if vector.ndim != 1 or vector.size != size:
+        raise MalformedRecord(f"expected a flat vector of {size} values, got shape {vector.shape}")
+    out, start = {}, 0
+    for name, shape in layout.items():
+        n = int(np.prod(shape))
+        out[name] = vector[start:start + n].reshape(shape)
+        start += n
+    return out
+
+
+def to_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({FLAT: Array(flatten(weights))})
+
+
+def from_record(record: ArrayRecord, layout: Layout) -> Weights:
+    """Raises MalformedRecord (with the reason) unless the record is one float vector of the
+    layout's size."""
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [FLAT]:
+        keys = sorted(record.keys())[:3] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise MalformedRecord(f"expected one array {FLAT!r}, got {keys}")
+    vector = record[FLAT].numpy()
+    if not np.issubdtype(vector.dtype, np.floating):
+        raise MalformedRecord(f"dtype {vector.dtype}, expected a float array")
+    return unflatten(vector, layout)
+
+
+def clip_l2(vector: np.ndarray, clip: float) -> np.ndarray:
+    """`vector` scaled down to L2 norm `clip` at most (clip <= 0: unchanged). The one clip:
+    every bound on a client's influence (update clip, DP, secure aggregation) goes through it."""
+    if clip <= 0:
+        return vector
+    norm = float(np.linalg.norm(vector.astype(np.float64, copy=False)))
+    return vector * (clip / norm) if norm > clip else vector
+
+
+def clip_update(update: Weights, clip: float) -> Weights:
+    """A whole named update scaled down to L2 norm `clip` at most (0: no clipping)."""
+    if clip <= 0:
+        return update
+    layout = layout_of(update)
+    return {k: v.astype(np.float32, copy=False) for k, v in unflatten(clip_l2(flatten(update), clip), layout).items()}
+
+
+def zero_update(weights: Weights) -> Weights:
+    """The reply of a client that did not train: no change to any weight."""
+    return {name: np.zeros_like(v) for name, v in weights.items()}
+
+
+# ---------------------------------------------------------------- a client's weight in the mean
+
+def client_weight(num_examples: float, weighting: str, cap: float) -> float:
+    """A client's vote: its training targets up to `cap` ("examples"), or 1 ("uniform"). One
+    definition for the plain server and the secure-aggregation client."""
+    if weighting == "examples":
+        return float(min(num_examples, cap))
+    if weighting == "uniform":
+        return 1.0
+    raise ValueError(f"weighting must be 'examples' or 'uniform', not {weighting!r}")
+
+
+def unit_weight(num_examples: float, weighting: str, cap: float) -> float:
+    """The same vote scaled into [0, 1], as secure aggregation needs it (bounded inputs)."""
+    return client_weight(num_examples, weighting, cap) / (cap if weighting == "examples" else 1.0)
+
+
+# ---------------------------------------------------------------- round config (server -> client)
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local training on one client, per round."""
+    local_epochs: int = default("local-epochs")   # passes over the user's own history
+    lr: float = default("local-lr")
+    optimizer: str = default("local-optimizer")    # "adam" or "sgd"; fresh every round (no state kept)
+    train_on: str = default("train-on")           # "valid": train items only; "test": + validation item
+    clip: float = default("update-clip")          # >0: scale the whole delta down to this L2 norm at most
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PrivacyRound:
+    """The differential privacy a round asks of a client (mode "none": none)."""
+    mode: str = "none"
+    budget: float = 0.0          # the server's target epsilon; a device may hold a smaller one
+    delta: float = 0.0
+    accountant: str = "rdp"
+    record_noise: float = 0.0
+    record_clip: float = 0.0
+    record_window: int = 0
+    user_noise: float = 0.0
+    noise_shares: int = 0        # m > 0: distributed noise, this many clients' shares in every sum
+
+    @property
+    def record(self) -> bool:
+        return self.mode in ("record", "both")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    server_round: int
+    seed: int
+    local: LocalConfig
+    model: ModelHyper
+    privacy: PrivacyRound = field(default_factory=PrivacyRound)
+    stage: str = ""              # evaluation only: "valid" or "test"
+
+
+_LOCAL_KEYS = {"local_epochs": "local-epochs", "lr": "local-lr", "optimizer": "local-optimizer",
+               "train_on": "train-on", "clip": "update-clip"}
+_MODEL_KEYS = {f.name: f.name.replace("_", "-") for f in fields(ModelHyper)}
+_PRIVACY_KEYS = {f.name: "privacy-" + f.name.replace("_", "-") for f in fields(PrivacyRound)}
+
+
+def pack_round_config(cfg: RoundConfig) -> ConfigRecord:
+    # (Flower cannot count the bytes of an empty string: "stage" is left out of a train round.)
+    values = {"server-round": cfg.server_round, "seed": cfg.seed, **({"stage": cfg.stage} if cfg.stage else {})}
+    values.update({key: getattr(cfg.local, name) for name, key in _LOCAL_KEYS.items()})
+    values.update({key: getattr(cfg.model, name) for name, key in _MODEL_KEYS.items()})
+    if cfg.privacy.mode != "none":
+        values.update({key: getattr(cfg.privacy, name) for name, key in _PRIVACY_KEYS.items()})
+    return ConfigRecord(values)
+
+
+def unpack_round_config(record: ConfigRecord) -> RoundConfig:
+    try:
+        local = LocalConfig(**{name: type(getattr(LocalConfig(), name))(record[key])
+                               for name, key in _LOCAL_KEYS.items()})
+        model = ModelHyper(**{name: type(getattr(ModelHyper(), name))(record[key])
+                              for name, key in _MODEL_KEYS.items()})
+        privacy = PrivacyRound()
+        if "privacy-mode" in record:
+            privacy = PrivacyRound(**{name: type(getattr(PrivacyRound(), name))(record[key])
+                                      for name, key in _PRIVACY_KEYS.items()})
+        return RoundConfig(int(record["server-round"]), int(record["seed"]), local, model, privacy,
+                           str(record.get("stage", "")))
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedRecord(f"round config: {err!r}") from None
+
+
+# ---------------------------------------------------------------- replies (client -> server)
+
+@dataclass
+class TrainMetrics:
+    """What a plain round's reply says besides the delta."""
+    num_examples: float
+    train_loss: float = float("nan")
+    train_seconds: float = float("nan")
+    privacy_refused: bool = False
+    record_epsilon: float | None = None   # record-level DP: this client's epsilon after the round
+
+
+def pack_train_reply(delta: Weights, metrics: TrainMetrics) -> RecordDict:
+    values = {"num-examples": float(metrics.num_examples), "train-loss": float(metrics.train_loss),
+              "train-seconds": float(metrics.train_seconds)}
+    if metrics.privacy_refused:
+        values["privacy-refused"] = 1.0
+    if metrics.record_epsilon is not None:
+        values["record-epsilon"] = float(metrics.record_epsilon)
+    return RecordDict({"delta": to_record(delta), "metrics": MetricRecord(values)})
+
+
+def unpack_train_reply(content: RecordDict, layout: Layout) -> tuple[Weights, TrainMetrics]:
+    """Raises MalformedRecord with the reason when the reply lacks a record or has the wrong form."""
+    delta_record, metrics = content.get("delta"), content.get("metrics")
+    if not isinstance(delta_record, ArrayRecord):
+        raise MalformedRecord("no 'delta' ArrayRecord")
+    if not isinstance(metrics, MetricRecord) or "num-examples" not in metrics:
+        raise MalformedRecord("no 'metrics' with num-examples")
+    delta = from_record(delta_record, layout)
+    return delta, TrainMetrics(float(metrics["num-examples"]), float(metrics.get("train-loss", float("nan"))),
+                               float(metrics.get("train-seconds", float("nan"))),
+                               bool(metrics.get("privacy-refused", 0.0)),
+                               float(metrics["record-epsilon"]) if "record-epsilon" in metrics else None)
+
+
+def pack_eval_reply(metrics: dict[str, float]) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({**metrics, "users": 1.0})})
+
+
+def unpack_eval_reply(content: RecordDict) -> dict[str, float]:
+    metrics = content.get("metrics")
+    if not isinstance(metrics, MetricRecord) or "users" not in metrics:
+        raise MalformedRecord("no 'metrics' with users")
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------- secure aggregation's steps
+
+SECAGG_STEPS = ("register", "shares", "masked", "unmask")
+
+
+def secagg_message_type(step: str) -> str:
+    return f"{MessageType.TRAIN}.secagg_{step}"
+
+
+def _ids(record: ConfigRecord) -> dict[int, bytes]:
+    return {int(k): bytes(v) for k, v in record.items()}
+
+
+def _id_record(values: dict[int, bytes]) -> ConfigRecord:
+    return ConfigRecord({str(k): v for k, v in values.items()})
+
+
+def pack_register_request() -> RecordDict:
+    return RecordDict({"secagg": ConfigRecord({"register": True})})
+
+
+def pack_register_reply(identity_public: bytes) -> RecordDict:
+    return RecordDict({"secagg": ConfigRecord({"identity": identity_public})})
+
+
+def unpack_register_reply(content: RecordDict) -> bytes:
+    key = content["secagg"].get("identity") if isinstance(content.get("secagg"), ConfigRecord) else None
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise MalformedRecord("no valid identity key in its registration")
+    return key
+
+
+@dataclass(frozen=True)
+class SharesRequest:
+    round_id: bytes
+    index: int                   # this client's number in the round
+    neighbours: int
+    threshold: int
+    clip: float
+    max_clients: int
+    identity: bytes              # the identity key the server registered for this client
+    neighbour_keys: dict[int, bytes]
+
+
+def pack_shares_request(r: SharesRequest) -> RecordDict:
+    return RecordDict({"secagg": ConfigRecord({"round-id": r.round_id, "index": r.index, "neighbours": r.neighbours,
+                                               "threshold": r.threshold, "clip": r.clip,
+                                               "max-clients": r.max_clients, "identity": r.identity}),
+                       "neighbour-keys": _id_record(r.neighbour_keys)})
+
+
+def unpack_shares_request(content: RecordDict) -> SharesRequest:
+    c = content["secagg"]
+    return SharesRequest(bytes(c["round-id"]), int(c["index"]), int(c["neighbours"]), int(c["threshold"]),
+                         float(c["clip"]), int(c["max-clients"]), bytes(c["identity"]),
+                         _ids(content["neighbour-keys"]))
+
+
+@dataclass(frozen=True)
+class SharesReply:
+    s_public: bytes = b""
+    sealed: dict[int, bytes] = field(default_factory=dict)
+    identity_lost: bool = False  # the node holds another identity key than the registered one
+
+
+def pack_shares_reply(r: SharesReply) -> RecordDict:
+    if r.identity_lost:
+        return RecordDict({"secagg": ConfigRecord({"identity-lost": True})})
+    return RecordDict({"secagg": ConfigRecord({"s-public": r.s_public}), "shares": _id_record(r.sealed)})
+
+
+def unpack_shares_reply(content: RecordDict) -> SharesReply:
+    try:
+        c = content["secagg"]
+        if c.get("identity-lost"):
+            return SharesReply(identity_lost=True)
+        return SharesReply(bytes(c["s-public"]), _ids(content["shares"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedRecord(f"shares reply: {err!r}") from None
+
+
+@dataclass(frozen=True)
+class MaskedRequest:
+    round_id: bytes
+    weighting: str
+    weight_cap: float
+    inbox: dict[int, bytes]       # sender -> its shares sealed for this client
+    mask_keys: dict[int, bytes]   # sender -> its mask public key
+
+
+def pack_masked_request(arrays: ArrayRecord, config: ConfigRecord, r: MaskedRequest) -> RecordDict:
+    return RecordDict({"arrays": arrays, "config": config,
+                       "secagg": ConfigRecord({"round-id": r.round_id, "weighting": r.weighting,
+                                               "weight-cap": r.weight_cap}),
+                       "inbox": _id_record(r.inbox), "mask-keys": _id_record(r.mask_keys)})
+
+
+def unpack_masked_request(content: RecordDict) -> MaskedRequest:
+    c = content["secagg"]
+    return MaskedRequest(bytes(c["round-id"]), str(c["weighting"]), float(c["weight-cap"]),
+                         _ids(content["inbox"]), _ids(content["mask-keys"]))
+
+
+def pack_masked_reply(vector: np.ndarray) -> RecordDict:
+    return RecordDict({"masked": ArrayRecord({"masked": Array(vector)})})
+
+
+def unpack_masked_reply(content: RecordDict, size: int) -> np.ndarray:
+    record = content.get("masked")
+    vector = record["masked"].numpy() if isinstance(record, ArrayRecord) and "masked" in record else None
+    if vector is None or vector.dtype != np.uint32 or vector.shape != (size,):
+        raise MalformedRecord("masked input malformed")
+    return vector
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    round_id: bytes
+    alive: list[int]
+    dropped: list[int]
+
+
+def pack_unmask_request(r: UnmaskRequest) -> RecordDict:
+    # (Flower's ConfigRecord.count_bytes fails on an empty list: leave "dropped" out then.)
+    return RecordDict({"secagg": ConfigRecord({"round-id": r.round_id, "alive": list(r.alive),
+                                               **({"dropped": list(r.dropped)} if r.dropped else {})})})
+
+
+def unpack_unmask_request(content: RecordDict) -> UnmaskRequest:
+    c = content["secagg"]
+    return UnmaskRequest(bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
+
+
+def pack_unmask_reply(shares: dict[int, bytes]) -> RecordDict:
+    return RecordDict({"shares": _id_record(shares)})
+
+
+def unpack_unmask_reply(content: RecordDict) -> dict[int, bytes]:
+    try:
+        return _ids(content["shares"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedRecord(f"unmask reply: {err!r}") from None
+

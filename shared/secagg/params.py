@@ -1,0 +1,89 @@
+"""Secure aggregation's parameters (graph degree, threshold, fixed-point range), their
+sizing for a round, the neighbour graph, and the two ways a round can fail."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+RING_BITS = 32
+HALF_RING = 2 ** (RING_BITS - 1)
+
+
+class RoundAborted(RuntimeError):
+    """Too few clients or shares to finish the round; nothing about it may be applied."""
+
+
+class ProtocolViolation(RuntimeError):
+    """A request an honest client must refuse (it would let the server unmask someone)."""
+
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    neighbours: int        # k: graph degree; a client masks with and shares among k others
+    threshold: int         # t: shares needed to rebuild a secret, of the k + 1 holders
+    clip: float            # each vector is clipped to this L2 norm before quantising
+    max_clients: int       # most summands: sets the fixed-point scale so the sum never wraps
+
+    def __post_init__(self):
+        if not 1 <= self.threshold <= self.neighbours + 1:
+            raise ValueError(f"threshold {self.threshold} must be in 1..neighbours + 1 ({self.neighbours + 1})")
+        if self.threshold <= (self.neighbours + 1) // 2:
+            raise ValueError(f"threshold {self.threshold} must be a strict majority of the "
+                             f"{self.neighbours + 1} holders")
+        if self.clip <= 0 or self.max_clients < 1:
+            raise ValueError("clip must be > 0 and max_clients >= 1")
+
+    @property
+    def scale(self) -> float:
+        """Fixed-point scale: max_clients values of magnitude <= bound (+1 from rounding) stay
+        inside the signed half of the ring, so the sum decodes exactly."""
+        return (HALF_RING - 1) / (self.max_clients * (self.bound + 1))
+
+    @property
+    def bound(self) -> float:
+        """Largest magnitude of one coordinate: the clip (L2 >= any coordinate), or 1 for a
+        weight in [0, 1]."""
+        return max(self.clip, 1.0)
+
+
+def unrecoverable_probability(n: int, k: int, t: int, dropout: float) -> float:
+    """Union bound on the chance that some client keeps fewer than t live holders (of its
+    k + 1) when each client drops independently with probability `dropout`."""
+    m = k + 1
+    tail = sum(math.comb(m, d) * dropout ** d * (1 - dropout) ** (m - d) for d in range(m - t + 1, m + 1))
+    return min(1.0, n * tail)
+
+
+def default_params(n: int, clip: float, *, dropout: float = 0.1, failure: float = 1e-3) -> SecAggParams:
+    """SecAgg+ sizing for n clients: the smallest even degree k >= 2 log2 n (so the graph stays
+    connected, Bell et al. Sec. 3) with a majority threshold for which a round survives
+    `dropout` of its clients with probability >= 1 - failure; the complete graph (SecAgg) when
+    n is too small for that."""
+    k = max(2, 2 * math.ceil(math.log2(max(n, 2))))
+    k += k % 2
+    while k < n - 1:
+        t = (k + 1) // 2 + 1
+        if unrecoverable_probability(n, k, t, dropout) <= failure:
+            return SecAggParams(k, t, clip, n)
+        k += 2
+    k = n - 1
+    return SecAggParams(k, (k + 1) // 2 + 1, clip, n)
+
+
+def neighbour_graph(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
+    """Clients 1..n -> their neighbours: a Harary graph (each joined to k/2 on either side of
+    a ring) over a random placement, as SecAgg+ prescribes. k >= n - 1: the complete graph."""
+    if k >= n - 1:
+        return {u: [v for v in range(1, n + 1) if v != u] for u in range(1, n + 1)}
+    order = np.random.default_rng(np.frombuffer(seed, dtype=np.uint32)).permutation(n) + 1
+    half = k // 2
+    graph: dict[int, set[int]] = {int(u): set() for u in order}
+    for pos, u in enumerate(order):
+        for step in range(1, half + 1):
+            v = int(order[(pos + step) % n])
+            graph[int(u)].add(v)
+            graph[v].add(int(u))
+    return {u: sorted(vs) for u, vs in sorted(graph.items())}

@@ -1,0 +1,293 @@
+"""Every setting a user can give, once: key, type, default, help, and the check of its value.
+
+The `fedrec` flags (`--key`), the ServerApp's run config (`flwr run . --run-config "key=value"`,
+declared in pyproject.toml's `[tool.flwr.app.config]`, which a test keeps in step with this
+table) and the dataclass defaults all come from here. Rules about a combination of settings
+are written once, in `combination_problems`, and used by the command line, the ServerApp and
+(for the ones a device must enforce itself) the client.
+
+Pure: no torch, no Flower, nothing from client/ or server/.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+Check = Callable[[Any], "str | None"]
+
+
+class SettingsError(ValueError):
+    """A setting, or a combination of settings, that cannot work; the message says which and why."""
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low:g}"
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def fraction(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def probability_open(v) -> str | None:
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str             # flag `--key`, run-config key `key`
+    type: type           # int, float, str or bool (bool flags get --key / --no-key)
+    default: Any
+    help: str
+    group: str           # data | model | train | federation | secagg | privacy | output
+    choices: tuple | None = None
+    check: Check | None = None
+    run_config: bool = False  # read by the ServerApp (declared for `flwr run`)
+    optional: bool = False    # None allowed (no value)
+    cli: bool = True          # a `fedrec` flag (False: set by the simulation itself, or run config only)
+
+    @property
+    def dest(self) -> str:
+        return self.key.replace("-", "_")
+
+    def parse(self, value: Any) -> Any:
+        """The value as this setting's type (run config and TOML give strings, ints or floats)."""
+        if value is None and self.optional:
+            return None
+        if self.type is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise SettingsError(f"{self.key}: expected true or false, not {value!r}")
+                return value.lower() in ("true", "1")
+            return bool(value)
+        try:
+            return self.type(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{self.key}: expected {self.type.__name__}, not {value!r}") from None
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.optional else f"--{self.key}: a value is required"
+        if self.choices is not None and value not in self.choices:
+            return f"--{self.key}: must be one of {', '.join(map(str, self.choices))}, not {value!r}"
+        if isinstance(value, float) and math.isnan(value):
+            return f"--{self.key}: must be a number, not nan"
+        if self.check is not None:
+            reason = self.check(value)
+            if reason:
+                return f"--{self.key} {value!r}: {reason}"
+        return None
+
+
+def _s(key, type_, default, help_, group, **kw) -> Setting:
+    return Setting(key, type_, default, help_, group, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # data
+    _s("dataset", str, "ml-100k", "ml-100k | ml-latest-small | ml-1m | ml-20m | ml-25m | synthetic:UxI | "
+       "a folder | a CSV/Parquet file with columns user,item,timestamp[,rating]", "data"),
+    _s("data-dir", str, None, "folder holding the dataset (or <name>/ inside it)", "data", optional=True),
+    _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
+    _s("download", bool, True, "download a registered dataset when it is not found locally "
+       "(sha256-checked); --no-download fails instead", "data"),
+    _s("min-rating", float, None, "count only ratings >= this as positives (default: every event)", "data",
+       optional=True),
+    _s("user-core", int, 3, "drop users with fewer events than this (3: a training, a validation and a "
+       "test item)", "data", check=at_least(3)),
+    _s("item-core", int, 0, "drop items with fewer events than this (0: keep all)", "data", check=at_least(0)),
+    _s("text-encoder", str, "all-MiniLM-L6-v2", "sentence encoder for item titles and descriptions", "data",
+       choices=("all-MiniLM-L6-v2", "none")),
+    # model (the same in every mode; clients build the model the server sends them the shape of)
+    _s("dim", int, 64, "width of item and user vectors", "model", check=at_least(1), run_config=True),
+    _s("layers", int, 2, "self-attention blocks in the user interest encoder", "model", check=at_least(1),
+       run_config=True),
+    _s("heads", int, 2, "attention heads per block (must divide --dim)", "model", check=at_least(1),
+       run_config=True),
+    _s("max-len", int, 50, "most recent items of a history the encoder reads", "model", check=at_least(1),
+       run_config=True),
+    _s("dropout", float, 0.3, "dropout in the encoder during training", "model", check=fraction,
+       run_config=True),
+    _s("id-buckets", int, 4096, "rows of the item ID table; a larger catalog hashes into them", "model",
+       check=at_least(1), run_config=True),
+    _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
+       "model", run_config=True),
+    # centralized training
+    _s("epochs", int, 150, "most passes over the training data (early stopping may end sooner)", "train",
+       check=at_least(1)),
+    _s("batch-size", int, 64, "sequences per training step", "train", check=at_least(1)),
+    _s("lr", float, 1e-2, "Adam learning rate", "train", check=positive),
+    _s("weight-decay", float, 0.0, "AdamW weight decay", "train", check=at_least(0)),
+    _s("eval-every", int, 5, "epochs between validation runs", "train", check=at_least(1)),
+    _s("patience", int, 5, "validation runs without improvement before stopping", "train", check=at_least(1)),
+    _s("epoch-averaging", float, 0.5, "select the exponential average of the weights over epochs with this "
+       "decay (0: the last weights)", "train", check=fraction),
+    _s("refit-fraction", float, 0.1, "centralized: after model selection, train this x the best epoch count "
+       "more epochs on train + validation items; federated: in this last fraction of the rounds clients "
+       "also train on their validation item (0: no refit)", "train", check=fraction, run_config=True),
+    _s("time-budget", float, None, "stop training after this many seconds, keeping the best model so far",
+       "train", optional=True, check=positive),
+    _s("seed", int, 0, "seed of the split's ties, the model's initialisation and training", "train",
+       check=at_least(0), run_config=True),
+    _s("threads", int, 2, "torch CPU threads", "train", check=at_least(1)),
+    # federation
+    _s("rounds", int, 700, "federated rounds", "federation", check=at_least(1), run_config=True),
+    _s("clients-per-round", int, 25, "clients sampled each round (user-level DP: the expected number)",
+       "federation", check=at_least(1), run_config=True),
+    _s("local-epochs", int, 1, "passes over its own history a client makes per round", "federation",
+       check=at_least(1), run_config=True),
+    _s("local-lr", float, 1.0, "the client's learning rate", "federation", check=positive, run_config=True),
+    _s("local-optimizer", str, "sgd", "the client's optimizer (fresh every round: no state is kept)",
+       "federation", choices=("adam", "sgd"), run_config=True),
+    _s("train-on", str, "valid", "valid: clients train on their training items; test: also on their "
+       "validation item", "federation", choices=("valid", "test"), run_config=True),
+    _s("update-clip", float, 5.0, "each client scales its update down to this L2 norm at most (0: off)",
+       "federation", check=at_least(0), run_config=True),
+    _s("server-optimizer", str, "fedadam", "how the server applies the mean update", "federation",
+       choices=("fedavg", "fedavgm", "fedadam"), run_config=True),
+    _s("server-lr", float, 1e-2, "the server optimizer's learning rate", "federation", check=positive,
+       run_config=True),
+    _s("server-eps", float, 1e-8, "fedadam's epsilon (tau)", "federation", check=positive, run_config=True),
+    _s("weighting", str, "examples", "a client's weight in the mean: its training targets (capped), or one "
+       "vote per user", "federation", choices=("examples", "uniform"), run_config=True),
+    _s("server-averaging", float, 0.95, "evaluate and ship the exponential average of the global weights "
+       "over rounds, with this decay (0: the last weights)", "federation", check=fraction, run_config=True),
+    _s("federated-eval-every", int, 0, "the server asks clients for validation metrics every this many "
+       "rounds (0: never)", "federation", check=at_least(0), run_config=True),
+    _s("eval-clients", int, 100, "clients asked per federated validation", "federation", check=at_least(1),
+       run_config=True),
+    _s("final-test", bool, True, "every client evaluates the final model on its test item", "federation",
+       run_config=True),
+    _s("min-nodes", int, 0, "wait until this many nodes are connected before round 1 (0: clients-per-round)",
+       "federation", check=at_least(0), run_config=True, cli=False),
+    _s("wait-for-nodes", float, 300.0, "seconds to wait for --min-nodes before giving up", "federation",
+       check=positive, run_config=True),
+    _s("store", str, "runs/store/ml-100k", "folder with the catalog bundle and users/<partition-id>.npz "
+       "(`fedrec store` writes it)", "federation", run_config=True, cli=False),
+    _s("out", str, "runs/federated", "where the server writes checkpoints and results", "output",
+       run_config=True, cli=False),
+    _s("eval-rounds", int, 40, "simulation: score the global model on the validation items every this many "
+       "rounds", "federation", check=at_least(1)),
+    _s("compare-with", str, None, "a centralized run's output folder, drawn on the same chart", "federation",
+       optional=True),
+    # secure aggregation
+    _s("secure-aggregation", bool, True, "SecAgg+: the server learns only the sum of each round's updates",
+       "secagg", run_config=True),
+    _s("secagg-neighbours", int, 0, "masking/sharing neighbours per client (0: sized from the round)",
+       "secagg", check=at_least(0), run_config=True),
+    _s("secagg-threshold", int, 0, "shares needed to rebuild a secret (0: a strict majority of holders)",
+       "secagg", check=at_least(0), run_config=True),
+    _s("secagg-dropout", float, 0.1, "share of a round's clients that may vanish (sizes the graph when "
+       "--secagg-neighbours is 0)", "secagg", check=fraction, run_config=True),
+    # differential privacy
+    _s("privacy", str, "none", "differential privacy: record (DP-SGD on each client, protects one chunk of "
+       "--record-window interactions), user (clipped updates plus noise on the aggregate, protects a whole "
+       "user), or both (docs/privacy.md)", "privacy", choices=("none", "record", "user", "both"),
+       run_config=True),
+    _s("target-epsilon", float, 8.0, "epsilon per protected unit; the noise is computed for the planned "
+       "rounds (inf: no noise)", "privacy", check=positive, run_config=True),
+    _s("delta", float, 1e-5, "delta per protected unit", "privacy", check=probability_open, run_config=True),
+    _s("dp-accountant", str, "rdp", "privacy accountant", "privacy", choices=("rdp", "prv"), run_config=True),
+    _s("record-clip", float, 1.0, "record level: L2 bound of one record's gradient", "privacy", check=positive,
+       run_config=True),
+    _s("record-window", int, 51, "record level: interactions per record (at most --max-len + 1)", "privacy",
+       check=at_least(2), run_config=True),
+    _s("distributed-noise", bool, False, "each client adds a share of the DP noise and only the secure sum "
+       "carries all of it: the guarantee then also holds against the server, conditional on secure "
+       "aggregation (docs/privacy.md)", "privacy", run_config=True),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+RUN_CONFIG: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.run_config)
+
+
+def values_for(groups: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `groups`: what was given (by key), the default otherwise."""
+    return {s.key: given.get(s.key, s.default) for s in SETTINGS if s.group in groups}
+
+
+def default(key: str) -> Any:
+    return BY_KEY[key].default
+
+
+def defaults(group: str | None = None) -> dict[str, Any]:
+    return {s.key: s.default for s in SETTINGS if group is None or s.group == group}
+
+
+def run_config_defaults() -> dict[str, Any]:
+    return {s.key: s.default for s in RUN_CONFIG}
+
+
+def read_run_config(run_config: dict) -> dict[str, Any]:
+    """The ServerApp's settings: defaults overridden by the run config, typed and checked.
+    Raises SettingsError naming every key that is unknown or wrong."""
+    unknown = sorted(set(run_config) - {s.key for s in RUN_CONFIG})
+    if unknown:
+        raise SettingsError(f"unknown run-config key(s) {unknown}")
+    values = {s.key: s.parse(run_config[s.key]) if s.key in run_config else s.default for s in RUN_CONFIG}
+    check(values)
+    return values
+
+
+def check(values: dict[str, Any]) -> None:
+    """Raises SettingsError with every problem in `values` (a key -> value map; keys missing
+    from it are not checked), each value's own check first, then the combinations."""
+    problems = [p for key, v in values.items() if key in BY_KEY for p in [BY_KEY[key].problem(v)] if p]
+    if not problems:
+        problems = combination_problems(values)
+    if problems:
+        raise SettingsError("; ".join(problems))
+
+
+def _on(values: dict, key: str):
+    return values.get(key, default(key))
+
+
+def combination_problems(values: dict[str, Any]) -> list[str]:
+    """Rules about settings that are fine alone but not together: each written once, here."""
+    problems = []
+    privacy = _on(values, "privacy")
+    record, user = privacy in ("record", "both"), privacy in ("user", "both")
+    if record and not 2 <= _on(values, "record-window") <= _on(values, "max-len") + 1:
+        problems.append(f"--record-window {_on(values, 'record-window')} must be between 2 and --max-len + 1 = "
+                        f"{_on(values, 'max-len') + 1}")
+    if user and _on(values, "update-clip") <= 0:
+        problems.append("user-level DP needs --update-clip > 0 (it bounds one user's update)")
+    if _on(values, "dim") % _on(values, "heads"):
+        problems.append(f"--heads {_on(values, 'heads')} must divide --dim {_on(values, 'dim')}")
+    if _on(values, "distributed-noise"):
+        problems += distributed_noise_problems(privacy, _on(values, "secure-aggregation"),
+                                               _on(values, "local-epochs"), _on(values, "local-optimizer"),
+                                               _on(values, "update-clip"))
+    if _on(values, "secure-aggregation") and _on(values, "clients-per-round") < MIN_SECURE_CLIENTS:
+        problems.append(f"secure aggregation needs --clients-per-round >= {MIN_SECURE_CLIENTS} (got "
+                        f"{_on(values, 'clients-per-round')}): masking needs company; or --no-secure-aggregation")
+    if _on(values, "secagg-threshold") and _on(values, "secagg-threshold") > _on(values, "clients-per-round"):
+        problems.append(f"--secagg-threshold {_on(values, 'secagg-threshold')} exceeds --clients-per-round "
+                        f"{_on(values, 'clients-per-round')}")
+    return problems
+
+
+MIN_SECURE_CLIENTS = 3  # a secure sum of fewer than three would tell each of two its partner's update
+
+
+def distributed_noise_problems(privacy: str, secure: bool, local_epochs: int, optimizer: str,
+                               update_clip: float) -> list[str]:
+    """What distributed DP noise needs. The server checks it before a run; a client checks
+    the record-level step rule again on the round it is sent, since it cannot trust the server."""
+    problems = []
+    if privacy == "none":
+        problems.append("--distributed-noise needs --privacy record, user or both")
+    if not secure:
+        problems.append("--distributed-noise needs secure aggregation: without it the server would see each "
+                        "update with only its own small share of the noise")
+    if privacy in ("record", "both") and (local_epochs != 1 or optimizer != "sgd"):
+        problems.append("--distributed-noise with record-level DP needs --local-epochs 1 and --local-optimizer "
+                        f"sgd: one plain SGD step per round (got {local_epochs} x {optimizer})")
+    if update_clip <= 0:
+        problems.append("--distributed-noise needs --update-clip > 0 (it bounds each contribution)")
+    return problems
