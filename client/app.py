@@ -66,6 +66,10 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
     def secagg_unmask(msg: Message, context: Context) -> Message:
         return secure.handle_unmask(msg, context)
 
+    @app.train("secagg_abort")
+    def secagg_abort(msg: Message, context: Context) -> Message:
+        return secure.handle_abort(msg, context)
+
     return app
 
 

@@ -42,7 +42,7 @@ from shared.model.training import left_pad, per_example_loss
 from shared.privacy.accounting import Event, epsilon
 from shared.privacy.dp_grad import per_example_gradients
 from shared.protocol import TrainMetrics
-from shared.settings import distributed_noise_problems
+from shared.settings import distributed_record_step_problems
 
 # The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
 # it must, and torch warns about exactly that on every step.
@@ -120,7 +120,7 @@ class DPStep(LocalStep):
             raise ValueError("record-level DP needs a noise multiplier >= 0 and a positive clip")
         if privacy.noise_shares:
             # The server said so too, but a client cannot trust it: the rule is checked here again.
-            problems = distributed_noise_problems("record", True, local_epochs, optimizer, 1.0)
+            problems = distributed_record_step_problems(local_epochs, optimizer)
             if problems:
                 raise ValueError(problems[0])
         self.privacy, self.ledger = privacy, ledger

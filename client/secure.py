@@ -18,16 +18,35 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_masked_reply, pack_register_reply,
-                             pack_shares_reply, pack_unmask_reply, unit_weight, unpack_masked_request,
-                             unpack_shares_request, unpack_unmask_request)
+from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_masked_reply, pack_refusal,
+                             pack_register_reply, pack_shares_reply, pack_unmask_reply, unit_weight,
+                             unpack_masked_request, unpack_shares_request, unpack_unmask_request)
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import encode_contribution
-from shared.secagg.params import ProtocolViolation, SecAggParams
+from shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, RoundAborted, SecAggParams
 
 STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"
+SEEN_KEY = "secagg-seen-rounds"
+SEEN_KEPT = 4096   # round ids remembered (24 bytes each): a replayed one is refused
 log = logging.getLogger("fedrec.client")
+
+
+def _refuse(msg: Message, context: Context, err: Exception) -> Message:
+    """Refuse the step, say why, and forget the round's secrets: it cannot finish with this client."""
+    log.warning("secure aggregation: refusing step %r: %s", msg.metadata.message_type, err)
+    context.state.pop(STATE_KEY, None)
+    return _reply(msg, pack_refusal(str(err)))
+
+
+def _fresh_round(context: Context, round_id: bytes) -> None:
+    """Refuse a round id this node has seen before (a replay would get old sealed shares
+    accepted); remember this one."""
+    record = context.state.get(SEEN_KEY)
+    seen = [bytes(r) for r in record["ids"]] if isinstance(record, ConfigRecord) else []
+    if round_id in seen:
+        raise ProtocolViolation("this round id was used before: a replayed round is refused")
+    context.state[SEEN_KEY] = ConfigRecord({"ids": (seen + [round_id])[-SEEN_KEPT:]})
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -61,7 +80,15 @@ def handle_register(msg: Message, context: Context) -> Message:
 
 
 def handle_shares(msg: Message, context: Context) -> Message:
+    try:
+        return _shares(msg, context)
+    except (ProtocolViolation, RoundAborted) as err:
+        return _refuse(msg, context, err)
+
+
+def _shares(msg: Message, context: Context) -> Message:
     request = unpack_shares_request(msg.content)
+    _fresh_round(context, request.round_id)
     identity = _identity(context)
     if identity is None or identity_public(identity) != request.identity:
         # Neighbours would seal shares to a key this node cannot open (it restarted since it
@@ -70,14 +97,23 @@ def handle_shares(msg: Message, context: Context) -> Message:
                     "sitting this round out")
         return _reply(msg, pack_shares_reply(SharesReply(identity_lost=True)))
     params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients)
-    client = SecAggClient(request.index, params, request.round_id, identity)
-    s_public, sealed = client.share_keys(request.neighbour_keys)
+    floor = int(context.node_config.get("secagg-min-neighbours", MIN_NEIGHBOURS))  # the device's own floor
+    client = SecAggClient(request.index, params, request.round_id, identity, min_neighbours=floor)
+    s_public, commitment, sealed = client.share_keys(request.neighbour_keys)
     _save(context, client)
-    return _reply(msg, pack_shares_reply(SharesReply(s_public, sealed)))
+    return _reply(msg, pack_shares_reply(SharesReply(s_public, commitment, sealed)))
 
 
 def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
                   config: RoundConfig, noise_std: float = 0.0) -> Message:
+    try:
+        return _masked(msg, context, train, rng, config, noise_std)
+    except ProtocolViolation as err:
+        return _refuse(msg, context, err)
+
+
+def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
+            config: RoundConfig, noise_std: float) -> Message:
     """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others. With distributed DP
@@ -117,9 +153,20 @@ def handle_masked(msg: Message, context: Context, train: Callable, rng: np.rando
 def handle_unmask(msg: Message, context: Context) -> Message:
     request = unpack_unmask_request(msg.content)
     client = _load(context, request.round_id)
-    shares = client.unmask_shares(request.alive, request.dropped)
+    try:
+        shares = client.unmask_shares(request.alive, request.dropped)
+    except ProtocolViolation as err:
+        return _refuse(msg, context, err)
     del context.state[STATE_KEY]  # the round is over for this client: forget its secrets
     return _reply(msg, pack_unmask_reply(shares))
+
+
+def handle_abort(msg: Message, context: Context) -> Message:
+    """The server gave the round up: forget its secrets now."""
+    record = context.state.get(STATE_KEY)
+    if isinstance(record, ConfigRecord) and bytes(record["round"]) == bytes(msg.content["secagg"]["round-id"]):
+        del context.state[STATE_KEY]
+    return _reply(msg, RecordDict({}))
 
 
 def add_noise_share(vector: np.ndarray, std: float) -> np.ndarray:

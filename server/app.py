@@ -37,7 +37,7 @@ def federation_config(run_config: dict) -> FederationConfig:
                             weighting=c["weighting"], averaging=c["server-averaging"]),
         model=ModelHyper(dim=c["dim"], layers=c["layers"], heads=c["heads"], max_len=c["max-len"],
                          dropout=c["dropout"], id_buckets=c["id-buckets"], content=c["content"]),
-        refit_fraction=c["refit-fraction"], eval_every=c["federated-eval-every"], eval_clients=c["eval-clients"],
+        refit_fraction=c["refit-fraction"], federated_eval_every=c["federated-eval-every"], eval_clients=c["eval-clients"],
         final_test=c["final-test"], min_nodes=c["min-nodes"], wait_for_nodes_s=c["wait-for-nodes"],
         secure=SecureConfig(enabled=c["secure-aggregation"], neighbours=c["secagg-neighbours"],
                             threshold=c["secagg-threshold"], dropout=c["secagg-dropout"]),

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from shared.protocol import refusal_of
+
 
 class ClientFailure(RuntimeError):
     """A ClientApp raised: a bug on our side, so the run stops with the client's message."""
@@ -42,8 +44,13 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
                 raise ClientFailure(reason)
             out.failed.append(reason)
             continue
-        out.replies[node] = reply.content
         out.bytes_up += record_bytes(reply.content)
+        refusal = refusal_of(reply.content)
+        if refusal is not None:
+            # A client refusing a request an honest client must refuse: dropped, never a crash.
+            out.failed.append(f"node {node}: refused {message_type!r}: {refusal}")
+            continue
+        out.replies[node] = reply.content
     missing = len(contents) - len(out.replies) - len(out.failed)
     if missing:
         out.failed.append(f"{missing} node(s) did not answer {message_type!r} in time")

@@ -1,7 +1,7 @@
 """The federation's round loop on Flower's Grid (Message API), with checkpoints and resume.
 
 A round: sample clients -> send them the global weights -> receive deltas -> drop bad replies
-with a logged reason -> average -> server optimizer step -> checkpoint. Every `eval_every`
+with a logged reason -> average -> server optimizer step -> checkpoint. Every `federated_eval_every`
 rounds a sample of clients evaluates the global model on their validation item; at the end
 every client evaluates it on its test item. The server sees deltas and metric values, never a
 history, a held-out item or any per-user state (see docs/federated.md).
@@ -46,20 +46,27 @@ class FederationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelHyper = field(default_factory=ModelHyper)
     seed: int = default("seed")
-    refit_fraction: float = 0.0  # in the last fraction of rounds clients also train on their
-                                 # validation item (as the centralized refit does); never test
-    eval_every: int = 0          # federated validation every this many rounds (0: never)
+    refit_fraction: float = default("refit-fraction")  # in the last fraction of rounds clients also
+                                 # train on their validation item (as the centralized refit does); never test
+    federated_eval_every: int = default("federated-eval-every")  # federated validation every this many
+                                 # rounds (0: never)
     eval_clients: int = default("eval-clients")   # clients asked per federated validation
-    final_test: bool = True      # every client evaluates the final model on its test item
+    final_test: bool = default("final-test")     # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
     timeout_s: float = 600.0     # per round, for replies
-    min_nodes: int = 0           # wait for this many connected nodes before round 1 (0: clients_per_round)
+    min_nodes: int = default("min-nodes")  # wait for this many connected nodes before round 1
+                                           # (0: clients_per_round)
     wait_for_nodes_s: float = default("wait-for-nodes")
     secure: SecureConfig = field(default_factory=SecureConfig)  # secure aggregation (server/secure.py)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """What a checkpoint must agree with to be resumed: everything that shapes the result
+        (how long to wait for nodes does not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("min_nodes", "wait_for_nodes_s")}
 
 
 @dataclass
@@ -221,25 +228,30 @@ class FedRecStrategy(Strategy):
                 for n in self.sample(grid, server_round, k, 1)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Mean over the users who answered of each metric (each reply is one user's values)."""
-        sums: dict[str, float] = {}
-        for reply in replies:
-            if reply.has_error():
-                if self.cfg.fail_on_client_error:
-                    raise ClientFailure(f"node {reply.metadata.src_node_id}: client error: {reply.error.reason}")
-                continue
-            try:
-                metrics = unpack_eval_reply(reply.content)
-            except MalformedRecord as err:
-                log.warning("evaluation reply from node %d rejected: %s", reply.metadata.src_node_id, err)
-                continue
-            for key, value in metrics.items():
-                if np.isfinite(value):
-                    sums[key] = sums.get(key, 0.0) + value
-        users = sums.pop("users", 0.0)
-        if not users:
-            return None
-        return MetricRecord({**{k: v / users for k, v in sums.items()}, "users": users})
+        """Flower's Strategy interface over `evaluation_mean`."""
+        replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        if failed and self.cfg.fail_on_client_error:
+            raise ClientFailure(f"node {failed[0].metadata.src_node_id}: client error: {failed[0].error.reason}")
+        return evaluation_mean({r.metadata.src_node_id: r.content for r in replies if not r.has_error()})
+
+
+def evaluation_mean(replies: dict[int, RecordDict]) -> MetricRecord | None:
+    """Mean over the users who answered of each metric (each reply is one user's values)."""
+    sums: dict[str, float] = {}
+    for node, content in replies.items():
+        try:
+            metrics = unpack_eval_reply(content)
+        except MalformedRecord as err:
+            log.warning("evaluation reply from node %d rejected: %s", node, err)
+            continue
+        for key, value in metrics.items():
+            if np.isfinite(value):
+                sums[key] = sums.get(key, 0.0) + value
+    users = sums.pop("users", 0.0)
+    if not users:
+        return None
+    return MetricRecord({**{k: v / users for k, v in sums.items()}, "users": users})
 
 
 RoundHook = Callable[[int, dict[str, np.ndarray]], dict]
@@ -259,7 +271,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     strategy.resolve_privacy(grid)
     for server_round in range(start_round, cfg.rounds + 1):
         record = train_round(grid, strategy, server_round)
-        if cfg.eval_every and server_round % cfg.eval_every == 0:
+        if cfg.federated_eval_every and server_round % cfg.federated_eval_every == 0:
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
         if on_round is not None:
@@ -279,7 +291,7 @@ def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tup
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     if checkpoint is None:
         return [], 1
-    if checkpoint["config"] != cfg.to_dict():
+    if checkpoint["config"] != cfg.identity():
         raise ValueError(f"{out / 'checkpoint.pt'} was written by a run with another "
                          "configuration; use a new output folder or the same flags")
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -292,7 +304,7 @@ def _checkpoint(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer, hi
     saving = time.perf_counter()
     record.phase_seconds["checkpoint"] = 0.0
     history.append(asdict(record))
-    save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.to_dict(),
+    save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.identity(),
                                             "optimizer": optimizer.state_dict(), "history": history})
     history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
     _append_round(out / "rounds.jsonl", history[-1])
@@ -312,7 +324,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.
             return connected
         if time.monotonic() > deadline:
             raise NotEnoughNodes(f"{connected} node(s) connected after {timeout_s:g} s; the run needs {needed} "
-                                 "(start more SuperNodes, or lower --min-nodes / --clients-per-round)")
+                                 "(start more SuperNodes, or lower the run config's min-nodes or clients-per-round)")
         time.sleep(poll_s)
 
 
@@ -411,9 +423,10 @@ def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:
     arrays = to_record(strategy.optimizer.model_weights())
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord({"stage": stage}), grid))
-    replies = grid.send_and_receive(messages, timeout=strategy.cfg.timeout_s)
-    metrics = strategy.aggregate_evaluate(server_round, replies)
+    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"stage": stage}), grid)
+    result = exchange(grid, MessageType.EVALUATE, {m.metadata.dst_node_id: m.content for m in messages},
+                      strategy.cfg.timeout_s, strategy.cfg.fail_on_client_error)
+    metrics = evaluation_mean(result.replies)
     return dict(metrics) if metrics is not None else None
 
 

@@ -30,7 +30,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from server.exchange import Exchange, exchange
-from shared.protocol import (MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, pack_masked_request,
+from shared.protocol import (MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, pack_abort_request,
+                             pack_masked_request,
                              pack_register_request, pack_shares_request, pack_unmask_request, secagg_message_type,
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
 from shared.secagg.fixed_point import decode_mean
@@ -54,7 +55,12 @@ class SecureConfig:
     def params(self, n: int, clip: float) -> SecAggParams:
         auto = default_params(n, clip, dropout=self.dropout)
         k = min(self.neighbours or auto.neighbours, n - 1)
-        t = min(self.threshold or (k + 1) // 2 + 1, k + 1)
+        k += k % 2 if k < n - 1 else 0   # the SecAgg+ ring graph has an even degree
+        # A strict majority of the k + 1 holders at least (the clients refuse less), k + 1 at most.
+        t = min(max(self.threshold, (k + 1) // 2 + 1), k + 1)
+        if self.threshold and t != self.threshold:
+            log.warning("secure aggregation: threshold %d does not fit a round of %d (degree %d); using %d",
+                        self.threshold, n, k, t)
         return SecAggParams(k, t, clip, n)
 
 
@@ -135,25 +141,30 @@ class SecureRound:
                         "round skipped", server_round, len(nodes))
             outcome.reasons.append(f"round skipped: {len(nodes)} to mask")
             return outcome
+        round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
         try:
-            outcome.result = self._protocol(grid, server_round, nodes, task, outcome)
+            outcome.result = self._protocol(grid, round_id, nodes, task, outcome)
         except RoundAborted as err:
             log.warning("round %d: secure aggregation aborted, global model unchanged: %s", server_round, err)
             outcome.reasons.append(f"round aborted: {err}")
+            # Best effort: the clients forget the round's secrets now rather than at their next round.
+            self._step(grid, "abort", {node: pack_abort_request(round_id) for node in nodes}, outcome,
+                       fail_on_error=False)
         return outcome
 
-    def _protocol(self, grid: Grid, server_round: int, nodes: list[int], task: SecureTask,
+    def _protocol(self, grid: Grid, round_id: bytes, nodes: list[int], task: SecureTask,
                   outcome: SecureOutcome) -> SecureSum:
         index = {node: i + 1 for i, node in enumerate(nodes)}
         node_of = {i: node for node, i in index.items()}
         params = self.cfg.params(len(nodes), task.clip)
         outcome.params = asdict(params)
-        round_id = server_round.to_bytes(8, "big") + secrets.token_bytes(16)
         server = SecAggServer(len(nodes), params, round_id)
         registered = {u: self.identities[node] for node, u in index.items()}
         identities = server.receive_identities(registered)
         shares = self._shares(grid, server, identities, registered, params, round_id, node_of, outcome)
-        inbox = server.route_shares({u: (r.s_public, r.sealed) for u, r in shares.items()})
+        inbox = server.route_shares({u: (r.s_public, r.commitment, r.sealed) for u, r in shares.items()})
+        outcome.reasons.extend(f"node {node_of[u]}: {why}" for u, why in server.rejected)
+        server.rejected.clear()
         masked = self._step(grid, "masked", {node_of[u]: pack_masked_request(task.arrays, task.config, MaskedRequest(
             round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
             {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
@@ -172,7 +183,16 @@ class SecureRound:
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(round_id, alive, gone))
                                               for u, (alive, gone) in asks.items()}, outcome, self.fail_on_error)
         started = time.perf_counter()
-        total, count = server.unmask({index[node]: unpack_unmask_reply(c) for node, c in answers.replies.items()})
+        unmasked = {}
+        for node, content in answers.replies.items():
+            try:
+                unmasked[index[node]] = unpack_unmask_reply(content)
+            except MalformedRecord as err:
+                outcome.reasons.append(f"node {node}: {err}")
+        try:
+            total, count = server.unmask(unmasked)
+        finally:
+            outcome.reasons.extend(f"node {node_of[u]}: {why}" for u, why in server.rejected)
         _, weight, loss = decode_mean(total)   # aborts when the weights sum to zero
         outcome.phases["unmask-compute"] = time.perf_counter() - started
         return SecureSum(total[:-2], weight, loss, count)

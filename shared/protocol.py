@@ -239,7 +239,17 @@ def unpack_eval_reply(content: RecordDict) -> dict[str, float]:
 
 # ---------------------------------------------------------------- secure aggregation's steps
 
-SECAGG_STEPS = ("register", "shares", "masked", "unmask")
+SECAGG_STEPS = ("register", "shares", "masked", "unmask", "abort")
+
+
+def pack_refusal(reason: str) -> RecordDict:
+    """A client's answer to a request an honest client must refuse, with its reason."""
+    return RecordDict({"refused": ConfigRecord({"reason": reason or "refused"})})
+
+
+def refusal_of(content: RecordDict) -> str | None:
+    record = content.get("refused")
+    return str(record.get("reason", "refused")) if isinstance(record, ConfigRecord) else None
 
 
 def secagg_message_type(step: str) -> str:
@@ -298,6 +308,7 @@ def unpack_shares_request(content: RecordDict) -> SharesRequest:
 @dataclass(frozen=True)
 class SharesReply:
     s_public: bytes = b""
+    commitment: bytes = b""      # to the self-mask seed, so a wrong rebuilt seed is caught
     sealed: dict[int, bytes] = field(default_factory=dict)
     identity_lost: bool = False  # the node holds another identity key than the registered one
 
@@ -305,7 +316,8 @@ class SharesReply:
 def pack_shares_reply(r: SharesReply) -> RecordDict:
     if r.identity_lost:
         return RecordDict({"secagg": ConfigRecord({"identity-lost": True})})
-    return RecordDict({"secagg": ConfigRecord({"s-public": r.s_public}), "shares": _id_record(r.sealed)})
+    return RecordDict({"secagg": ConfigRecord({"s-public": r.s_public, "b-commitment": r.commitment}),
+                       "shares": _id_record(r.sealed)})
 
 
 def unpack_shares_reply(content: RecordDict) -> SharesReply:
@@ -313,7 +325,7 @@ def unpack_shares_reply(content: RecordDict) -> SharesReply:
         c = content["secagg"]
         if c.get("identity-lost"):
             return SharesReply(identity_lost=True)
-        return SharesReply(bytes(c["s-public"]), _ids(content["shares"]))
+        return SharesReply(bytes(c["s-public"]), bytes(c["b-commitment"]), _ids(content["shares"]))
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedRecord(f"shares reply: {err!r}") from None
 
@@ -368,6 +380,11 @@ def pack_unmask_request(r: UnmaskRequest) -> RecordDict:
 def unpack_unmask_request(content: RecordDict) -> UnmaskRequest:
     c = content["secagg"]
     return UnmaskRequest(bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
+
+
+def pack_abort_request(round_id: bytes) -> RecordDict:
+    """The round is over without a sum: clients forget its secrets now, not at their next round."""
+    return RecordDict({"secagg": ConfigRecord({"round-id": round_id})})
 
 
 def pack_unmask_reply(shares: dict[int, bytes]) -> RecordDict:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from shared.secagg.params import MIN_CLIENTS as MIN_SECURE_CLIENTS
+
 Check = Callable[[Any], "str | None"]
 
 
@@ -100,6 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("user-core", int, 3, "drop users with fewer events than this (3: a training, a validation and a "
        "test item)", "data", check=at_least(3)),
     _s("item-core", int, 0, "drop items with fewer events than this (0: keep all)", "data", check=at_least(0)),
+    _s("seed", int, 0, "seed of synthetic data, the split's ties, the model's initialisation and training",
+       "data", check=at_least(0), run_config=True),
     _s("text-encoder", str, "all-MiniLM-L6-v2", "sentence encoder for item titles and descriptions", "data",
        choices=("all-MiniLM-L6-v2", "none")),
     # model (the same in every mode; clients build the model the server sends them the shape of)
@@ -131,8 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
        "also train on their validation item (0: no refit)", "train", check=fraction, run_config=True),
     _s("time-budget", float, None, "stop training after this many seconds, keeping the best model so far",
        "train", optional=True, check=positive),
-    _s("seed", int, 0, "seed of the split's ties, the model's initialisation and training", "train",
-       check=at_least(0), run_config=True),
+
     _s("threads", int, 2, "torch CPU threads", "train", check=at_least(1)),
     # federation
     _s("rounds", int, 700, "federated rounds", "federation", check=at_least(1), run_config=True),
@@ -164,7 +167,7 @@ SETTINGS: tuple[Setting, ...] = (
        run_config=True),
     _s("min-nodes", int, 0, "wait until this many nodes are connected before round 1 (0: clients-per-round)",
        "federation", check=at_least(0), run_config=True, cli=False),
-    _s("wait-for-nodes", float, 300.0, "seconds to wait for --min-nodes before giving up", "federation",
+    _s("wait-for-nodes", float, 300.0, "seconds to wait for min-nodes before giving up", "federation",
        check=positive, run_config=True),
     _s("store", str, "runs/store/ml-100k", "folder with the catalog bundle and users/<partition-id>.npz "
        "(`fedrec store` writes it)", "federation", run_config=True, cli=False),
@@ -203,11 +206,6 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 RUN_CONFIG: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.run_config)
-
-
-def values_for(groups: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
-    """The settings of `groups`: what was given (by key), the default otherwise."""
-    return {s.key: given.get(s.key, s.default) for s in SETTINGS if s.group in groups}
 
 
 def default(key: str) -> Any:
@@ -266,28 +264,38 @@ def combination_problems(values: dict[str, Any]) -> list[str]:
     if _on(values, "secure-aggregation") and _on(values, "clients-per-round") < MIN_SECURE_CLIENTS:
         problems.append(f"secure aggregation needs --clients-per-round >= {MIN_SECURE_CLIENTS} (got "
                         f"{_on(values, 'clients-per-round')}): masking needs company; or --no-secure-aggregation")
+    if _on(values, "secagg-neighbours") % 2:
+        problems.append(f"--secagg-neighbours {_on(values, 'secagg-neighbours')} must be even (the SecAgg+ "
+                        "graph joins each client to k/2 on either side of a ring)")
     if _on(values, "secagg-threshold") and _on(values, "secagg-threshold") > _on(values, "clients-per-round"):
         problems.append(f"--secagg-threshold {_on(values, 'secagg-threshold')} exceeds --clients-per-round "
                         f"{_on(values, 'clients-per-round')}")
     return problems
 
 
-MIN_SECURE_CLIENTS = 3  # a secure sum of fewer than three would tell each of two its partner's update
 
 
 def distributed_noise_problems(privacy: str, secure: bool, local_epochs: int, optimizer: str,
                                update_clip: float) -> list[str]:
-    """What distributed DP noise needs. The server checks it before a run; a client checks
-    the record-level step rule again on the round it is sent, since it cannot trust the server."""
+    """What distributed DP noise needs; the server checks it all before a run."""
     problems = []
     if privacy == "none":
         problems.append("--distributed-noise needs --privacy record, user or both")
     if not secure:
         problems.append("--distributed-noise needs secure aggregation: without it the server would see each "
                         "update with only its own small share of the noise")
-    if privacy in ("record", "both") and (local_epochs != 1 or optimizer != "sgd"):
-        problems.append("--distributed-noise with record-level DP needs --local-epochs 1 and --local-optimizer "
-                        f"sgd: one plain SGD step per round (got {local_epochs} x {optimizer})")
+    if privacy in ("record", "both"):
+        problems += distributed_record_step_problems(local_epochs, optimizer)
     if update_clip <= 0:
         problems.append("--distributed-noise needs --update-clip > 0 (it bounds each contribution)")
     return problems
+
+
+def distributed_record_step_problems(local_epochs: int, optimizer: str) -> list[str]:
+    """Record-level DP with distributed noise needs one plain SGD step a round: only then is the
+    sum of the updates the sum of the clipped gradients plus the sum of the noise shares. A
+    client checks this again on the round it is sent, since it cannot trust the server."""
+    if local_epochs != 1 or optimizer != "sgd":
+        return ["--distributed-noise with record-level DP needs --local-epochs 1 and --local-optimizer "
+                f"sgd: one plain SGD step per round (got {local_epochs} x {optimizer})"]
+    return []

@@ -32,7 +32,7 @@ from shared.report import plot_validation_curve, write_json
 from shared.model.training import model_scorer
 from shared.model.config import ModelHyper
 from shared.model.recommender import load_weights
-from shared.settings import RUN_CONFIG, run_config_defaults
+from shared.settings import RUN_CONFIG, default, run_config_defaults
 from simulation.centralized import build_model
 
 
@@ -41,7 +41,7 @@ class FederatedJob:
     data: DataConfig = field(default_factory=lambda: DataConfig(activity_features=False))
     model: ModelHyper = field(default_factory=ModelHyper)
     settings: dict = field(default_factory=dict)   # run-config keys (shared/settings.py)
-    eval_every: int = 5          # harness validation every this many rounds
+    eval_rounds: int = default("eval-rounds")  # the harness scores the model on validation every this many rounds
     compare_with: str | None = None  # a centralized run's folder: drawn on the same chart
     threads: int = 1
 
@@ -50,7 +50,7 @@ class FederatedJob:
         """From setting keys: the run-config ones go to the ServerApp and ClientApp as they are."""
         return cls(data=DataConfig.from_settings(v, activity_features=False), model=ModelHyper.from_settings(v),
                    settings={s.key: v[s.key] for s in RUN_CONFIG if s.key in v},
-                   eval_every=v["eval-rounds"], compare_with=v["compare-with"])
+                   eval_rounds=v["eval-rounds"], compare_with=v["compare-with"])
 
 
 def write_store(prepared: PreparedData, store: Path) -> Path:
@@ -97,7 +97,7 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     out = Path(out)
     prepared = prepared or prepare_data(job.data, show_progress=progress)
     settings = _prepare_run(job, prepared, out)
-    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_every, int(settings["rounds"]), progress)
+    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, int(settings["rounds"]), progress)
     try:
         simulate(make_server_app(settings, on_round=harness.on_round, progress=harness.on_progress),
                  make_client_app(settings), len(prepared.split))
@@ -133,13 +133,13 @@ class _Harness:
     """What only a simulation can do: score each round's global model on every user's validation
     item (it holds all the data), and show progress."""
 
-    def __init__(self, model, prepared: PreparedData, eval_every: int, rounds: int, progress: bool):
-        self.model, self.prepared, self.eval_every, self.rounds = model, prepared, eval_every, rounds
+    def __init__(self, model, prepared: PreparedData, eval_rounds: int, rounds: int, progress: bool):
+        self.model, self.prepared, self.eval_rounds, self.rounds = model, prepared, eval_rounds, rounds
         self.curve: list[dict] = []
         self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
 
     def on_round(self, server_round: int, weights: dict) -> dict:
-        if server_round % self.eval_every and server_round != self.rounds:
+        if server_round % self.eval_rounds and server_round != self.rounds:
             return {}
         load_weights(self.model, weights)
         v = evaluate(model_scorer(self.model), self.prepared.split, "valid").metrics

@@ -78,16 +78,22 @@ def generate(n_users: int = 1000, n_items: int = 2000, *, n_topics: int = 20,
                           "line": np.arange(1, len(users) + 1)})
     interactions = make_interactions(frame, "<synthetic>")
 
-    # Item text from topic vocabularies (with a little shared vocabulary as noise).
+    catalog = _catalog(rng, item_topic, n_topics)
+    return Dataset(f"synthetic-{n_users}x{n_items}", interactions, make_catalog(catalog, "<synthetic>"))
+
+
+def _catalog(rng: np.random.Generator, item_topic: np.ndarray, n_topics: int) -> pd.DataFrame:
+    """Item text from topic vocabularies (with a little shared vocabulary as noise)."""
+    n_items = len(item_topic)
     vocab = _vocabulary(rng, n_topics * 30).reshape(n_topics, 30)
     shared_words = _vocabulary(rng, 50)
     words = vocab[item_topic[:, None], rng.integers(0, 30, size=(n_items, 3))]
     noise = shared_words[rng.integers(0, 50, size=n_items)]
     titles = [" ".join(w) + " " + s for w, s in zip(words, noise)]
-    catalog = pd.DataFrame({
+    return pd.DataFrame({
         "item": np.arange(n_items).astype(str),
         "title": titles,
         "genres": [(f"topic{t}",) for t in item_topic],
         "year": rng.integers(1950, 2025, size=n_items),
     })
-    return Dataset(f"synthetic-{n_users}x{n_items}", interactions, make_catalog(catalog, "<synthetic>"))
+

@@ -8,8 +8,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import quantise
-from shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams
-from shared.secagg.primitives import (SHARE_BYTES, agree, kdf, open_sealed, pair_mask_seed, prg, private_bytes,
+from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
+                                  holders_problem)
+from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, open_sealed, pair_mask_seed, prg, private_bytes,
                                       public_bytes, seal, shamir_split)
 
 
@@ -26,8 +27,13 @@ class SecAggClient:
     """One client's side of one round. Holds its secrets between the steps; `state()` and
     `from_state()` let a ClientApp keep them in its private node state."""
 
-    def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes):
+    def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes,
+                 min_neighbours: int = MIN_NEIGHBOURS):
+        problem = client_floor_problem(params, min_neighbours)
+        if problem:
+            raise ProtocolViolation(problem)
         self.index, self.params, self.round_id = index, params, round_id
+        self.min_neighbours = min_neighbours
         self.c_private = identity
         self.s_private = private_bytes(X25519PrivateKey.generate())
         self.self_seed = secrets.token_bytes(32)
@@ -35,6 +41,7 @@ class SecAggClient:
         self.held: dict[int, bytes] = {}         # owner -> my share of (b_owner, s_owner)
         self.masked_with: list[int] = []         # neighbours whose pairwise mask I added
         self._c_publics: dict[int, bytes] = {}   # neighbours' identity keys
+        self.masked = False                      # a masked input was sent this round (once only)
         self.answered = False
 
     @property
@@ -42,14 +49,16 @@ class SecAggClient:
         return public_bytes(X25519PrivateKey.from_private_bytes(self.s_private))
 
     # step 1
-    def share_keys(self, neighbour_identities: dict[int, bytes]) -> tuple[bytes, dict[int, bytes]]:
-        """neighbour -> its identity public key. Returns (my s public key, neighbour -> sealed
-        shares for it). Refuses if its secrets could not be rebuilt."""
+    def share_keys(self, neighbour_identities: dict[int, bytes]) -> tuple[bytes, bytes, dict[int, bytes]]:
+        """neighbour -> its identity public key. Returns (my s public key, a commitment to my
+        self-mask seed, neighbour -> sealed shares for it). Refuses neighbourhoods below its
+        floors or in which the threshold is no strict majority of the actual holders."""
         if self.index in neighbour_identities:
             raise ProtocolViolation("a client is not its own neighbour")
         holders = sorted([*neighbour_identities, self.index])
-        if len(holders) < self.params.threshold:
-            raise RoundAborted(f"client {self.index}: {len(holders)} holders < threshold {self.params.threshold}")
+        problem = holders_problem(self.params, len(holders), self.min_neighbours)
+        if problem:
+            raise ProtocolViolation(problem)
         b_shares = shamir_split(self.self_seed, self.params.threshold, holders)
         s_shares = shamir_split(self.s_private, self.params.threshold, holders)
         s_public = self.s_public
@@ -62,14 +71,22 @@ class SecAggClient:
             key = kdf(agree(self.c_private, neighbour_identities[v]), b"shares", self.round_id, self.index, v)
             sealed[v] = seal(key, bundle, self._aad(self.index, v, s_public))
         self._c_publics = dict(neighbour_identities)
-        return s_public, sealed
+        return s_public, commit_seed(self.self_seed, self.round_id, self.index), sealed
 
     # step 2
     def masked_input(self, vector: np.ndarray, inbox: dict[int, tuple[bytes, bytes]],
                      rng: np.random.Generator) -> np.ndarray:
         """inbox: neighbour -> (its shares sealed for me, its s public key), for the
         neighbours that shared. Decrypt the shares (which authenticate the s key), then mask
-        the clipped, quantised `vector` with the self mask and a pairwise mask per sender."""
+        the clipped, quantised `vector` with the self mask and a pairwise mask per sender.
+        Refuses a second masked input in a round, and an inbox with fewer than t - 1 senders:
+        then the vector would carry too few pairwise masks (none, for an empty inbox) and a
+        server that tells the holders this client is alive would read it from its self mask."""
+        if self.masked:
+            raise ProtocolViolation("a masked input is sent once per round")
+        if len(inbox) < self.params.threshold - 1:
+            raise ProtocolViolation(f"{len(inbox)} senders in the inbox, fewer than threshold - 1 = "
+                                    f"{self.params.threshold - 1}")
         for u, (sealed, s_public) in inbox.items():
             if u not in self._c_publics:
                 raise ProtocolViolation(f"shares from client {u}, who is not a neighbour")
@@ -82,6 +99,7 @@ class SecAggClient:
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))
         self.masked_with = sorted(inbox)
+        self.masked = True
         for v in self.masked_with:
             mask = prg(pair_mask_seed(self.s_private, self.s_publics[v], self.round_id, self.index, v), len(y))
             if self.index < v:
@@ -98,7 +116,7 @@ class SecAggClient:
         alive_set, dropped_set = set(alive), set(dropped)
         if alive_set & dropped_set:
             raise ProtocolViolation("a client cannot be both alive and dropped")
-        if self.index not in alive_set:
+        if self.index not in alive_set or not self.masked:
             raise ProtocolViolation("only a client that sent its masked input takes part in unmasking")
         if len(alive_set) < self.params.threshold:
             raise ProtocolViolation(f"{len(alive_set)} alive clients < threshold {self.params.threshold}")
@@ -124,7 +142,8 @@ class SecAggClient:
                                    dtype=">i8").tobytes() + np.array([self.params.clip], dtype=">f8").tobytes(),
                 "c": self.c_private, "s": self.s_private, "b": self.self_seed,
                 "s_publics": pack(self.s_publics), "c_publics": pack(self._c_publics),
-                "held": pack(self.held), "answered": bytes([self.answered])}
+                "held": pack(self.held), "answered": bytes([self.answered]),
+                "masked": bytes([self.masked]), "min_neighbours": self.min_neighbours.to_bytes(4, "big")}
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "SecAggClient":
@@ -145,4 +164,6 @@ class SecAggClient:
         client.s_publics, client._c_publics = unpack(state["s_publics"]), unpack(state["c_publics"])
         client.held, client.masked_with = unpack(state["held"]), []
         client.answered = bool(state["answered"][0])
+        client.masked = bool(state["masked"][0])
+        client.min_neighbours = int.from_bytes(state["min_neighbours"], "big")
         return client

@@ -11,6 +11,11 @@ RING_BITS = 32
 HALF_RING = 2 ** (RING_BITS - 1)
 
 
+MIN_CLIENTS = 3      # a secure sum of fewer would tell each of two clients its partner's update
+MIN_NEIGHBOURS = 4   # a client's own floor: it masks with and shares among at least this many others
+                     # (all the round's others when the round is smaller); a device may raise it
+
+
 class RoundAborted(RuntimeError):
     """Too few clients or shares to finish the round; nothing about it may be applied."""
 
@@ -87,3 +92,30 @@ def neighbour_graph(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
             graph[int(u)].add(v)
             graph[v].add(int(u))
     return {u: sorted(vs) for u, vs in sorted(graph.items())}
+
+
+def client_floor_problem(params: SecAggParams, min_neighbours: int = MIN_NEIGHBOURS) -> str | None:
+    """Why a client must refuse a round with these (server-chosen) parameters, or None. The
+    client checks them itself: a server that sent neighbours=0, threshold=1 would get every
+    share equal to its secret."""
+    if params.max_clients < MIN_CLIENTS:
+        return f"a round of at most {params.max_clients} clients is below the floor of {MIN_CLIENTS}"
+    floor = min(min_neighbours, params.max_clients - 1)
+    if params.neighbours < floor:
+        return f"{params.neighbours} neighbours is below this client's floor of {floor}"
+    if params.threshold < 2:
+        return f"threshold {params.threshold} would hand out the secret itself"
+    return None
+
+
+def holders_problem(params: SecAggParams, holders: int, min_neighbours: int = MIN_NEIGHBOURS) -> str | None:
+    """Why a client must refuse to share among `holders` (itself and the neighbours it was
+    actually given), or None: too few, more than declared, or a threshold that is no strict
+    majority of them (then two disjoint groups could rebuild both of its secrets)."""
+    if holders - 1 > params.neighbours:
+        return f"{holders - 1} neighbours given, more than the round's {params.neighbours}"
+    if holders - 1 < min(min_neighbours, params.max_clients - 1):
+        return f"{holders - 1} neighbours given, below this client's floor"
+    if 2 * params.threshold <= holders:
+        return f"threshold {params.threshold} is no strict majority of the {holders} actual holders"
+    return None

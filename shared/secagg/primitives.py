@@ -71,20 +71,36 @@ def shamir_split(secret: bytes, threshold: int, holders: list[int]) -> dict[int,
     return shares
 
 
-def shamir_combine(shares: dict[int, bytes]) -> bytes:
-    """holder id -> share (at least `threshold` of them) -> the secret, by Lagrange at 0."""
-    xs = list(shares)
+def shamir_interpolate(shares: dict[int, bytes], at: int) -> int:
+    """The polynomial through `shares` (holder id -> share), evaluated at `at`, by Lagrange."""
     secret = 0
-    for x_i in xs:
+    for x_i in shares:
         numerator, denominator = 1, 1
-        for x_j in xs:
+        for x_j in shares:
             if x_j != x_i:
-                numerator = numerator * -x_j % PRIME
+                numerator = numerator * (at - x_j) % PRIME
                 denominator = denominator * (x_i - x_j) % PRIME
         secret = (secret + int.from_bytes(shares[x_i], "big") * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return secret
+
+
+def shamir_combine(shares: dict[int, bytes]) -> bytes:
+    """holder id -> share (at least `threshold` of them) -> the secret, by Lagrange at 0."""
+    secret = shamir_interpolate(shares, 0)
     if secret >= 2 ** 256:
         raise ValueError("shares do not interpolate to a 32-byte secret (too few or corrupted)")
     return secret.to_bytes(32, "big")
+
+
+def commit_seed(seed: bytes, round_id: bytes, owner: int) -> bytes:
+    """A binding commitment to a client's self-mask seed (SHA-256; the seed is 32 random bytes,
+    so the hash tells nothing about it), against which the server checks a rebuilt seed."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"fedrec-secagg-b|" + round_id + owner.to_bytes(4, "big") + seed)
+    return digest.finalize()
+
+
+SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16   # nonce, the two shares, the GCM tag
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

@@ -2,14 +2,19 @@
 route, sum, unmask; it never holds an unmasked individual vector."""
 from __future__ import annotations
 
+import itertools
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import dequantise
 from shared.secagg.params import RoundAborted, SecAggParams, neighbour_graph
-from shared.secagg.primitives import pair_mask_seed, prg, public_bytes, shamir_combine
+from shared.secagg.primitives import (SEALED_BYTES, SHARE_BYTES, commit_seed, pair_mask_seed, prg, public_bytes,
+                                      shamir_combine, shamir_interpolate)
+
+MAX_SUBSETS = 64   # subsets of t shares tried per secret before the round is given up
 
 
 class SecAggServer:
@@ -26,6 +31,8 @@ class SecAggServer:
         self.shared: set[int] = set()
         self.alive: list[int] = []
         self.total: np.ndarray | None = None
+        self.commitments: dict[int, bytes] = {}         # client -> commitment to its self-mask seed
+        self.rejected: list[tuple[int, str]] = []       # (client, why): what was dropped from replies
 
     def _need(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -39,19 +46,33 @@ class SecAggServer:
         return {u: {v: identities[v] for v in self.graph[u] if v in identities} for u in identities}
 
     # after step 1
-    def route_shares(self, replies: dict[int, tuple[bytes, dict[int, bytes]]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
-        """sender -> (its s public key, {recipient: ciphertext}). Returns recipient -> {sender:
-        (ciphertext, sender's s public key)}, among clients that sent their shares."""
-        replies = {u: r for u, r in replies.items() if u in self.identities}
-        self.keys = {u: (self.identities[u], s_public) for u, (s_public, _) in replies.items()}
+    def route_shares(self, replies: dict[int, tuple[bytes, bytes, dict[int, bytes]]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+        """sender -> (its s public key, commitment to its seed, {recipient: ciphertext}). Returns
+        recipient -> {sender: (ciphertext, sender's s public key)}, among clients that sent their
+        shares. A malformed reply drops its sender, with the reason in `rejected`."""
+        replies = {u: r for u, r in replies.items() if u in self.identities and self._well_formed(u, r)}
+        self.keys = {u: (self.identities[u], s_public) for u, (s_public, _, _) in replies.items()}
+        self.commitments = {u: commitment for u, (_, commitment, _) in replies.items()}
         self.shared = set(replies)
         self._need(len(self.shared), "shares")
         inbox: dict[int, dict[int, tuple[bytes, bytes]]] = {u: {} for u in self.shared}
-        for sender, (s_public, boxes) in replies.items():
+        for sender, (s_public, _, boxes) in replies.items():
             for recipient, box in boxes.items():
                 if recipient in self.shared:
                     inbox[recipient][sender] = (box, s_public)
         return inbox
+
+    def _well_formed(self, u: int, reply) -> bool:
+        try:
+            s_public, commitment, boxes = reply
+            ok = (isinstance(s_public, bytes) and len(s_public) == 32 and isinstance(commitment, bytes)
+                  and len(commitment) == 32 and set(boxes) <= set(self.graph[u])
+                  and all(isinstance(b, bytes) and len(b) == SEALED_BYTES for b in boxes.values()))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            self.rejected.append((u, "malformed keys or shares; dropped from the round"))
+        return ok
 
     # after step 2
     def receive_masked(self, masked: dict[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
@@ -70,26 +91,18 @@ class SecAggServer:
     # after step 3
     def unmask(self, answers: dict[int, dict[int, bytes]]) -> tuple[np.ndarray, int]:
         """holder -> {owner: share}. Returns (decoded sum of the alive clients' vectors, how
-        many). Raises RoundAborted when a secret has fewer than t shares."""
-        alive, dropped = set(self.alive), self.shared - set(self.alive)
-        b_shares: dict[int, dict[int, bytes]] = {u: {} for u in alive}
-        s_shares: dict[int, dict[int, bytes]] = {u: {} for u in dropped}
-        for holder, shares in answers.items():
-            for owner, share in shares.items():
-                kind, body = share[:1], share[1:]
-                if kind == b"b" and owner in alive:
-                    b_shares[owner][holder] = body
-                elif kind == b"s" and owner in dropped:
-                    s_shares[owner][holder] = body
+        many). Malformed and inconsistent shares are dropped (reasons in `rejected`); raises
+        RoundAborted when a secret does not have t consistent shares."""
+        b_shares, s_shares = self._sort_shares(answers)
+        alive = set(self.alive)
         total = self.total.copy()
         for u, shares in b_shares.items():
-            self._enough(shares, u, "self-mask seed")
-            total -= prg(shamir_combine(_first(shares, self.params.threshold)), len(total))
+            seed = self._rebuild(shares, u, "self-mask seed",
+                                 lambda seed, u=u: commit_seed(seed, self.round_id, u) == self.commitments[u])
+            total -= prg(seed, len(total))
         for u, shares in s_shares.items():
-            self._enough(shares, u, "mask key")
-            s_private = shamir_combine(_first(shares, self.params.threshold))
-            if public_bytes(X25519PrivateKey.from_private_bytes(s_private)) != self.keys[u][1]:
-                raise RoundAborted(f"rebuilt mask key of client {u} does not match its public key")
+            s_private = self._rebuild(shares, u, "mask key", lambda key, u=u: public_bytes(
+                X25519PrivateKey.from_private_bytes(key)) == self.keys[u][1])
             for v in self.graph[u]:
                 if v in alive:  # v added +mask if v < u, else -mask: take it back out
                     mask = prg(pair_mask_seed(s_private, self.keys[v][1], self.round_id, u, v), len(total))
@@ -99,10 +112,41 @@ class SecAggServer:
                         total += mask
         return dequantise(total, self.params, len(alive)), len(alive)
 
-    def _enough(self, shares: dict[int, bytes], owner: int, what: str) -> None:
-        if len(shares) < self.params.threshold:
-            raise RoundAborted(f"{what} of client {owner}: {len(shares)} shares < threshold {self.params.threshold}")
+    def _sort_shares(self, answers: dict) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
+        """Each alive owner's b shares and each dropped owner's s shares, from holders that hold
+        them; anything else in an answer is dropped with a reason."""
+        alive, dropped = set(self.alive), self.shared - set(self.alive)
+        b_shares: dict[int, dict[int, bytes]] = {u: {} for u in alive}
+        s_shares: dict[int, dict[int, bytes]] = {u: {} for u in dropped}
+        for holder, shares in answers.items():
+            if holder not in alive:
+                self.rejected.append((holder, "unmask answer from a client not alive; dropped"))
+                continue
+            for owner, share in shares.items():
+                wanted = (b_shares if owner in alive else s_shares).get(owner)
+                kind = b"b" if owner in alive else b"s"
+                if (wanted is None or owner not in [*self.graph[holder], holder] or not isinstance(share, bytes)
+                        or len(share) != 1 + SHARE_BYTES or share[:1] != kind):
+                    self.rejected.append((holder, f"malformed or unasked share for client {owner}; dropped"))
+                    continue
+                wanted[holder] = share[1:]
+        return b_shares, s_shares
 
-
-def _first(shares: dict[int, bytes], count: int) -> dict[int, bytes]:
-    return dict(sorted(shares.items())[:count])
+    def _rebuild(self, shares: dict[int, bytes], owner: int, what: str, verify: Callable[[bytes], bool]) -> bytes:
+        """The secret from t of `shares` that passes `verify` (the first t when all are honest);
+        shares off the polynomial it lies on are reported in `rejected`."""
+        t = self.params.threshold
+        if len(shares) < t:
+            raise RoundAborted(f"{what} of client {owner}: {len(shares)} shares < threshold {t}")
+        for subset in itertools.islice(itertools.combinations(sorted(shares), t), MAX_SUBSETS):
+            chosen = {x: shares[x] for x in subset}
+            try:
+                secret = shamir_combine(chosen)
+            except ValueError:
+                continue
+            if verify(secret):
+                for x in set(shares) - set(subset):
+                    if shamir_interpolate(chosen, x) != int.from_bytes(shares[x], "big"):
+                        self.rejected.append((x, f"inconsistent share of client {owner}'s {what}; dropped"))
+                return secret
+        raise RoundAborted(f"{what} of client {owner}: no {t} consistent shares among {len(shares)}")

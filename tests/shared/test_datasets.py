@@ -58,9 +58,13 @@ def test_unknown_name():
         load_dataset("ml-7")
 
 
-def test_data_dir_is_used_first(tmp_path, datasets_dir):
-    assert locate("ml-100k", datasets_dir) == datasets_dir / "ml-100k"
-    assert locate("ml-100k", datasets_dir / "ml-100k") == datasets_dir / "ml-100k"
+def test_data_dir_is_used_first(tmp_path):
+    """A folder the user names wins over the copy the project installs (RecBole's ML-100K)."""
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / REGISTRY["ml-100k"].marker).write_text("")
+    assert locate("ml-100k", tmp_path) == tmp_path / "ml-100k"
+    assert locate("ml-100k", tmp_path / "ml-100k") == tmp_path / "ml-100k"
+    assert locate("ml-100k", allow_download=False) == datasets._recbole_ml100k()
 
 
 def test_recbole_wheel_copy_is_found_offline():
@@ -71,7 +75,15 @@ def test_recbole_wheel_copy_is_found_offline():
     assert len(ds.interactions) == 100_000 and len(ds.catalog) == 1682
 
 
-def test_real_movielens_load(datasets_dir):
-    ds = load_dataset("ml-latest-small", datasets_dir, allow_download=False)
-    assert len(ds.interactions) == 100_836 and ds.interactions.n_users == 610
-    assert len(ds.catalog) == 9742
+@pytest.mark.parametrize("name,events,users,items", [("ml-100k", 100_000, 943, 1682),
+                                                      ("ml-latest-small", 100_836, 610, 9742)])
+def test_real_movielens_load(name, events, users, items):
+    """ML-100K from ../shared/datasets or else the copy the project installs; ml-latest-small
+    only where ../shared/datasets has it (nothing the project installs carries it)."""
+    from tests.conftest import SHARED_DATASETS
+    data_dir = SHARED_DATASETS if (SHARED_DATASETS / name).is_dir() else None
+    if data_dir is None and name != "ml-100k":
+        pytest.skip(f"../shared/datasets/{name} not present")
+    ds = load_dataset(name, data_dir, allow_download=False)
+    assert len(ds.interactions) == events and ds.interactions.n_users == users
+    assert len(ds.catalog) == items

@@ -61,9 +61,9 @@ def test_prepare_drops_short_users_by_default_and_partitions_one_per_user():
     assert [p.user_id for p in parts] == ["u"]
 
 
-def test_ml100k_split_matches_recbole_protocol(datasets_dir):
+def test_ml100k_split_matches_recbole_protocol():
     from shared.data.datasets import load_dataset
-    ds = load_dataset("ml-100k", datasets_dir, allow_download=False)
+    ds = load_dataset("ml-100k", allow_download=False)   # the copy the project installs
     enc, split = prepare(ds.interactions, ds.catalog)
     assert len(split) == 943 and split.n_items == 1682
     assert sum(len(u.train) for u in split.users) == 100_000 - 2 * 943

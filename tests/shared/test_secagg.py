@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import quantisation_error_bound
 from shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams, default_params, neighbour_graph
-from shared.secagg.primitives import PRIME, prg, shamir_combine, shamir_split
+from shared.secagg.primitives import PRIME, SHARE_BYTES, prg, shamir_combine, shamir_split
 from shared.secagg.server import SecAggServer
 
 
@@ -44,7 +44,7 @@ def run_round(n, params, vectors, *, drop_before_masking=(), drop_after_masking=
     answers = {u: clients[u].unmask_shares(*asks[u]) for u in asks if u not in drop_after_masking}
     if transcript is not None:
         transcript.keys, transcript.sealed, transcript.masked, transcript.answers = keys, sealed, masked, answers
-        transcript.server = server
+        transcript.server, transcript.clients = server, clients
     return server.unmask(answers)
 
 
@@ -123,9 +123,15 @@ def test_no_individual_update_is_recoverable_from_what_the_server_receives():
         kinds = [share[:1] for answers in t.answers.values() for o, share in answers.items() if o == owner]
         assert not (kinds.count(b"b") >= params.threshold and kinds.count(b"s") >= params.threshold)
         assert not ({b"b", b"s"} <= set(kinds)), f"both kinds of share of client {owner} were sent"
+    # Step 1 carries public keys, seed commitments and AES-GCM ciphertexts only: no client's
+    # seed, mask key, or any share of them appears in it in clear.
     everything = b"".join([b"".join(k) for k in t.keys.values()] +
-                          [s_public + b"".join(boxes.values()) for s_public, boxes in t.sealed.values()])
-    assert b"fedrec" not in everything  # only public keys and AES-GCM ciphertexts travel in step 1
+                          [s_public + commitment + b"".join(boxes.values())
+                           for s_public, commitment, boxes in t.sealed.values()])
+    for client in t.clients.values():
+        secrets_in_clear = [client.self_seed, client.s_private] + [
+            part for bundle in client.held.values() for part in (bundle[:SHARE_BYTES], bundle[SHARE_BYTES:])]
+        assert not any(secret in everything for secret in secrets_in_clear)
 
 
 def test_client_refuses_requests_that_would_unmask_someone():
