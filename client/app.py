@@ -51,16 +51,20 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
     # Secure aggregation: registration once, then three steps a round (client/secure.py).
     @app.train("secagg_register")
     def secagg_register(msg: Message, context: Context) -> Message:
-        return secure.handle_register(msg, context)
+        return secure.handle_register(msg, context, settings)
 
     @app.train("secagg_shares")
     def secagg_shares(msg: Message, context: Context) -> Message:
-        return secure.handle_shares(msg, context)
+        return secure.handle_shares(msg, context, settings)
 
     @app.train("secagg_masked")
     def secagg_masked(msg: Message, context: Context) -> Message:
         from client import handlers
         return handlers.handle_masked(msg, context, settings)
+
+    @app.train("secagg_confirm")
+    def secagg_confirm(msg: Message, context: Context) -> Message:
+        return secure.handle_confirm(msg, context, settings)
 
     @app.train("secagg_unmask")
     def secagg_unmask(msg: Message, context: Context) -> Message:

@@ -18,11 +18,14 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_masked_reply, pack_refusal,
-                             pack_register_reply, pack_shares_reply, pack_unmask_reply, unit_weight,
-                             unpack_masked_request, unpack_shares_request, unpack_unmask_request)
+from client.store import credentials_path, read_credentials
+from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply, pack_masked_reply,
+                             pack_refusal, pack_register_reply, pack_shares_reply, pack_unmask_reply, unit_weight,
+                             unpack_confirm_request, unpack_masked_request, unpack_shares_request,
+                             unpack_unmask_request)
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import encode_contribution
+from shared.secagg.identity import DeviceCredentials, identity_record
 from shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, RoundAborted, SecAggParams
 
 STATE_KEY = "secagg"
@@ -55,7 +58,7 @@ def _save(context: Context, client: SecAggClient) -> None:
 
 def _load(context: Context, round_id: bytes) -> SecAggClient:
     record = context.state.get(STATE_KEY)
-    if not isinstance(record, ConfigRecord) or bytes(record["round"]) != round_id:
+    if not isinstance(record, ConfigRecord) or bytes(record["round_id"]) != round_id:
         raise RuntimeError("secure aggregation step out of order: this node holds no secrets "
                            "for that round (restarted mid-round?)")
     return SecAggClient.from_state({k: bytes(v) for k, v in record.items()})
@@ -70,35 +73,45 @@ def _identity(context: Context) -> bytes | None:
     return bytes(record["private"]) if isinstance(record, ConfigRecord) else None
 
 
-def handle_register(msg: Message, context: Context) -> Message:
-    """Answer this node's identity public key, making the key on first use."""
+def _credentials(context: Context, settings: dict) -> DeviceCredentials:
+    return read_credentials(credentials_path(context.node_config, {**settings, **context.run_config}))
+
+
+def handle_register(msg: Message, context: Context, settings: dict) -> Message:
+    """Answer this node's identity record: its identity public key (made on first use), signed
+    with its enrolled device key."""
     identity = _identity(context)
     if identity is None:
         identity = new_identity_key()
         context.state[IDENTITY_KEY] = ConfigRecord({"private": identity})
-    return _reply(msg, pack_register_reply(identity_public(identity)))
+    record = identity_record(_credentials(context, settings), identity_public(identity))
+    return _reply(msg, pack_register_reply(record.to_bytes()))
 
 
-def handle_shares(msg: Message, context: Context) -> Message:
+def handle_shares(msg: Message, context: Context, settings: dict) -> Message:
     try:
-        return _shares(msg, context)
+        return _shares(msg, context, settings)
     except (ProtocolViolation, RoundAborted) as err:
         return _refuse(msg, context, err)
 
 
-def _shares(msg: Message, context: Context) -> Message:
+def _shares(msg: Message, context: Context, settings: dict) -> Message:
     request = unpack_shares_request(msg.content)
     _fresh_round(context, request.round_id)
     identity = _identity(context)
-    if identity is None or identity_public(identity) != request.identity:
+    if identity is None or identity_public(identity) != request.identity[:32]:
         # Neighbours would seal shares to a key this node cannot open (it restarted since it
         # registered): sit this round out; the server registers its current key next time.
         log.warning("secure aggregation: this node's identity key is not the one the server registered; "
                     "sitting this round out")
         return _reply(msg, pack_shares_reply(SharesReply(identity_lost=True)))
-    params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients)
+    try:
+        params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients)
+    except ValueError as err:   # e.g. a threshold that is no majority of the declared holders
+        raise ProtocolViolation(str(err)) from None
     floor = int(context.node_config.get("secagg-min-neighbours", MIN_NEIGHBOURS))  # the device's own floor
-    client = SecAggClient(request.index, params, request.round_id, identity, min_neighbours=floor)
+    ca_public = _credentials(context, settings).ca_public
+    client = SecAggClient(request.index, params, request.round_id, identity, ca_public, min_neighbours=floor)
     s_public, commitment, sealed = client.share_keys(request.neighbour_keys)
     _save(context, client)
     return _reply(msg, pack_shares_reply(SharesReply(s_public, commitment, sealed)))
@@ -150,11 +163,23 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
     return _reply(msg, pack_masked_reply(masked))
 
 
+def handle_confirm(msg: Message, context: Context, settings: dict) -> Message:
+    """The consistency round: sign the server's view of who is alive and who dropped."""
+    request = unpack_confirm_request(msg.content)
+    client = _load(context, request.round_id)
+    try:
+        signature = client.confirm(request.alive, request.dropped, _credentials(context, settings))
+    except ProtocolViolation as err:
+        return _refuse(msg, context, err)
+    _save(context, client)
+    return _reply(msg, pack_confirm_reply(signature))
+
+
 def handle_unmask(msg: Message, context: Context) -> Message:
     request = unpack_unmask_request(msg.content)
     client = _load(context, request.round_id)
     try:
-        shares = client.unmask_shares(request.alive, request.dropped)
+        shares = client.unmask_shares(request.alive, request.dropped, request.signatures)
     except ProtocolViolation as err:
         return _refuse(msg, context, err)
     del context.state[STATE_KEY]  # the round is over for this client: forget its secrets
@@ -164,7 +189,7 @@ def handle_unmask(msg: Message, context: Context) -> Message:
 def handle_abort(msg: Message, context: Context) -> Message:
     """The server gave the round up: forget its secrets now."""
     record = context.state.get(STATE_KEY)
-    if isinstance(record, ConfigRecord) and bytes(record["round"]) == bytes(msg.content["secagg"]["round-id"]):
+    if isinstance(record, ConfigRecord) and bytes(record["round_id"]) == bytes(msg.content["secagg"]["round-id"]):
         del context.state[STATE_KEY]
     return _reply(msg, RecordDict({}))
 

@@ -88,3 +88,33 @@ def write_ledger(path: Path, history: list[tuple], unit: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def credentials_path(node_config: dict, run_config: dict) -> Path:
+    """This device's enrolment credentials (shared.secagg.identity.DeviceCredentials): node config
+    `device-credentials`, else beside its log."""
+    if "device-credentials" in node_config:
+        return Path(str(node_config["device-credentials"]))
+    log_path, _ = client_paths(node_config, run_config)
+    return log_path.with_name(log_path.name.removesuffix(".npz") + ".device")
+
+
+def read_credentials(path: Path):
+    from shared.secagg.identity import DeviceCredentials
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "
+                                "(`fedrec store` enrols simulated ones)")
+    return DeviceCredentials.from_bytes(path.read_bytes())
+
+
+def write_credentials(path: Path, credentials) -> None:
+    """Owner-only, atomic: the device's signing key is in it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(credentials.to_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

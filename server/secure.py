@@ -8,7 +8,10 @@ records: shared/protocol.py).
               identity keys; <- its mask public key and sealed shares, one per neighbour
   masked   -> global weights, training config, shares sealed for it and the senders' mask
               keys; <- its masked contribution
-  unmask   -> who is alive and who dropped, among its neighbours;    <- the shares asked for
+  confirm  -> the round's one view: who sent a masked input (alive), who did not (dropped);
+              <- the client's signature of it (its enrolled device key)
+  unmask   -> the view and its holders' signatures;    <- the shares asked for (a client reveals
+              only when a threshold of its holders signed the view it signed)
 
 A node that does not answer a step (or answers with an error, when the run tolerates them)
 has dropped; the protocol recovers as long as every needed secret keeps `threshold` shares,
@@ -30,8 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from server.exchange import Exchange, exchange
-from shared.protocol import (MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, pack_abort_request,
-                             pack_masked_request,
+from shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest,
+                             pack_abort_request, pack_confirm_request, pack_masked_request, unpack_confirm_reply,
                              pack_register_request, pack_shares_request, pack_unmask_request, secagg_message_type,
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
 from shared.secagg.fixed_point import decode_mean
@@ -175,13 +178,15 @@ class SecureRound:
                 vectors[index[node]] = unpack_masked_reply(content, size)
             except MalformedRecord as err:
                 outcome.reasons.append(f"node {node}: {err}; counted as dropped")
-        asks = server.receive_masked(vectors)
-        if len(server.alive) < task.min_contributions:
+        alive, dropped = server.receive_masked(vectors)
+        if len(alive) < task.min_contributions:
             # Before any unmask share is asked for: a sum with fewer noise shares is never opened.
-            raise RoundAborted(f"{len(server.alive)} contributions, fewer than the {task.min_contributions} "
+            raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
                                "whose noise shares the privacy guarantee counts on")
-        answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(round_id, alive, gone))
-                                              for u, (alive, gone) in asks.items()}, outcome, self.fail_on_error)
+        signatures = self._confirm(grid, round_id, alive, dropped, node_of, outcome)
+        answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
+            round_id, alive, dropped, held)) for u, held in server.signatures_for(signatures).items()},
+            outcome, self.fail_on_error)
         started = time.perf_counter()
         unmasked = {}
         for node, content in answers.replies.items():
@@ -196,6 +201,21 @@ class SecureRound:
         _, weight, loss = decode_mean(total)   # aborts when the weights sum to zero
         outcome.phases["unmask-compute"] = time.perf_counter() - started
         return SecureSum(total[:-2], weight, loss, count)
+
+    def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], node_of: dict,
+                 outcome: SecureOutcome) -> dict[int, bytes]:
+        """Step 3, the consistency round: every alive client signs the one view of the round;
+        client number -> its signature (each client checks its holders' before revealing)."""
+        result = self._step(grid, "confirm", {node_of[u]: pack_confirm_request(ConfirmRequest(round_id, alive, dropped))
+                                              for u in alive}, outcome, self.fail_on_error)
+        index = {node: u for u, node in node_of.items()}
+        signatures = {}
+        for node, content in result.replies.items():
+            try:
+                signatures[index[node]] = unpack_confirm_reply(content)
+            except MalformedRecord as err:
+                outcome.reasons.append(f"node {node}: {err}")
+        return signatures
 
     def _shares(self, grid: Grid, server: SecAggServer, identities: dict, registered: dict, params: SecAggParams,
                 round_id: bytes, node_of: dict, outcome: SecureOutcome) -> dict:

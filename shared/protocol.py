@@ -12,7 +12,10 @@ Messages (Flower's message types) and their records:
   train.secagg_register  -> "secagg" {register}            <- "secagg" {identity}
   train.secagg_shares    -> SharesRequest                  <- SharesReply
   train.secagg_masked    -> "arrays", "config", MaskedRequest   <- "masked" (one uint32 vector)
-  train.secagg_unmask    -> UnmaskRequest                  <- "shares" {owner: share}
+  train.secagg_confirm   -> ConfirmRequest (the view)      <- "secagg" {signature}
+  train.secagg_unmask    -> UnmaskRequest (view, holders' signatures)   <- "shares" {owner: share}
+  train.secagg_abort     -> the round id                   <- nothing
+Any secure step may be answered with "refused" {reason}: a request an honest client must refuse.
 
 Weights travel as ONE flat float32 vector ("flat"), in the order of their sorted names; each
 side rebuilds names and shapes from its own copy of the model (`Layout`), so no layout
@@ -27,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from shared.model.config import ModelHyper
+from shared.secagg.identity import RECORD_BYTES
 from shared.settings import default
 
 Weights = dict[str, np.ndarray]
@@ -239,7 +243,7 @@ def unpack_eval_reply(content: RecordDict) -> dict[str, float]:
 
 # ---------------------------------------------------------------- secure aggregation's steps
 
-SECAGG_STEPS = ("register", "shares", "masked", "unmask", "abort")
+SECAGG_STEPS = ("register", "shares", "masked", "confirm", "unmask", "abort")
 
 
 def pack_refusal(reason: str) -> RecordDict:
@@ -268,15 +272,16 @@ def pack_register_request() -> RecordDict:
     return RecordDict({"secagg": ConfigRecord({"register": True})})
 
 
-def pack_register_reply(identity_public: bytes) -> RecordDict:
-    return RecordDict({"secagg": ConfigRecord({"identity": identity_public})})
+def pack_register_reply(identity_record: bytes) -> RecordDict:
+    return RecordDict({"secagg": ConfigRecord({"identity": identity_record})})
 
 
 def unpack_register_reply(content: RecordDict) -> bytes:
-    key = content["secagg"].get("identity") if isinstance(content.get("secagg"), ConfigRecord) else None
-    if not isinstance(key, bytes) or len(key) != 32:
-        raise MalformedRecord("no valid identity key in its registration")
-    return key
+    """The node's identity record (shared.secagg.identity.IdentityRecord, as bytes)."""
+    record = content["secagg"].get("identity") if isinstance(content.get("secagg"), ConfigRecord) else None
+    if not isinstance(record, bytes) or len(record) != RECORD_BYTES:
+        raise MalformedRecord("no valid identity record in its registration")
+    return record
 
 
 @dataclass(frozen=True)
@@ -287,8 +292,8 @@ class SharesRequest:
     threshold: int
     clip: float
     max_clients: int
-    identity: bytes              # the identity key the server registered for this client
-    neighbour_keys: dict[int, bytes]
+    identity: bytes              # the identity record the server registered for this client
+    neighbour_keys: dict[int, bytes]   # neighbour -> its identity record
 
 
 def pack_shares_request(r: SharesRequest) -> RecordDict:
@@ -365,21 +370,50 @@ def unpack_masked_reply(content: RecordDict, size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
+class ConfirmRequest:
     round_id: bytes
-    alive: list[int]
-    dropped: list[int]
+    alive: list[int]             # the round's view: sent a masked input
+    dropped: list[int]           #                   shared keys, sent no masked input
 
 
-def pack_unmask_request(r: UnmaskRequest) -> RecordDict:
+def pack_confirm_request(r: ConfirmRequest) -> RecordDict:
     # (Flower's ConfigRecord.count_bytes fails on an empty list: leave "dropped" out then.)
     return RecordDict({"secagg": ConfigRecord({"round-id": r.round_id, "alive": list(r.alive),
                                                **({"dropped": list(r.dropped)} if r.dropped else {})})})
 
 
-def unpack_unmask_request(content: RecordDict) -> UnmaskRequest:
+def unpack_confirm_request(content: RecordDict) -> ConfirmRequest:
     c = content["secagg"]
-    return UnmaskRequest(bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
+    return ConfirmRequest(bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
+
+
+def pack_confirm_reply(signature: bytes) -> RecordDict:
+    return RecordDict({"secagg": ConfigRecord({"signature": signature})})
+
+
+def unpack_confirm_reply(content: RecordDict) -> bytes:
+    signature = content["secagg"].get("signature") if isinstance(content.get("secagg"), ConfigRecord) else None
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise MalformedRecord("no valid view signature")
+    return signature
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    round_id: bytes
+    alive: list[int]
+    dropped: list[int]
+    signatures: dict[int, bytes]   # holder -> its signature of the view
+
+
+def pack_unmask_request(r: UnmaskRequest) -> RecordDict:
+    view = pack_confirm_request(ConfirmRequest(r.round_id, r.alive, r.dropped))
+    return RecordDict({"secagg": view["secagg"], "signatures": _id_record(r.signatures)})
+
+
+def unpack_unmask_request(content: RecordDict) -> UnmaskRequest:
+    view = unpack_confirm_request(content)
+    return UnmaskRequest(view.round_id, view.alive, view.dropped, _ids(content["signatures"]))
 
 
 def pack_abort_request(round_id: bytes) -> RecordDict:

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.store import UserLog
+from client.store import UserLog, write_credentials
 from shared.data.catalog_bundle import CatalogBundle, save_catalog
 from shared.errors import RunFailed
 from shared.evaluation.ranking import evaluate
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
+from shared.secagg.identity import EnrolmentCA
 from shared.model.training import model_scorer
 from shared.model.config import ModelHyper
 from shared.model.recommender import load_weights
@@ -54,10 +55,12 @@ class FederatedJob:
 
 
 def write_store(prepared: PreparedData, store: Path) -> Path:
-    """The catalog bundle and one log per user (partition i = user i). Rewritten only when
-    the data it came from changed."""
+    """The catalog bundle and one log per user (partition i = user i), and each simulated
+    device's enrolment credentials (the harness plays the operator: it makes an enrolment CA,
+    enrols every device, and keeps only the CA's public key). Rewritten only when the data it
+    came from changed."""
     store = Path(store)
-    stamp = {"users": len(prepared.split), "items": prepared.split.n_items,
+    stamp = {"version": 2, "users": len(prepared.split), "items": prepared.split.n_items,
              "content_dim": prepared.features.dim,
              "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
              "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
@@ -67,8 +70,11 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     (store / "users").mkdir(parents=True, exist_ok=True)
     save_catalog(CatalogBundle(np.asarray(prepared.encoded.item_ids), prepared.features.matrix),
                  store / "catalog.npz")
+    ca = EnrolmentCA.new()
     for i, u in enumerate(prepared.split.users):
         UserLog(u.train, u.valid, u.test).save(store / "users" / f"{i}.npz")
+        write_credentials(store / "users" / f"{i}.device", ca.enrol())
+    (store / "enrolment-ca.pub").write_bytes(ca.public)
     write_json(manifest, stamp)
     return store
 

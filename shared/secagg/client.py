@@ -1,4 +1,11 @@
-"""One client's side of a secure-aggregation round (the state machine behind client/secure.py)."""
+"""One client's side of a secure-aggregation round (the state machine behind client/secure.py).
+
+A client trusts nothing the server says that it can check itself: the parameters must meet
+its floors, a neighbour's identity key must be enrolled (shared/secagg/identity.py), the
+threshold must be a strict majority of the holders it actually has, a masked input goes out
+once and only with enough pairwise masks in it, and no share is revealed before a threshold of
+its holders signed the same view of who is alive and who dropped.
+"""
 from __future__ import annotations
 
 import secrets
@@ -8,14 +15,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import quantise
+from shared.secagg.identity import DeviceCredentials, IdentityRecord, verify_view, view_message
 from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
                                   holders_problem)
-from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, open_sealed, pair_mask_seed, prg, private_bytes,
-                                      public_bytes, seal, shamir_split)
+from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, open_sealed, pair_mask_seed, prg,
+                                      private_bytes, public_bytes, seal, shamir_split)
 
 
 def new_identity_key() -> bytes:
-    """A client's long-lived X25519 private key for receiving shares (kept in its own state)."""
+    """A client's X25519 private key for receiving shares, made once per run (kept in its own state)."""
     return private_bytes(X25519PrivateKey.generate())
 
 
@@ -27,20 +35,20 @@ class SecAggClient:
     """One client's side of one round. Holds its secrets between the steps; `state()` and
     `from_state()` let a ClientApp keep them in its private node state."""
 
-    def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes,
+    def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes, ca_public: bytes,
                  min_neighbours: int = MIN_NEIGHBOURS):
         problem = client_floor_problem(params, min_neighbours)
         if problem:
             raise ProtocolViolation(problem)
         self.index, self.params, self.round_id = index, params, round_id
-        self.min_neighbours = min_neighbours
-        self.c_private = identity
+        self.c_private, self.ca_public, self.min_neighbours = identity, ca_public, min_neighbours
         self.s_private = private_bytes(X25519PrivateKey.generate())
         self.self_seed = secrets.token_bytes(32)
         self.s_publics: dict[int, bytes] = {}    # neighbours' mask-agreement keys
         self.held: dict[int, bytes] = {}         # owner -> my share of (b_owner, s_owner)
-        self.masked_with: list[int] = []         # neighbours whose pairwise mask I added
-        self._c_publics: dict[int, bytes] = {}   # neighbours' identity keys
+        self.c_publics: dict[int, bytes] = {}    # neighbours' identity keys (enrolment checked)
+        self.devices: dict[int, bytes] = {}      # neighbours' device keys: they sign the view
+        self.view = b""                          # the view this client signed (once per round)
         self.masked = False                      # a masked input was sent this round (once only)
         self.answered = False
 
@@ -49,13 +57,21 @@ class SecAggClient:
         return public_bytes(X25519PrivateKey.from_private_bytes(self.s_private))
 
     # step 1
-    def share_keys(self, neighbour_identities: dict[int, bytes]) -> tuple[bytes, bytes, dict[int, bytes]]:
-        """neighbour -> its identity public key. Returns (my s public key, a commitment to my
-        self-mask seed, neighbour -> sealed shares for it). Refuses neighbourhoods below its
-        floors or in which the threshold is no strict majority of the actual holders."""
-        if self.index in neighbour_identities:
+    def share_keys(self, neighbour_records: dict[int, bytes]) -> tuple[bytes, bytes, dict[int, bytes]]:
+        """neighbour -> its identity record. Returns (my s public key, a commitment to my
+        self-mask seed, neighbour -> sealed shares for it). A neighbour whose record is not
+        enrolled with this client's CA is left out; refuses a neighbourhood below its floors or
+        one in which the threshold is no strict majority of the actual holders."""
+        if self.index in neighbour_records:
             raise ProtocolViolation("a client is not its own neighbour")
-        holders = sorted([*neighbour_identities, self.index])
+        for v, blob in neighbour_records.items():
+            try:
+                record = IdentityRecord.from_bytes(blob)
+            except ValueError:
+                continue
+            if record.verify(self.ca_public):
+                self.c_publics[v], self.devices[v] = record.identity_public, record.device_public
+        holders = sorted([*self.c_publics, self.index])
         problem = holders_problem(self.params, len(holders), self.min_neighbours)
         if problem:
             raise ProtocolViolation(problem)
@@ -68,9 +84,8 @@ class SecAggClient:
             if v == self.index:
                 self.held[v] = bundle
                 continue
-            key = kdf(agree(self.c_private, neighbour_identities[v]), b"shares", self.round_id, self.index, v)
+            key = kdf(agree(self.c_private, self.c_publics[v]), b"shares", self.round_id, self.index, v)
             sealed[v] = seal(key, bundle, self._aad(self.index, v, s_public))
-        self._c_publics = dict(neighbour_identities)
         return s_public, commit_seed(self.self_seed, self.round_id, self.index), sealed
 
     # step 2
@@ -79,18 +94,19 @@ class SecAggClient:
         """inbox: neighbour -> (its shares sealed for me, its s public key), for the
         neighbours that shared. Decrypt the shares (which authenticate the s key), then mask
         the clipped, quantised `vector` with the self mask and a pairwise mask per sender.
-        Refuses a second masked input in a round, and an inbox with fewer than t - 1 senders:
-        then the vector would carry too few pairwise masks (none, for an empty inbox) and a
-        server that tells the holders this client is alive would read it from its self mask."""
+        Senders this client did not accept as neighbours are ignored (it sealed nothing to them,
+        so they do not mask with it either). Refuses a second masked input in a round, and an
+        inbox with fewer than t - 1 senders: then the vector would carry too few pairwise masks
+        (none, for an empty inbox) and a server that tells the holders this client is alive
+        would read it from its self mask."""
         if self.masked:
             raise ProtocolViolation("a masked input is sent once per round")
+        inbox = {u: entry for u, entry in inbox.items() if u in self.c_publics}
         if len(inbox) < self.params.threshold - 1:
             raise ProtocolViolation(f"{len(inbox)} senders in the inbox, fewer than threshold - 1 = "
                                     f"{self.params.threshold - 1}")
         for u, (sealed, s_public) in inbox.items():
-            if u not in self._c_publics:
-                raise ProtocolViolation(f"shares from client {u}, who is not a neighbour")
-            key = kdf(agree(self.c_private, self._c_publics[u]), b"shares", self.round_id, u, self.index)
+            key = kdf(agree(self.c_private, self.c_publics[u]), b"shares", self.round_id, u, self.index)
             try:
                 self.held[u] = open_sealed(key, sealed, self._aad(u, self.index, s_public))
             except InvalidTag:
@@ -98,9 +114,8 @@ class SecAggClient:
             self.s_publics[u] = s_public
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))
-        self.masked_with = sorted(inbox)
         self.masked = True
-        for v in self.masked_with:
+        for v in sorted(inbox):
             mask = prg(pair_mask_seed(self.s_private, self.s_publics[v], self.round_id, self.index, v), len(y))
             if self.index < v:
                 y += mask
@@ -108,20 +123,37 @@ class SecAggClient:
                 y -= mask
         return y
 
-    # step 3
-    def unmask_shares(self, alive: list[int], dropped: list[int]) -> dict[int, bytes]:
-        """The b share of each alive neighbour, the s-key share of each dropped one."""
+    # step 3: the consistency round
+    def confirm(self, alive: list[int], dropped: list[int], credentials: DeviceCredentials) -> bytes:
+        """Sign the server's view of the round (who sent a masked input, who did not). Signed
+        once: a second, different view is refused."""
+        if not self.masked or self.index not in alive:
+            raise ProtocolViolation("only a client that sent its masked input confirms the view")
+        if set(alive) & set(dropped):
+            raise ProtocolViolation("a client cannot be both alive and dropped")
+        view = view_message(self.round_id, alive, dropped)
+        if self.view and self.view != view:
+            raise ProtocolViolation("a second, different view of the round is refused")
+        self.view = view
+        return credentials.sign(view)
+
+    # step 4
+    def unmask_shares(self, alive: list[int], dropped: list[int], signatures: dict[int, bytes]) -> dict[int, bytes]:
+        """The b share of each alive holder-owner, the s-key share of each dropped one, once,
+        and only for the view this client signed, signed too by at least t of its holders."""
         if self.answered:
             raise ProtocolViolation("unmasking is answered once per round")
+        view = view_message(self.round_id, alive, dropped)
+        if not self.view or view != self.view:
+            raise ProtocolViolation("unmasking is answered only for the view this client signed")
+        signed = 1 + sum(verify_view(key, signatures.get(v, b""), view) for v, key in self.devices.items())
+        if signed < self.params.threshold:
+            raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
+                                    f"threshold {self.params.threshold}")
         alive_set, dropped_set = set(alive), set(dropped)
-        if alive_set & dropped_set:
-            raise ProtocolViolation("a client cannot be both alive and dropped")
-        if self.index not in alive_set or not self.masked:
-            raise ProtocolViolation("only a client that sent its masked input takes part in unmasking")
-        if len(alive_set) < self.params.threshold:
-            raise ProtocolViolation(f"{len(alive_set)} alive clients < threshold {self.params.threshold}")
-        # A neighbour I masked with but that the server calls dropped only gets its s key rebuilt;
-        # one I never masked with (it sent no shares) has nothing in my vector to remove.
+        holders_alive = len(alive_set & {*self.c_publics, self.index})
+        if holders_alive < self.params.threshold:
+            raise ProtocolViolation(f"{holders_alive} alive holders < threshold {self.params.threshold}")
         self.answered = True
         out = {}
         for owner, bundle in self.held.items():
@@ -135,35 +167,38 @@ class SecAggClient:
         return self.round_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big") + sender_s_public
 
     # persistence between steps, in the client's own (never sent) state
+    _MAPS = ("s_publics", "held", "c_publics", "devices")
+    _BYTES = ("round_id", "c_private", "ca_public", "s_private", "self_seed", "view")
+
     def state(self) -> dict[str, bytes]:
-        pack = lambda d: b"".join(k.to_bytes(4, "big") + len(v).to_bytes(2, "big") + v for k, v in sorted(d.items()))
-        return {"index": self.index.to_bytes(4, "big"), "round": self.round_id,
-                "params": np.array([self.params.neighbours, self.params.threshold, self.params.max_clients],
-                                   dtype=">i8").tobytes() + np.array([self.params.clip], dtype=">f8").tobytes(),
-                "c": self.c_private, "s": self.s_private, "b": self.self_seed,
-                "s_publics": pack(self.s_publics), "c_publics": pack(self._c_publics),
-                "held": pack(self.held), "answered": bytes([self.answered]),
-                "masked": bytes([self.masked]), "min_neighbours": self.min_neighbours.to_bytes(4, "big")}
+        numbers = [self.index, self.params.neighbours, self.params.threshold, self.params.max_clients,
+                   self.min_neighbours, int(self.masked), int(self.answered)]
+        return {"numbers": np.array(numbers, dtype=">i8").tobytes(),
+                "clip": np.array([self.params.clip], dtype=">f8").tobytes(),
+                **{name: getattr(self, name) for name in self._BYTES},
+                **{name: _pack(getattr(self, name)) for name in self._MAPS}}
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "SecAggClient":
-        def unpack(blob: bytes) -> dict[int, bytes]:
-            out, i = {}, 0
-            while i < len(blob):
-                k, n = int.from_bytes(blob[i:i + 4], "big"), int.from_bytes(blob[i + 4:i + 6], "big")
-                out[k] = blob[i + 6:i + 6 + n]
-                i += 6 + n
-            return out
-        ints = np.frombuffer(state["params"][:24], dtype=">i8")
-        clip = float(np.frombuffer(state["params"][24:], dtype=">f8")[0])
+        index, k, t, n, floor, masked, answered = (int(x) for x in np.frombuffer(state["numbers"], dtype=">i8"))
         client = cls.__new__(cls)
-        client.index = int.from_bytes(state["index"], "big")
-        client.params = SecAggParams(int(ints[0]), int(ints[1]), clip, int(ints[2]))
-        client.round_id = state["round"]
-        client.c_private, client.s_private, client.self_seed = state["c"], state["s"], state["b"]
-        client.s_publics, client._c_publics = unpack(state["s_publics"]), unpack(state["c_publics"])
-        client.held, client.masked_with = unpack(state["held"]), []
-        client.answered = bool(state["answered"][0])
-        client.masked = bool(state["masked"][0])
-        client.min_neighbours = int.from_bytes(state["min_neighbours"], "big")
+        client.index, client.min_neighbours, client.masked, client.answered = index, floor, bool(masked), bool(answered)
+        client.params = SecAggParams(k, t, float(np.frombuffer(state["clip"], dtype=">f8")[0]), n)
+        for name in cls._BYTES:
+            setattr(client, name, bytes(state[name]))
+        for name in cls._MAPS:
+            setattr(client, name, _unpack(bytes(state[name])))
         return client
+
+
+def _pack(d: dict[int, bytes]) -> bytes:
+    return b"".join(k.to_bytes(4, "big") + len(v).to_bytes(2, "big") + v for k, v in sorted(d.items()))
+
+
+def _unpack(blob: bytes) -> dict[int, bytes]:
+    out, i = {}, 0
+    while i < len(blob):
+        k, n = int.from_bytes(blob[i:i + 4], "big"), int.from_bytes(blob[i + 4:i + 6], "big")
+        out[k] = blob[i + 6:i + 6 + n]
+        i += 6 + n
+    return out

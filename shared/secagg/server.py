@@ -2,7 +2,6 @@
 route, sum, unmask; it never holds an unmasked individual vector."""
 from __future__ import annotations
 
-import itertools
 import secrets
 from collections.abc import Callable
 
@@ -75,20 +74,24 @@ class SecAggServer:
         return ok
 
     # after step 2
-    def receive_masked(self, masked: dict[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
-        """Sum the masked vectors. Returns, per alive client, (alive, dropped) neighbours to
-        ask shares for."""
+    def receive_masked(self, masked: dict[int, np.ndarray]) -> tuple[list[int], list[int]]:
+        """Sum the masked vectors. Returns the round's view, the same for every client: (alive:
+        sent a masked input, dropped: shared keys but did not)."""
         self.alive = sorted(u for u in masked if u in self.shared)
         self._need(len(self.alive), "masked inputs")
         self.total = np.zeros_like(next(iter(masked.values())), dtype=np.uint32)
         for u in self.alive:
             self.total += masked[u]
-        alive = set(self.alive)
-        dropped = self.shared - alive
-        return {u: ([v for v in [*self.graph[u], u] if v in alive],
-                    [v for v in self.graph[u] if v in dropped]) for u in self.alive}
+        return self.alive, sorted(self.shared - set(self.alive))
 
-    # after step 3
+    # after step 3 (consistency)
+    def signatures_for(self, signatures: dict[int, bytes]) -> dict[int, dict[int, bytes]]:
+        """client -> the view signatures of its holders (its neighbours and itself) that came in,
+        for each alive client that signed: each checks that a threshold of its holders did."""
+        return {u: {v: signatures[v] for v in [*self.graph[u], u] if v in signatures}
+                for u in self.alive if u in signatures}
+
+    # after step 4
     def unmask(self, answers: dict[int, dict[int, bytes]]) -> tuple[np.ndarray, int]:
         """holder -> {owner: share}. Returns (decoded sum of the alive clients' vectors, how
         many). Malformed and inconsistent shares are dropped (reasons in `rejected`); raises
@@ -133,12 +136,17 @@ class SecAggServer:
         return b_shares, s_shares
 
     def _rebuild(self, shares: dict[int, bytes], owner: int, what: str, verify: Callable[[bytes], bool]) -> bytes:
-        """The secret from t of `shares` that passes `verify` (the first t when all are honest);
-        shares off the polynomial it lies on are reported in `rejected`."""
+        """The secret from t of `shares` that passes `verify`: the first t (all honest: the one
+        try), else random subsets of t, which avoid a few bad shares among a surplus with high
+        probability. Shares off the polynomial the secret lies on are reported in `rejected`."""
         t = self.params.threshold
         if len(shares) < t:
             raise RoundAborted(f"{what} of client {owner}: {len(shares)} shares < threshold {t}")
-        for subset in itertools.islice(itertools.combinations(sorted(shares), t), MAX_SUBSETS):
+        holders = sorted(shares)
+        rng = np.random.default_rng(owner)
+        subsets = [holders[:t]] + [sorted(rng.choice(holders, size=t, replace=False).tolist())
+                                   for _ in range(MAX_SUBSETS if len(holders) > t else 0)]
+        for subset in subsets:
             chosen = {x: shares[x] for x in subset}
             try:
                 secret = shamir_combine(chosen)

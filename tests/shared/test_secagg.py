@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import quantisation_error_bound
+from shared.secagg.identity import EnrolmentCA, identity_record
 from shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams, default_params, neighbour_graph
 from shared.secagg.primitives import PRIME, SHARE_BYTES, prg, shamir_combine, shamir_split
 from shared.secagg.server import SecAggServer
@@ -20,13 +21,35 @@ class Transcript:
         self.keys, self.sealed, self.masked, self.answers = {}, {}, {}, {}
 
 
+CA = EnrolmentCA.new()
+
+
 def start_round(n, params, round_id):
-    """Clients 1..n with registered identity keys, and the server holding those keys.
-    Returns (clients, server, each client's neighbours' identity keys)."""
+    """Clients 1..n, each an enrolled device with a registered identity record, and the server
+    holding those records. Returns (clients, server, each client's neighbours' records); each
+    client's credentials are in `client.credentials` (the test's own handle on them)."""
     identities = {u: new_identity_key() for u in range(1, n + 1)}
-    clients = {u: SecAggClient(u, params, round_id, identities[u]) for u in identities}
+    devices = {u: CA.enrol() for u in identities}
+    clients = {u: SecAggClient(u, params, round_id, identities[u], CA.public) for u in identities}
+    for u, client in clients.items():
+        client.credentials = devices[u]
     server = SecAggServer(n, params, round_id)
-    return clients, server, server.receive_identities({u: identity_public(k) for u, k in identities.items()})
+    records = {u: identity_record(devices[u], identity_public(k)).to_bytes() for u, k in identities.items()}
+    return clients, server, server.receive_identities(records)
+
+
+def confirm_and_unmask(clients, server, view, holders=None):
+    """Steps 3 and 4 for the clients in `holders` (default: every alive one)."""
+    alive, dropped = view
+    holders = alive if holders is None else holders
+    signatures = {u: clients[u].confirm(alive, dropped, clients[u].credentials) for u in holders}
+    answers = {}
+    for u, held in server.signatures_for(signatures).items():
+        try:
+            answers[u] = clients[u].unmask_shares(alive, dropped, held)
+        except ProtocolViolation:
+            pass   # too few of its holders signed: it refuses, as client/secure.py answers then
+    return answers
 
 
 def run_round(n, params, vectors, *, drop_before_masking=(), drop_after_masking=(), seed=0,
@@ -40,8 +63,8 @@ def run_round(n, params, vectors, *, drop_before_masking=(), drop_after_masking=
     keys = dict(server.keys)
     masked = {u: clients[u].masked_input(vectors[u], inbox[u], rng)
               for u in inbox if u not in drop_before_masking}
-    asks = server.receive_masked(masked)
-    answers = {u: clients[u].unmask_shares(*asks[u]) for u in asks if u not in drop_after_masking}
+    view = server.receive_masked(masked)
+    answers = confirm_and_unmask(clients, server, view, [u for u in view[0] if u not in drop_after_masking])
     if transcript is not None:
         transcript.keys, transcript.sealed, transcript.masked, transcript.answers = keys, sealed, masked, answers
         transcript.server, transcript.clients = server, clients
@@ -136,19 +159,29 @@ def test_no_individual_update_is_recoverable_from_what_the_server_receives():
 
 def test_client_refuses_requests_that_would_unmask_someone():
     params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=5)
-    round_id = b"r"
-    clients, server, nk = start_round(5, params, round_id)
+    clients, server, nk = start_round(5, params, b"r")
     inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
     rng = np.random.default_rng(0)
     for u in clients:
         clients[u].masked_input(np.zeros(10), inbox[u], rng)
-    with pytest.raises(ProtocolViolation):
-        clients[1].unmask_shares(alive=[1, 2, 3], dropped=[3, 4])   # 3 both alive and dropped
-    with pytest.raises(ProtocolViolation):
-        clients[1].unmask_shares(alive=[1, 2], dropped=[3, 4, 5])   # fewer alive than threshold
-    clients[2].unmask_shares(alive=[1, 2, 3, 4, 5], dropped=[])
-    with pytest.raises(ProtocolViolation):
-        clients[2].unmask_shares(alive=[1, 2, 3], dropped=[4, 5])   # a second, different answer
+    view = server.receive_masked({u: np.zeros(10, np.uint32) for u in clients})
+    with pytest.raises(ProtocolViolation, match="signed"):
+        clients[1].unmask_shares(*view, {})                          # no view signed yet
+    with pytest.raises(ProtocolViolation, match="both alive and dropped"):
+        clients[1].confirm([1, 2, 3], [3, 4], clients[1].credentials)
+    signatures = {u: clients[u].confirm(*view, clients[u].credentials) for u in clients}
+    with pytest.raises(ProtocolViolation, match="second, different view"):
+        clients[1].confirm([1, 2, 3], [4, 5], clients[1].credentials)
+    with pytest.raises(ProtocolViolation, match="view this client signed"):
+        clients[1].unmask_shares([1, 2, 3], [4, 5], signatures)      # not the view it signed
+    with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
+        clients[1].unmask_shares(*view, {2: signatures[2]})          # 2 of its holders signed, t = 3
+    forged = {**signatures, 2: signatures[3], 4: signatures[5]}      # signatures of other clients
+    with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
+        clients[1].unmask_shares(*view, {v: forged[v] for v in (2, 4)})
+    clients[2].unmask_shares(*view, signatures)
+    with pytest.raises(ProtocolViolation, match="once per round"):
+        clients[2].unmask_shares(*view, signatures)                  # a second answer
 
 
 def test_tampered_shares_are_rejected():
@@ -171,14 +204,19 @@ def test_client_state_survives_a_restart_between_steps():
     params = default_params(n, clip=1.0)
     vectors = random_vectors(n, 50, 1.0)
     clients, server, nk = start_round(n, params, b"r9")
+    devices = {u: c.credentials for u, c in clients.items()}
+    restart = lambda: {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
     sealed = {u: clients[u].share_keys(nk[u]) for u in nk}
-    clients = {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
+    clients = restart()
     inbox = server.route_shares(sealed)
     rng = np.random.default_rng(0)
     masked = {u: clients[u].masked_input(vectors[u], inbox[u], rng) for u in inbox}
-    clients = {u: SecAggClient.from_state(c.state()) for u, c in clients.items()}
-    asks = server.receive_masked(masked)
-    total, _ = server.unmask({u: clients[u].unmask_shares(*asks[u]) for u in asks})
+    clients = restart()
+    alive, dropped = server.receive_masked(masked)
+    signatures = {u: clients[u].confirm(alive, dropped, devices[u]) for u in alive}
+    clients = restart()
+    total, _ = server.unmask({u: clients[u].unmask_shares(alive, dropped, held)
+                              for u, held in server.signatures_for(signatures).items()})
     assert np.abs(total - sum(vectors.values())).max() <= quantisation_error_bound(params, n)
 
 

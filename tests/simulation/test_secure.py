@@ -87,9 +87,9 @@ def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors
     bound = e * (1 + params.clip) * DEFAULTS_CAP / 12
     worst = max(float(np.abs(r["plain"][k] - r["secure"][k]).max()) for k in r["plain"])
     assert 0 < worst <= bound, (worst, bound)
-    # Every reply the server got in the secure round: identity keys (every node, once), mask
-    # keys and sealed shares, one uint32 masked vector, shares for unmasking. No float array,
-    # no metrics, no example count.
+    # Every reply the server got in the secure round: identity records (every node, once), mask
+    # keys and sealed shares, one uint32 masked vector, a signature of the view, shares for
+    # unmasking. No float array, no metrics, no example count.
     kinds = {}
     for reply in r["replies"]:
         kind = reply.metadata.message_type
@@ -99,7 +99,7 @@ def test_secure_round_equals_the_plain_round_and_server_sees_only_masked_vectors
             if hasattr(record, "numpy") or name == "masked":
                 arrays = list(record.values())
                 assert [a.numpy().dtype for a in arrays] == [np.dtype(np.uint32)]
-    assert kinds == {"train.secagg_register": 30, **{f"train.secagg_{s}": 12 for s in ("shares", "masked", "unmask")}}
+    assert kinds == {"train.secagg_register": 30, **{f"train.secagg_{s}": 12 for s in ("shares", "masked", "confirm", "unmask")}}
 
 
 def _vanish(partitions, step):
