@@ -39,7 +39,7 @@ def _refuse(msg: Message, context: Context, err: Exception) -> Message:
     """Refuse the step, say why, and forget the round's secrets: it cannot finish with this client."""
     log.warning("secure aggregation: refusing step %r: %s", msg.metadata.message_type, err)
     context.state.pop(STATE_KEY, None)
-    return _reply(msg, pack_refusal(str(err)))
+    return _reply(msg, pack_refusal(str(err), getattr(err, "blame", ())))
 
 
 def _fresh_round(context: Context, round_id: bytes) -> None:

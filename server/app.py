@@ -40,7 +40,8 @@ def federation_config(run_config: dict) -> FederationConfig:
         refit_fraction=c["refit-fraction"], federated_eval_every=c["federated-eval-every"], eval_clients=c["eval-clients"],
         final_test=c["final-test"], min_nodes=c["min-nodes"], wait_for_nodes_s=c["wait-for-nodes"],
         secure=SecureConfig(enabled=c["secure-aggregation"], neighbours=c["secagg-neighbours"],
-                            threshold=c["secagg-threshold"], dropout=c["secagg-dropout"]),
+                            threshold=c["secagg-threshold"], dropout=c["secagg-dropout"],
+                            enrolment_ca=str(Path(c["store"]) / "enrolment-ca.pub")),
         privacy=PrivacyConfig(mode=c["privacy"], target_epsilon=c["target-epsilon"], delta=c["delta"],
                               accountant=c["dp-accountant"], record_clip=c["record-clip"],
                               record_window=c["record-window"], distributed_noise=c["distributed-noise"]))

@@ -28,6 +28,7 @@ class Exchange:
     bytes_down: int = 0
     bytes_up: int = 0
     failed: list[str] = field(default_factory=list)              # why nodes gave no usable reply
+    refusals: dict[int, RecordDict] = field(default_factory=dict)  # node -> its refusal
 
 
 def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], timeout: float,
@@ -38,6 +39,10 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
     out = Exchange(bytes_down=sum(record_bytes(m.content) for m in messages))
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
+        if node not in contents or node in out.replies:
+            out.failed.append(f"node {node}: {'unasked' if node not in contents else 'duplicate'} reply to "
+                              f"{message_type!r}; dropped")
+            continue
         if reply.has_error():
             reason = f"node {node}: client error in {message_type!r}: {reply.error.reason}"
             if fail_on_error:
@@ -49,6 +54,7 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
         if refusal is not None:
             # A client refusing a request an honest client must refuse: dropped, never a crash.
             out.failed.append(f"node {node}: refused {message_type!r}: {refusal}")
+            out.refusals[node] = reply.content
             continue
         out.replies[node] = reply.content
     missing = len(contents) - len(out.replies) - len(out.failed)

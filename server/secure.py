@@ -27,17 +27,19 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from server.exchange import Exchange, exchange
-from shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest,
-                             pack_abort_request, pack_confirm_request, pack_masked_request, unpack_confirm_reply,
-                             pack_register_request, pack_shares_request, pack_unmask_request, secagg_message_type,
+from shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
+                             pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
+                             pack_shares_request, pack_unmask_request, secagg_message_type, unpack_confirm_reply,
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
 from shared.secagg.fixed_point import decode_mean
+from shared.secagg.identity import IdentityRecord, verify_view, view_message
 from shared.secagg.params import RoundAborted, SecAggParams, default_params
 from shared.secagg.server import SecAggServer
 from shared.settings import MIN_SECURE_CLIENTS, default
@@ -51,6 +53,7 @@ class SecureConfig:
     neighbours: int = default("secagg-neighbours")  # graph degree k; 0: sized from the round
     threshold: int = default("secagg-threshold")    # shares to rebuild a secret; 0: a strict majority
     dropout: float = default("secagg-dropout")      # share of a round's clients the sizing must survive
+    enrolment_ca: str = ""   # the enrolment CA's public key file: registrations are checked against it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +106,14 @@ class SecureRound:
 
     def __init__(self, cfg: SecureConfig, timeout: float, fail_on_error: bool):
         self.cfg, self.timeout, self.fail_on_error = cfg, timeout, fail_on_error
-        self.identities: dict[int, bytes] = {}   # node -> registered identity public key
+        self.identities: dict[int, bytes] = {}   # node -> registered identity record
+        # The clients check every record against the CA themselves; the server checks too, so a
+        # client that registers garbage is turned away at once instead of upsetting its neighbours.
+        ca = Path(cfg.enrolment_ca) if cfg.enrolment_ca else None
+        self.ca_public = ca.read_bytes() if ca is not None and ca.is_file() else None
+        if cfg.enabled and self.ca_public is None:
+            log.warning("secure aggregation: no enrolment CA public key at %r; registrations are not checked "
+                        "by the server (the clients still check them)", cfg.enrolment_ca)
 
     def _step(self, grid: Grid, step: str, contents: dict, outcome: SecureOutcome, fail_on_error: bool) -> Exchange:
         started = time.perf_counter()
@@ -124,7 +134,10 @@ class SecureRound:
         result = self._step(grid, "register", contents, outcome, fail_on_error=False)
         for node, content in result.replies.items():
             try:
-                self.identities[node] = unpack_register_reply(content)
+                record = unpack_register_reply(content)
+                if self.ca_public is not None and not IdentityRecord.from_bytes(record).verify(self.ca_public):
+                    raise MalformedRecord("identity record not enrolled with this federation's CA")
+                self.identities[node] = record
             except MalformedRecord as err:
                 outcome.reasons.append(f"node {node}: {err}")
         missing = sum(node not in self.identities for node in contents)
@@ -171,6 +184,7 @@ class SecureRound:
         masked = self._step(grid, "masked", {node_of[u]: pack_masked_request(task.arrays, task.config, MaskedRequest(
             round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
             {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
+        self._report_blame(masked, node_of, outcome)
         size = sum(a.numpy().size for a in task.arrays.values()) + 2
         vectors = {}
         for node, content in masked.replies.items():
@@ -202,6 +216,17 @@ class SecureRound:
         outcome.phases["unmask-compute"] = time.perf_counter() - started
         return SecureSum(total[:-2], weight, loss, count)
 
+    @staticmethod
+    def _report_blame(result: Exchange, node_of: dict, outcome: SecureOutcome) -> None:
+        """Name the nodes whose messages made others refuse (e.g. shares that fail authentication)."""
+        blamed: dict[int, int] = {}
+        for content in result.refusals.values():
+            for u in blame_of(content):
+                if u in node_of:
+                    blamed[node_of[u]] = blamed.get(node_of[u], 0) + 1
+        outcome.reasons += [f"node {node}: blamed by {count} neighbour(s) for messages that fail authentication"
+                            for node, count in sorted(blamed.items())]
+
     def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], node_of: dict,
                  outcome: SecureOutcome) -> dict[int, bytes]:
         """Step 3, the consistency round: every alive client signs the one view of the round;
@@ -210,11 +235,15 @@ class SecureRound:
                                               for u in alive}, outcome, self.fail_on_error)
         index = {node: u for u, node in node_of.items()}
         signatures = {}
+        view = view_message(round_id, alive, dropped)
         for node, content in result.replies.items():
             try:
-                signatures[index[node]] = unpack_confirm_reply(content)
+                signature = unpack_confirm_reply(content)
+                if not verify_view(IdentityRecord.from_bytes(self.identities[node]).device_public, signature, view):
+                    raise MalformedRecord("view signature does not verify")
+                signatures[index[node]] = signature
             except MalformedRecord as err:
-                outcome.reasons.append(f"node {node}: {err}")
+                outcome.reasons.append(f"node {node}: {err}; dropped")
         return signatures
 
     def _shares(self, grid: Grid, server: SecAggServer, identities: dict, registered: dict, params: SecAggParams,

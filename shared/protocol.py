@@ -246,14 +246,22 @@ def unpack_eval_reply(content: RecordDict) -> dict[str, float]:
 SECAGG_STEPS = ("register", "shares", "masked", "confirm", "unmask", "abort")
 
 
-def pack_refusal(reason: str) -> RecordDict:
-    """A client's answer to a request an honest client must refuse, with its reason."""
-    return RecordDict({"refused": ConfigRecord({"reason": reason or "refused"})})
+def pack_refusal(reason: str, blame: tuple[int, ...] = ()) -> RecordDict:
+    """A client's answer to a request an honest client must refuse, with its reason and the
+    clients (round numbers) whose messages made it refuse, when it knows."""
+    return RecordDict({"refused": ConfigRecord({"reason": reason or "refused",
+                                                **({"blame": [int(u) for u in blame]} if blame else {})})})
 
 
 def refusal_of(content: RecordDict) -> str | None:
     record = content.get("refused")
     return str(record.get("reason", "refused")) if isinstance(record, ConfigRecord) else None
+
+
+def blame_of(content: RecordDict) -> list[int]:
+    record = content.get("refused")
+    blame = record.get("blame", []) if isinstance(record, ConfigRecord) else []
+    return [int(u) for u in blame] if isinstance(blame, list) else []
 
 
 def secagg_message_type(step: str) -> str:

@@ -110,7 +110,8 @@ class SecAggClient:
             try:
                 self.held[u] = open_sealed(key, sealed, self._aad(u, self.index, s_public))
             except InvalidTag:
-                raise ProtocolViolation(f"shares or mask key from client {u} fail authentication") from None
+                raise ProtocolViolation(f"shares or mask key from client {u} fail authentication",
+                                        blame=(u,)) from None
             self.s_publics[u] = s_public
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))

@@ -21,7 +21,12 @@ class RoundAborted(RuntimeError):
 
 
 class ProtocolViolation(RuntimeError):
-    """A request an honest client must refuse (it would let the server unmask someone)."""
+    """A request an honest client must refuse (it would let the server unmask someone).
+    `blame`: the clients (round numbers) whose messages made it refuse, when it knows."""
+
+    def __init__(self, message: str, blame: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.blame = tuple(blame)
 
 
 

@@ -1,0 +1,107 @@
+"""Malformed replies at every step of a secure round, as a faulty or malicious client would send
+them: the real ClientApp and the real server code, over an in-process transport. The run never
+crashes; each bad reply is dropped with a logged reason naming its node."""
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from client.app import make_client_app
+from server.aggregation import ServerOptimizer
+from server.app import federation_config, initial_weights
+from server.federation import FedRecStrategy, train_round
+from shared.data.pipeline import DataConfig, prepare_data
+from shared.settings import run_config_defaults
+from simulation.federated import write_store
+
+SETTINGS = {"dim": 8, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "clients-per-round": 8,
+            "secure-aggregation": True, "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0}
+STEPS = ("register", "shares", "masked", "confirm", "unmask")
+
+
+def _mutate_value(value, kind, rng):
+    if isinstance(value, bytes):
+        return {"short": value[:-3], "flip": bytes([value[0] ^ 1]) + value[1:],
+                "random": rng.bytes(len(value))}.get(kind, value)
+    if isinstance(value, list):
+        return {"short": value[:-1], "flip": [v ^ 1 if isinstance(v, int) else v for v in value]}.get(kind, value)
+    return value
+
+
+def damage(content: RecordDict, kind: str, rng) -> RecordDict:
+    """The reply, broken one way: fields missing, the wrong record type, values cut short,
+    flipped or random, or an array of the wrong length or type."""
+    if kind == "missing":
+        return RecordDict({})
+    out = {}
+    for name, record in content.items():
+        if kind == "wrong-type":
+            out[name] = MetricRecord({"x": 1.0})
+        elif isinstance(record, ConfigRecord):
+            out[name] = ConfigRecord({k: _mutate_value(v, kind, rng) for k, v in record.items()})
+        elif isinstance(record, ArrayRecord):
+            arrays = {k: a.numpy() for k, a in record.items()}
+            out[name] = ArrayRecord({k: Array(a[:-3] if kind == "short" else a.astype(np.float32))
+                                     for k, a in arrays.items()})
+        else:
+            out[name] = record
+    return RecordDict(out)
+
+
+class LoopbackGrid:
+    """Flower's Grid interface over the real ClientApp in this process (one Context per node);
+    one node's reply to one step is damaged, or sent twice."""
+
+    def __init__(self, store, users, bad_step, kind):
+        self.app = make_client_app({})
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
+                                          state=RecordDict(), run_config={"store": str(store)}) for i in range(users)}
+        self.bad_step, self.kind, self.bad_node = bad_step, kind, None
+        self.rng = np.random.default_rng(0)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            reply = self.app(message, self.contexts[node])
+            if message.metadata.message_type == f"train.secagg_{self.bad_step}" and self.bad_node in (None, node):
+                self.bad_node = node
+                if self.kind == "duplicate":
+                    replies.append(reply)
+                reply.content = damage(reply.content, self.kind, self.rng)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    prepared = prepare_data(DataConfig(dataset="synthetic:12x25", text_encoder="none", activity_features=False))
+    return write_store(prepared, tmp_path_factory.mktemp("store")), len(prepared.split)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    for name in ("run_id", "node_id", "task_id"):
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+
+
+@pytest.mark.parametrize("kind", ["missing", "wrong-type", "short", "flip", "random", "duplicate"])
+@pytest.mark.parametrize("step", STEPS)
+def test_a_malformed_reply_is_dropped_with_a_reason_and_the_run_goes_on(store, step, kind):
+    store, users = store
+    cfg = federation_config({**run_config_defaults(), **SETTINGS, "store": str(store)})
+    start = initial_weights(store / "catalog.npz", cfg)
+    strategy = FedRecStrategy(cfg, ServerOptimizer(start, cfg.server))
+    grid = LoopbackGrid(store, users, step, kind)
+    record = train_round(grid, strategy, 1, secure=True)        # must not raise
+    assert grid.bad_node is not None
+    reasons = " | ".join(record.rejected)
+    assert f"node {grid.bad_node}" in reasons, reasons
+    changed = any(not np.array_equal(start[k], v) for k, v in strategy.optimizer.weights().items())
+    assert changed == record.trained
+    # A second round with everyone honest trains: nothing is left broken.
+    grid.bad_step = None
+    assert train_round(grid, strategy, 2, secure=True).trained
