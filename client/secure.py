@@ -32,6 +32,8 @@ STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"
 SEEN_KEY = "secagg-seen-rounds"
 SEEN_KEPT = 4096   # round ids remembered (24 bytes each): a replayed one is refused
+VERIFIED_KEY = "secagg-verified"   # digests of neighbours' identity records already checked against the CA
+VERIFIED_KEPT = 1024
 log = logging.getLogger("fedrec.client")
 
 
@@ -40,6 +42,11 @@ def _refuse(msg: Message, context: Context, err: Exception) -> Message:
     log.warning("secure aggregation: refusing step %r: %s", msg.metadata.message_type, err)
     context.state.pop(STATE_KEY, None)
     return _reply(msg, pack_refusal(str(err), getattr(err, "blame", ())))
+
+
+def _verified(context: Context) -> set[bytes]:
+    record = context.state.get(VERIFIED_KEY)
+    return {bytes(r) for r in record["digests"]} if isinstance(record, ConfigRecord) else set()
 
 
 def _fresh_round(context: Context, round_id: bytes) -> None:
@@ -112,7 +119,9 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
     floor = int(context.node_config.get("secagg-min-neighbours", MIN_NEIGHBOURS))  # the device's own floor
     ca_public = _credentials(context, settings).ca_public
     client = SecAggClient(request.index, params, request.round_id, identity, ca_public, min_neighbours=floor)
-    s_public, commitment, sealed = client.share_keys(request.neighbour_keys)
+    verified = _verified(context)
+    s_public, commitment, sealed = client.share_keys(request.neighbour_keys, verified)
+    context.state[VERIFIED_KEY] = ConfigRecord({"digests": sorted(verified)[-VERIFIED_KEPT:]})
     _save(context, client)
     return _reply(msg, pack_shares_reply(SharesReply(s_public, commitment, sealed)))
 

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import quantise
-from shared.secagg.identity import DeviceCredentials, IdentityRecord, verify_view, view_message
+from shared.secagg.identity import DeviceCredentials, IdentityRecord, record_digest, verify_view, view_message
 from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
                                   holders_problem)
 from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, open_sealed, pair_mask_seed, prg,
@@ -57,19 +57,24 @@ class SecAggClient:
         return public_bytes(X25519PrivateKey.from_private_bytes(self.s_private))
 
     # step 1
-    def share_keys(self, neighbour_records: dict[int, bytes]) -> tuple[bytes, bytes, dict[int, bytes]]:
+    def share_keys(self, neighbour_records: dict[int, bytes],
+                   verified: set[bytes] | None = None) -> tuple[bytes, bytes, dict[int, bytes]]:
         """neighbour -> its identity record. Returns (my s public key, a commitment to my
         self-mask seed, neighbour -> sealed shares for it). A neighbour whose record is not
         enrolled with this client's CA is left out; refuses a neighbourhood below its floors or
-        one in which the threshold is no strict majority of the actual holders."""
+        one in which the threshold is no strict majority of the actual holders. `verified`: digests
+        of the records this device already checked (a run's records do not change); new ones are added."""
         if self.index in neighbour_records:
             raise ProtocolViolation("a client is not its own neighbour")
+        verified = set() if verified is None else verified
         for v, blob in neighbour_records.items():
             try:
                 record = IdentityRecord.from_bytes(blob)
             except ValueError:
                 continue
-            if record.verify(self.ca_public):
+            digest = record_digest(blob)
+            if digest in verified or record.verify(self.ca_public):
+                verified.add(digest)
                 self.c_publics[v], self.devices[v] = record.identity_public, record.device_public
         holders = sorted([*self.c_publics, self.index])
         problem = holders_problem(self.params, len(holders), self.min_neighbours)
@@ -147,7 +152,11 @@ class SecAggClient:
         view = view_message(self.round_id, alive, dropped)
         if not self.view or view != self.view:
             raise ProtocolViolation("unmasking is answered only for the view this client signed")
-        signed = 1 + sum(verify_view(key, signatures.get(v, b""), view) for v, key in self.devices.items())
+        signed = 1   # this client's own signature of the view
+        for v, key in self.devices.items():   # t valid signatures suffice: stop there
+            if signed >= self.params.threshold:
+                break
+            signed += verify_view(key, signatures.get(v, b""), view)
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
@@ -108,6 +109,13 @@ class IdentityRecord:
         """Enrolled by this CA, and the identity key signed by that device."""
         return (_verify(ca_public, self.certificate, ENROLMENT + self.device_public)
                 and _verify(self.device_public, self.signature, IDENTITY + self.identity_public))
+
+
+def record_digest(record: bytes) -> bytes:
+    """A short name for a record this device already checked (SHA-256, first 16 bytes)."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(record)
+    return digest.finalize()[:16]
 
 
 def identity_record(credentials: DeviceCredentials, identity_public: bytes) -> IdentityRecord:
