@@ -66,8 +66,8 @@ def _save(context: Context, client: SecAggClient) -> None:
 def _load(context: Context, round_id: bytes) -> SecAggClient:
     record = context.state.get(STATE_KEY)
     if not isinstance(record, ConfigRecord) or bytes(record["round_id"]) != round_id:
-        raise RuntimeError("secure aggregation step out of order: this node holds no secrets "
-                           "for that round (restarted mid-round?)")
+        raise ProtocolViolation("secure aggregation step out of order: this node holds no secrets "
+                                "for that round (restarted mid-round?)")
     return SecAggClient.from_state({k: bytes(v) for k, v in record.items()})
 
 
@@ -117,8 +117,9 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
     except ValueError as err:   # e.g. a threshold that is no majority of the declared holders
         raise ProtocolViolation(str(err)) from None
     floor = int(context.node_config.get("secagg-min-neighbours", MIN_NEIGHBOURS))  # the device's own floor
-    ca_public = _credentials(context, settings).ca_public
-    client = SecAggClient(request.index, params, request.round_id, identity, ca_public, min_neighbours=floor)
+    credentials = _credentials(context, settings)
+    client = SecAggClient(request.index, params, request.round_id, identity, credentials.ca_public,
+                          credentials.device_public, min_neighbours=floor)
     verified = _verified(context)
     s_public, commitment, sealed = client.share_keys(request.neighbour_keys, verified)
     context.state[VERIFIED_KEY] = ConfigRecord({"digests": sorted(verified)[-VERIFIED_KEPT:]})
@@ -142,6 +143,8 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
     (`noise_std` > 0) the contribution gets this client's noise share, refusing or not."""
     request = unpack_masked_request(msg.content)
     client = _load(context, request.round_id)
+    if set(request.inbox) != set(request.mask_keys):
+        raise ProtocolViolation("the inbox and the mask keys name different senders")
     shares = config.privacy.noise_shares
     if noise_std > 0 and shares > client.params.max_clients:
         # More shares than the round has clients: the sum would carry less noise than claimed.
@@ -164,8 +167,6 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
         # After the weight: a weight-0 client still adds its noise share. A coordinate past
         # the bound takes a > 10-sigma draw (the server's sizing); clamped so the sum cannot wrap.
         vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
-    if set(request.inbox) != set(request.mask_keys):
-        raise RuntimeError("secure aggregation: the inbox and the mask keys name different senders")
     masked = client.masked_input(vector, {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox}, rng)
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
@@ -175,8 +176,8 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
 def handle_confirm(msg: Message, context: Context, settings: dict) -> Message:
     """The consistency round: sign the server's view of who is alive and who dropped."""
     request = unpack_confirm_request(msg.content)
-    client = _load(context, request.round_id)
     try:
+        client = _load(context, request.round_id)
         signature = client.confirm(request.alive, request.dropped, _credentials(context, settings))
     except ProtocolViolation as err:
         return _refuse(msg, context, err)
@@ -186,8 +187,8 @@ def handle_confirm(msg: Message, context: Context, settings: dict) -> Message:
 
 def handle_unmask(msg: Message, context: Context) -> Message:
     request = unpack_unmask_request(msg.content)
-    client = _load(context, request.round_id)
     try:
+        client = _load(context, request.round_id)
         shares = client.unmask_shares(request.alive, request.dropped, request.signatures)
     except ProtocolViolation as err:
         return _refuse(msg, context, err)

@@ -40,7 +40,7 @@ from shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, Sha
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
 from shared.secagg.fixed_point import decode_mean
 from shared.secagg.identity import IdentityRecord, verify_view, view_message
-from shared.secagg.params import RoundAborted, SecAggParams, default_params
+from shared.secagg.params import RoundAborted, SecAggParams, default_params, min_threshold
 from shared.secagg.server import SecAggServer
 from shared.settings import MIN_SECURE_CLIENTS, default
 
@@ -51,7 +51,7 @@ log = logging.getLogger("fedrec.server")
 class SecureConfig:
     enabled: bool = default("secure-aggregation")
     neighbours: int = default("secagg-neighbours")  # graph degree k; 0: sized from the round
-    threshold: int = default("secagg-threshold")    # shares to rebuild a secret; 0: a strict majority
+    threshold: int = default("secagg-threshold")    # shares to rebuild a secret; 0: two thirds of holders
     dropout: float = default("secagg-dropout")      # share of a round's clients the sizing must survive
     enrolment_ca: str = ""   # the enrolment CA's public key file: registrations are checked against it
 
@@ -62,8 +62,8 @@ class SecureConfig:
         auto = default_params(n, clip, dropout=self.dropout)
         k = min(self.neighbours or auto.neighbours, n - 1)
         k += k % 2 if k < n - 1 else 0   # the SecAgg+ ring graph has an even degree
-        # A strict majority of the k + 1 holders at least (the clients refuse less), k + 1 at most.
-        t = min(max(self.threshold, (k + 1) // 2 + 1), k + 1)
+        # Above two thirds of the k + 1 holders (the clients refuse less), k + 1 at most.
+        t = min(max(self.threshold, min_threshold(k + 1)), k + 1)
         if self.threshold and t != self.threshold:
             log.warning("secure aggregation: threshold %d does not fit a round of %d (degree %d); using %d",
                         self.threshold, n, k, t)
@@ -99,6 +99,20 @@ class SecureOutcome:
     bytes_down: int = 0
     bytes_up: int = 0
     phases: dict = field(default_factory=dict)
+
+
+def check_plausible(mean: np.ndarray, weight: float, loss_sum: float, count: int, task: SecureTask) -> None:
+    """Abort a sum no set of honest contributions could make: weights are in [0, 1], each loss term
+    in [0, weight], and a weighted mean of updates clipped to C has norm <= C (without distributed
+    noise, which widens it). It catches a client that sent values far outside the bounds; one
+    inside them can still pull the mean (there are no range proofs; docs/threat-model.md)."""
+    slack = 1e-3 * max(count, 1)
+    if not 0 < weight <= count + slack or not -slack <= loss_sum <= weight + slack:
+        raise RoundAborted(f"implausible sum: total weight {weight:.4g} or loss {loss_sum:.4g} outside what "
+                           f"{count} clients can send")
+    if not task.min_contributions and float(np.linalg.norm(mean)) > task.clip * 1.01:
+        raise RoundAborted(f"implausible sum: mean update norm {float(np.linalg.norm(mean)):.4g} exceeds the "
+                           f"clip {task.clip:g}")
 
 
 class SecureRound:
@@ -212,7 +226,8 @@ class SecureRound:
             total, count = server.unmask(unmasked)
         finally:
             outcome.reasons.extend(f"node {node_of[u]}: {why}" for u, why in server.rejected)
-        _, weight, loss = decode_mean(total)   # aborts when the weights sum to zero
+        mean, weight, loss = decode_mean(total)   # aborts when the weights sum to zero
+        check_plausible(mean, weight, total[-1], count, task)
         outcome.phases["unmask-compute"] = time.perf_counter() - started
         return SecureSum(total[:-2], weight, loss, count)
 

@@ -268,8 +268,23 @@ def secagg_message_type(step: str) -> str:
     return f"{MessageType.TRAIN}.secagg_{step}"
 
 
+MAX_FIELD_BYTES = 4096   # no honest secure-aggregation field is longer (keys 32, records 192, boxes 160)
+
+
+def _bytes(value) -> bytes:
+    """A bytes field as sent, or MalformedRecord: never bytes(int), which allocates that many."""
+    if not isinstance(value, bytes) or len(value) > MAX_FIELD_BYTES:
+        raise MalformedRecord(f"expected at most {MAX_FIELD_BYTES} bytes, got {type(value).__name__}")
+    return value
+
+
 def _ids(record: ConfigRecord) -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in record.items()}
+    if not isinstance(record, ConfigRecord):
+        raise MalformedRecord(f"expected a ConfigRecord, got {type(record).__name__}")
+    try:
+        return {int(k): _bytes(v) for k, v in record.items()}
+    except ValueError as err:   # a key that is no number (MalformedRecord is a ValueError too)
+        raise MalformedRecord(f"bad entry: {err}") from None
 
 
 def _id_record(values: dict[int, bytes]) -> ConfigRecord:
@@ -313,8 +328,8 @@ def pack_shares_request(r: SharesRequest) -> RecordDict:
 
 def unpack_shares_request(content: RecordDict) -> SharesRequest:
     c = content["secagg"]
-    return SharesRequest(bytes(c["round-id"]), int(c["index"]), int(c["neighbours"]), int(c["threshold"]),
-                         float(c["clip"]), int(c["max-clients"]), bytes(c["identity"]),
+    return SharesRequest(_bytes(c["round-id"]), int(c["index"]), int(c["neighbours"]), int(c["threshold"]),
+                         float(c["clip"]), int(c["max-clients"]), _bytes(c["identity"]),
                          _ids(content["neighbour-keys"]))
 
 
@@ -338,7 +353,7 @@ def unpack_shares_reply(content: RecordDict) -> SharesReply:
         c = content["secagg"]
         if c.get("identity-lost"):
             return SharesReply(identity_lost=True)
-        return SharesReply(bytes(c["s-public"]), bytes(c["b-commitment"]), _ids(content["shares"]))
+        return SharesReply(_bytes(c["s-public"]), _bytes(c["b-commitment"]), _ids(content["shares"]))
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedRecord(f"shares reply: {err!r}") from None
 
@@ -361,7 +376,7 @@ def pack_masked_request(arrays: ArrayRecord, config: ConfigRecord, r: MaskedRequ
 
 def unpack_masked_request(content: RecordDict) -> MaskedRequest:
     c = content["secagg"]
-    return MaskedRequest(bytes(c["round-id"]), str(c["weighting"]), float(c["weight-cap"]),
+    return MaskedRequest(_bytes(c["round-id"]), str(c["weighting"]), float(c["weight-cap"]),
                          _ids(content["inbox"]), _ids(content["mask-keys"]))
 
 
@@ -392,7 +407,7 @@ def pack_confirm_request(r: ConfirmRequest) -> RecordDict:
 
 def unpack_confirm_request(content: RecordDict) -> ConfirmRequest:
     c = content["secagg"]
-    return ConfirmRequest(bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
+    return ConfirmRequest(_bytes(c["round-id"]), [int(u) for u in c["alive"]], [int(u) for u in c.get("dropped", [])])
 
 
 def pack_confirm_reply(signature: bytes) -> RecordDict:

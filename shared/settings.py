@@ -182,7 +182,7 @@ SETTINGS: tuple[Setting, ...] = (
        "secagg", run_config=True),
     _s("secagg-neighbours", int, 0, "masking/sharing neighbours per client (0: sized from the round)",
        "secagg", check=at_least(0), run_config=True),
-    _s("secagg-threshold", int, 0, "shares needed to rebuild a secret (0: a strict majority of holders)",
+    _s("secagg-threshold", int, 0, "shares needed to rebuild a secret (0: just above two thirds of the holders)",
        "secagg", check=at_least(0), run_config=True),
     _s("secagg-dropout", float, 0.1, "share of a round's clients that may vanish (sizes the graph when "
        "--secagg-neighbours is 0)", "secagg", check=fraction, run_config=True),

@@ -2,9 +2,10 @@
 
 A client trusts nothing the server says that it can check itself: the parameters must meet
 its floors, a neighbour's identity key must be enrolled (shared/secagg/identity.py), the
-threshold must be a strict majority of the holders it actually has, a masked input goes out
-once and only with enough pairwise masks in it, and no share is revealed before a threshold of
-its holders signed the same view of who is alive and who dropped.
+threshold must exceed two thirds of the holders it actually has, a masked input goes out once
+and only with enough pairwise masks in it, the view it signs must match its own masking, and no
+share is revealed before a threshold of its holders signed the same view of who is alive and
+who dropped.
 """
 from __future__ import annotations
 
@@ -36,12 +37,15 @@ class SecAggClient:
     `from_state()` let a ClientApp keep them in its private node state."""
 
     def __init__(self, index: int, params: SecAggParams, round_id: bytes, identity: bytes, ca_public: bytes,
-                 min_neighbours: int = MIN_NEIGHBOURS):
+                 own_device: bytes, min_neighbours: int = MIN_NEIGHBOURS):
         problem = client_floor_problem(params, min_neighbours)
         if problem:
             raise ProtocolViolation(problem)
+        if not 1 <= index <= params.max_clients:
+            raise ProtocolViolation(f"index {index} outside 1..{params.max_clients}")
         self.index, self.params, self.round_id = index, params, round_id
         self.c_private, self.ca_public, self.min_neighbours = identity, ca_public, min_neighbours
+        self.own_device = own_device
         self.s_private = private_bytes(X25519PrivateKey.generate())
         self.self_seed = secrets.token_bytes(32)
         self.s_publics: dict[int, bytes] = {}    # neighbours' mask-agreement keys
@@ -62,7 +66,7 @@ class SecAggClient:
         """neighbour -> its identity record. Returns (my s public key, a commitment to my
         self-mask seed, neighbour -> sealed shares for it). A neighbour whose record is not
         enrolled with this client's CA is left out; refuses a neighbourhood below its floors or
-        one in which the threshold is no strict majority of the actual holders. `verified`: digests
+        one in which the threshold is not above two thirds of the actual holders. `verified`: digests
         of the records this device already checked (a run's records do not change); new ones are added."""
         if self.index in neighbour_records:
             raise ProtocolViolation("a client is not its own neighbour")
@@ -76,6 +80,12 @@ class SecAggClient:
             if digest in verified or record.verify(self.ca_public):
                 verified.add(digest)
                 self.c_publics[v], self.devices[v] = record.identity_public, record.device_public
+        # One device, one neighbour: a server listing a colluder's record under several numbers
+        # (or this client's own) would hand that colluder several shares of each secret.
+        devices = [*self.devices.values(), self.own_device]
+        identities = [*self.c_publics.values(), identity_public(self.c_private)]
+        if len(set(devices)) != len(devices) or len(set(identities)) != len(identities):
+            raise ProtocolViolation("the neighbour records repeat a device or an identity key")
         holders = sorted([*self.c_publics, self.index])
         problem = holders_problem(self.params, len(holders), self.min_neighbours)
         if problem:
@@ -137,6 +147,15 @@ class SecAggClient:
             raise ProtocolViolation("only a client that sent its masked input confirms the view")
         if set(alive) & set(dropped):
             raise ProtocolViolation("a client cannot be both alive and dropped")
+        # The view must match this client's own masking: every neighbour called alive masked with
+        # it, and every one it masked with is accounted for. Otherwise a server that withheld part
+        # of the inbox could call the senders dropped and strip every mask from this vector.
+        masked_with, neighbours_alive = set(self.s_publics), set(alive) & set(self.c_publics)
+        if not neighbours_alive <= masked_with:
+            raise ProtocolViolation(f"neighbours {sorted(neighbours_alive - masked_with)} are called alive but sent "
+                                    "this client no shares")
+        if not masked_with <= set(alive) | set(dropped):
+            raise ProtocolViolation("the view leaves out neighbours this client masked with")
         view = view_message(self.round_id, alive, dropped)
         if self.view and self.view != view:
             raise ProtocolViolation("a second, different view of the round is refused")
@@ -152,11 +171,8 @@ class SecAggClient:
         view = view_message(self.round_id, alive, dropped)
         if not self.view or view != self.view:
             raise ProtocolViolation("unmasking is answered only for the view this client signed")
-        signed = 1   # this client's own signature of the view
-        for v, key in self.devices.items():   # t valid signatures suffice: stop there
-            if signed >= self.params.threshold:
-                break
-            signed += verify_view(key, signatures.get(v, b""), view)
+        valid = {v for v, key in self.devices.items() if verify_view(key, signatures.get(v, b""), view)}
+        signed = 1 + len(valid)   # and this client's own signature of the view
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")
@@ -178,7 +194,7 @@ class SecAggClient:
 
     # persistence between steps, in the client's own (never sent) state
     _MAPS = ("s_publics", "held", "c_publics", "devices")
-    _BYTES = ("round_id", "c_private", "ca_public", "s_private", "self_seed", "view")
+    _BYTES = ("round_id", "c_private", "ca_public", "own_device", "s_private", "self_seed", "view")
 
     def state(self) -> dict[str, bytes]:
         numbers = [self.index, self.params.neighbours, self.params.threshold, self.params.max_clients,

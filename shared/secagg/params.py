@@ -40,8 +40,8 @@ class SecAggParams:
     def __post_init__(self):
         if not 1 <= self.threshold <= self.neighbours + 1:
             raise ValueError(f"threshold {self.threshold} must be in 1..neighbours + 1 ({self.neighbours + 1})")
-        if self.threshold <= (self.neighbours + 1) // 2:
-            raise ValueError(f"threshold {self.threshold} must be a strict majority of the "
+        if 3 * self.threshold <= 2 * (self.neighbours + 1):
+            raise ValueError(f"threshold {self.threshold} must exceed two thirds of the "
                              f"{self.neighbours + 1} holders")
         if self.clip <= 0 or self.max_clients < 1:
             raise ValueError("clip must be > 0 and max_clients >= 1")
@@ -59,6 +59,13 @@ class SecAggParams:
         return max(self.clip, 1.0)
 
 
+def min_threshold(holders: int) -> int:
+    """The smallest t above two thirds of `holders`. A majority is not enough against a malicious
+    server: with c colluders signing two views, two groups of size t - c each reach t when
+    2t - c <= holders; above two thirds that needs c > holders / 3 (Bonawitz et al.: t > 2n/3)."""
+    return 2 * holders // 3 + 1
+
+
 def unrecoverable_probability(n: int, k: int, t: int, dropout: float) -> float:
     """Union bound on the chance that some client keeps fewer than t live holders (of its
     k + 1) when each client drops independently with probability `dropout`."""
@@ -69,18 +76,18 @@ def unrecoverable_probability(n: int, k: int, t: int, dropout: float) -> float:
 
 def default_params(n: int, clip: float, *, dropout: float = 0.1, failure: float = 1e-3) -> SecAggParams:
     """SecAgg+ sizing for n clients: the smallest even degree k >= 2 log2 n (so the graph stays
-    connected, Bell et al. Sec. 3) with a majority threshold for which a round survives
+    connected, Bell et al. Sec. 3) with a two-thirds threshold for which a round survives
     `dropout` of its clients with probability >= 1 - failure; the complete graph (SecAgg) when
     n is too small for that."""
     k = max(2, 2 * math.ceil(math.log2(max(n, 2))))
     k += k % 2
     while k < n - 1:
-        t = (k + 1) // 2 + 1
+        t = min_threshold(k + 1)
         if unrecoverable_probability(n, k, t, dropout) <= failure:
             return SecAggParams(k, t, clip, n)
         k += 2
     k = n - 1
-    return SecAggParams(k, (k + 1) // 2 + 1, clip, n)
+    return SecAggParams(k, min_threshold(k + 1), clip, n)
 
 
 def neighbour_graph(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
@@ -115,12 +122,15 @@ def client_floor_problem(params: SecAggParams, min_neighbours: int = MIN_NEIGHBO
 
 def holders_problem(params: SecAggParams, holders: int, min_neighbours: int = MIN_NEIGHBOURS) -> str | None:
     """Why a client must refuse to share among `holders` (itself and the neighbours it was
-    actually given), or None: too few, more than declared, or a threshold that is no strict
-    majority of them (then two disjoint groups could rebuild both of its secrets)."""
+    actually given), or None: too few, more than declared, more than the round's clients, or a
+    threshold not above two thirds of them (then two groups, with colluders signing for both,
+    could rebuild both of its secrets)."""
     if holders - 1 > params.neighbours:
         return f"{holders - 1} neighbours given, more than the round's {params.neighbours}"
     if holders - 1 < min(min_neighbours, params.max_clients - 1):
         return f"{holders - 1} neighbours given, below this client's floor"
-    if 2 * params.threshold <= holders:
-        return f"threshold {params.threshold} is no strict majority of the {holders} actual holders"
+    if holders > params.max_clients:
+        return f"{holders} holders in a round of at most {params.max_clients} clients"
+    if params.threshold < min_threshold(holders):
+        return f"threshold {params.threshold} is not above two thirds of the {holders} actual holders"
     return None

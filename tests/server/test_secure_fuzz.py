@@ -20,8 +20,8 @@ STEPS = ("register", "shares", "masked", "confirm", "unmask")
 
 def _mutate_value(value, kind, rng):
     if isinstance(value, bytes):
-        return {"short": value[:-3], "flip": bytes([value[0] ^ 1]) + value[1:],
-                "random": rng.bytes(len(value))}.get(kind, value)
+        return {"short": value[:-3], "flip": bytes([value[0] ^ 1]) + value[1:], "random": rng.bytes(len(value)),
+                "integer": 2 ** 62, "huge": value * 2000}.get(kind, value)
     if isinstance(value, list):
         return {"short": value[:-1], "flip": [v ^ 1 if isinstance(v, int) else v for v in value]}.get(kind, value)
     return value
@@ -29,7 +29,8 @@ def _mutate_value(value, kind, rng):
 
 def damage(content: RecordDict, kind: str, rng) -> RecordDict:
     """The reply, broken one way: fields missing, the wrong record type, values cut short,
-    flipped or random, or an array of the wrong length or type."""
+    flipped, random, an integer where bytes belong (bytes(2**62) would allocate exabytes) or
+    a thousandfold too long, or an array of the wrong length or type."""
     if kind == "missing":
         return RecordDict({})
     out = {}
@@ -88,7 +89,7 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
 
 
-@pytest.mark.parametrize("kind", ["missing", "wrong-type", "short", "flip", "random", "duplicate"])
+@pytest.mark.parametrize("kind", ["missing", "wrong-type", "short", "flip", "random", "integer", "huge", "duplicate"])
 @pytest.mark.parametrize("step", STEPS)
 def test_a_malformed_reply_is_dropped_with_a_reason_and_the_run_goes_on(store, step, kind):
     store, users = store

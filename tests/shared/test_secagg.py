@@ -30,7 +30,8 @@ def start_round(n, params, round_id):
     client's credentials are in `client.credentials` (the test's own handle on them)."""
     identities = {u: new_identity_key() for u in range(1, n + 1)}
     devices = {u: CA.enrol() for u in identities}
-    clients = {u: SecAggClient(u, params, round_id, identities[u], CA.public) for u in identities}
+    clients = {u: SecAggClient(u, params, round_id, identities[u], CA.public, devices[u].device_public)
+               for u in identities}
     for u, client in clients.items():
         client.credentials = devices[u]
     server = SecAggServer(n, params, round_id)
@@ -113,7 +114,7 @@ def test_dropouts_before_masking_leave_the_survivors_sum():
 
 def test_too_many_dropouts_abort_the_round():
     n = 20
-    params = SecAggParams(neighbours=8, threshold=5, clip=1.0, max_clients=n)
+    params = SecAggParams(neighbours=8, threshold=7, clip=1.0, max_clients=n)
     vectors = random_vectors(n, 100, 1.0)
     with pytest.raises(RoundAborted):
         run_round(n, params, vectors, drop_after_masking=set(range(1, 15)))
@@ -158,7 +159,7 @@ def test_no_individual_update_is_recoverable_from_what_the_server_receives():
 
 
 def test_client_refuses_requests_that_would_unmask_someone():
-    params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=5)
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
     clients, server, nk = start_round(5, params, b"r")
     inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
     rng = np.random.default_rng(0)
@@ -175,7 +176,7 @@ def test_client_refuses_requests_that_would_unmask_someone():
     with pytest.raises(ProtocolViolation, match="view this client signed"):
         clients[1].unmask_shares([1, 2, 3], [4, 5], signatures)      # not the view it signed
     with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
-        clients[1].unmask_shares(*view, {2: signatures[2]})          # 2 of its holders signed, t = 3
+        clients[1].unmask_shares(*view, {2: signatures[2], 3: signatures[3]})   # 3 of its holders signed, t = 4
     forged = {**signatures, 2: signatures[3], 4: signatures[5]}      # signatures of other clients
     with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
         clients[1].unmask_shares(*view, {v: forged[v] for v in (2, 4)})
@@ -185,7 +186,7 @@ def test_client_refuses_requests_that_would_unmask_someone():
 
 
 def test_tampered_shares_are_rejected():
-    params = SecAggParams(neighbours=2, threshold=2, clip=1.0, max_clients=3)
+    params = SecAggParams(neighbours=2, threshold=3, clip=1.0, max_clients=3)
     clients, server, nk = start_round(3, params, b"r")
     inbox = server.route_shares({u: clients[u].share_keys(nk[u]) for u in nk})
     box, s_public = inbox[1][2]

@@ -18,7 +18,7 @@ from shared.protocol import (SharesRequest, pack_abort_request, pack_register_re
                              refusal_of)
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import quantisation_error_bound
-from shared.secagg.identity import EnrolmentCA, IdentityRecord, identity_record
+from shared.secagg.identity import EnrolmentCA, IdentityRecord, identity_record, view_message
 from shared.secagg.params import ProtocolViolation, SecAggParams, default_params
 from tests.shared.test_secagg import CA, confirm_and_unmask, random_vectors, start_round
 
@@ -39,48 +39,79 @@ def test_an_empty_inbox_is_refused_so_the_self_mask_alone_never_hides_an_update(
 @pytest.mark.parametrize("params,neighbours,message", [
     (SecAggParams(neighbours=0, threshold=1, clip=1.0, max_clients=10), 0, "below this client's floor"),
     (SecAggParams(neighbours=1, threshold=2, clip=1.0, max_clients=10), 1, "below this client's floor"),
-    # Declares k = 2, t = 2 (a majority of 3) but hands the victim 4 neighbours: t is then no
-    # majority of its 5 actual holders, so two disjoint groups could rebuild both its secrets.
-    (SecAggParams(neighbours=2, threshold=2, clip=1.0, max_clients=3), 4, "more than the round's"),
+    # Declares k = 2, t = 3 (all of 3 holders) but hands the victim 4 neighbours: t is then no
+    # two-thirds majority of its 5 actual holders.
+    (SecAggParams(neighbours=2, threshold=3, clip=1.0, max_clients=3), 4, "more than the round's"),
 ])
 def test_server_chosen_parameters_below_the_clients_floors_are_refused(params, neighbours, message):
     devices = {u: CA.enrol() for u in range(1, 6)}
     keys = {u: new_identity_key() for u in devices}
     records = {u: identity_record(devices[u], identity_public(keys[u])).to_bytes() for u in devices}
     with pytest.raises(ProtocolViolation, match=message):
-        client = SecAggClient(1, params, b"r", keys[1], CA.public)
+        client = SecAggClient(1, params, b"r", keys[1], CA.public, devices[1].device_public)
         client.share_keys({v: records[v] for v in range(2, 2 + neighbours)})
 
 
-def test_split_views_reveal_at_most_one_kind_of_secret_of_a_client():
-    """The server tells holders {1, 2, 3} that client 1 is alive (to get its self-mask seed) and
-    holders {4, 5} that it dropped (to get its mask key). Each signs the view it is shown; a
-    client reveals only when t of its holders signed the same view, so one side refuses."""
-    n = 5
-    params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=n)
-    clients, server, records = start_round(n, params, b"split")
+def _masked_round(n, params, round_id, inbox_of=None):
+    """Steps 1 and 2 in process; `inbox_of(u, inbox)` lets the server withhold part of an inbox."""
+    clients, server, records = start_round(n, params, round_id)
     inbox = server.route_shares({u: clients[u].share_keys(records[u]) for u in records})
     rng = np.random.default_rng(0)
     for u in clients:
-        clients[u].masked_input(np.zeros(10), inbox[u], rng)
+        clients[u].masked_input(np.full(10, 0.01 * u), inbox_of(u, inbox[u]) if inbox_of else inbox[u], rng)
+    return clients, server
+
+
+def test_split_views_with_a_colluder_reveal_neither_secret():
+    """The server shows holders {1, 2} a view with client 1 alive (for its self-mask seed) and
+    holders {3, 4} one with it dropped (for its mask key); colluder 5 signs both. With t above
+    two thirds of the 5 holders (t = 4), neither side gathers t signatures. (With a majority,
+    t = 3, both would: the attack the reviewer ran on a majority threshold.)"""
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
+    clients, server = _masked_round(5, params, b"split")
     alive_view, dropped_view = ([1, 2, 3, 4, 5], []), ([2, 3, 4, 5], [1])
-    signed = {u: clients[u].confirm(*alive_view, clients[u].credentials) for u in (1, 2, 3)}
-    signed |= {u: clients[u].confirm(*dropped_view, clients[u].credentials) for u in (4, 5)}
-    revealed = {}
-    for u, view in [(2, alive_view), (3, alive_view), (4, dropped_view), (5, dropped_view)]:
-        try:
-            revealed[u] = clients[u].unmask_shares(*view, signed)
-        except ProtocolViolation:
-            pass
-    kinds = {share[:1] for answer in revealed.values() for owner, share in answer.items() if owner == 1}
-    assert kinds == {b"b"}                      # the side with t signatures; never the s key too
-    assert set(revealed) == {2, 3}
+    signed_a = {u: clients[u].confirm(*alive_view, clients[u].credentials) for u in (1, 2)}
+    signed_b = {u: clients[u].confirm(*dropped_view, clients[u].credentials) for u in (3, 4)}
+    colluder = clients[5].credentials
+    signed_a[5] = colluder.sign(view_message(b"split", *alive_view))
+    signed_b[5] = colluder.sign(view_message(b"split", *dropped_view))
+    for u, view, signed in [(1, alive_view, signed_a), (2, alive_view, signed_a),
+                            (3, dropped_view, signed_b), (4, dropped_view, signed_b)]:
+        with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
+            clients[u].unmask_shares(*view, signed)
+
+
+def test_a_view_that_calls_the_victims_mask_partners_dropped_is_refused():
+    """The server lets client 1 hear only from clients 2, 3 and 4 (t - 1 = 3 senders), then
+    calls them dropped and 5 alive: with their mask keys and 1's seed it would strip every mask
+    from 1's vector. Client 1 refuses to sign a view that does not match its own masking, and
+    the holders left cannot reach t without it."""
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
+    withhold = lambda u, inbox: {v: e for v, e in inbox.items() if v != 5} if u == 1 else inbox
+    clients, server = _masked_round(5, params, b"partners", withhold)
+    view = ([1, 5], [2, 3, 4])
+    with pytest.raises(ProtocolViolation, match="called alive but sent this client no shares"):
+        clients[1].confirm(*view, clients[1].credentials)
+    signatures = {5: clients[5].confirm(*view, clients[5].credentials)}
+    with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
+        clients[5].unmask_shares(*view, signatures)
+
+
+def test_one_device_listed_as_several_neighbours_is_refused():
+    """A colluder's valid record under every neighbour number would collect t shares of each of
+    the victim's secrets; listing the victim's own record back to it likewise."""
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
+    clients, server, records = start_round(5, params, b"dupes")
+    colluder = records[1][5]
+    for listed in ({v: colluder for v in (2, 3, 4, 5)}, {**records[1], 4: records[2][1]}):
+        with pytest.raises(ProtocolViolation, match="repeat a device or an identity key"):
+            clients[1].share_keys(listed)
 
 
 def test_a_substituted_identity_key_gets_no_shares_sealed_to_it():
     """The server swaps neighbour 5's identity record for one of its own (unenrolled device, or
     an enrolled device's certificate over a key that device never signed)."""
-    params = SecAggParams(neighbours=4, threshold=3, clip=1.0, max_clients=5)
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
     clients, server, records = start_round(5, params, b"swap")
     servers_key = new_identity_key()
     rogue = EnrolmentCA.new().enrol()           # the server's own "CA"
@@ -89,8 +120,9 @@ def test_a_substituted_identity_key_gets_no_shares_sealed_to_it():
                  IdentityRecord(identity_public(servers_key), honest.device_public, honest.certificate,
                                 honest.signature).to_bytes()]
     for forged in forgeries:
-        client = SecAggClient(1, params, secrets.token_bytes(8), new_identity_key(), CA.public)
-        with pytest.raises(ProtocolViolation, match="below this client's floor|no strict majority"):
+        client = SecAggClient(1, params, secrets.token_bytes(8), new_identity_key(), CA.public,
+                              CA.enrol().device_public)
+        with pytest.raises(ProtocolViolation, match="below this client's floor"):
             client.share_keys({**records[1], 5: forged})   # 3 real neighbours left: below the floor of 4
     # With room to spare the client goes on without the forged neighbour: nothing sealed to it.
     big = default_params(12, clip=1.0)
@@ -119,7 +151,7 @@ def _shares_request(node: Context, round_id: bytes) -> Message:
     own = secure.handle_register(_message(pack_register_request(), "register"), node, {})
     record = bytes(own.content["secagg"]["identity"])
     others = {v: identity_record(CA.enrol(), identity_public(new_identity_key())).to_bytes() for v in range(2, 6)}
-    return _message(pack_shares_request(SharesRequest(round_id, 1, 4, 3, 1.0, 5, record, others)), "shares")
+    return _message(pack_shares_request(SharesRequest(round_id, 1, 4, 4, 1.0, 5, record, others)), "shares")
 
 
 def test_a_replayed_round_id_is_refused(node):
