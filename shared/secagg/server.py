@@ -138,7 +138,8 @@ class SecAggServer:
     def _rebuild(self, shares: dict[int, bytes], owner: int, what: str, verify: Callable[[bytes], bool]) -> bytes:
         """The secret from t of `shares` that passes `verify`: the first t (all honest: the one
         try), else random subsets of t, which avoid a few bad shares among a surplus with high
-        probability. Shares off the polynomial the secret lies on are reported in `rejected`."""
+        probability; then the shares off the polynomial the secret lies on are reported in
+        `rejected` (a bad share outside the first t is never used, so it is not looked for)."""
         t = self.params.threshold
         if len(shares) < t:
             raise RoundAborted(f"{what} of client {owner}: {len(shares)} shares < threshold {t}")
@@ -146,14 +147,15 @@ class SecAggServer:
         rng = np.random.default_rng(owner)
         subsets = [holders[:t]] + [sorted(rng.choice(holders, size=t, replace=False).tolist())
                                    for _ in range(MAX_SUBSETS if len(holders) > t else 0)]
-        for subset in subsets:
+        for attempt, subset in enumerate(subsets):
             chosen = {x: shares[x] for x in subset}
             try:
                 secret = shamir_combine(chosen)
             except ValueError:
                 continue
             if verify(secret):
-                for x in set(shares) - set(subset):
+                # Some share was bad (the first t did not do): name the holders off the polynomial.
+                for x in set(shares) - set(subset) if attempt else ():
                     if shamir_interpolate(chosen, x) != int.from_bytes(shares[x], "big"):
                         self.rejected.append((x, f"inconsistent share of client {owner}'s {what}; dropped"))
                 return secret
