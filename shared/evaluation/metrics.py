@@ -29,7 +29,14 @@ def exclude_seen(scores: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
 
 
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(B, N) scores, (B,) target indices -> (B,) 1-based ranks, ties broken by lower index."""
+    """(B, N) scores, (B,) target indices -> (B,) 1-based ranks, ties broken by lower index.
+    -inf marks an excluded item; NaN or +inf is an error (a diverged model), never a rank: a NaN
+    compares false with everything and would rank first, giving HR = NDCG = 1."""
+    bad = np.isnan(scores) | (scores == np.inf)
+    if bad.any():
+        row, item = np.argwhere(bad)[0]
+        raise ValueError(f"{int(bad.sum())} score(s) are NaN or +inf (first: row {row}, item {item}): "
+                         "the model diverged; its ranks would be meaningless")
     target_scores = scores[np.arange(len(targets)), targets][:, None]
     above = (scores > target_scores).sum(axis=1)
     tied_before = ((scores == target_scores) & (np.arange(scores.shape[1])[None, :] < targets[:, None])).sum(axis=1)

@@ -59,3 +59,13 @@ def test_against_brute_force_and_sklearn(seed):
             finite = np.isfinite(masked[u])
             truth = (np.arange(n_items + 1) == t)[finite][None, :].astype(float)
             assert ours[u] == pytest.approx(ndcg_score(truth, masked[u][finite][None, :], k=k))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_infinite_score_is_an_error_not_a_first_place(bad):
+    """At 4b8af3e target_ranks([[-inf, 1, nan, .5]], [2]) returned rank 1: a diverged model
+    reported HR = NDCG = 1."""
+    scores = np.array([[-np.inf, 1.0, bad, 0.5]])
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        target_ranks(scores, np.array([2]))
+    assert list(target_ranks(np.array([[-np.inf, 1.0, 0.7, 0.5]]), np.array([2]))) == [2]
