@@ -1,11 +1,13 @@
 """The client's side of secure aggregation, as Message API handlers around
-`shared.secagg.SecAggClient` (message types "train.secagg_register", "train.secagg_shares",
-"train.secagg_masked", "train.secagg_unmask"; see server/secure.py for the server's side and
-docs/threat-model.md).
+`shared.secagg.client.SecAggClient` (message types "train.secagg_" + register, shares, masked,
+confirm, unmask, abort; records in shared/protocol.py; the server's side in server/secure.py;
+what holds against whom in docs/threat-model.md).
 
 The node's identity key (made at registration, once per run) and the round's secrets (the
 mask private key, the self-mask seed, the shares held for neighbours) live in this node's
-own Context state, never in a reply; a round's secrets are deleted after its last step.
+own Context state, never in a reply; a round's secrets are deleted after its last step, or
+when the client refuses a step or the server aborts the round. A request an honest client must
+refuse is answered with a refusal and its reason, never an exception.
 Local training happens in the "masked" step, so a client trains only once it is known to
 have enough neighbours to be unmasked.
 """
@@ -26,7 +28,7 @@ from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_co
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from shared.secagg.fixed_point import encode_contribution
 from shared.secagg.identity import DeviceCredentials, identity_record
-from shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, RoundAborted, SecAggParams
+from shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, SecAggParams
 
 STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"
@@ -98,7 +100,7 @@ def handle_register(msg: Message, context: Context, settings: dict) -> Message:
 def handle_shares(msg: Message, context: Context, settings: dict) -> Message:
     try:
         return _shares(msg, context, settings)
-    except (ProtocolViolation, RoundAborted) as err:
+    except ProtocolViolation as err:
         return _refuse(msg, context, err)
 
 

@@ -191,10 +191,12 @@ class SecureRound:
         server = SecAggServer(len(nodes), params, round_id)
         registered = {u: self.identities[node] for node, u in index.items()}
         identities = server.receive_identities(registered)
-        shares = self._shares(grid, server, identities, registered, params, round_id, node_of, outcome)
-        inbox = server.route_shares({u: (r.s_public, r.commitment, r.sealed) for u, r in shares.items()})
-        outcome.reasons.extend(f"node {node_of[u]}: {why}" for u, why in server.rejected)
-        server.rejected.clear()
+        shares = self._shares(grid, identities, registered, params, round_id, index, node_of, outcome)
+        try:
+            inbox = server.route_shares({u: (r.s_public, r.commitment, r.sealed) for u, r in shares.items()})
+        finally:   # the malformed replies it dropped are named even when too few are left
+            outcome.reasons.extend(f"node {node_of[u]}: {why}" for u, why in server.rejected)
+            server.rejected.clear()
         masked = self._step(grid, "masked", {node_of[u]: pack_masked_request(task.arrays, task.config, MaskedRequest(
             round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
             {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
@@ -211,7 +213,7 @@ class SecureRound:
             # Before any unmask share is asked for: a sum with fewer noise shares is never opened.
             raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
                                "whose noise shares the privacy guarantee counts on")
-        signatures = self._confirm(grid, round_id, alive, dropped, node_of, outcome)
+        signatures = self._confirm(grid, round_id, alive, dropped, index, node_of, outcome)
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
             round_id, alive, dropped, held)) for u, held in server.signatures_for(signatures).items()},
             outcome, self.fail_on_error)
@@ -242,13 +244,12 @@ class SecureRound:
         outcome.reasons += [f"node {node}: blamed by {count} neighbour(s) for messages that fail authentication"
                             for node, count in sorted(blamed.items())]
 
-    def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], node_of: dict,
-                 outcome: SecureOutcome) -> dict[int, bytes]:
+    def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], index: dict,
+                 node_of: dict, outcome: SecureOutcome) -> dict[int, bytes]:
         """Step 3, the consistency round: every alive client signs the one view of the round;
         client number -> its signature (each client checks its holders' before revealing)."""
         result = self._step(grid, "confirm", {node_of[u]: pack_confirm_request(ConfirmRequest(round_id, alive, dropped))
                                               for u in alive}, outcome, self.fail_on_error)
-        index = {node: u for u, node in node_of.items()}
         signatures = {}
         view = view_message(round_id, alive, dropped)
         for node, content in result.replies.items():
@@ -261,13 +262,12 @@ class SecureRound:
                 outcome.reasons.append(f"node {node}: {err}; dropped")
         return signatures
 
-    def _shares(self, grid: Grid, server: SecAggServer, identities: dict, registered: dict, params: SecAggParams,
-                round_id: bytes, node_of: dict, outcome: SecureOutcome) -> dict:
+    def _shares(self, grid: Grid, identities: dict, registered: dict, params: SecAggParams, round_id: bytes,
+                index: dict, node_of: dict, outcome: SecureOutcome) -> dict:
         """Step 1: every client's mask key and sealed shares (client number -> SharesReply)."""
         result = self._step(grid, "shares", {node_of[u]: pack_shares_request(SharesRequest(
             round_id, u, params.neighbours, params.threshold, params.clip, params.max_clients, registered[u], keys))
             for u, keys in identities.items()}, outcome, self.fail_on_error)
-        index = {node: u for u, node in node_of.items()}
         shares = {}
         for node, content in result.replies.items():
             try:

@@ -243,9 +243,6 @@ def unpack_eval_reply(content: RecordDict) -> dict[str, float]:
 
 # ---------------------------------------------------------------- secure aggregation's steps
 
-SECAGG_STEPS = ("register", "shares", "masked", "confirm", "unmask", "abort")
-
-
 def pack_refusal(reason: str, blame: tuple[int, ...] = ()) -> RecordDict:
     """A client's answer to a request an honest client must refuse, with its reason and the
     clients (round numbers) whose messages made it refuse, when it knows."""

@@ -212,10 +212,6 @@ def default(key: str) -> Any:
     return BY_KEY[key].default
 
 
-def defaults(group: str | None = None) -> dict[str, Any]:
-    return {s.key: s.default for s in SETTINGS if group is None or s.group == group}
-
-
 def run_config_defaults() -> dict[str, Any]:
     return {s.key: s.default for s in RUN_CONFIG}
 

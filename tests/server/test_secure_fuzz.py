@@ -58,6 +58,7 @@ class LoopbackGrid:
                                           state=RecordDict(), run_config={"store": str(store)}) for i in range(users)}
         self.bad_step, self.kind, self.bad_node = bad_step, kind, None
         self.rng = np.random.default_rng(0)
+        self.sent: list[str] = []                     # message types, in order
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -65,6 +66,7 @@ class LoopbackGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
+            self.sent.append(message.metadata.message_type)
             node = message.metadata.dst_node_id
             reply = self.app(message, self.contexts[node])
             if message.metadata.message_type == f"train.secagg_{self.bad_step}" and self.bad_node in (None, node):
@@ -106,3 +108,48 @@ def test_a_malformed_reply_is_dropped_with_a_reason_and_the_run_goes_on(store, s
     # A second round with everyone honest trains: nothing is left broken.
     grid.bad_step = None
     assert train_round(grid, strategy, 2, secure=True).trained
+
+
+def _strategy(store):
+    cfg = federation_config({**run_config_defaults(), **SETTINGS, "store": str(store)})
+    start = initial_weights(store / "catalog.npz", cfg)
+    return FedRecStrategy(cfg, ServerOptimizer(start, cfg.server)), start
+
+
+def test_a_sum_with_fewer_noise_shares_than_counted_on_is_never_unmasked(store):
+    """Distributed DP noise: the guarantee counts on m clients' shares in every sum. With fewer
+    alive, the honest server aborts before it asks anyone for an unmask share (at 4b8af3e it
+    unmasked first and checked after)."""
+    from server.federation import secure_round
+    store, users = store
+    strategy, start = _strategy(store)
+    strategy.privacy.distributed_noise, strategy.privacy.noise_shares = True, 9   # 8 clients a round
+    grid = LoopbackGrid(store, users, None, None)
+    outcome = secure_round(grid, strategy, 1)
+    assert outcome.update is None
+    assert any("fewer than the 9 whose noise shares" in r for r in outcome.record.rejected)
+    assert "train.secagg_masked" in grid.sent
+    assert not {"train.secagg_confirm", "train.secagg_unmask"} & set(grid.sent)
+
+
+def test_a_client_that_skips_its_clip_aborts_the_round_not_the_model(store, monkeypatch):
+    """A malicious client masks an update far past the clip (every coordinate 0.5, norm ~25 on
+    this tiny model against a clip of 5; each coordinate inside the ring's bound, so masking hides it):
+    no set of honest clients could make that mean, and the round aborts, the model untouched."""
+    import client.secure
+    store, users = store
+    honest = client.secure.encode_contribution
+    calls = []
+
+    def unclipped(flat, weight, loss):
+        vector = honest(flat, weight, loss)
+        if not calls:
+            vector[:-2], vector[-2] = 0.5, 1.0   # the largest honest weight, times an unclipped update
+        calls.append(1)
+        return vector
+
+    monkeypatch.setattr(client.secure, "encode_contribution", unclipped)
+    strategy, start = _strategy(store)
+    record = train_round(LoopbackGrid(store, users, None, None), strategy, 1, secure=True)
+    assert not record.trained and any("implausible sum" in r for r in record.rejected), record.rejected
+    assert all(np.array_equal(start[k], v) for k, v in strategy.optimizer.weights().items())

@@ -130,3 +130,17 @@ def test_a_damaged_ledger_is_an_error_not_a_fresh_budget(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable privacy ledger"):
         PrivacyLedger(path)
+
+
+def test_a_client_refuses_distributed_noise_over_more_than_one_sgd_step(tmp_path):
+    """Distributed record-level noise is calibrated to one plain SGD step; a server that asks for
+    two local epochs (or Adam) would get updates with less noise than the ledger accounts. The
+    client checks the round it is sent itself, whatever the server validated."""
+    from client.privacy import DPStep, RecordPrivacy
+    privacy = RecordPrivacy(2.0, 1.0, 11, budget=8.0, delta=1e-5, noise_shares=9)
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    for epochs, optimizer in [(2, "sgd"), (1, "adam")]:
+        with pytest.raises(ValueError, match="one plain SGD step"):
+            DPStep(privacy, ledger, epochs, optimizer)
+    DPStep(privacy, ledger, 1, "sgd")
+    assert not (tmp_path / "ledger.json").exists()    # nothing spent by a refusal

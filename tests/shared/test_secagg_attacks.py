@@ -147,11 +147,11 @@ def _message(content: RecordDict, step: str) -> Message:
     return Message(content=content, dst_node_id=1, message_type=f"train.secagg_{step}")
 
 
-def _shares_request(node: Context, round_id: bytes) -> Message:
+def _shares_request(node: Context, round_id: bytes, threshold: int = 4) -> Message:
     own = secure.handle_register(_message(pack_register_request(), "register"), node, {})
     record = bytes(own.content["secagg"]["identity"])
     others = {v: identity_record(CA.enrol(), identity_public(new_identity_key())).to_bytes() for v in range(2, 6)}
-    return _message(pack_shares_request(SharesRequest(round_id, 1, 4, 4, 1.0, 5, record, others)), "shares")
+    return _message(pack_shares_request(SharesRequest(round_id, 1, 4, threshold, 1.0, 5, record, others)), "shares")
 
 
 def test_a_replayed_round_id_is_refused(node):
@@ -161,6 +161,16 @@ def test_a_replayed_round_id_is_refused(node):
     replay = secure.handle_shares(_shares_request(node, round_id), node, {})
     assert "used before" in refusal_of(replay.content)
     assert secure.STATE_KEY not in node.state    # and the refused round's secrets are gone
+
+
+def test_a_majority_threshold_is_refused_by_the_client(node):
+    """t = 3 of 5 holders is a majority: enough, with one colluder signing two views, for two
+    groups to rebuild both of a client's secrets (test_split_views_with_a_colluder_... shows the
+    two-thirds t = 4 holding). The client refuses the server's majority itself."""
+    refused = secure.handle_shares(_shares_request(node, secrets.token_bytes(24), threshold=3), node, {})
+    assert "two thirds" in refusal_of(refused.content)
+    accepted = secure.handle_shares(_shares_request(node, secrets.token_bytes(24), threshold=4), node, {})
+    assert refusal_of(accepted.content) is None
 
 
 def test_an_aborted_round_leaves_no_secrets_on_the_device(node):
