@@ -19,8 +19,8 @@ from shared.secagg.fixed_point import quantise
 from shared.secagg.identity import DeviceCredentials, IdentityRecord, record_digest, verify_view, view_message
 from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
                                   holders_problem)
-from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, open_sealed, pair_mask_seed, prg,
-                                      private_bytes, public_bytes, seal, shamir_split)
+from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, load_private, open_sealed, pair_mask_seed,
+                                      prg, private_bytes, public_bytes, seal, shamir_split)
 
 
 def new_identity_key() -> bytes:
@@ -52,6 +52,7 @@ class SecAggClient:
         self.held: dict[int, bytes] = {}         # owner -> my share of (b_owner, s_owner)
         self.c_publics: dict[int, bytes] = {}    # neighbours' identity keys (enrolment checked)
         self.devices: dict[int, bytes] = {}      # neighbours' device keys: they sign the view
+        self.seal_keys: dict[int, bytes] = {}    # neighbour -> the round's key for shares to and from it
         self.view = b""                          # the view this client signed (once per round)
         self.masked = False                      # a masked input was sent this round (once only)
         self.answered = False
@@ -94,13 +95,15 @@ class SecAggClient:
         s_shares = shamir_split(self.s_private, self.params.threshold, holders)
         s_public = self.s_public
         sealed = {}
+        c_key = load_private(self.c_private)
         for v in holders:
             bundle = b_shares[v] + s_shares[v]
             if v == self.index:
                 self.held[v] = bundle
                 continue
-            key = kdf(agree(self.c_private, self.c_publics[v]), b"shares", self.round_id, self.index, v)
-            sealed[v] = seal(key, bundle, self._aad(self.index, v, s_public))
+            # One key per pair and round, both ways (the kdf orders the pair; the AAD names the sender).
+            self.seal_keys[v] = kdf(agree(c_key, self.c_publics[v]), b"shares", self.round_id, self.index, v)
+            sealed[v] = seal(self.seal_keys[v], bundle, self._aad(self.index, v, s_public))
         return s_public, commit_seed(self.self_seed, self.round_id, self.index), sealed
 
     # step 2
@@ -121,9 +124,8 @@ class SecAggClient:
             raise ProtocolViolation(f"{len(inbox)} senders in the inbox, fewer than threshold - 1 = "
                                     f"{self.params.threshold - 1}")
         for u, (sealed, s_public) in inbox.items():
-            key = kdf(agree(self.c_private, self.c_publics[u]), b"shares", self.round_id, u, self.index)
             try:
-                self.held[u] = open_sealed(key, sealed, self._aad(u, self.index, s_public))
+                self.held[u] = open_sealed(self.seal_keys[u], sealed, self._aad(u, self.index, s_public))
             except InvalidTag:
                 raise ProtocolViolation(f"shares or mask key from client {u} fail authentication",
                                         blame=(u,)) from None
@@ -131,8 +133,9 @@ class SecAggClient:
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))
         self.masked = True
+        s_key = load_private(self.s_private)
         for v in sorted(inbox):
-            mask = prg(pair_mask_seed(self.s_private, self.s_publics[v], self.round_id, self.index, v), len(y))
+            mask = prg(pair_mask_seed(s_key, self.s_publics[v], self.round_id, self.index, v), len(y))
             if self.index < v:
                 y += mask
             else:
@@ -171,8 +174,11 @@ class SecAggClient:
         view = view_message(self.round_id, alive, dropped)
         if not self.view or view != self.view:
             raise ProtocolViolation("unmasking is answered only for the view this client signed")
-        valid = {v for v, key in self.devices.items() if verify_view(key, signatures.get(v, b""), view)}
-        signed = 1 + len(valid)   # and this client's own signature of the view
+        signed = 1   # this client's own signature of the view; then its holders', until t verify
+        for v, signature in signatures.items():
+            if signed >= self.params.threshold:
+                break
+            signed += v in self.devices and verify_view(self.devices[v], signature, view)
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")
@@ -193,7 +199,7 @@ class SecAggClient:
         return self.round_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big") + sender_s_public
 
     # persistence between steps, in the client's own (never sent) state
-    _MAPS = ("s_publics", "held", "c_publics", "devices")
+    _MAPS = ("s_publics", "held", "c_publics", "devices", "seal_keys")
     _BYTES = ("round_id", "c_private", "ca_public", "own_device", "s_private", "self_seed", "view")
 
     def state(self) -> dict[str, bytes]:

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import dequantise
 from shared.secagg.params import RoundAborted, SecAggParams, neighbour_graph
-from shared.secagg.primitives import (SEALED_BYTES, SHARE_BYTES, commit_seed, pair_mask_seed, prg, public_bytes,
-                                      shamir_combine, shamir_interpolate)
+from shared.secagg.primitives import (SEALED_BYTES, SHARE_BYTES, commit_seed, load_private, pair_mask_seed, prg,
+                                      public_bytes, shamir_combine, shamir_interpolate)
 
 MAX_SUBSETS = 64   # subsets of t shares tried per secret before the round is given up
 
@@ -106,9 +106,10 @@ class SecAggServer:
         for u, shares in s_shares.items():
             s_private = self._rebuild(shares, u, "mask key", lambda key, u=u: public_bytes(
                 X25519PrivateKey.from_private_bytes(key)) == self.keys[u][1])
+            s_key = load_private(s_private)
             for v in self.graph[u]:
                 if v in alive:  # v added +mask if v < u, else -mask: take it back out
-                    mask = prg(pair_mask_seed(s_private, self.keys[v][1], self.round_id, u, v), len(total))
+                    mask = prg(pair_mask_seed(s_key, self.keys[v][1], self.round_id, u, v), len(total))
                     if v < u:
                         total -= mask
                     else:
