@@ -64,7 +64,7 @@ def _add_benches(kinds) -> None:
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
                               "aggregation, side by side in one simulation")
-    _add_settings(secagg, ("data",))
+    _add_settings(secagg, ("data", "secagg"))
     _add_output(secagg)
     secagg.add_argument("--clients-per-round", type=int, default=100, help="clients in each measured round")
     secagg.add_argument("--rounds", type=int, default=6, help="pairs of rounds (plain, secure)")
@@ -161,8 +161,9 @@ def _bench(args, values: dict) -> None:
     elif args.bench == "secagg":
         from shared.data.pipeline import DataConfig
         from simulation.bench import run_secagg_bench
+        sizing = {s.key: values[s.key] for s in SETTINGS if s.group == "secagg" and s.key in values}
         run_secagg_bench(DataConfig.from_settings(values, activity_features=False), args.out,
-                         clients_per_round=args.clients_per_round, rounds=args.rounds)
+                         clients_per_round=args.clients_per_round, rounds=args.rounds, settings=sizing)
     elif args.bench == "privacy":
         from simulation.dp_bench import run_privacy_sweep
         from simulation.federated import FederatedJob
