@@ -97,6 +97,22 @@ def test_a_view_that_calls_the_victims_mask_partners_dropped_is_refused():
         clients[5].unmask_shares(*view, signatures)
 
 
+def test_self_mask_shares_need_the_signed_view_even_when_nobody_dropped():
+    """Why the consistency round runs in every round (session 8 looked at skipping it when no one
+    dropped): were self-mask shares revealed for an unsigned all-alive view, the server could get
+    the victim's seed that way from its holders, and each neighbour j's mask key from j's holders
+    signing a view in which j dropped, and strip every mask off the victim's vector. A holder asked
+    for self-mask shares alone, with no signatures, refuses."""
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=5)
+    clients, server = _masked_round(5, params, b"unsigned")
+    everyone_alive = ([1, 2, 3, 4, 5], [])
+    for u in (2, 3, 4, 5):
+        with pytest.raises(ProtocolViolation, match="only for the view this client signed"):
+            clients[u].unmask_shares(*everyone_alive, {})
+    signed = {u: clients[u].confirm(*everyone_alive, clients[u].credentials) for u in (1, 2, 3, 4, 5)}
+    assert clients[2].unmask_shares(*everyone_alive, signed)      # signed by t holders: answered
+
+
 def test_one_device_listed_as_several_neighbours_is_refused():
     """A colluder's valid record under every neighbour number would collect t shares of each of
     the victim's secrets; listing the victim's own record back to it likewise."""
