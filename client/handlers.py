@@ -15,14 +15,14 @@ from flwr.app import Context, Message
 
 from client import secure
 from client.local import LocalStep, local_metrics, local_update
-from client.privacy import DPStep, PrivacyBudgetExceeded, PrivacyLedger, RecordPrivacy
+from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
 from client.store import UserLog, client_paths, ledger_path
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
 from shared.model.recommender import Recommender, build_recommender, load_weights, model_layout
 from shared.privacy.accounting import noise_share_std
 from shared.protocol import (PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record, pack_eval_reply,
-                             pack_train_reply, unpack_round_config, zero_update)
+                             pack_refusal, pack_train_reply, unpack_round_config, zero_update)
 
 log = logging.getLogger("fedrec.client")
 
@@ -43,16 +43,28 @@ def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender,
     return model, UserLog.load(log_path), config, from_record(msg.content["arrays"], model_layout(model))
 
 
-def _record_privacy(p: PrivacyRound, node_config: dict) -> RecordPrivacy | None:
-    """Record-level DP settings for this round, or None. The budget is the server's target
-    epsilon, or the device's own `privacy-budget` node config when that is smaller."""
-    if not p.record:
-        return None
-    budget = p.budget
-    if "privacy-budget" in node_config:
-        budget = min(budget, float(node_config["privacy-budget"]))
-    return RecordPrivacy(p.record_noise, p.record_clip, p.record_window, budget, p.delta, p.accountant,
-                         p.noise_shares)
+def privacy_problem(config: RoundConfig, context: Context, settings: dict) -> str | None:
+    """Why this device will not take part in the round (its privacy policy, a missing ledger), or None."""
+    try:
+        policy = DevicePolicy.of(context.node_config, settings)
+        problems = policy.problems(config.privacy)
+        if problems:
+            return "the round asks more than this device allows: " + "; ".join(problems)
+        if config.privacy.record:
+            PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
+    except (ValueError, PrivacyRefusal) as err:
+        return str(err)
+    return None
+
+
+def released(metrics: TrainMetrics, privacy: PrivacyRound) -> TrainMetrics:
+    """What may leave with an update. In a DP mode only what does not depend on the data: a fixed
+    weight (1; 0 for a client that refused on its budget, which depends only on the rounds it took
+    part in), its epsilon, and no loss, example count or timing, none of which is noised."""
+    if privacy.mode == "none":
+        return metrics
+    return TrainMetrics(0.0 if metrics.privacy_refused else 1.0, privacy_refused=metrics.privacy_refused,
+                        record_epsilon=metrics.record_epsilon)
 
 
 def noise_share_of(config: RoundConfig) -> float:
@@ -68,19 +80,22 @@ def noise_share_of(config: RoundConfig) -> float:
 
 def train_update(model: Recommender, global_weights: Weights, user: UserLog, config: RoundConfig,
                  context: Context, settings: dict, rng: np.random.Generator) -> tuple[Weights, TrainMetrics]:
-    """One round of local training, private or not: (delta, metrics). A client whose record-level
-    budget would be exceeded does not train; it answers a zero update with `privacy_refused`."""
-    privacy = _record_privacy(config.privacy, context.node_config)
-    if privacy is None:
-        return local_update(model, global_weights, user, config.local, rng, LocalStep())
+    """One round of local training, private or not: (delta, metrics as they may be released). A
+    client whose record-level budget would be exceeded does not train; it answers a zero update
+    with `privacy_refused`. Raises PrivacyRefusal for a round beyond this device's policy."""
+    if not config.privacy.record:
+        delta, metrics = local_update(model, global_weights, user, config.local, rng, LocalStep())
+        return delta, released(metrics, config.privacy)
+    privacy = DevicePolicy.of(context.node_config, settings).record_privacy(config.privacy)
     ledger = PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
     step = DPStep(privacy, ledger, config.local.local_epochs, config.local.optimizer)
     try:
-        return local_update(model, global_weights, user, config.local, rng, step)
+        delta, metrics = local_update(model, global_weights, user, config.local, rng, step)
     except PrivacyBudgetExceeded as refusal:
         log.warning("node %d refuses to train: %s", context.node_id, refusal)
-        return zero_update(global_weights), TrainMetrics(0.0, privacy_refused=True,
-                                                         record_epsilon=ledger.spent(privacy.delta, privacy.accountant))
+        delta, metrics = zero_update(global_weights), TrainMetrics(
+            0.0, privacy_refused=True, record_epsilon=ledger.spent(privacy.delta, privacy.accountant))
+    return delta, released(metrics, config.privacy)
 
 
 def _seeded_rng(config: RoundConfig, context: Context) -> np.random.Generator:
@@ -90,19 +105,32 @@ def _seeded_rng(config: RoundConfig, context: Context) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _refuse(msg: Message, context: Context, reason: str) -> Message:
+    log.warning("node %d refuses %r: %s", context.node_id, msg.metadata.message_type, reason)
+    return Message(content=pack_refusal(reason), reply_to=msg)
+
+
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
     model, log_, config, global_weights = _setup(msg, context, settings)
     if config.privacy.noise_shares:
         # A plain reply would carry this client's update without its share of the noise.
-        raise ValueError("distributed DP noise needs secure aggregation; refusing a plain round")
+        return _refuse(msg, context, "distributed DP noise needs secure aggregation; refusing a plain round")
+    problem = privacy_problem(config, context, settings)
+    if problem:
+        return _refuse(msg, context, problem)
     started = time.perf_counter()
     delta, metrics = train_update(model, global_weights, log_, config, context, settings, _seeded_rng(config, context))
-    metrics.train_seconds = time.perf_counter() - started
+    if config.privacy.mode == "none":   # timing grows with the data: not released under DP
+        metrics.train_seconds = time.perf_counter() - started
     return Message(content=pack_train_reply(delta, metrics), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     model, log_, config, weights = _setup(msg, context, settings)
+    if DevicePolicy.of(context.node_config, settings).unit != "none":
+        # One user's metrics on a held-out interaction, exact: nothing a DP guarantee covers.
+        return _refuse(msg, context, "this device requires differential privacy, and evaluation replies are "
+                                     "not noised")
     load_weights(model, weights)
     return Message(content=pack_eval_reply(local_metrics(model, log_, config.stage)), reply_to=msg)
 
@@ -110,6 +138,9 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
 def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
     """Secure aggregation's `masked` step: train as in a plain round, reply only the masked sum input."""
     model, log_, config, global_weights = _setup(msg, context, settings)
+    problem = privacy_problem(config, context, settings)
+    if problem:
+        return secure.refuse_round(msg, context, problem)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
     return secure.handle_masked(msg, context, train, rng, config, noise_std=noise_share_of(config))

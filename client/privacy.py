@@ -1,5 +1,10 @@
-"""Record-level differential privacy on the client: DP-SGD with Opacus, and the ledger that
-keeps this client's privacy spending across rounds and restarts.
+"""Record-level differential privacy on the client: DP-SGD with Opacus, the ledger that keeps
+this client's privacy spending across rounds and restarts, and the device's own privacy policy.
+
+The device, not the server, decides how much privacy it gives up (`DevicePolicy`): its epsilon
+budget and delta, the smallest record it accepts as the protected unit, and a noise floor. A
+round that asks for a larger delta, a smaller record, less noise, or numbers out of range is
+refused with the reason; a server's smaller budget is honoured, a larger one is capped.
 
 A record is a chunk of up to `record_window` consecutive interactions of the user's log. Chunks
 are disjoint, so each interaction is in exactly one record, and each chunk is one training
@@ -7,8 +12,11 @@ sequence on its own. One local epoch is one DP-SGD step over all of the client's
   * Opacus computes each chunk's gradient (shared.privacy.dp_grad for the item tower) and clips it
     to L2 norm `record_clip`;
   * it adds Gaussian noise of std noise_multiplier x record_clip to their sum.
-One step is one Gaussian mechanism on the chunk set. Adding or removing one chunk moves the
-clipped sum by at most record_clip. The ledger composes these steps over every round this
+One step is one Gaussian mechanism on the chunk set: the step uses the *sum* of the clipped
+gradients plus the noise (a fixed denominator: dividing by the number of chunks would release
+that number). Adding or removing one chunk moves the clipped sum by at most record_clip. A log
+with no chunk still takes the step (zero gradient, the same noise): an update without noise
+would tell the server that this user has almost no data. The ledger composes these steps over every round this
 client ever trained in. The server's random choice of clients would amplify the guarantee,
 but the client cannot check that choice, so the ledger does not count it.
 
@@ -26,6 +34,7 @@ chooses that seed, and with it the server could subtract the noise.
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -37,12 +46,12 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from client.local import LocalStep
-from client.store import read_ledger, write_ledger
+from client.store import LedgerMissing, read_ledger, write_ledger
 from shared.model.training import left_pad, per_example_loss
-from shared.privacy.accounting import Event, epsilon
+from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon
 from shared.privacy.dp_grad import per_example_gradients
-from shared.protocol import TrainMetrics
-from shared.settings import distributed_record_step_problems
+from shared.protocol import PrivacyRound, TrainMetrics
+from shared.settings import default, distributed_record_step_problems
 
 # The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
 # it must, and torch warns about exactly that on every step.
@@ -61,6 +70,91 @@ class RecordPrivacy:
     noise_shares: int = 0   # m > 0: distributed noise; the caller adds this client's share
 
 
+MAX_DELTA = 1e-3   # a device accepts no delta above this (a larger one is no guarantee for a user's log)
+
+
+class PrivacyRefusal(RuntimeError):
+    """A round this device will not train in, and why (its policy, its ledger)."""
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What this device allows whatever a server asks. From its node config (`privacy-budget`,
+    `privacy-delta`, `privacy-record-window`, `privacy-min-noise`); in a simulation, where one
+    person runs the server and every simulated device, from the ClientApp's settings (the same
+    flags); else the shipped defaults. Never from a round's config."""
+    unit: str = "none"                            # the protection it requires: none, record, user or both
+    budget: float = default("target-epsilon")   # epsilon, over every round this device ever trains in
+    delta: float = default("delta")
+    window: int = default("record-window")       # the smallest record (interactions) it accepts as the unit
+    min_noise: float = 0.0                        # the smallest noise multiplier it accepts
+
+    NODE_KEYS = {"unit": "privacy-unit", "budget": "privacy-budget", "delta": "privacy-delta", "window": "privacy-record-window",
+                 "min_noise": "privacy-min-noise"}
+    SETTING_KEYS = {"unit": "privacy", "budget": "target-epsilon", "delta": "delta", "window": "record-window"}
+
+    def __post_init__(self):
+        if self.unit not in ("none", "record", "user", "both"):
+            raise ValueError(f"privacy unit {self.unit!r}: must be none, record, user or both")
+        if not (0 < self.budget < math.inf):
+            raise ValueError(f"privacy budget {self.budget!r}: must be a finite epsilon > 0")
+        if not 0 < self.delta <= MAX_DELTA:
+            raise ValueError(f"privacy delta {self.delta!r}: must be in (0, {MAX_DELTA:g}]")
+        if self.window < 2 or not 0 <= self.min_noise < math.inf:
+            raise ValueError(f"record window {self.window!r} must be >= 2 and minimum noise "
+                             f"{self.min_noise!r} finite and >= 0")
+
+    @classmethod
+    def of(cls, node_config: dict, settings: dict) -> "DevicePolicy":
+        values, where = {}, {}
+        for name, key in cls.NODE_KEYS.items():
+            source = ("node config", node_config, key) if key in node_config else (
+                "setting", settings, cls.SETTING_KEYS.get(name, ""))
+            if source[2] in source[1]:
+                values[name], where[name] = source[1][source[2]], f"{source[0]} {source[2]}"
+        try:
+            values = {name: {"window": int, "unit": str}.get(name, float)(v) for name, v in values.items()}
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"this device's privacy policy ({', '.join(where.values()) or 'defaults'}): "
+                             f"{err}") from None
+
+    def record_privacy(self, p: PrivacyRound) -> "RecordPrivacy":
+        """The round's record-level settings once checked against this policy; raises
+        PrivacyRefusal naming what the round asks beyond it."""
+        problems = self.problems(p)
+        if problems:
+            raise PrivacyRefusal("the round asks more than this device allows: " + "; ".join(problems))
+        return RecordPrivacy(p.record_noise, p.record_clip, p.record_window, min(p.budget, self.budget),
+                             p.delta, p.accountant, p.noise_shares)
+
+    def problems(self, p: PrivacyRound) -> list[str]:
+        out = []
+        if self.unit in ("record", "both") and not p.record:
+            out.append("this device requires record-level DP and the round has none")
+        if self.unit in ("user", "both") and p.mode not in ("user", "both"):
+            out.append("this device requires user-level DP and the round has none")
+        if p.mode == "none":
+            return out
+        if not p.budget > 0:
+            out.append(f"budget {p.budget!r} is not an epsilon > 0")
+        if not 0 < p.delta <= self.delta:
+            out.append(f"delta {p.delta!r} is outside (0, {self.delta:g}], this device's delta")
+        if p.accountant not in ACCOUNTANTS:
+            out.append(f"accountant {p.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+        if p.record:
+            if p.record_window < self.window:
+                out.append(f"a record of {p.record_window} interactions is smaller than this device's unit "
+                           f"of {self.window}")
+            if not 0 < p.record_clip < math.inf:
+                out.append(f"record clip {p.record_clip!r} is not finite and > 0")
+        noise = [n for n, on in ((p.record_noise, p.record), (p.user_noise, p.mode in ("user", "both"))) if on]
+        if any(not self.min_noise <= n < math.inf for n in noise):
+            out.append(f"noise multiplier {min(noise)!r} is below this device's floor of {self.min_noise:g} "
+                       "(or not finite)")
+        return out
+
+
 def record_chunks(history: np.ndarray, window: int) -> list[np.ndarray]:
     """The log cut into disjoint chunks of up to `window` interactions, oldest first. A
     chunk's first item is context only, so a chunk of one item has no target and is dropped."""
@@ -77,11 +171,12 @@ class PrivacyLedger:
     written before an update leaves the client. A crash after the write and before the send
     counts a round that was not used. That errs on the side of privacy."""
 
-    UNIT = "one record (chunk of the log)"
-
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.history: list[Event] = read_ledger(self.path)
+        try:
+            self.history: list[Event] = read_ledger(self.path)
+        except LedgerMissing as err:
+            raise PrivacyRefusal(str(err)) from None
 
     def spent(self, delta: float, accountant: str = "rdp") -> float:
         return epsilon(self.history, delta, accountant)
@@ -98,7 +193,7 @@ class PrivacyLedger:
 
     def record(self, event: Event) -> None:
         self.history = _compose(self.history, event)
-        write_ledger(self.path, self.history, self.UNIT)
+        write_ledger(self.path, self.history)
 
 
 def _compose(history: list[Event], event: Event) -> list[Event]:
@@ -132,17 +227,22 @@ class DPStep(LocalStep):
         self.after = self.ledger.check(self.event, p.budget, p.delta, p.accountant)
 
     def examples(self, history: np.ndarray, max_len: int) -> list[np.ndarray]:
-        return record_chunks(history, self.privacy.window)
+        chunks = record_chunks(history, self.privacy.window)
+        self.placeholder = not chunks
+        # No record: one placeholder example whose loss is multiplied by 0 (zero gradient), so the
+        # step is the noise alone, as it would be for any record-free log.
+        return chunks or [np.resize(history if len(history) else np.ones(1, np.int64), 2)]
 
     @contextlib.contextmanager
     def optimizer(self, model, base: torch.optim.Optimizer,
                   examples: list[np.ndarray]) -> Iterator[torch.optim.Optimizer]:
         noise = torch.Generator().manual_seed(secrets.randbits(63))
-        # Distributed: Opacus clips and sums (batch size 1: a sum, not a mean); the noise comes later.
+        # Opacus clips each record's gradient and sums them (expected batch size 1: a fixed
+        # denominator, not the data's record count). Distributed: the noise comes later, in shares.
         distributed = bool(self.privacy.noise_shares)
         with per_example_gradients(model):
             yield DPOptimizer(base, noise_multiplier=0.0 if distributed else self.privacy.noise_multiplier,
-                              max_grad_norm=self.privacy.clip, expected_batch_size=1 if distributed else len(examples),
+                              max_grad_norm=self.privacy.clip, expected_batch_size=1,
                               loss_reduction="mean", generator=noise)
 
     def step(self, model, optimizer: torch.optim.Optimizer, examples: list[np.ndarray],
@@ -150,10 +250,11 @@ class DPStep(LocalStep):
         inputs = left_pad([c[:-1] for c in examples], self.privacy.window - 1)
         targets = left_pad([c[1:] for c in examples], self.privacy.window - 1)
         optimizer.zero_grad(set_to_none=True)
-        loss = per_example_loss(model, inputs, targets).mean()
-        loss.backward()
+        losses = per_example_loss(model, inputs, targets)
+        # (The mean: per_example_gradients undoes it per example; the optimizer then sums.)
+        (losses.mean() * (0.0 if self.placeholder else 1.0)).backward()
         optimizer.step()
-        return loss.item()
+        return float("nan") if self.placeholder else losses.mean().item()
 
     def finish(self, metrics: TrainMetrics, trained: bool) -> TrainMetrics:
         if trained:

@@ -46,6 +46,11 @@ def _refuse(msg: Message, context: Context, err: Exception) -> Message:
     return _reply(msg, pack_refusal(str(err), getattr(err, "blame", ())))
 
 
+def refuse_round(msg: Message, context: Context, reason: str) -> Message:
+    """Refuse a step for a reason outside the protocol (this device's privacy policy)."""
+    return _refuse(msg, context, ProtocolViolation(reason))
+
+
 def _verified(context: Context) -> set[bytes]:
     record = context.state.get(VERIFIED_KEY)
     return {bytes(r) for r in record["digests"]} if isinstance(record, ConfigRecord) else set()
@@ -152,6 +157,8 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
         # More shares than the round has clients: the sum would carry less noise than claimed.
         raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
                                 f"{client.params.max_clients} clients")
+    # The server will ask for unmask shares only with at least this many inputs alive (checked then).
+    client.min_alive = shares if noise_std > 0 else 0
     delta, metrics = train()
     weight = (unit_weight(metrics.num_examples, request.weighting, request.weight_cap)
               if metrics.num_examples > 0 else 0.0)

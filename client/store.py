@@ -66,24 +66,43 @@ def ledger_path(node_config: dict, run_config: dict) -> Path:
     return log_path.with_name(log_path.name.removesuffix(".npz") + ".privacy.json")
 
 
+class LedgerMissing(FileNotFoundError):
+    """The device's privacy ledger is gone: training on would start a fresh budget."""
+
+
+# What one entry of the ledger protects (docs/privacy.md, "The unit").
+LEDGER_UNIT = ("one record: an aligned chunk of up to record-window consecutive interactions of the log; "
+               "changing any one interaction changes one record")
+
+
+def start_ledger(path: Path) -> None:
+    """An empty ledger for a newly enrolled device (`fedrec store` writes one per user). Only here
+    does a ledger begin: a missing one later is an error, never a fresh start."""
+    if not Path(path).exists():
+        write_ledger(path, [])
+
+
 def read_ledger(path: Path) -> list[tuple]:
-    """The privacy events a ledger file holds ([] when there is none yet). An unreadable file is
-    an error, never an empty history: that would hand the device a fresh budget."""
+    """The privacy events a ledger file holds. A missing or unreadable file is an error, never an
+    empty history: that would hand the device a fresh budget. (What this cannot catch: a device
+    owner restoring an older copy of the file; docs/privacy.md.)"""
     path = Path(path)
     if not path.exists():
-        return []
+        raise LedgerMissing(f"{path}: this device's privacy ledger is missing; refusing to train, since "
+                            "starting a new one would reset its privacy budget (restore the file, or enrol "
+                            "the device afresh with `fedrec store`)")
     try:
         return [tuple(e) for e in json.loads(path.read_text())["history"]]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
 
 
-def write_ledger(path: Path, history: list[tuple], unit: str) -> None:
+def write_ledger(path: Path, history: list[tuple]) -> None:
     """Replace the ledger atomically and durably (synced before the rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"history": history, "unit": unit,
+        json.dump({"history": history, "unit": LEDGER_UNIT,
                    "accountant_history_format": "[noise multiplier, sample rate, steps]"}, f)
         f.flush()
         os.fsync(f.fileno())

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.exchange import ClientFailure, exchange, record_bytes
 from server.secure import SecureConfig, SecureRound, SecureTask
 from shared.model.config import ModelHyper
-from shared.privacy.accounting import PrivacyConfig, noise_share_std, resolve, user_epsilon
+from shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp_probability, noise_share_std, resolve, user_epsilon,
+                                      user_epsilon_against_server)
 from shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
                              layout_of, pack_round_config, to_record, unflatten, unpack_eval_reply,
                              unpack_train_reply)
@@ -107,6 +109,11 @@ class FedRecStrategy(Strategy):
         # knows the seed could otherwise subtract the noise or know who took part.
         self.private_rng = np.random.default_rng(secrets.randbits(128))
         self.secure = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error)
+        self.participations: Counter[int] = Counter()   # user-level DP: rounds each node was sampled into
+
+    def count_participations(self, history: list[dict]) -> None:
+        """Rebuild the per-node counts from a resumed run's rounds."""
+        self.participations = Counter(n for h in history for n in _sampled_nodes(h))
 
     @property
     def secagg_identities(self) -> dict[int, bytes]:
@@ -158,7 +165,10 @@ class FedRecStrategy(Strategy):
         if salt == 0 and self.privacy.user:
             # Poisson sampling, as the user-level accountant assumes: each node independently.
             keep = self.private_rng.random(len(nodes)) < self.privacy.user_sample_rate
-            return [n for n, kept in zip(nodes, keep) if kept]
+            chosen = [n for n, kept in zip(nodes, keep) if kept]
+            if self.privacy.distributed_noise:   # accounted per participation: none past the plan
+                chosen = [n for n in chosen if self.participations[n] < self.privacy.planned_participations]
+            return chosen
         rng = np.random.default_rng([self.cfg.seed, server_round, salt])
         # Indices, not the ids themselves: node ids are unsigned 64-bit and numpy would wrap them.
         return [nodes[i] for i in rng.choice(len(nodes), size=min(k, len(nodes)), replace=False)]
@@ -269,6 +279,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     _write_rounds(out / "rounds.jsonl", history)
     wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
     strategy.resolve_privacy(grid)
+    strategy.count_participations(history)
     for server_round in range(start_round, cfg.rounds + 1):
         record = train_round(grid, strategy, server_round)
         if cfg.federated_eval_every and server_round % cfg.federated_eval_every == 0:
@@ -354,15 +365,16 @@ def plain_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Roun
     record.phase_seconds = {"configure": sent - started, "send_and_receive": received - sent,
                             "aggregate": time.perf_counter() - received}
     record.sampled, record.bytes_down = len(messages), result.bytes_down // max(len(messages), 1)
+    _note_sampled(strategy, record, [m.metadata.dst_node_id for m in messages])
     return outcome
 
 
 def secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> RoundOutcome:
     """Bytes here are per sampled client over all its steps; clients report no timing."""
     p = strategy.privacy
-    # User-level DP counts every user once (unit weights): its sensitivity is per user.
-    # Distributed noise needs them too: every share enters the sum at the same scale.
-    weighting = "uniform" if p.user or p.distributed_noise else strategy.cfg.server.weighting
+    # Under DP every user counts once (unit weights): a weight from the data (its length) would be
+    # released un-noised, and user-level sensitivity and noise shares are per user anyway.
+    weighting = "uniform" if p.mode != "none" else strategy.cfg.server.weighting
     task = SecureTask(to_record(strategy.optimizer.weights()), strategy.round_config(server_round), weighting,
                       strategy.cfg.server.weight_cap, secagg_clip(strategy), p.noise_shares if p.distributed_noise else 0)
     nodes = strategy.sample(grid, server_round, strategy.cfg.clients_per_round, 0)
@@ -370,12 +382,25 @@ def secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Rou
     update, loss, count = None, float("nan"), 0
     if o.result is not None:
         update = unflatten(strategy.average(o.result.total, o.result.weight), strategy.expected)
-        loss, count = o.result.loss, o.result.count
+        loss, count = (o.result.loss if p.mode == "none" else float("nan")), o.result.count   # DP: no loss sent
     sampled = max(o.sampled, 1)
     record = RoundRecord(server_round, o.sampled, count, o.reasons, bytes_down=int(o.bytes_down / sampled),
                          bytes_up_mean=o.bytes_up / sampled, seconds=0.0, client_seconds_mean=None, train_loss=loss,
                          metrics={"secagg": o.params}, phase_seconds=o.phases)
+    _note_sampled(strategy, record, nodes)
     return RoundOutcome(update, record)
+
+
+def _note_sampled(strategy: FedRecStrategy, record: RoundRecord, nodes: list[int]) -> None:
+    """User-level DP: who was sampled (the server's own knowledge), for the per-user accounting
+    against the server; kept in the round's record so a resumed run counts them too."""
+    if strategy.privacy.user:
+        strategy.participations.update(nodes)
+        record.metrics.setdefault("privacy", {})["sampled_nodes"] = [int(n) for n in nodes]
+
+
+def _sampled_nodes(record: dict) -> list[int]:
+    return (record.get("metrics", {}).get("privacy") or {}).get("sampled_nodes") or []
 
 
 def secagg_clip(strategy: FedRecStrategy) -> float:
@@ -386,39 +411,67 @@ def secagg_clip(strategy: FedRecStrategy) -> float:
         return local.clip
     std = noise_share_std(record_noise=p.record_noise, record_sensitivity=local.lr * p.record_clip,
                           user_noise=p.user_noise, user_clip=local.clip, shares=p.noise_shares)
-    return local.clip + 10 * std
+    return local.clip + CLAMP_SIGMAS * std
 
 
 def privacy_summary(strategy: FedRecStrategy, history: list[dict]) -> dict:
-    """What the run's differential privacy guarantees, per unit (docs/privacy.md)."""
+    """What the run's differential privacy guarantees, per unit and against whom (docs/privacy.md).
+    `epsilon` is always the guarantee against the aggregation server (null: none holds)."""
     p = strategy.privacy
     if p.mode == "none":
         return {"mode": "none"}
     out = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
            "noise": "distributed" if p.distributed_noise else "record: on each client; user: on the server"}
     if p.distributed_noise:
+        # A coordinate whose noise share passes 10 sigma is clamped (the fixed-point range): that
+        # event's probability, over a user's planned participations, is added to delta.
+        coordinates = sum(int(np.prod(shape)) for shape in strategy.expected.values())
         out["noise_shares"] = p.noise_shares
+        out["clamp_probability"] = clamp_probability(coordinates, p.planned_participations)
+        out["delta"] = p.delta + out["clamp_probability"]
     if p.record:
-        reported = [h["metrics"]["privacy"]["record_epsilon_max"] for h in history
-                    if (h["metrics"].get("privacy") or {}).get("record_epsilon_max") is not None]
-        out["record"] = {
-            "unit": f"one record: a chunk of up to {p.record_window} consecutive interactions of one user",
-            "epsilon": p.target_epsilon, "epsilon_max_reported": max(reported) if reported else None,
-            "noise_multiplier": p.record_noise, "clip": p.record_clip,
-            "planned_participations": p.planned_participations,
-            "refusals": sum((h["metrics"].get("privacy") or {}).get("refused", 0) for h in history),
-            "note": "each client's ledger stops it at epsilon; sampling by the server is not counted"
-                    + ("; conditional on secure aggregation and >= noise_shares clients' noise in every sum"
-                       if p.distributed_noise else "")}
+        out["record"] = _record_summary(p, history)
     if p.user:
-        out["user"] = {"unit": "one user's whole contribution", "epsilon": user_epsilon(p, len(history)),
-                       "noise_multiplier": p.user_noise, "clip": strategy.cfg.local.clip,
-                       "sample_rate": p.user_sample_rate, "rounds": len(history)}
+        out["user"] = _user_summary(p, history, strategy.cfg.local.clip)
     unit = out.get("user") if p.mode == "user" else out.get("record")
     if p.mode == "both":
         unit = {k: {"record": out["record"][k], "user": out["user"][k]} for k in ("epsilon", "noise_multiplier", "clip")}
     out.update({k: unit[k] if unit else None for k in ("epsilon", "noise_multiplier", "clip")})
     return out
+
+
+def _record_summary(p: PrivacyConfig, history: list[dict]) -> dict:
+    reported = [h["metrics"]["privacy"]["record_epsilon_max"] for h in history
+                if (h["metrics"].get("privacy") or {}).get("record_epsilon_max") is not None]
+    return {
+        "unit": f"one record: an aligned chunk of up to {p.record_window} consecutive interactions of one user's "
+                "log; changing any one interaction changes one record (adding or deleting one shifts the "
+                "later chunks: docs/privacy.md)",
+        "epsilon": p.target_epsilon,
+        "against": ("the aggregation server, as long as secure aggregation holds and every applied sum has "
+                    ">= noise_shares clients' noise" if p.distributed_noise else
+                    "the aggregation server and anyone who sees the models: the noise is added on the device"),
+        "epsilon_max_reported": max(reported) if reported else None,
+        "noise_multiplier": p.record_noise, "clip": p.record_clip,
+        "planned_participations": p.planned_participations,
+        "refusals": sum((h["metrics"].get("privacy") or {}).get("refused", 0) for h in history),
+        "note": "each device's ledger stops it at its epsilon; sampling by the server is not counted"}
+
+
+def _user_summary(p: PrivacyConfig, history: list[dict], clip: float) -> dict:
+    most = max(Counter(n for h in history for n in _sampled_nodes(h)).values(), default=0)
+    return {
+        "unit": "one user's whole contribution",
+        "epsilon": user_epsilon_against_server(p, most),
+        "against": ("the aggregation server (no amplification: it draws the sample), as long as secure "
+                    "aggregation holds and every applied sum has >= noise_shares clients' noise"
+                    if p.distributed_noise else
+                    "nobody who runs the server: it sees the sum before it adds the noise (null)"),
+        "epsilon_released_model": user_epsilon(p, len(history)),
+        "released_model_note": "against whoever sees only the released models, trusting the server's Poisson "
+                               "sampling (amplification by sampling)",
+        "max_participations": most, "planned_participations": p.planned_participations or None,
+        "noise_multiplier": p.user_noise, "clip": clip, "sample_rate": p.user_sample_rate, "rounds": len(history)}
 
 
 def federated_evaluate(grid: Grid, strategy: FedRecStrategy, server_round: int, stage: str) -> dict | None:

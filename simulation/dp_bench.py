@@ -25,7 +25,7 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
 
     from client.local import local_update
     from client.privacy import DPStep, PrivacyLedger, RecordPrivacy
-    from client.store import UserLog
+    from client.store import UserLog, start_ledger
     from shared.model.config import ModelConfig
     from shared.model.recommender import Recommender, shared_weights
     from shared.protocol import LocalConfig
@@ -43,7 +43,9 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
         weights = shared_weights(model)
         for length in log_lengths:
             user = UserLog(rng.integers(1, n_items + 1, size=length), 1, 2)
-            ledger = PrivacyLedger(Path(tempfile.mkdtemp()) / "ledger.json")
+            ledger_file = Path(tempfile.mkdtemp()) / "ledger.json"
+            start_ledger(ledger_file)
+            ledger = PrivacyLedger(ledger_file)
             plain_s, private_s = [], []
             for rep in range(repeats + 1):   # the first pair warms up and is not counted
                 t = time.perf_counter()

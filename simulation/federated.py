@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.store import UserLog, write_credentials
+from client.store import UserLog, write_credentials, write_ledger
 from shared.data.catalog_bundle import CatalogBundle, save_catalog
 from shared.errors import RunFailed
 from shared.evaluation.ranking import evaluate
@@ -74,6 +74,7 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     for i, u in enumerate(prepared.split.users):
         UserLog(u.train, u.valid, u.test).save(store / "users" / f"{i}.npz")
         write_credentials(store / "users" / f"{i}.device", ca.enrol())
+        write_ledger(store / "users" / f"{i}.privacy.json", [])   # a new device: nothing spent
     (store / "enrolment-ca.pub").write_bytes(ca.public)
     write_json(manifest, stamp)
     return store
@@ -126,9 +127,10 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
         (out / stale).unlink(missing_ok=True)
     store = write_store(prepared, out / "store")
     if not (out / "checkpoint.pt").exists():
-        # A new run (not a resume): the simulated devices start with unspent privacy budgets.
-        for ledger in (store / "users").glob("*.privacy.json"):
-            ledger.unlink()
+        # A new run (not a resume): new simulated devices, with unspent privacy budgets. Runs in other
+        # --out folders over the same users are not composed (docs/privacy.md).
+        for i in range(len(prepared.split)):
+            write_ledger(store / "users" / f"{i}.privacy.json", [])
     m = job.model
     return {**run_config_defaults(), "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
             "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout, "id-buckets": m.id_buckets,

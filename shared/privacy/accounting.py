@@ -133,11 +133,19 @@ def resolve(cfg: PrivacyConfig, *, rounds: int, clients_per_round: int, clients:
     out = PrivacyConfig(**{**cfg.to_dict(), "user_sample_rate": q if cfg.user else 0.0})
     if cfg.distributed_noise:
         out.noise_shares = noise_shares(clients_per_round, clients, cfg.user, dropout)
-    if cfg.record:
+    if cfg.record or (cfg.user and cfg.distributed_noise):
         out.planned_participations = planned_participations(rounds, q, cfg.participation_quantile)
+    if cfg.record:
         out.record_noise = noise_for(cfg.target_epsilon, cfg.delta, 1.0,
                                      out.planned_participations * local_epochs, cfg.accountant)
-    if cfg.user:
+    if cfg.user and cfg.distributed_noise:
+        # Against the server, which draws the sample and sees who is in it, sampling amplifies
+        # nothing: each participation is one full Gaussian step (the server stops sampling a
+        # user at the planned count).
+        out.user_noise = noise_for(cfg.target_epsilon, cfg.delta, 1.0, out.planned_participations, cfg.accountant)
+    elif cfg.user:
+        # Central noise: the server sees the sum before it adds the noise, so this epsilon holds
+        # only for whoever sees just the released models, trusting the server's sampling.
         out.user_noise = noise_for(cfg.target_epsilon, cfg.delta, q, rounds, cfg.accountant)
     return out
 
@@ -152,8 +160,30 @@ def noise_share_std(*, record_noise: float, record_sensitivity: float, user_nois
     return total / math.sqrt(shares)
 
 
+CLAMP_SIGMAS = 10   # distributed noise: the fixed-point range leaves room for this many share deviations
+
+
+def clamp_probability(coordinates: int, participations: int) -> float:
+    """Union bound on the chance that a user's noise share is clamped in some coordinate of some
+    round it takes part in (a clamped mechanism is not the Gaussian one accounted): goes into delta."""
+    return participations * coordinates * math.erfc(CLAMP_SIGMAS / math.sqrt(2))
+
+
+def user_epsilon_against_server(cfg: PrivacyConfig, participations: int) -> float | None:
+    """User-level epsilon against the aggregation server for a user sampled `participations`
+    times: no amplification (the server draws the sample). None without distributed noise: the
+    server then sees sums before any noise, and nothing holds against it."""
+    if not cfg.user or not cfg.distributed_noise:
+        return None
+    if participations == 0:
+        return 0.0
+    return math.inf if cfg.user_noise == 0 else epsilon([(cfg.user_noise, 1.0, participations)], cfg.delta,
+                                                        cfg.accountant)
+
+
 def user_epsilon(cfg: PrivacyConfig, rounds_done: int) -> float:
-    """User-level epsilon spent after `rounds_done` rounds."""
+    """User-level epsilon after `rounds_done` rounds against whoever sees only the released models,
+    with amplification by the server's Poisson sampling (which that observer must trust)."""
     if not cfg.user or rounds_done == 0:
         return 0.0
     if cfg.user_noise == 0:

@@ -56,6 +56,7 @@ class SecAggClient:
         self.view = b""                          # the view this client signed (once per round)
         self.masked = False                      # a masked input was sent this round (once only)
         self.answered = False
+        self.min_alive = 0                       # distributed DP: the fewest inputs whose sum it helps unmask
 
     @property
     def s_public(self) -> bytes:
@@ -182,6 +183,10 @@ class SecAggClient:
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")
+        if len(set(alive)) < self.min_alive:
+            # The sum would carry fewer noise shares than the DP guarantee counts on: never opened.
+            raise ProtocolViolation(f"{len(set(alive))} inputs alive, fewer than the {self.min_alive} whose "
+                                    "noise shares the privacy guarantee needs")
         alive_set, dropped_set = set(alive), set(dropped)
         holders_alive = len(alive_set & {*self.c_publics, self.index})
         if holders_alive < self.params.threshold:
@@ -204,7 +209,7 @@ class SecAggClient:
 
     def state(self) -> dict[str, bytes]:
         numbers = [self.index, self.params.neighbours, self.params.threshold, self.params.max_clients,
-                   self.min_neighbours, int(self.masked), int(self.answered)]
+                   self.min_neighbours, int(self.masked), int(self.answered), self.min_alive]
         return {"numbers": np.array(numbers, dtype=">i8").tobytes(),
                 "clip": np.array([self.params.clip], dtype=">f8").tobytes(),
                 **{name: getattr(self, name) for name in self._BYTES},
@@ -212,9 +217,11 @@ class SecAggClient:
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "SecAggClient":
-        index, k, t, n, floor, masked, answered = (int(x) for x in np.frombuffer(state["numbers"], dtype=">i8"))
+        index, k, t, n, floor, masked, answered, min_alive = (
+            int(x) for x in np.frombuffer(state["numbers"], dtype=">i8"))
         client = cls.__new__(cls)
         client.index, client.min_neighbours, client.masked, client.answered = index, floor, bool(masked), bool(answered)
+        client.min_alive = min_alive
         client.params = SecAggParams(k, t, float(np.frombuffer(state["clip"], dtype=">f8")[0]), n)
         for name in cls._BYTES:
             setattr(client, name, bytes(state[name]))

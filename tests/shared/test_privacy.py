@@ -9,7 +9,7 @@ from flwr.app import Context, RecordDict
 
 from client.handlers import train_update
 from client.privacy import PrivacyLedger, record_chunks
-from client.store import UserLog
+from client.store import UserLog, start_ledger
 from shared.model.config import ModelConfig, ModelHyper
 from shared.model.recommender import Recommender, shared_weights
 from shared.protocol import LocalConfig, PrivacyRound, RoundConfig
@@ -78,6 +78,7 @@ def tiny_client(tmp_path):
                         torch.randn(31, 4))
     (tmp_path / "users").mkdir()
     UserLog(np.arange(1, 25) % 30 + 1, 3, 4).save(tmp_path / "users" / "0.npz")
+    start_ledger(tmp_path / "users" / "0.privacy.json")
     return model, shared_weights(model)
 
 
@@ -96,8 +97,8 @@ def test_a_client_that_spent_its_budget_refuses_also_after_a_restart(tmp_path):
     config = round_config(budget)
 
     def node():  # a fresh Context: what a restarted SuperNode process starts with
-        return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                       run_config={"store": str(tmp_path)})
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "privacy-record-window": 11},
+                       state=RecordDict(), run_config={"store": str(tmp_path)})
 
     rng = np.random.default_rng(0)
     spent = []
@@ -118,11 +119,12 @@ def test_a_client_that_spent_its_budget_refuses_also_after_a_restart(tmp_path):
     assert PrivacyLedger(ledger_file).spent(1e-5) == pytest.approx(spent[-1])
     # A device may set a smaller budget of its own, whatever the server says.
     fresh = tmp_path / "other.json"
+    start_ledger(fresh)
     own = Context(run_id=1, node_id=8, node_config={"partition-id": 0, "privacy-ledger": str(fresh),
-                                                    "privacy-budget": per_round / 2},
+                                                    "privacy-budget": per_round / 2, "privacy-record-window": 11},
                   state=RecordDict(), run_config={"store": str(tmp_path)})
     _, metrics = train_update(model, weights, user, config, own, {}, rng)
-    assert metrics.privacy_refused and not fresh.exists()
+    assert metrics.privacy_refused and PrivacyLedger(fresh).history == []
 
 
 def test_a_damaged_ledger_is_an_error_not_a_fresh_budget(tmp_path):
@@ -138,9 +140,10 @@ def test_a_client_refuses_distributed_noise_over_more_than_one_sgd_step(tmp_path
     client checks the round it is sent itself, whatever the server validated."""
     from client.privacy import DPStep, RecordPrivacy
     privacy = RecordPrivacy(2.0, 1.0, 11, budget=8.0, delta=1e-5, noise_shares=9)
+    start_ledger(tmp_path / "ledger.json")
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     for epochs, optimizer in [(2, "sgd"), (1, "adam")]:
         with pytest.raises(ValueError, match="one plain SGD step"):
             DPStep(privacy, ledger, epochs, optimizer)
     DPStep(privacy, ledger, 1, "sgd")
-    assert not (tmp_path / "ledger.json").exists()    # nothing spent by a refusal
+    assert PrivacyLedger(tmp_path / "ledger.json").history == []    # nothing spent by a refusal
