@@ -74,7 +74,8 @@ def _add_benches(kinds) -> None:
     _add_output(privacy)
     privacy.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated target epsilons")
     privacy.add_argument("--modes", default="record,user", help="comma-separated: record, user, both")
-    privacy.add_argument("--canaries", type=int, default=100, help="member canaries (as many non-members)")
+    privacy.add_argument("--canaries", type=int, default=500, help="canary pairs: 2 x this many canary records, "
+                         "each put in a user's log with probability 1/2 (one-run audit)")
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True)
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")

@@ -1,4 +1,5 @@
-"""Empirical privacy audit: canary records and a loss-based membership-inference attack.
+"""Empirical privacy audit: canary records, a loss-based membership-inference attack, and the
+empirical epsilon lower bound of one-run auditing (Steinke, Nasr & Jagielski, NeurIPS 2023).
 
 A canary is one record the model could memorise and nothing else predicts: two random items
 alternating (a, b, a, b, ...) for a whole record window. That is a strong pattern inside
@@ -8,6 +9,15 @@ After training, the attacker scores each canary by the model's next-item loss on
 calls the low-loss ones members. The attack's AUC is set against the largest AUC that any
 test can reach against an (epsilon, delta)-DP mechanism. That bound is the area under the
 curve TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR)) (Kairouz et al., 2015).
+
+One-run auditing turns the same attack into a lower bound on epsilon: each of m canaries is
+put in the training data independently with probability 1/2 (`make_canaries(..., independent=True)`),
+the auditor guesses "in" for the k lowest-loss canaries and "out" for the k highest, and counts
+its correct guesses. Against an (epsilon, delta)-DP training run the count is stochastically
+dominated by Binomial(guesses, e^eps / (1 + e^eps)) plus a delta term (their Theorem 5.2);
+`epsilon_lower_bound` is the largest epsilon that the observed count rejects at confidence
+1 - p. It is a lower bound on the true epsilon of the run, for this attack only: a value far
+under the claimed epsilon says the attack is weak, a value above it says the claim is wrong.
 """
 from __future__ import annotations
 
@@ -28,16 +38,23 @@ class Canaries:
     users: np.ndarray        # (2m,) the user who holds a member canary (-1 for non-members)
 
 
-def make_canaries(n_items: int, n_users: int, count: int, window: int, seed: int = 0) -> Canaries:
-    """`count` member and `count` non-member canaries, each (a, b, a, b, ...) of `window`
-    items with a != b drawn at random; members go to `count` distinct random users."""
+def make_canaries(n_items: int, n_users: int, count: int, window: int, seed: int = 0, *,
+                  independent: bool = False) -> Canaries:
+    """2 x `count` canaries, each (a, b, a, b, ...) of `window` items with a != b drawn at random.
+    By default exactly half are members; `independent`: each is a member with probability 1/2,
+    independently (what one-run auditing needs). Members go to distinct random users when there
+    are enough users, else round-robin (a user then holds several canary records)."""
     rng = np.random.default_rng([seed, 7])
     pairs = np.stack([rng.choice(np.arange(1, n_items + 1), size=2, replace=False) for _ in range(2 * count)])
     sequences = pairs[:, np.arange(window) % 2]
     member = np.zeros(2 * count, dtype=bool)
-    member[rng.choice(2 * count, size=count, replace=False)] = True
+    if independent:
+        member = rng.random(2 * count) < 0.5
+    else:
+        member[rng.choice(2 * count, size=count, replace=False)] = True
     users = np.full(2 * count, -1)
-    users[member] = rng.choice(n_users, size=count, replace=False)
+    holders = rng.permutation(n_users)
+    users[member] = holders[np.arange(member.sum()) % n_users]
     return Canaries(sequences, member, users)
 
 
@@ -79,3 +96,36 @@ def auc_bound(epsilon: float, delta: float) -> float:
     tpr = np.minimum.reduce([np.ones_like(fpr), math.exp(epsilon) * fpr + delta,
                              1 - math.exp(-epsilon) * (1 - delta - fpr)])
     return float(np.trapezoid(np.clip(tpr, 0, 1), fpr))
+
+
+def _p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """P[at least `correct` of `guesses` right] for an (epsilon, delta)-DP run with m canaries
+    (Steinke, Nasr & Jagielski 2023, Theorem 5.2)."""
+    from scipy.stats import binom
+    q = 1 / (1 + math.exp(-epsilon))
+    tail = float(binom.sf(correct - 1, guesses, q))
+    alpha, mass = 0.0, 0.0
+    for i in range(1, correct + 1):
+        mass += float(binom.pmf(correct - i, guesses, q))
+        alpha = max(alpha, mass / i)
+    return min(1.0, tail + alpha * delta * 2 * m)
+
+
+def epsilon_lower_bound(losses: np.ndarray, member: np.ndarray, delta: float, *, p: float = 0.05,
+                        guesses: int | None = None) -> dict:
+    """One-run audit: guess "in" for the guesses/2 lowest-loss canaries and "out" for the guesses/2
+    highest (default: a tenth of the canaries each way), and the largest epsilon the count of
+    right guesses rejects at confidence 1 - p (0 when it rejects none)."""
+    m = len(losses)
+    k = max(1, (guesses or max(2, m // 5)) // 2)
+    order = np.argsort(losses, kind="stable")
+    correct = int(member[order[:k]].sum() + (~member[order[-k:]]).sum())
+    lo, hi = 0.0, 1.0
+    if _p_value(m, 2 * k, correct, 0.0, delta) >= p:
+        return {"epsilon_lower_bound": 0.0, "guesses": 2 * k, "correct": correct, "canaries": m, "confidence": 1 - p}
+    while _p_value(m, 2 * k, correct, hi, delta) < p and hi < 100:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _p_value(m, 2 * k, correct, mid, delta) < p else (lo, mid)
+    return {"epsilon_lower_bound": lo, "guesses": 2 * k, "correct": correct, "canaries": m, "confidence": 1 - p}

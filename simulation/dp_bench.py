@@ -93,12 +93,13 @@ def _eps_label(eps: float) -> str:
 
 
 def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf), modes=("record", "user"),
-                      canaries: int = 100, progress: bool = True) -> dict:
+                      canaries: int = 500, progress: bool = True) -> dict:
     """Privacy-utility sweep with a membership-inference audit on the same runs.
 
     One federated run per (mode, epsilon), plus one without DP, on the same data with the
-    same canaries in it (simulation/audit.py). For each: test NDCG@10/HR@10, the epsilon
-    spent, and the canary attack's AUC beside the bound that epsilon allows. Runs already
+    same canaries in it (simulation/audit.py: 2 x `canaries`, each in a user's log with probability
+    1/2). For each: test NDCG@10/HR@10, the epsilon spent, the canary attack's AUC beside the
+    bound that epsilon allows, and the one-run audit's empirical epsilon lower bound. Runs already
     finished in `out` are read back, not redone (a stopped sweep resumes)."""
     import json
     from dataclasses import replace
@@ -106,7 +107,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     from shared.data.pipeline import prepare_data
     from shared.model.recommender import load_weights
     from shared.settings import default
-    from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
+    from simulation.audit import (attack_auc, auc_bound, canary_losses, epsilon_lower_bound, insert_canaries,
+                                  make_canaries)
     from simulation.centralized import build_model
     from simulation.federated import run_federated
 
@@ -115,7 +117,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     prepared = prepare_data(job.data, show_progress=progress)
     window = int(job.settings.get("record-window", default("record-window")))
     delta = float(job.settings.get("delta", default("delta")))
-    marks = make_canaries(prepared.split.n_items, len(prepared.split), canaries, window, seed=job.data.seed)
+    marks = make_canaries(prepared.split.n_items, len(prepared.split), canaries, window, seed=job.data.seed,
+                          independent=True)
     with_canaries = replace(prepared, split=insert_canaries(prepared.split, marks))
     rows = []
     for mode, eps in [("none", math.inf)] + [(m, e) for m in modes for e in epsilons]:
@@ -130,7 +133,9 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
         summary = json.loads((run_dir / "summary.json").read_text())
         model = build_model(with_canaries, job.model)
         load_weights(model, torch_load(run_dir / "final.pt")["weights"])
-        auc = attack_auc(canary_losses(model, marks), marks.member)
+        losses = canary_losses(model, marks)
+        auc = attack_auc(losses, marks.member)
+        audit = epsilon_lower_bound(losses, marks.member, delta)
         spent = summary["privacy"].get("epsilon")
         if isinstance(spent, dict):
             spent = max(spent.values())
@@ -139,11 +144,13 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
                      "noise_multiplier": summary["privacy"].get("noise_multiplier"),
                      "ndcg@10": summary["metrics"]["ndcg@10"], "hr@10": summary["metrics"]["hr@10"],
                      "attack_auc": auc, "auc_bound": auc_bound(eps, delta),
+                     "epsilon_lower_bound": audit["epsilon_lower_bound"], "audit": audit,
                      "wall_seconds": summary["wall_seconds"]})
         if progress:
             r = rows[-1]
             print(f"{mode:>6} eps {r['target_epsilon']:>4}: NDCG@10 {r['ndcg@10']:.4f}  attack AUC "
-                  f"{auc:.3f} (bound {r['auc_bound']:.3f})", flush=True)
+                  f"{auc:.3f} (bound {r['auc_bound']:.3f}), empirical epsilon >= "
+                  f"{r['epsilon_lower_bound']:.2f}", flush=True)
     return _sweep_report(rows, prepared.dataset.name, job.settings, delta, canaries, window, out)
 
 
@@ -156,19 +163,21 @@ def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, 
     report = {"dataset": dataset, "rounds": settings.get("rounds"),
               "clients_per_round": settings.get("clients-per-round"), "delta": delta,
               "noise": "distributed" if settings.get("distributed-noise") else "local (record) / server (user)",
-              "canaries": {"members": canaries, "non_members": canaries, "window": window,
-                           "attack": "next-item loss on the canary, lower = member"},
+              "canaries": {"count": 2 * canaries, "membership": "each in a user's log with probability 1/2",
+                           "window": window, "attack": "next-item loss on the canary, lower = member",
+                           "lower_bound": "one-run audit (Steinke, Nasr & Jagielski 2023), 95% confidence"},
               "rows": rows}
     write_json(out / "privacy.json", report)
     lines = [f"# Privacy-utility sweep: {report['dataset']}, {report['rounds']} rounds, "
              f"{report['clients_per_round']} clients a round, delta {delta:g}, noise {report['noise']}", "",
-             "| mode | target epsilon | noise multiplier | NDCG@10 | vs no DP | HR@10 | attack AUC | AUC bound |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | target epsilon | empirical epsilon >= | noise multiplier | NDCG@10 | vs no DP | HR@10 | "
+             "attack AUC | AUC bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         noise = r["noise_multiplier"]
         noise = "-" if noise is None else (f"{noise:.3g}" if not isinstance(noise, dict) else
                                            ", ".join(f"{k} {v:.3g}" for k, v in noise.items()))
-        lines.append(f"| {r['mode']} | {r['target_epsilon']} | {noise} | {r['ndcg@10']:.4f} | "
+        lines.append(f"| {r['mode']} | {r['target_epsilon']} | {r['epsilon_lower_bound']:.2f} | {noise} | {r['ndcg@10']:.4f} | "
                      f"{r['ndcg_vs_non_private']:.0%} | {r['hr@10']:.4f} | {r['attack_auc']:.3f} | {r['auc_bound']:.3f} |")
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
     plot_privacy(report, out / "privacy.png")

@@ -143,3 +143,28 @@ def test_bad_privacy_flags_are_a_usage_error_before_anything_runs(tmp_path, caps
         main(["train", "--mode", "federated", "--out", str(tmp_path / "x"), *TINY, *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_one_run_audit_catches_a_mechanism_that_adds_too_little_noise():
+    """The one-run lower bound (Steinke, Nasr & Jagielski 2023) on 1,000 canaries, each in with
+    probability 1/2, scored by a Gaussian mechanism. Calibrated for epsilon 1, the bound stays
+    under 1; with a tenth of the noise (the kind of bug an audit is for) it exceeds the claim.
+    Random scores reject nothing."""
+    from simulation.audit import epsilon_lower_bound
+    rng = np.random.default_rng(0)
+    member = rng.random(1000) < 0.5
+    # Gaussian mechanism, sensitivity 1: sigma for (1, 1e-5)-DP by the classic bound.
+    sigma = math.sqrt(2 * math.log(1.25 / 1e-5)) / 1.0
+    honest = epsilon_lower_bound(-(member + rng.normal(0, sigma, 1000)), member, 1e-5)
+    buggy = epsilon_lower_bound(-(member + rng.normal(0, sigma / 10, 1000)), member, 1e-5)
+    assert honest["epsilon_lower_bound"] <= 1.0 < buggy["epsilon_lower_bound"]
+    assert buggy["correct"] > 0.9 * buggy["guesses"]
+    # Random scores reject nothing; perfect ones are capped by the number of canaries.
+    assert epsilon_lower_bound(rng.random(1000), member, 1e-5)["epsilon_lower_bound"] == 0.0
+
+
+def test_independent_canaries_are_members_with_probability_one_half():
+    marks = make_canaries(n_items=500, n_users=943, count=500, window=11, seed=1, independent=True)
+    assert len(marks.member) == 1000 and 430 < marks.member.sum() < 570
+    held = marks.users[marks.member]
+    assert len(set(held)) == len(held) and (marks.users[~marks.member] == -1).all()
