@@ -76,6 +76,10 @@ def _add_benches(kinds) -> None:
     privacy.add_argument("--modes", default="record,user", help="comma-separated: record, user, both")
     privacy.add_argument("--canaries", type=int, default=500, help="canary pairs: 2 x this many canary records, "
                          "each put in a user's log with probability 1/2 (one-run audit)")
+    items = kinds.add_parser("dp-items", help="user-level DP item-item model from one noisy co-occurrence "
+                             "sum, against most-popular, with a one-run audit")
+    _add_settings(items, ("data",))
+    _add_output(items)
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True)
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
@@ -172,6 +176,10 @@ def _bench(args, values: dict) -> None:
                           epsilons=tuple(float(e) for e in args.epsilons.split(",")),
                           modes=tuple(m.strip() for m in args.modes.split(",")),
                           canaries=args.canaries, progress=not args.quiet)
+    elif args.bench == "dp-items":
+        from shared.data.pipeline import DataConfig
+        from simulation.dp_bench import run_dp_items_bench
+        run_dp_items_bench(DataConfig.from_settings(values, activity_features=False), args.out, progress=not args.quiet)
     elif args.bench == "dp-speed":
         from simulation.dp_bench import run_dp_speed_bench
         run_dp_speed_bench(args.out, repeats=args.repeats)

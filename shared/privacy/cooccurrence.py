@@ -1,0 +1,89 @@
+"""A user-level DP item-item model from one noisy sum: each user's normalised item co-occurrence,
+summed over users with Gaussian noise, then EASE (Steck, WWW 2019) on the noisy matrix, and
+recency-weighted scoring of the user's own history (which never leaves the device).
+
+Why a sum: the co-occurrence matrix is a sum over users, so a federation can release it with one
+secure sum and distributed noise (each client adds a share), and one release means one Gaussian
+mechanism per user, with no composition over rounds. That is what DP training of the encoder
+cannot offer on a few hundred users (docs/results.md, "Differential privacy").
+
+The mechanism, for a user with k distinct training items: x = 1/sqrt(k) on those items, and the
+user contributes the strict upper triangle of x x^T (item pairs i < j, each 1/k). Its L2 norm is
+sqrt((1 - 1/k) / 2) <= 1/sqrt(2), whoever the user is: that is the sensitivity for adding or
+removing one user, so the guarantee is user level (and covers every record and interaction of
+that user). The diagonal is not released; EASE's ridge term takes its place.
+Plain numpy; no Flower, no torch. `simulation/dp_bench.py: run_dp_items_bench` measures it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SENSITIVITY = 1 / math.sqrt(2)   # L2 norm bound of one user's contribution
+
+
+def pair_count(n_items: int) -> int:
+    return n_items * (n_items - 1) // 2
+
+
+def pair_index(i: np.ndarray, j: np.ndarray, n_items: int) -> np.ndarray:
+    """Flat position of item pairs (i < j, items 1..n_items) in the strict upper triangle."""
+    a, b = i - 1, j - 1
+    return a * (2 * n_items - a - 1) // 2 + (b - a - 1)
+
+
+def user_contribution(items: np.ndarray, n_items: int) -> np.ndarray:
+    """One user's vector: 1/k at each pair of its k distinct items (norm <= SENSITIVITY)."""
+    distinct = np.unique(np.asarray(items, dtype=np.int64))
+    distinct = distinct[(distinct >= 1) & (distinct <= n_items)]
+    out = np.zeros(pair_count(n_items))
+    if len(distinct) >= 2:
+        i, j = np.triu_indices(len(distinct), k=1)
+        out[pair_index(distinct[i], distinct[j], n_items)] = 1.0 / len(distinct)
+    return out
+
+
+def release(user_items: list[np.ndarray], n_items: int, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """The sum of the users' contributions plus Gaussian noise of `noise_std` per pair: what the
+    secure sum with distributed noise would decode (here computed in one process)."""
+    total = np.zeros(pair_count(n_items))
+    for items in user_items:
+        distinct = np.unique(np.asarray(items, dtype=np.int64))
+        if len(distinct) >= 2:
+            i, j = np.triu_indices(len(distinct), k=1)
+            total[pair_index(distinct[i], distinct[j], n_items)] += 1.0 / len(distinct)
+    return total + rng.normal(0.0, noise_std, total.shape)
+
+
+def symmetric(upper: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items + 1)^2 co-occurrence matrix (row/column 0 = padding) from the released triangle."""
+    G = np.zeros((n_items + 1, n_items + 1))
+    i, j = np.triu_indices(n_items, k=1)
+    G[i + 1, j + 1] = upper
+    return G + G.T
+
+
+def ease_weights(G: np.ndarray, l2: float) -> np.ndarray:
+    """EASE's item-item weights from a (noisy) co-occurrence matrix: B = -P / diag(P), P = (G + l2 I)^-1."""
+    G = G.copy()
+    G[np.diag_indices_from(G)] += l2
+    P = np.linalg.inv(G)
+    B = P / (-np.diag(P))
+    B[np.diag_indices_from(B)] = 0.0
+    return B
+
+
+class ItemItemScorer:
+    """Scores every item for a history as sum_t decay^(age of t) B[item_t]: the newest item weighs 1.
+    Runs on the device with the user's own history."""
+
+    def __init__(self, weights: np.ndarray, decay: float):
+        self.weights, self.decay = weights, decay
+
+    def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(histories), self.weights.shape[1]))
+        for row, history in enumerate(histories):
+            h = np.asarray(history, dtype=np.int64)
+            out[row] = (self.decay ** np.arange(len(h))[::-1]) @ self.weights[h]
+        return out
