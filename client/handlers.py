@@ -20,6 +20,7 @@ from client.store import UserLog, client_paths, ledger_path
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
 from shared.model.recommender import Recommender, build_recommender, load_weights, model_layout
+from shared.privacy import cooccurrence
 from shared.privacy.accounting import noise_share_std
 from shared.protocol import (PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record, pack_eval_reply,
                              pack_refusal, pack_train_reply, unpack_round_config, zero_update)
@@ -136,11 +137,44 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
 
 
 def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
-    """Secure aggregation's `masked` step: train as in a plain round, reply only the masked sum input."""
-    model, log_, config, global_weights = _setup(msg, context, settings)
+    """Secure aggregation's `masked` step: train as in a plain round (or, for the DP item-item
+    release, compute this user's co-occurrence), reply only the masked sum input."""
+    config = unpack_round_config(msg.content["config"])
     problem = privacy_problem(config, context, settings)
     if problem:
         return secure.refuse_round(msg, context, problem)
+    if config.stage == cooccurrence.STAGE:
+        return _item_item_masked(msg, context, settings, config)
+    model, log_, config, global_weights = _setup(msg, context, settings)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
     return secure.handle_masked(msg, context, train, rng, config, noise_std=noise_share_of(config))
+
+
+def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
+    """This user's contribution to the DP item-item release: its normalised co-occurrence (norm <=
+    cooccurrence.SENSITIVITY), accounted in the ledger as one Gaussian step before it leaves, plus
+    its share of the noise. A device whose budget is spent contributes weight 0 and its noise."""
+    paths = {**settings, **context.run_config}
+    log_path, catalog_path = client_paths(context.node_config, paths)
+    n_items = load_catalog(catalog_path).n_items
+    p = config.privacy
+    multiplier = max(p.record_noise, p.user_noise)   # the one in force; the policy checked its floor
+    policy = DevicePolicy.of(context.node_config, settings)
+    try:
+        ledger = PrivacyLedger(ledger_path(context.node_config, paths))
+    except PrivacyRefusal as err:
+        return secure.refuse_round(msg, context, str(err))
+    event = (multiplier, 1.0, 1)
+
+    def contribute() -> tuple[Weights, TrainMetrics]:
+        try:
+            ledger.check(event, min(p.budget, policy.budget), p.delta, p.accountant)
+        except PrivacyBudgetExceeded as refusal:
+            log.warning("node %d sits the release out: %s", context.node_id, refusal)
+            return {"pairs": np.zeros(cooccurrence.pair_count(n_items))}, TrainMetrics(0.0, privacy_refused=True)
+        ledger.record(event)   # spent before anything derived from the log leaves
+        return {"pairs": cooccurrence.user_contribution(UserLog.load(log_path).train, n_items)}, TrainMetrics(1.0)
+
+    std = multiplier * cooccurrence.SENSITIVITY / np.sqrt(p.noise_shares) if p.noise_shares else 0.0
+    return secure.handle_masked(msg, context, contribute, _seeded_rng(config, context), config, noise_std=std)

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import ServerConfig
 from server.federation import FederationConfig, RoundHook, run_federation
+from server.release import ReleaseFailed, release_item_item
 from server.secure import SecureConfig
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
@@ -44,7 +45,8 @@ def federation_config(run_config: dict) -> FederationConfig:
                             enrolment_ca=str(Path(c["store"]) / "enrolment-ca.pub")),
         privacy=PrivacyConfig(mode=c["privacy"], target_epsilon=c["target-epsilon"], delta=c["delta"],
                               accountant=c["dp-accountant"], record_clip=c["record-clip"],
-                              record_window=c["record-window"], distributed_noise=c["distributed-noise"]))
+                              record_window=c["record-window"], distributed_noise=c["distributed-noise"],
+                              private_model=c["private-model"]))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
@@ -63,9 +65,19 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
     try:
         cfg = federation_config(run_config)
         store = Path(str(run_config.get("store", default("store"))))
-        final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
-                               out, on_round=on_round, progress=progress)
-        torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
+        if cfg.privacy.mode != "none" and cfg.privacy.private_model == "item-item":
+            try:
+                final = release_item_item(grid, cfg, load_catalog(store / "catalog.npz").n_items, out,
+                                          progress=progress)
+            except ReleaseFailed as err:
+                write_json(out / "result.json", {"test": None, "rounds": 1, "rounds_trained": 0, "privacy": None})
+                raise NoRoundTrained(str(err)) from None
+            torch.save({"item_item": final["item_item"], "decay": final["decay"], "config": cfg.to_dict()},
+                       out / "final.pt")
+        else:
+            final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
+                                   out, on_round=on_round, progress=progress)
+            torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
                                          "rounds_trained": trained, "privacy": final["privacy"]})

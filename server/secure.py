@@ -80,6 +80,7 @@ class SecureTask:
     weight_cap: float
     clip: float                  # sizes the fixed-point bound (update clip, plus noise room)
     min_contributions: int = 0   # distributed DP noise: fewer summands than this aborts the round
+    size: int = 0                # coordinates summed (0: those of `arrays`)
 
 
 @dataclass
@@ -201,7 +202,7 @@ class SecureRound:
             round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
             {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
         self._report_blame(masked, node_of, outcome)
-        size = sum(a.numpy().size for a in task.arrays.values()) + 2
+        size = (task.size or sum(a.numpy().size for a in task.arrays.values())) + 2
         vectors = {}
         for node, content in masked.replies.items():
             try:

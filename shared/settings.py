@@ -199,6 +199,10 @@ SETTINGS: tuple[Setting, ...] = (
        run_config=True),
     _s("record-window", int, 51, "record level: interactions per record (at most --max-len + 1)", "privacy",
        check=at_least(2), run_config=True),
+    _s("private-model", str, "item-item", "what a DP run trains: item-item (one noisy secure sum of every "
+       "user's item co-occurrence, EASE on it; user level, so it covers records too) or encoder (DP-SGD or "
+       "DP-FedAvg rounds of the sequence model; docs/privacy.md)", "privacy", choices=("item-item", "encoder"),
+       run_config=True),
     _s("distributed-noise", bool, False, "each client adds a share of the DP noise and only the secure sum "
        "carries all of it: the guarantee then also holds against the server, conditional on secure "
        "aggregation (docs/privacy.md)", "privacy", run_config=True),
@@ -253,6 +257,9 @@ def combination_problems(values: dict[str, Any]) -> list[str]:
         problems.append("user-level DP needs --update-clip > 0 (it bounds one user's update)")
     if _on(values, "dim") % _on(values, "heads"):
         problems.append(f"--heads {_on(values, 'heads')} must divide --dim {_on(values, 'dim')}")
+    if privacy != "none" and _on(values, "private-model") == "item-item" and not _on(values, "secure-aggregation"):
+        problems.append("--private-model item-item is released by one secure sum with distributed noise: it "
+                        "needs secure aggregation (or --private-model encoder)")
     if _on(values, "distributed-noise"):
         problems += distributed_noise_problems(privacy, _on(values, "secure-aggregation"),
                                                _on(values, "local-epochs"), _on(values, "local-optimizer"),

@@ -162,8 +162,7 @@ class _Harness:
 
 def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: Path, harness: _Harness,
                result: dict, started: float) -> dict:
-    load_weights(harness.model, torch.load(out / "final.pt", weights_only=False)["weights"])
-    evaluation = evaluate(model_scorer(harness.model), prepared.split, "test")
+    evaluation = evaluate(_final_scorer(out / "final.pt", harness.model), prepared.split, "test")
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     untrained = [h for h in history if not h.get("trained")]
@@ -187,6 +186,19 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
                    "text_encoder": prepared.features.text_encoder},
         "validation_curve": harness.curve,
     }
+
+
+def _final_scorer(path: Path, model):
+    """The shipped model as a scorer: the DP item-item weights (scored as a device would, recency
+    weighted), or the encoder's weights in `model`. No file (nothing trained): a scorer of zeros."""
+    from shared.privacy.cooccurrence import ItemItemScorer
+    if not path.exists():
+        return lambda histories: np.zeros((len(histories), model.cfg.n_items + 1))
+    final = torch.load(path, weights_only=False)
+    if "item_item" in final:
+        return ItemItemScorer(np.asarray(final["item_item"], dtype=np.float64), final["decay"])
+    load_weights(model, final["weights"])
+    return model_scorer(model)
 
 
 def _read_result(out: Path) -> dict:

@@ -56,6 +56,7 @@ class PrivacyConfig:
     record_noise: float = 0.0     # noise multipliers, resolved by `resolve` before a run
     user_noise: float = 0.0
     distributed_noise: bool = False  # noise added in shares by the clients (needs secure aggregation)
+    private_model: str = default("private-model")  # "item-item" (one noisy release) or "encoder" (DP rounds)
     planned_participations: int = 0
     user_sample_rate: float = 0.0
     noise_shares: int = 0         # m: fewest clients whose noise shares every applied sum holds

@@ -23,7 +23,7 @@ TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16",
 def test_record_level_run_reports_its_privacy_and_every_client_stays_in_budget(tmp_path):
     out = tmp_path / "record"
     assert main(["train", "--mode", "federated", "--privacy", "record", "--target-epsilon", "2",
-                 "--no-secure-aggregation", "--out", str(out), *TINY]) == 0
+                 "--private-model", "encoder", "--no-secure-aggregation", "--out", str(out), *TINY]) == 0
     p = json.loads((out / "summary.json").read_text())["privacy"]
     assert p["mode"] == "record" and p["delta"] == 1e-5 and p["accountant"] == "rdp"
     assert p["epsilon"] == 2.0 and p["noise_multiplier"] > 1 and p["clip"] == 1.0
@@ -42,7 +42,7 @@ def test_record_level_run_reports_its_privacy_and_every_client_stays_in_budget(t
 def test_both_levels_under_secure_aggregation_spend_the_planned_epsilons(tmp_path):
     out = tmp_path / "both"
     assert main(["train", "--mode", "federated", "--privacy", "both", "--target-epsilon", "4",
-                 "--out", str(out), *TINY]) == 0
+                 "--private-model", "encoder", "--out", str(out), *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     p = s["privacy"]
     assert s["secure_aggregation"]["enabled"] and s["secure_aggregation"]["aborted_rounds"] == 0
@@ -61,7 +61,7 @@ def test_both_levels_under_secure_aggregation_spend_the_planned_epsilons(tmp_pat
 def test_distributed_record_noise_runs_under_secure_aggregation_and_clients_account_the_full_noise(tmp_path):
     out = tmp_path / "distributed"
     assert main(["train", "--mode", "federated", "--privacy", "record", "--distributed-noise",
-                 "--target-epsilon", "4", "--out", str(out), *TINY]) == 0
+                 "--private-model", "encoder", "--target-epsilon", "4", "--out", str(out), *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     p, secure = s["privacy"], s["secure_aggregation"]
     assert secure["enabled"] and secure["aborted_rounds"] == 0
@@ -73,6 +73,23 @@ def test_distributed_record_noise_runs_under_secure_aggregation_and_clients_acco
     assert any(histories)
     for history in filter(None, histories):    # the ledger counts the whole noise (the sum's), not a share
         assert history[0][0] == pytest.approx(p["noise_multiplier"]) and epsilon(history, 1e-5) <= 4.0
+
+
+def test_the_dp_item_item_model_is_one_secure_release_accounted_once_per_device(tmp_path):
+    """The default DP model: one secure sum with distributed noise over every device. Each device's
+    ledger holds exactly one Gaussian step at the reported noise, and the reported epsilon is what
+    that step costs."""
+    out = tmp_path / "item-item"
+    assert main(["train", "--mode", "federated", "--privacy", "record", "--target-epsilon", "4",
+                 "--out", str(out), *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    p = s["privacy"]
+    assert p["model"] == "item-item" and p["noise"] == "distributed" and s["rounds_trained"] == 1
+    assert p["epsilon"] == pytest.approx(epsilon([(p["noise_multiplier"], 1.0, 1)], 1e-5)) and p["epsilon"] <= 4.0
+    histories = [json.loads(f.read_text())["history"] for f in (out / "store" / "users").glob("*.privacy.json")]
+    assert histories and all(h == [[p["noise_multiplier"], 1.0, 1]] for h in histories)
+    assert p["contributions"] == len(histories) and p["refused"] == 0
+    assert s["metrics"]["ndcg@10"] > 0
 
 
 def test_noise_shares_of_m_clients_sum_to_the_full_noise():

@@ -1,0 +1,82 @@
+"""The DP item-item model's federated release (shared/privacy/cooccurrence.py): one secure sum over
+every node of each user's normalised item co-occurrence, each client adding its share of the
+Gaussian noise, then EASE on the noisy sum. The run's whole privacy cost is this one Gaussian
+mechanism per user (user level: it covers each record and interaction too).
+
+What the server sees: masked vectors and the noisy sum, never one user's co-occurrence. The
+clients check the request against their own policy, account the release in their ledger before
+anything leaves, and refuse to unmask a sum with fewer noise shares than counted on
+(client/handlers.py, client/secure.py).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from server.federation import FederationConfig, RoundRecord, _append_round, wait_for_nodes
+from server.secure import SecureRound, SecureTask
+from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
+from shared.privacy.cooccurrence import SENSITIVITY, STAGE, DECAY, ease_weights, pair_count, ridge_for, symmetric
+from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+
+log = logging.getLogger("fedrec.server")
+
+
+class ReleaseFailed(RuntimeError):
+    """The release's secure sum aborted: there is no model."""
+
+
+def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, *, progress=None) -> dict:
+    """Run the release; returns {"item_item": weights, "decay", "history", "privacy", "test": None}.
+    Writes rounds.jsonl (one record). Raises ReleaseFailed when the sum aborts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rounds.jsonl").write_text("")
+    wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
+    nodes = sorted(grid.get_node_ids())
+    p = cfg.privacy
+    multiplier = 0.0 if math.isinf(p.target_epsilon) else noise_for(p.target_epsilon, p.delta, 1.0, 1, p.accountant)
+    m = noise_shares(len(nodes), len(nodes), False, cfg.secure.dropout)
+    share_std = multiplier * SENSITIVITY / math.sqrt(m)
+    record, user = p.mode in ("record", "both"), p.mode in ("user", "both")
+    request = PrivacyRound(mode=p.mode, budget=p.target_epsilon, delta=p.delta, accountant=p.accountant,
+                           record_noise=multiplier if record else 0.0, record_clip=p.record_clip,
+                           record_window=p.record_window, user_noise=multiplier if user else 0.0, noise_shares=m)
+    config = pack_round_config(RoundConfig(1, cfg.seed, cfg.local, cfg.model, request, stage=STAGE))
+    task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=SENSITIVITY + CLAMP_SIGMAS * share_std,
+                      min_contributions=m, size=pair_count(n_items))
+    started = time.perf_counter()
+    log.info("item-item release: %d nodes, noise multiplier %.3g, %d noise shares, %d pairs", len(nodes),
+             multiplier, m, pair_count(n_items))
+    outcome = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error).run(grid, 1, nodes, task)
+    history = [asdict(RoundRecord(
+        1, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
+        int(outcome.bytes_down / max(outcome.sampled, 1)), outcome.bytes_up / max(outcome.sampled, 1),
+        time.perf_counter() - started, None, float("nan"), metrics={"secagg": outcome.params},
+        phase_seconds=outcome.phases, trained=outcome.result is not None))]
+    _append_round(out / "rounds.jsonl", history[0])
+    if progress is not None:
+        progress(RoundRecord(**{**history[0], "rejected": list(history[0]["rejected"])}))
+    if outcome.result is None:
+        raise ReleaseFailed("the item-item release's secure sum aborted: " + "; ".join(outcome.reasons[:3]))
+    weights = ease_weights(symmetric(outcome.result.total, n_items), ridge_for(multiplier * SENSITIVITY))
+    spent = 0.0 if multiplier == 0 else epsilon([(multiplier, 1.0, 1)], p.delta, p.accountant)
+    clamp = clamp_probability(pair_count(n_items), 1) if multiplier else 0.0
+    privacy = {
+        "mode": p.mode, "model": "item-item", "accountant": p.accountant, "delta": p.delta + clamp,
+        "clamp_probability": clamp, "noise": "distributed", "noise_shares": m, "noise_multiplier": multiplier,
+        "clip": SENSITIVITY, "unit": "one user's whole log (so also each record and each interaction in it)",
+        "epsilon": spent,
+        "against": "the aggregation server, as long as secure aggregation holds and the sum has >= noise_shares "
+                   "clients' noise; and anyone who sees the released model",
+        "contributions": outcome.result.count,
+        "refused": int(round(outcome.result.count - outcome.result.weight))}   # weight 0: budget spent
+    return {"item_item": weights.astype(np.float32), "decay": DECAY, "history": history, "privacy": privacy,
+            "test": None}
