@@ -29,6 +29,9 @@ from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
 log = logging.getLogger("fedrec.server")
 
 
+MAX_PAIRS = 5_000_000   # about 3,160 items: 20 MB a device, and the server holds every masked vector
+
+
 class ReleaseFailed(RuntimeError):
     """The release's secure sum aborted: there is no model."""
 
@@ -39,6 +42,10 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").write_text("")
+    if pair_count(n_items) > MAX_PAIRS:
+        raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
+                            f"{MAX_PAIRS:,} the item-item release sends densely from every device "
+                            f"({4 * pair_count(n_items) / 1e6:.0f} MB each); use --private-model encoder")
     wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
     nodes = sorted(grid.get_node_ids())
     p = cfg.privacy

@@ -131,9 +131,14 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
                 settings["distributed-noise"] = False
             run_federated(replace(job, settings=settings), run_dir, progress=progress, prepared=with_canaries)
         summary = json.loads((run_dir / "summary.json").read_text())
-        model = build_model(with_canaries, job.model)
-        load_weights(model, torch_load(run_dir / "final.pt")["weights"])
-        losses = canary_losses(model, marks)
+        final = torch_load(run_dir / "final.pt")
+        if "item_item" in final:   # the DP item-item model: a canary's strength is its pair's weight
+            weights, a, b = np.asarray(final["item_item"]), marks.sequences[:, 0], marks.sequences[:, 1]
+            losses = -(weights[a, b] + weights[b, a])
+        else:
+            model = build_model(with_canaries, job.model)
+            load_weights(model, final["weights"])
+            losses = canary_losses(model, marks)
         auc = attack_auc(losses, marks.member)
         audit = epsilon_lower_bound(losses, marks.member, delta)
         spent = summary["privacy"].get("epsilon")
