@@ -148,7 +148,7 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
     model, log_, config, global_weights = _setup(msg, context, settings)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
-    return secure.handle_masked(msg, context, train, rng, config, noise_std=noise_share_of(config))
+    return secure.handle_masked(msg, context, train, config, noise_std=noise_share_of(config))
 
 
 def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
@@ -161,6 +161,11 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
     p = config.privacy
     multiplier = max(p.record_noise, p.user_noise)   # the one in force; the policy checked its floor
     policy = DevicePolicy.of(context.node_config, settings)
+    if p.mode == "none" or p.noise_shares < 1 or not 0 <= multiplier < np.inf or (multiplier == 0 and policy.unit != "none"):
+        # Without noise shares nobody adds noise, and the sum of a few devices would show their items.
+        return secure.refuse_round(msg, context, f"an item-item release needs a DP mode, noise shares >= 1 and a "
+                                                 f"finite noise multiplier (got mode {p.mode!r}, {p.noise_shares} "
+                                                 f"shares, multiplier {multiplier!r})")
     try:
         ledger = PrivacyLedger(ledger_path(context.node_config, paths))
     except PrivacyRefusal as err:
@@ -168,13 +173,12 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
     event = (multiplier, 1.0, 1)
 
     def contribute() -> tuple[Weights, TrainMetrics]:
-        try:
-            ledger.check(event, min(p.budget, policy.budget), p.delta, p.accountant)
+        try:   # spent before anything derived from the log leaves
+            ledger.spend(event, min(p.budget, policy.budget), p.delta, p.accountant)
         except PrivacyBudgetExceeded as refusal:
             log.warning("node %d sits the release out: %s", context.node_id, refusal)
             return {"pairs": np.zeros(cooccurrence.pair_count(n_items))}, TrainMetrics(0.0, privacy_refused=True)
-        ledger.record(event)   # spent before anything derived from the log leaves
         return {"pairs": cooccurrence.user_contribution(UserLog.load(log_path).train, n_items)}, TrainMetrics(1.0)
 
-    std = multiplier * cooccurrence.SENSITIVITY / np.sqrt(p.noise_shares) if p.noise_shares else 0.0
-    return secure.handle_masked(msg, context, contribute, _seeded_rng(config, context), config, noise_std=std)
+    std = multiplier * cooccurrence.unit_sensitivity(p.mode, p.record_window) / np.sqrt(p.noise_shares)
+    return secure.handle_masked(msg, context, contribute, config, noise_std=std)

@@ -34,6 +34,7 @@ chooses that seed, and with it the server could subtract the noise.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import secrets
 import warnings
@@ -130,6 +131,10 @@ class DevicePolicy:
 
     def problems(self, p: PrivacyRound) -> list[str]:
         out = []
+        if p.mode not in ("none", "record", "user", "both"):
+            return [f"privacy mode {p.mode!r} is not none, record, user or both"]
+        if not all(0 <= n < math.inf for n in (p.record_noise, p.user_noise)) or p.noise_shares < 0:
+            return ["noise multipliers must be finite and >= 0, noise shares >= 0"]
         if self.unit in ("record", "both") and not p.record:
             out.append("this device requires record-level DP and the round has none")
         if self.unit in ("user", "both") and p.mode not in ("user", "both"):
@@ -168,8 +173,8 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 class PrivacyLedger:
     """This client's privacy spending, kept in a file of the device's store (client/store.py),
-    written before an update leaves the client. A crash after the write and before the send
-    counts a round that was not used. That errs on the side of privacy."""
+    written (`spend`) before the data is used. A crash after the write counts a round that was
+    not used. That errs on the side of privacy."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -194,6 +199,20 @@ class PrivacyLedger:
     def record(self, event: Event) -> None:
         self.history = _compose(self.history, event)
         write_ledger(self.path, self.history)
+
+    def spend(self, event: Event, budget: float, delta: float, accountant: str = "rdp") -> float:
+        """Check and record `event` as one step under an exclusive lock on the ledger (re-read
+        inside it), so two processes answering for one device cannot both spend the last of its
+        budget. Returns the epsilon after it; raises PrivacyBudgetExceeded with nothing written."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.history = read_ledger(self.path)
+                after = self.check(event, budget, delta, accountant)
+                self.record(event)
+                return after
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _compose(history: list[Event], event: Event) -> list[Event]:
@@ -224,7 +243,8 @@ class DPStep(LocalStep):
 
     def begin(self) -> None:
         p = self.privacy
-        self.after = self.ledger.check(self.event, p.budget, p.delta, p.accountant)
+        # Spent here, before the data is touched: a crash later counts a round that was not used.
+        self.after = self.ledger.spend(self.event, p.budget, p.delta, p.accountant)
 
     def examples(self, history: np.ndarray, max_len: int) -> list[np.ndarray]:
         chunks = record_chunks(history, self.privacy.window)
@@ -257,9 +277,5 @@ class DPStep(LocalStep):
         return float("nan") if self.placeholder else losses.mean().item()
 
     def finish(self, metrics: TrainMetrics, trained: bool) -> TrainMetrics:
-        if trained:
-            self.ledger.record(self.event)   # spent: written down before anything derived from the data leaves
-            metrics.record_epsilon = self.after
-        else:
-            metrics.record_epsilon = self.ledger.spent(self.privacy.delta, self.privacy.accountant)
+        metrics.record_epsilon = self.after   # the step always runs (a record-free log: the noise alone)
         return metrics

@@ -134,16 +134,15 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
     return _reply(msg, pack_shares_reply(SharesReply(s_public, commitment, sealed)))
 
 
-def handle_masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
-                  config: RoundConfig, noise_std: float = 0.0) -> Message:
+def handle_masked(msg: Message, context: Context, train: Callable, config: RoundConfig,
+                  noise_std: float = 0.0) -> Message:
     try:
-        return _masked(msg, context, train, rng, config, noise_std)
+        return _masked(msg, context, train, config, noise_std)
     except ProtocolViolation as err:
         return _refuse(msg, context, err)
 
 
-def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Generator,
-            config: RoundConfig, noise_std: float) -> Message:
+def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig, noise_std: float) -> Message:
     """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others. With distributed DP
@@ -176,7 +175,10 @@ def _masked(msg: Message, context: Context, train: Callable, rng: np.random.Gene
         # After the weight: a weight-0 client still adds its noise share. A coordinate past
         # the bound takes a > 10-sigma draw (the server's sizing); clamped so the sum cannot wrap.
         vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
-    masked = client.masked_input(vector, {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox}, rng)
+    # Stochastic rounding draws from the OS, never from the run's seed (the server's): a server
+    # that knew the draws could undo the rounding's randomness.
+    masked = client.masked_input(vector, {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox},
+                                 np.random.default_rng(secrets.randbits(128)))
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
     return _reply(msg, pack_masked_reply(masked))

@@ -23,12 +23,18 @@ from flwr.serverapp import Grid
 from server.federation import FederationConfig, RoundRecord, _append_round, wait_for_nodes
 from server.secure import SecureRound, SecureTask
 from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
-from shared.privacy.cooccurrence import SENSITIVITY, STAGE, DECAY, ease_weights, pair_count, ridge_for, symmetric
+from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, STAGE, ease_weights, pair_count, ridge_for, symmetric,
+                                         unit_sensitivity)
 from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
 
 log = logging.getLogger("fedrec.server")
 
 
+UNITS = {"user": "adding or removing one user's whole log (which also bounds one interaction added, removed "
+                 "or changed)",
+         "record": "one record of up to {window} interactions added or removed (and so each interaction in it)",
+         "both": "one user's whole log, and one record of up to {window} interactions (the noise meets the larger "
+                 "sensitivity)"}
 MAX_PAIRS = 5_000_000   # about 3,160 items: 20 MB a device, and the server holds every masked vector
 
 
@@ -51,7 +57,8 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     p = cfg.privacy
     multiplier = 0.0 if math.isinf(p.target_epsilon) else noise_for(p.target_epsilon, p.delta, 1.0, 1, p.accountant)
     m = noise_shares(len(nodes), len(nodes), False, cfg.secure.dropout)
-    share_std = multiplier * SENSITIVITY / math.sqrt(m)
+    sensitivity = unit_sensitivity(p.mode, p.record_window)
+    share_std = multiplier * sensitivity / math.sqrt(m)
     record, user = p.mode in ("record", "both"), p.mode in ("user", "both")
     request = PrivacyRound(mode=p.mode, budget=p.target_epsilon, delta=p.delta, accountant=p.accountant,
                            record_noise=multiplier if record else 0.0, record_clip=p.record_clip,
@@ -73,13 +80,13 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
         progress(RoundRecord(**{**history[0], "rejected": list(history[0]["rejected"])}))
     if outcome.result is None:
         raise ReleaseFailed("the item-item release's secure sum aborted: " + "; ".join(outcome.reasons[:3]))
-    weights = ease_weights(symmetric(outcome.result.total, n_items), ridge_for(multiplier * SENSITIVITY))
+    weights = ease_weights(symmetric(outcome.result.total, n_items), ridge_for(multiplier * sensitivity))
     spent = 0.0 if multiplier == 0 else epsilon([(multiplier, 1.0, 1)], p.delta, p.accountant)
     clamp = clamp_probability(pair_count(n_items), 1) if multiplier else 0.0
     privacy = {
         "mode": p.mode, "model": "item-item", "accountant": p.accountant, "delta": p.delta + clamp,
         "clamp_probability": clamp, "noise": "distributed", "noise_shares": m, "noise_multiplier": multiplier,
-        "clip": SENSITIVITY, "unit": "one user's whole log (so also each record and each interaction in it)",
+        "clip": SENSITIVITY, "sensitivity": sensitivity, "unit": UNITS[p.mode].format(window=p.record_window),
         "epsilon": spent,
         "against": "the aggregation server, as long as secure aggregation holds and the sum has >= noise_shares "
                    "clients' noise; and anyone who sees the released model",

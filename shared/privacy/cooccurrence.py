@@ -9,13 +9,16 @@ cannot offer on a few hundred users (docs/results.md, "Differential privacy").
 
 The mechanism, for a user with k distinct training items: x = 1/sqrt(k) on those items, and the
 user contributes the strict upper triangle of x x^T (item pairs i < j, each 1/k). Its L2 norm is
-sqrt((1 - 1/k) / 2) <= 1/sqrt(2), whoever the user is: that is the sensitivity for adding or
-removing one user, so the guarantee is user level (and covers every record and interaction of
-that user). The diagonal is not released; EASE's ridge term takes its place.
+sqrt((1 - 1/k) / 2) <= 1/sqrt(2), whoever the user is: the sensitivity for adding or removing one
+user, which also bounds adding, removing or changing one interaction. One record of up to W
+interactions can move it further (the rest is renormalised): `record_sensitivity(W)`, 0.906 for
+W = 51. The noise is calibrated to the unit asked for (`unit_sensitivity`). The diagonal is not
+released; EASE's ridge term takes its place.
 Plain numpy; no Flower, no torch. `simulation/dp_bench.py: run_dp_items_bench` measures it.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -23,6 +26,32 @@ import numpy as np
 SENSITIVITY = 1 / math.sqrt(2)   # L2 norm bound of one user's contribution
 DECAY = 0.9                      # the device weighs an item decay^age (newest 1): chosen on ML-100K validation
 STAGE = "item-item"              # the round config's stage for the release's secure sum
+
+
+@functools.lru_cache(maxsize=16)
+def record_sensitivity(window: int, max_items: int = 2000) -> float:
+    """The most one record (up to `window` interactions) can move a user's contribution: removing r
+    distinct items from a log of k leaves pairs of k - r items at 1/(k - r) instead of 1/k. The
+    maximum over k and r <= window (0.906 for records of 51; above the user bound, 1/sqrt(2),
+    because what is left is renormalised)."""
+    best = SENSITIVITY ** 2
+    for k in range(2, max_items):
+        for r in range(1, min(window, k) + 1):
+            a = k - r
+            if a > 1:
+                best = max(best, a * (a - 1) / 2 * (r / (a * k)) ** 2 + (k * (k - 1) - a * (a - 1)) / (2 * k * k))
+    return math.sqrt(best)
+
+
+def unit_sensitivity(mode: str, window: int) -> float:
+    """What the noise is calibrated to: adding or removing one user (1/sqrt(2); this also bounds
+    adding, removing or changing one interaction), or one record of up to `window` interactions
+    (`record_sensitivity`); "both": the larger."""
+    if mode == "user":
+        return SENSITIVITY
+    if mode in ("record", "both"):
+        return max(SENSITIVITY, record_sensitivity(window))
+    raise ValueError(f"no DP unit for privacy mode {mode!r}")
 
 
 def ridge_for(noise_std: float) -> float:

@@ -24,7 +24,8 @@ from simulation.federated import write_store
 from tests.server.test_secure_fuzz import SETTINGS, LoopbackGrid
 
 # The devices' own settings: record-level DP, records of 11 interactions (the tiny model's max).
-DEVICE = {**SETTINGS, "privacy": "record", "target-epsilon": 8.0, "delta": 1e-5, "record-window": 11}
+DEVICE = {**SETTINGS, "privacy": "record", "target-epsilon": 8.0, "delta": 1e-5, "record-window": 11,
+          "private-model": "encoder"}   # DP training rounds; the item-item release is attacked below
 
 
 @pytest.fixture
@@ -229,3 +230,65 @@ def test_the_record_unit_holds_for_changing_an_interaction_and_not_for_deleting_
     assert sum(not np.array_equal(a, b) for a, b in zip(before, after)) == 1
     deleted = record_chunks(np.delete(log, 5), 11)
     assert sum(not np.array_equal(a, b) for a, b in zip(before, deleted)) == len(before)
+
+
+def _release_round(store, grid, **privacy):
+    """The item-item release's secure round, with what a malicious server puts in its request."""
+    from flwr.app import ArrayRecord
+
+    from server.secure import SecureRound, SecureTask
+    from shared.privacy.cooccurrence import STAGE, pair_count
+    from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+    strategy = _strategy(store, grid)
+    n_items = 25
+    request = PrivacyRound(**{"mode": "user", "budget": 8.0, "delta": 1e-5, "user_noise": 0.64,
+                              "record_window": 11, "noise_shares": 7, **privacy})
+    config = pack_round_config(RoundConfig(1, 0, strategy.cfg.local, strategy.cfg.model, request, stage=STAGE))
+    task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=1.0, size=pair_count(n_items))
+    return SecureRound(strategy.cfg.secure, 60.0, False).run(grid, 1, sorted(grid.get_node_ids())[:8], task)
+
+
+@pytest.mark.parametrize("privacy,why", [
+    ({"noise_shares": 0}, "noise shares >= 1"),                          # nobody would add noise
+    ({"mode": "none"}, "requires user-level DP"),
+    ({"mode": "bogus"}, "is not none, record, user or both"),
+    ({"user_noise": -1.0}, "finite and >= 0"),
+    ({"user_noise": float("inf")}, "finite and >= 0"),
+])
+def test_an_item_item_release_without_noise_is_refused(store, privacy, why):
+    """Found by the session-8 review: a release request with no noise shares passed the policy and
+    booked a step in the ledger while adding no noise; a negative multiplier booked a fake spend."""
+    store, users = store
+    grid = Spy(store, users, {**DEVICE, "privacy": "user"})
+    outcome = _release_round(store, grid, **privacy)
+    assert outcome.result is None
+    refused = [refusal_of(r.content) for r in grid.replies if r.metadata.message_type == "train.secagg_masked"]
+    assert refused and all(why in (r or "") for r in refused), refused
+    assert all(f.read_text().count("[]") for f in (store / "users").glob("*.privacy.json"))   # nothing booked
+
+
+def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path):
+    from client.privacy import PrivacyBudgetExceeded, PrivacyLedger
+    from client.store import start_ledger
+    start_ledger(tmp_path / "ledger.json")
+    first, second = PrivacyLedger(tmp_path / "ledger.json"), PrivacyLedger(tmp_path / "ledger.json")
+    one = epsilon([(1.0, 1.0, 1)], 1e-5)
+    first.spend((1.0, 1.0, 1), one * 1.01, 1e-5)
+    with pytest.raises(PrivacyBudgetExceeded):       # the second reads what the first spent
+        second.spend((1.0, 1.0, 1), one * 1.01, 1e-5)
+    assert PrivacyLedger(tmp_path / "ledger.json").history == [(1.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("window", [11, 51])
+def test_one_record_moves_a_contribution_by_at_most_the_record_sensitivity(window):
+    """Removing a record renormalises what is left, so it can move a user's contribution by more
+    than the user bound 1/sqrt(2); the noise for the record unit is calibrated to the maximum."""
+    from shared.privacy.cooccurrence import SENSITIVITY, record_sensitivity, user_contribution
+    rng = np.random.default_rng(window)
+    worst = 0.0
+    for _ in range(300):
+        log = rng.choice(np.arange(1, 201), size=rng.integers(window + 1, 150), replace=False)
+        start = window * rng.integers(0, len(log) // window)
+        kept = np.delete(log, np.arange(start, min(start + window, len(log))))
+        worst = max(worst, np.linalg.norm(user_contribution(log, 200) - user_contribution(kept, 200)))
+    assert SENSITIVITY < worst <= record_sensitivity(window)
