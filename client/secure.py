@@ -200,7 +200,7 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     request = unpack_unmask_request(msg.content)
     try:
         client = _load(context, request.round_id)
-        shares = client.unmask_shares(request.alive, request.dropped, request.signatures)
+        shares = client.unmask_shares(request.alive, request.dropped, request.signatures, request.witnesses)
     except ProtocolViolation as err:
         return _refuse(msg, context, err)
     del context.state[STATE_KEY]  # the round is over for this client: forget its secrets

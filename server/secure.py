@@ -215,8 +215,12 @@ class SecureRound:
             raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
                                "whose noise shares the privacy guarantee counts on")
         signatures = self._confirm(grid, round_id, alive, dropped, index, node_of, outcome)
+        # Distributed noise: every signed alive input's record and signature, for the clients to
+        # check that the alive count they are shown is of real devices.
+        witnesses = ({u: registered[u] + signatures[u] for u in alive if u in signatures}
+                     if task.min_contributions else {})
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
-            round_id, alive, dropped, held)) for u, held in server.signatures_for(signatures).items()},
+            round_id, alive, dropped, held, witnesses)) for u, held in server.signatures_for(signatures).items()},
             outcome, self.fail_on_error)
         started = time.perf_counter()
         unmasked = {}

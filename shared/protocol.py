@@ -424,16 +424,23 @@ class UnmaskRequest:
     alive: list[int]
     dropped: list[int]
     signatures: dict[int, bytes]   # holder -> its signature of the view
+    # Distributed DP noise: alive client -> its identity record + its signature of the view, so a
+    # client can check that the inputs called alive are real enrolled devices (shared/secagg/client.py).
+    witnesses: dict[int, bytes] = field(default_factory=dict)
 
 
 def pack_unmask_request(r: UnmaskRequest) -> RecordDict:
     view = pack_confirm_request(ConfirmRequest(r.round_id, r.alive, r.dropped))
-    return RecordDict({"secagg": view["secagg"], "signatures": _id_record(r.signatures)})
+    records = {"secagg": view["secagg"], "signatures": _id_record(r.signatures)}
+    if r.witnesses:   # (Flower cannot count the bytes of an empty record's values)
+        records["witnesses"] = _id_record(r.witnesses)
+    return RecordDict(records)
 
 
 def unpack_unmask_request(content: RecordDict) -> UnmaskRequest:
     view = unpack_confirm_request(content)
-    return UnmaskRequest(view.round_id, view.alive, view.dropped, _ids(content["signatures"]))
+    witnesses = _ids(content["witnesses"]) if "witnesses" in content else {}
+    return UnmaskRequest(view.round_id, view.alive, view.dropped, _ids(content["signatures"]), witnesses)
 
 
 def pack_abort_request(round_id: bytes) -> RecordDict:

@@ -105,11 +105,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     from dataclasses import replace
 
     from shared.data.pipeline import prepare_data
-    from shared.model.recommender import load_weights
     from shared.settings import default
-    from simulation.audit import (attack_auc, auc_bound, canary_losses, epsilon_lower_bound, insert_canaries,
-                                  make_canaries)
-    from simulation.centralized import build_model
+    from simulation.audit import insert_canaries, make_canaries
     from simulation.federated import run_federated
 
     out = Path(out)
@@ -131,32 +128,42 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
                 settings["distributed-noise"] = False
             run_federated(replace(job, settings=settings), run_dir, progress=progress, prepared=with_canaries)
         summary = json.loads((run_dir / "summary.json").read_text())
-        final = torch_load(run_dir / "final.pt")
-        if "item_item" in final:   # the DP item-item model: a canary's strength is its pair's weight
-            weights, a, b = np.asarray(final["item_item"]), marks.sequences[:, 0], marks.sequences[:, 1]
-            losses = -(weights[a, b] + weights[b, a])
-        else:
-            model = build_model(with_canaries, job.model)
-            load_weights(model, final["weights"])
-            losses = canary_losses(model, marks)
-        auc = attack_auc(losses, marks.member)
-        audit = epsilon_lower_bound(losses, marks.member, delta)
-        spent = summary["privacy"].get("epsilon")
-        if isinstance(spent, dict):
-            spent = max(spent.values())
-        rows.append({"mode": mode, "target_epsilon": _eps_label(eps),
-                     "epsilon": None if spent is None or math.isinf(spent) else spent,
-                     "noise_multiplier": summary["privacy"].get("noise_multiplier"),
-                     "ndcg@10": summary["metrics"]["ndcg@10"], "hr@10": summary["metrics"]["hr@10"],
-                     "attack_auc": auc, "auc_bound": auc_bound(eps, delta),
-                     "epsilon_lower_bound": audit["epsilon_lower_bound"], "audit": audit,
-                     "wall_seconds": summary["wall_seconds"]})
+        losses = _canary_losses(torch_load(run_dir / "final.pt"), marks, with_canaries, job)
+        rows.append(_sweep_row(mode, eps, summary, losses, marks.member, delta))
         if progress:
             r = rows[-1]
             print(f"{mode:>6} eps {r['target_epsilon']:>4}: NDCG@10 {r['ndcg@10']:.4f}  attack AUC "
-                  f"{auc:.3f} (bound {r['auc_bound']:.3f}), empirical epsilon >= "
+                  f"{r['attack_auc']:.3f} (bound {r['auc_bound']:.3f}), empirical epsilon >= "
                   f"{r['epsilon_lower_bound']:.2f}", flush=True)
     return _sweep_report(rows, prepared.dataset.name, job.settings, delta, canaries, window, out)
+
+
+def _canary_losses(final: dict, marks, prepared, job) -> np.ndarray:
+    """The attack's score per canary (lower: more likely trained on): the encoder's next-item loss,
+    or for the DP item-item model minus the weight of the canary's pair."""
+    from shared.model.recommender import load_weights
+    from simulation.audit import canary_losses
+    from simulation.centralized import build_model
+    if "item_item" in final:
+        weights, a, b = np.asarray(final["item_item"]), marks.sequences[:, 0], marks.sequences[:, 1]
+        return -(weights[a, b] + weights[b, a])
+    model = build_model(prepared, job.model)
+    load_weights(model, final["weights"])
+    return canary_losses(model, marks)
+
+
+def _sweep_row(mode: str, eps: float, summary: dict, losses: np.ndarray, member: np.ndarray, delta: float) -> dict:
+    from simulation.audit import attack_auc, auc_bound, epsilon_lower_bound
+    audit = epsilon_lower_bound(losses, member, delta)
+    spent = summary["privacy"].get("epsilon")
+    if isinstance(spent, dict):
+        spent = max((v for v in spent.values() if v is not None), default=None)
+    return {"mode": mode, "target_epsilon": _eps_label(eps),
+            "epsilon": None if spent is None or math.isinf(spent) else spent,
+            "noise_multiplier": summary["privacy"].get("noise_multiplier"),
+            "ndcg@10": summary["metrics"]["ndcg@10"], "hr@10": summary["metrics"]["hr@10"],
+            "attack_auc": attack_auc(losses, member), "auc_bound": auc_bound(eps, delta),
+            "epsilon_lower_bound": audit["epsilon_lower_bound"], "audit": audit, "wall_seconds": summary["wall_seconds"]}
 
 
 def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, canaries: int, window: int,

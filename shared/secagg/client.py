@@ -16,7 +16,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg.fixed_point import quantise
-from shared.secagg.identity import DeviceCredentials, IdentityRecord, record_digest, verify_view, view_message
+from shared.secagg.identity import (RECORD_BYTES, DeviceCredentials, IdentityRecord, record_digest, verify_view,
+                                    view_message)
 from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
                                   holders_problem)
 from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, load_private, open_sealed, pair_mask_seed,
@@ -30,6 +31,9 @@ def new_identity_key() -> bytes:
 
 def identity_public(identity: bytes) -> bytes:
     return public_bytes(X25519PrivateKey.from_private_bytes(identity))
+
+
+WITNESS_SAMPLE = 40   # alive inputs' witnesses a client checks before unmasking a DP-noised sum
 
 
 class SecAggClient:
@@ -167,9 +171,12 @@ class SecAggClient:
         return credentials.sign(view)
 
     # step 4
-    def unmask_shares(self, alive: list[int], dropped: list[int], signatures: dict[int, bytes]) -> dict[int, bytes]:
+    def unmask_shares(self, alive: list[int], dropped: list[int], signatures: dict[int, bytes],
+                      witnesses: dict[int, bytes] | None = None) -> dict[int, bytes]:
         """The b share of each alive holder-owner, the s-key share of each dropped one, once,
-        and only for the view this client signed, signed too by at least t of its holders."""
+        and only for the view this client signed, signed too by at least t of its holders. With
+        distributed noise (`min_alive`), also only when `witnesses` show that many alive inputs of
+        distinct enrolled devices that signed the view (`_check_witnesses`)."""
         if self.answered:
             raise ProtocolViolation("unmasking is answered once per round")
         view = view_message(self.round_id, alive, dropped)
@@ -183,10 +190,8 @@ class SecAggClient:
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")
-        if len(set(alive)) < self.min_alive:
-            # The sum would carry fewer noise shares than the DP guarantee counts on: never opened.
-            raise ProtocolViolation(f"{len(set(alive))} inputs alive, fewer than the {self.min_alive} whose "
-                                    "noise shares the privacy guarantee needs")
+        if self.min_alive:
+            self._check_witnesses(set(alive), witnesses or {}, view)
         alive_set, dropped_set = set(alive), set(dropped)
         holders_alive = len(alive_set & {*self.c_publics, self.index})
         if holders_alive < self.params.threshold:
@@ -199,6 +204,25 @@ class SecAggClient:
             elif owner in dropped_set:
                 out[owner] = b"s" + bundle[SHARE_BYTES:]
         return out
+
+    def _check_witnesses(self, alive: set[int], witnesses: dict[int, bytes], view: bytes) -> None:
+        """The sum must carry at least `min_alive` noise shares: a server could pad the alive list
+        with numbers that are nobody. Each alive input needs a witness (identity record + view
+        signature), all of distinct devices; a random sample of WITNESS_SAMPLE of them (drawn here,
+        after the server committed to all) is checked against the CA and the view. A server that
+        made up a fraction f of them passes with probability (1 - f)^WITNESS_SAMPLE."""
+        witnessed = {u: w for u, w in witnesses.items() if u in alive and len(w) == RECORD_BYTES + 64}
+        devices = {w[32:64] for w in witnessed.values()}
+        if len(witnessed) < self.min_alive or len(devices) < len(witnessed):
+            raise ProtocolViolation(f"{len(witnessed)} witnessed inputs of {len(devices)} distinct devices, fewer "
+                                    f"than the {self.min_alive} whose noise shares the privacy guarantee needs")
+        chosen = secrets.SystemRandom().sample(sorted(witnessed), min(WITNESS_SAMPLE, len(witnessed)))
+        for u in chosen:
+            record = IdentityRecord.from_bytes(witnessed[u][:RECORD_BYTES])
+            if not record.verify(self.ca_public) or not verify_view(record.device_public,
+                                                                    witnessed[u][RECORD_BYTES:], view):
+                raise ProtocolViolation(f"the witness of alive input {u} is no enrolled device's signature of "
+                                        "this view", blame=(u,))
 
     def _aad(self, sender: int, recipient: int, sender_s_public: bytes) -> bytes:
         return self.round_id + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big") + sender_s_public

@@ -224,3 +224,34 @@ def test_server_settings_that_do_not_fit_a_round_are_adjusted_not_fatal():
     assert params.neighbours == 4 and params.threshold == 5
     odd = SecureConfig(enabled=True, neighbours=5).params(20, 1.0)
     assert odd.neighbours == 6                      # the ring graph needs an even degree
+
+
+def test_an_alive_list_padded_with_nobodies_does_not_thin_the_noise():
+    """Found by the session-8 review: with distributed DP noise, the server builds a closed group of
+    5 real clients, declares a round of 20 and calls 20 inputs alive, so a sum of 5 noise shares
+    would pass a count of the alive list. Each alive input now needs a witness (enrolled record +
+    signature of the view) from a distinct device; made-up ones fail the client's sampled check."""
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=20)
+    clients, server = _masked_round(5, params, b"padded")
+    for client in clients.values():
+        client.min_alive = 20                          # m = 20 noise shares counted on
+    view = (list(range(1, 21)), [])
+    signed = {u: clients[u].confirm(*view, clients[u].credentials) for u in range(1, 6)}
+    real = {u: server.identities[u] + signed[u] for u in range(1, 6)}
+    with pytest.raises(ProtocolViolation, match="witnessed inputs"):
+        clients[2].unmask_shares(*view, signed, real)
+    rogue = EnrolmentCA.new()                          # the server's own devices: not enrolled by our CA
+    fakes = {}
+    for u in range(6, 21):
+        device = rogue.enrol()
+        fakes[u] = (identity_record(device, identity_public(new_identity_key())).to_bytes()
+                    + device.sign(view_message(b"padded", *view)))
+    with pytest.raises(ProtocolViolation, match="no enrolled device's signature"):
+        clients[3].unmask_shares(*view, signed, {**real, **fakes})
+    # An honest round of five with m = 5: its own witnesses suffice.
+    clients, server = _masked_round(5, params, b"honest")
+    honest = ([1, 2, 3, 4, 5], [])
+    signed = {u: clients[u].confirm(*honest, clients[u].credentials) for u in clients}
+    for client in clients.values():
+        client.min_alive = 5
+    assert clients[4].unmask_shares(*honest, signed, {u: server.identities[u] + signed[u] for u in clients})
