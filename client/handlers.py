@@ -128,7 +128,11 @@ def handle_train(msg: Message, context: Context, settings: dict) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
     model, log_, config, weights = _setup(msg, context, settings)
-    if DevicePolicy.of(context.node_config, settings).unit != "none":
+    try:
+        unit = DevicePolicy.of(context.node_config, settings).unit
+    except ValueError as err:   # a device whose own policy is broken answers nothing about its data
+        return _refuse(msg, context, str(err))
+    if unit != "none":
         # One user's metrics on a held-out interaction, exact: nothing a DP guarantee covers.
         return _refuse(msg, context, "this device requires differential privacy, and evaluation replies are "
                                      "not noised")

@@ -97,8 +97,8 @@ class DevicePolicy:
     def __post_init__(self):
         if self.unit not in ("none", "record", "user", "both"):
             raise ValueError(f"privacy unit {self.unit!r}: must be none, record, user or both")
-        if not (0 < self.budget < math.inf):
-            raise ValueError(f"privacy budget {self.budget!r}: must be a finite epsilon > 0")
+        if not self.budget > 0:   # inf is the device's own choice (no limit); a server cannot set it
+            raise ValueError(f"privacy budget {self.budget!r}: must be an epsilon > 0")
         if not 0 < self.delta <= MAX_DELTA:
             raise ValueError(f"privacy delta {self.delta!r}: must be in (0, {MAX_DELTA:g}]")
         if self.window < 2 or not 0 <= self.min_noise < math.inf:

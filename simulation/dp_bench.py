@@ -174,7 +174,8 @@ def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, 
         r["ndcg_vs_non_private"] = r["ndcg@10"] / baseline if baseline else None
     report = {"dataset": dataset, "rounds": settings.get("rounds"),
               "clients_per_round": settings.get("clients-per-round"), "delta": delta,
-              "noise": "distributed" if settings.get("distributed-noise") else "local (record) / server (user)",
+              "noise": ("distributed (the item-item release)" if settings.get("private-model", "item-item") == "item-item"
+                        else "distributed" if settings.get("distributed-noise") else "local (record) / server (user)"),
               "canaries": {"count": 2 * canaries, "membership": "each in a user's log with probability 1/2",
                            "window": window, "attack": "next-item loss on the canary, lower = member",
                            "lower_bound": "one-run audit (Steinke, Nasr & Jagielski 2023), 95% confidence"},

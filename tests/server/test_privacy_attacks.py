@@ -292,3 +292,13 @@ def test_one_record_moves_a_contribution_by_at_most_the_record_sensitivity(windo
         kept = np.delete(log, np.arange(start, min(start + window, len(log))))
         worst = max(worst, np.linalg.norm(user_contribution(log, 200) - user_contribution(kept, 200)))
     assert SENSITIVITY < worst <= record_sensitivity(window)
+
+
+def test_a_device_policy_without_a_budget_limit_is_its_own_choice():
+    """A simulation's reference run without DP (target epsilon inf) must still train: an unlimited
+    budget is the device's own setting (the session-8 sweep aborted every round on it); a delta
+    above 1e-3 stays refused."""
+    from client.privacy import DevicePolicy
+    assert DevicePolicy.of({}, {"privacy": "none", "target-epsilon": math.inf}).budget == math.inf
+    with pytest.raises(ValueError, match="privacy delta"):
+        DevicePolicy.of({"privacy-delta": 0.01}, {})
