@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.store import credentials_path, read_credentials
-from shared.protocol import (RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply, pack_masked_reply,
-                             pack_refusal, pack_register_reply, pack_shares_reply, pack_unmask_reply, unit_weight,
+from shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
+                             pack_masked_reply, pack_refusal, pack_register_reply, pack_shares_reply, pack_unmask_reply, unit_weight,
                              unpack_confirm_request, unpack_masked_request, unpack_shares_request,
                              unpack_unmask_request)
 from shared.secagg.client import SecAggClient, identity_public, new_identity_key
@@ -197,7 +197,10 @@ def handle_confirm(msg: Message, context: Context, settings: dict) -> Message:
 
 
 def handle_unmask(msg: Message, context: Context) -> Message:
-    request = unpack_unmask_request(msg.content)
+    try:
+        request = unpack_unmask_request(msg.content)
+    except (MalformedRecord, KeyError, TypeError, ValueError) as err:   # malformed: refused, never a crash
+        return _refuse(msg, context, ProtocolViolation(f"malformed unmask request: {err}"))
     try:
         client = _load(context, request.round_id)
         shares = client.unmask_shares(request.alive, request.dropped, request.signatures, request.witnesses)

@@ -214,11 +214,15 @@ class SecureRound:
             # Before any unmask share is asked for: a sum with fewer noise shares is never opened.
             raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
                                "whose noise shares the privacy guarantee counts on")
-        signatures = self._confirm(grid, round_id, alive, dropped, index, node_of, outcome)
+        signatures = self._confirm(grid, round_id, alive, dropped, index, node_of,
+                                   (params.max_clients, params.neighbours), outcome)
         # Distributed noise: every signed alive input's record and signature, for the clients to
         # check that the alive count they are shown is of real devices.
         witnesses = ({u: registered[u] + signatures[u] for u in alive if u in signatures}
                      if task.min_contributions else {})
+        if len(witnesses) < task.min_contributions:   # the clients would refuse: do not ask them
+            raise RoundAborted(f"{len(witnesses)} witnessed inputs, fewer than the {task.min_contributions} "
+                               "whose noise shares the privacy guarantee counts on")
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
             round_id, alive, dropped, held, witnesses)) for u, held in server.signatures_for(signatures).items()},
             outcome, self.fail_on_error)
@@ -250,16 +254,16 @@ class SecureRound:
                             for node, count in sorted(blamed.items())]
 
     def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], index: dict,
-                 node_of: dict, outcome: SecureOutcome) -> dict[int, bytes]:
+                 node_of: dict, graph: tuple[int, int], outcome: SecureOutcome) -> dict[int, bytes]:
         """Step 3, the consistency round: every alive client signs the one view of the round;
         client number -> its signature (each client checks its holders' before revealing)."""
         result = self._step(grid, "confirm", {node_of[u]: pack_confirm_request(ConfirmRequest(round_id, alive, dropped))
                                               for u in alive}, outcome, self.fail_on_error)
         signatures = {}
-        view = view_message(round_id, alive, dropped)
         for node, content in result.replies.items():
             try:
                 signature = unpack_confirm_reply(content)
+                view = view_message(round_id, alive, dropped, graph, index[node])
                 if not verify_view(IdentityRecord.from_bytes(self.identities[node]).device_public, signature, view):
                     raise MalformedRecord("view signature does not verify")
                 signatures[index[node]] = signature

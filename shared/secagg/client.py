@@ -19,7 +19,7 @@ from shared.secagg.fixed_point import quantise
 from shared.secagg.identity import (RECORD_BYTES, DeviceCredentials, IdentityRecord, record_digest, verify_view,
                                     view_message)
 from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
-                                  holders_problem)
+                                  holders_problem, neighbour_graph)
 from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, load_private, open_sealed, pair_mask_seed,
                                       prg, private_bytes, public_bytes, seal, shamir_split)
 
@@ -62,6 +62,16 @@ class SecAggClient:
         self.answered = False
         self.min_alive = 0                       # distributed DP: the fewest inputs whose sum it helps unmask
 
+    def graph(self) -> dict[int, list[int]]:
+        return neighbour_graph(self.params.max_clients, self.params.neighbours, self.round_id)
+
+    def _view(self, alive: list[int], dropped: list[int], signer: int) -> bytes:
+        try:
+            return view_message(self.round_id, alive, dropped, (self.params.max_clients, self.params.neighbours),
+                                signer)
+        except ValueError as err:
+            raise ProtocolViolation(str(err)) from None
+
     @property
     def s_public(self) -> bytes:
         return public_bytes(X25519PrivateKey.from_private_bytes(self.s_private))
@@ -76,6 +86,10 @@ class SecAggClient:
         of the records this device already checked (a run's records do not change); new ones are added."""
         if self.index in neighbour_records:
             raise ProtocolViolation("a client is not its own neighbour")
+        if not set(neighbour_records) <= set(self.graph()[self.index]):
+            # The graph follows from the round id: a server cannot hand out another one (e.g.
+            # disjoint groups whose sums it could unmask one by one).
+            raise ProtocolViolation("neighbours outside this round's graph")
         verified = set() if verified is None else verified
         for v, blob in neighbour_records.items():
             try:
@@ -164,7 +178,7 @@ class SecAggClient:
                                     "this client no shares")
         if not masked_with <= set(alive) | set(dropped):
             raise ProtocolViolation("the view leaves out neighbours this client masked with")
-        view = view_message(self.round_id, alive, dropped)
+        view = self._view(alive, dropped, self.index)
         if self.view and self.view != view:
             raise ProtocolViolation("a second, different view of the round is refused")
         self.view = view
@@ -179,19 +193,19 @@ class SecAggClient:
         distinct enrolled devices that signed the view (`_check_witnesses`)."""
         if self.answered:
             raise ProtocolViolation("unmasking is answered once per round")
-        view = view_message(self.round_id, alive, dropped)
+        view = self._view(alive, dropped, self.index)
         if not self.view or view != self.view:
             raise ProtocolViolation("unmasking is answered only for the view this client signed")
         signed = 1   # this client's own signature of the view; then its holders', until t verify
         for v, signature in signatures.items():
             if signed >= self.params.threshold:
                 break
-            signed += v in self.devices and verify_view(self.devices[v], signature, view)
+            signed += v in self.devices and verify_view(self.devices[v], signature, self._view(alive, dropped, v))
         if signed < self.params.threshold:
             raise ProtocolViolation(f"{signed} of this client's holders signed the view, fewer than the "
                                     f"threshold {self.params.threshold}")
         if self.min_alive:
-            self._check_witnesses(set(alive), witnesses or {}, view)
+            self._check_witnesses(alive, dropped, witnesses or {})
         alive_set, dropped_set = set(alive), set(dropped)
         holders_alive = len(alive_set & {*self.c_publics, self.index})
         if holders_alive < self.params.threshold:
@@ -205,22 +219,26 @@ class SecAggClient:
                 out[owner] = b"s" + bundle[SHARE_BYTES:]
         return out
 
-    def _check_witnesses(self, alive: set[int], witnesses: dict[int, bytes], view: bytes) -> None:
-        """The sum must carry at least `min_alive` noise shares: a server could pad the alive list
-        with numbers that are nobody. Each alive input needs a witness (identity record + view
-        signature), all of distinct devices; a random sample of WITNESS_SAMPLE of them (drawn here,
-        after the server committed to all) is checked against the CA and the view. A server that
-        made up a fraction f of them passes with probability (1 - f)^WITNESS_SAMPLE."""
-        witnessed = {u: w for u, w in witnesses.items() if u in alive and len(w) == RECORD_BYTES + 64}
-        devices = {w[32:64] for w in witnessed.values()}
+    def _check_witnesses(self, alive: list[int], dropped: list[int], witnesses: dict[int, bytes]) -> None:
+        """The sum this client helps unmask must carry at least `min_alive` noise shares. The server
+        could pad the alive list with numbers that are nobody, or cut the graph so that part of the
+        round unmasks alone. So only inputs connected to this one through alive neighbours in the
+        round's graph count (the part whose masks it helps remove), each needs a witness (identity
+        record + its signature of the view under its own number), all of distinct devices, and a
+        random sample of WITNESS_SAMPLE of them, drawn here after the server committed, is checked
+        against the CA. A made-up fraction f passes with probability (1 - f)^WITNESS_SAMPLE."""
+        part = _connected(self.graph(), set(alive), self.index)
+        witnessed = {u: w for u, w in witnesses.items() if u in part and len(w) == RECORD_BYTES + 64}
+        devices = {w[32:64] for w in witnessed.values()}   # the records' device keys
         if len(witnessed) < self.min_alive or len(devices) < len(witnessed):
-            raise ProtocolViolation(f"{len(witnessed)} witnessed inputs of {len(devices)} distinct devices, fewer "
-                                    f"than the {self.min_alive} whose noise shares the privacy guarantee needs")
+            raise ProtocolViolation(f"{len(witnessed)} witnessed inputs of {len(devices)} distinct devices in this "
+                                    f"client's part of the round, fewer than the {self.min_alive} whose noise shares "
+                                    "the privacy guarantee needs")
         chosen = secrets.SystemRandom().sample(sorted(witnessed), min(WITNESS_SAMPLE, len(witnessed)))
         for u in chosen:
             record = IdentityRecord.from_bytes(witnessed[u][:RECORD_BYTES])
-            if not record.verify(self.ca_public) or not verify_view(record.device_public,
-                                                                    witnessed[u][RECORD_BYTES:], view):
+            if not record.verify(self.ca_public) or not verify_view(
+                    record.device_public, witnessed[u][RECORD_BYTES:], self._view(alive, dropped, u)):
                 raise ProtocolViolation(f"the witness of alive input {u} is no enrolled device's signature of "
                                         "this view", blame=(u,))
 
@@ -252,6 +270,17 @@ class SecAggClient:
         for name in cls._MAPS:
             setattr(client, name, _unpack(bytes(state[name])))
         return client
+
+
+def _connected(graph: dict[int, list[int]], alive: set[int], start: int) -> set[int]:
+    """The alive clients reachable from `start` through alive neighbours."""
+    seen, stack = {start}, [start]
+    while stack:
+        for v in graph.get(stack.pop(), ()):
+            if v in alive and v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return seen
 
 
 def _pack(d: dict[int, bytes]) -> bytes:

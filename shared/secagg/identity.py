@@ -123,10 +123,17 @@ def identity_record(credentials: DeviceCredentials, identity_public: bytes) -> I
                           credentials.sign(IDENTITY + identity_public))
 
 
-def view_message(round_id: bytes, alive: list[int], dropped: list[int]) -> bytes:
-    """The bytes a client signs to say: in this round, these sent a masked input, these did not."""
-    pack = lambda ids: len(ids).to_bytes(4, "big") + b"".join(u.to_bytes(4, "big") for u in sorted(ids))
-    return VIEW + round_id + pack(alive) + pack(dropped)
+def view_message(round_id: bytes, alive: list[int], dropped: list[int], graph: tuple[int, int], signer: int) -> bytes:
+    """The bytes client `signer` signs to say: in this round (whose neighbour graph is fixed by the
+    round id and `graph` = (clients, degree)), these sent a masked input, these did not. Naming the
+    signer ties a signature to its number; naming the graph stops a server from showing clients
+    different graphs. Raises ValueError for a number outside 0..2^32 - 1."""
+    try:
+        pack = lambda ids: len(ids).to_bytes(4, "big") + b"".join(int(u).to_bytes(4, "big") for u in sorted(ids))
+        shape = b"".join(int(x).to_bytes(4, "big") for x in (*graph, signer))
+    except OverflowError:
+        raise ValueError("a client number outside 0..2^32 - 1") from None
+    return VIEW + round_id + shape + pack(alive) + pack(dropped)
 
 
 def verify_view(device_public: bytes, signature: bytes, message: bytes) -> bool:

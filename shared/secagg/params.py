@@ -2,6 +2,7 @@
 sizing for a round, the neighbour graph, and the two ways a round can fail."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ def neighbour_graph(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
     a ring) over a random placement, as SecAgg+ prescribes. k >= n - 1: the complete graph."""
     if k >= n - 1:
         return {u: [v for v in range(1, n + 1) if v != u] for u in range(1, n + 1)}
-    order = np.random.default_rng(np.frombuffer(seed, dtype=np.uint32)).permutation(n) + 1
+    order = np.random.default_rng(np.frombuffer(hashlib.sha256(seed).digest(), dtype=np.uint32)).permutation(n) + 1
     half = k // 2
     graph: dict[int, set[int]] = {int(u): set() for u in order}
     for pos, u in enumerate(order):

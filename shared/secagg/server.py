@@ -2,7 +2,6 @@
 route, sum, unmask; it never holds an unmasked individual vector."""
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 
 import numpy as np
@@ -24,7 +23,9 @@ class SecAggServer:
         if n > params.max_clients:
             raise ValueError(f"{n} clients > max_clients={params.max_clients}")
         self.n, self.params, self.round_id = n, params, round_id
-        self.graph = neighbour_graph(n, params.neighbours, graph_seed or secrets.token_bytes(16))
+        # The graph follows from the round id (which the clients sign), so every client can rebuild
+        # it and check its own neighbours and the part of the round its sum is connected to.
+        self.graph = neighbour_graph(n, params.neighbours, graph_seed or round_id)
         self.identities: dict[int, bytes] = {}
         self.keys: dict[int, tuple[bytes, bytes]] = {}  # client -> (identity, s) public keys
         self.shared: set[int] = set()

@@ -41,7 +41,7 @@ def test_an_empty_inbox_is_refused_so_the_self_mask_alone_never_hides_an_update(
     (SecAggParams(neighbours=1, threshold=2, clip=1.0, max_clients=10), 1, "below this client's floor"),
     # Declares k = 2, t = 3 (all of 3 holders) but hands the victim 4 neighbours: t is then no
     # two-thirds majority of its 5 actual holders.
-    (SecAggParams(neighbours=2, threshold=3, clip=1.0, max_clients=3), 4, "more than the round's"),
+    (SecAggParams(neighbours=2, threshold=3, clip=1.0, max_clients=3), 4, "more than the round.s|outside this round.s graph"),
 ])
 def test_server_chosen_parameters_below_the_clients_floors_are_refused(params, neighbours, message):
     devices = {u: CA.enrol() for u in range(1, 6)}
@@ -73,8 +73,8 @@ def test_split_views_with_a_colluder_reveal_neither_secret():
     signed_a = {u: clients[u].confirm(*alive_view, clients[u].credentials) for u in (1, 2)}
     signed_b = {u: clients[u].confirm(*dropped_view, clients[u].credentials) for u in (3, 4)}
     colluder = clients[5].credentials
-    signed_a[5] = colluder.sign(view_message(b"split", *alive_view))
-    signed_b[5] = colluder.sign(view_message(b"split", *dropped_view))
+    signed_a[5] = colluder.sign(view_message(b"split", *alive_view, (5, 4), 5))
+    signed_b[5] = colluder.sign(view_message(b"split", *dropped_view, (5, 4), 5))
     for u, view, signed in [(1, alive_view, signed_a), (2, alive_view, signed_a),
                             (3, dropped_view, signed_b), (4, dropped_view, signed_b)]:
         with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
@@ -226,32 +226,49 @@ def test_server_settings_that_do_not_fit_a_round_are_adjusted_not_fatal():
     assert odd.neighbours == 6                      # the ring graph needs an even degree
 
 
-def test_an_alive_list_padded_with_nobodies_does_not_thin_the_noise():
-    """Found by the session-8 review: with distributed DP noise, the server builds a closed group of
-    5 real clients, declares a round of 20 and calls 20 inputs alive, so a sum of 5 noise shares
-    would pass a count of the alive list. Each alive input now needs a witness (enrolled record +
-    signature of the view) from a distinct device; made-up ones fail the client's sampled check."""
+def test_a_graph_other_than_the_rounds_is_refused():
+    """Found by the session-8 review: a server that declared a round of 20 but gave 5 clients only
+    each other as neighbours (disjoint groups) could unmask each group's sum on its own, with a
+    fifth of the noise shares. The graph now follows from the round id; clients check theirs."""
     params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=20)
-    clients, server = _masked_round(5, params, b"padded")
+    clients, server, records = start_round(5, params, b"cliques")       # the server's 5-clique
+    with pytest.raises(ProtocolViolation, match="outside this round's graph"):
+        clients[1].share_keys(records[1])
+
+
+def test_an_alive_list_padded_or_cut_does_not_thin_the_noise():
+    """Distributed DP noise, m counted on: each alive input needs a witness (enrolled record +
+    signature of the view under its own number, distinct devices), and only inputs connected to
+    this client through alive neighbours count. Made-up witnesses fail the sampled check; calling
+    two pairs of ring neighbours dropped, which cuts the round in two, leaves each part short."""
+    import hashlib
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=20)
+    clients, server = _masked_round(20, params, b"padded")
+    everyone = (list(range(1, 21)), [])
+    signed = {u: clients[u].confirm(*everyone, clients[u].credentials) for u in clients}
+    real = {u: server.identities[u] + signed[u] for u in clients}
     for client in clients.values():
-        client.min_alive = 20                          # m = 20 noise shares counted on
-    view = (list(range(1, 21)), [])
-    signed = {u: clients[u].confirm(*view, clients[u].credentials) for u in range(1, 6)}
-    real = {u: server.identities[u] + signed[u] for u in range(1, 6)}
-    with pytest.raises(ProtocolViolation, match="witnessed inputs"):
-        clients[2].unmask_shares(*view, signed, real)
+        client.min_alive = 20
     rogue = EnrolmentCA.new()                          # the server's own devices: not enrolled by our CA
     fakes = {}
     for u in range(6, 21):
         device = rogue.enrol()
         fakes[u] = (identity_record(device, identity_public(new_identity_key())).to_bytes()
-                    + device.sign(view_message(b"padded", *view)))
+                    + device.sign(view_message(b"padded", *everyone, (20, 4), u)))
     with pytest.raises(ProtocolViolation, match="no enrolled device's signature"):
-        clients[3].unmask_shares(*view, signed, {**real, **fakes})
-    # An honest round of five with m = 5: its own witnesses suffice.
-    clients, server = _masked_round(5, params, b"honest")
-    honest = ([1, 2, 3, 4, 5], [])
-    signed = {u: clients[u].confirm(*honest, clients[u].credentials) for u in clients}
+        clients[3].unmask_shares(*everyone, signed, {**real, **fakes})
+    with pytest.raises(ProtocolViolation, match="witnessed inputs"):
+        clients[4].unmask_shares(*everyone, signed, {u: real[u] for u in range(1, 19)})
+    assert clients[5].unmask_shares(*everyone, signed, real)          # the honest round is answered
+    # The cut: ring positions 0, 1 and 10, 11 "dropped" leave two arcs of 8 (the graph's order is
+    # public: it follows from the round id).
+    clients, server = _masked_round(20, params, b"cut")
+    order = np.random.default_rng(np.frombuffer(hashlib.sha256(b"cut").digest(), dtype=np.uint32)).permutation(20) + 1
+    dropped = sorted(int(order[i]) for i in (0, 1, 10, 11))
+    view = ([u for u in range(1, 21) if u not in dropped], dropped)
+    signed = {u: clients[u].confirm(*view, clients[u].credentials) for u in view[0]}
     for client in clients.values():
-        client.min_alive = 5
-    assert clients[4].unmask_shares(*honest, signed, {u: server.identities[u] + signed[u] for u in clients})
+        client.min_alive = 10                          # 16 alive in all, but 8 in each part
+    middle = int(order[5])
+    with pytest.raises(ProtocolViolation, match="in this client's part of the round"):
+        clients[middle].unmask_shares(*view, signed, {u: server.identities[u] + signed[u] for u in view[0]})
