@@ -71,11 +71,16 @@ def mrr(ranks: np.ndarray, k: int) -> np.ndarray:
 
 
 def coverage(recommended: np.ndarray, n_items: int) -> float:
-    """Share of the catalog (indices 1..n_items) in at least one top-K list."""
-    return len(np.unique(recommended)) / n_items
+    """Share of the catalog (indices 1..n_items) in at least one top-K list. Index 0 marks a slot
+    with nothing in it (a user who has seen almost the whole catalog): not counted."""
+    items = np.unique(recommended)
+    return len(items[items > 0]) / n_items
 
 
 def novelty(recommended: np.ndarray, item_users: np.ndarray, n_users: int) -> float:
     """Mean self-information of recommended items; item_users[i] = users who trained on i."""
+    recommended = recommended[recommended > 0]   # empty slots (index 0) say nothing about novelty
+    if not recommended.size:
+        return float("nan")
     p = (item_users[recommended] + 1.0) / (n_users + 1.0)
     return float(np.mean(-np.log2(p)))

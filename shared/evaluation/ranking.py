@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.evaluation.metrics import (coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
+from shared.evaluation.metrics import (NEG_INF, coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
                             top_k)
 from shared.data.preprocess import Split, item_popularity
 
@@ -50,7 +50,9 @@ def evaluate(scorer: Scorer, split: Split, stage: str = "test", *, ks: tuple[int
         scores = exclude_seen(np.asarray(scorer(batch_h), dtype=np.float64).copy(), batch_h)
         ranks.append(target_ranks(scores, batch_t))
         for k in ks:
-            recommended[k].append(top_k(scores, k))
+            best = top_k(scores, k)
+            best[np.take_along_axis(scores, best, axis=1) == NEG_INF] = 0   # excluded items fill no slot
+            recommended[k].append(best)
         if sampled_negatives:
             sampled_ranks.append(_sampled_ranks(scores, batch_t, sampled_negatives, rng))
     ranks = np.concatenate(ranks)
