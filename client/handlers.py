@@ -36,12 +36,12 @@ def _model(catalog_path: str, hyper: ModelHyper) -> Recommender:
     return build_recommender(hyper, catalog.n_items, catalog.content if catalog.content_dim else None)
 
 
-def _setup(msg: Message, context: Context, settings: dict) -> tuple[Recommender, UserLog, RoundConfig, Weights]:
+def _setup(msg: Message, context: Context, settings: dict,
+           config: RoundConfig) -> tuple[Recommender, UserLog, Weights]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
     log_path, catalog_path = client_paths(context.node_config, {**settings, **context.run_config})
-    config = unpack_round_config(msg.content["config"])
     model = _model(str(catalog_path), config.model)
-    return model, UserLog.load(log_path), config, from_record(msg.content["arrays"], model_layout(model))
+    return model, UserLog.load(log_path), from_record(msg.content["arrays"], model_layout(model))
 
 
 def privacy_problem(config: RoundConfig, context: Context, settings: dict) -> str | None:
@@ -51,7 +51,7 @@ def privacy_problem(config: RoundConfig, context: Context, settings: dict) -> st
         problems = policy.problems(config.privacy)
         if problems:
             return "the round asks more than this device allows: " + "; ".join(problems)
-        if config.privacy.record:
+        if config.privacy.record or config.stage == cooccurrence.STAGE:   # a round that spends needs the ledger
             PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
     except (ValueError, PrivacyRefusal) as err:
         return str(err)
@@ -112,13 +112,14 @@ def _refuse(msg: Message, context: Context, reason: str) -> Message:
 
 
 def handle_train(msg: Message, context: Context, settings: dict) -> Message:
-    model, log_, config, global_weights = _setup(msg, context, settings)
+    config = unpack_round_config(msg.content["config"])
     if config.privacy.noise_shares:
         # A plain reply would carry this client's update without its share of the noise.
         return _refuse(msg, context, "distributed DP noise needs secure aggregation; refusing a plain round")
     problem = privacy_problem(config, context, settings)
     if problem:
         return _refuse(msg, context, problem)
+    model, log_, global_weights = _setup(msg, context, settings, config)
     started = time.perf_counter()
     delta, metrics = train_update(model, global_weights, log_, config, context, settings, _seeded_rng(config, context))
     if config.privacy.mode == "none":   # timing grows with the data: not released under DP
@@ -127,7 +128,6 @@ def handle_train(msg: Message, context: Context, settings: dict) -> Message:
 
 
 def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
-    model, log_, config, weights = _setup(msg, context, settings)
     try:
         unit = DevicePolicy.of(context.node_config, settings).unit
     except ValueError as err:   # a device whose own policy is broken answers nothing about its data
@@ -136,6 +136,8 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
         # One user's metrics on a held-out interaction, exact: nothing a DP guarantee covers.
         return _refuse(msg, context, "this device requires differential privacy, and evaluation replies are "
                                      "not noised")
+    config = unpack_round_config(msg.content["config"])
+    model, log_, weights = _setup(msg, context, settings, config)
     load_weights(model, weights)
     return Message(content=pack_eval_reply(local_metrics(model, log_, config.stage)), reply_to=msg)
 
@@ -149,7 +151,7 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
         return secure.refuse_round(msg, context, problem)
     if config.stage == cooccurrence.STAGE:
         return _item_item_masked(msg, context, settings, config)
-    model, log_, config, global_weights = _setup(msg, context, settings)
+    model, log_, global_weights = _setup(msg, context, settings, config)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
     return secure.handle_masked(msg, context, train, config, noise_std=noise_share_of(config))
@@ -165,15 +167,13 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
     p = config.privacy
     multiplier = max(p.record_noise, p.user_noise)   # the one in force; the policy checked its floor
     policy = DevicePolicy.of(context.node_config, settings)
-    if p.mode == "none" or p.noise_shares < 1 or not 0 <= multiplier < np.inf or (multiplier == 0 and policy.unit != "none"):
+    unnoised = multiplier == 0 and policy.unit != "none"
+    if p.mode == "none" or p.noise_shares < 1 or not 0 <= multiplier < np.inf or unnoised:
         # Without noise shares nobody adds noise, and the sum of a few devices would show their items.
         return secure.refuse_round(msg, context, f"an item-item release needs a DP mode, noise shares >= 1 and a "
                                                  f"finite noise multiplier (got mode {p.mode!r}, {p.noise_shares} "
                                                  f"shares, multiplier {multiplier!r})")
-    try:
-        ledger = PrivacyLedger(ledger_path(context.node_config, paths))
-    except PrivacyRefusal as err:
-        return secure.refuse_round(msg, context, str(err))
+    ledger = PrivacyLedger(ledger_path(context.node_config, paths))   # its presence: privacy_problem
     event = (multiplier, 1.0, 1)
 
     def contribute() -> tuple[Weights, TrainMetrics]:

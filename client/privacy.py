@@ -16,7 +16,8 @@ One step is one Gaussian mechanism on the chunk set: the step uses the *sum* of 
 gradients plus the noise (a fixed denominator: dividing by the number of chunks would release
 that number). Adding or removing one chunk moves the clipped sum by at most record_clip. A log
 with no chunk still takes the step (zero gradient, the same noise): an update without noise
-would tell the server that this user has almost no data. The ledger composes these steps over every round this
+would tell the server that this user has almost no data.
+The ledger composes these steps over every round this
 client ever trained in. The server's random choice of clients would amplify the guarantee,
 but the client cannot check that choice, so the ledger does not count it.
 
@@ -49,7 +50,7 @@ from opacus.optimizers import DPOptimizer
 from client.local import LocalStep
 from client.store import LedgerMissing, read_ledger, write_ledger
 from shared.model.training import left_pad, per_example_loss
-from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon
+from shared.privacy.accounting import ACCOUNTANTS, MODES, Event, epsilon
 from shared.privacy.dp_grad import per_example_gradients
 from shared.protocol import PrivacyRound, TrainMetrics
 from shared.settings import default, distributed_record_step_problems
@@ -90,12 +91,12 @@ class DevicePolicy:
     window: int = default("record-window")       # the smallest record (interactions) it accepts as the unit
     min_noise: float = 0.0                        # the smallest noise multiplier it accepts
 
-    NODE_KEYS = {"unit": "privacy-unit", "budget": "privacy-budget", "delta": "privacy-delta", "window": "privacy-record-window",
-                 "min_noise": "privacy-min-noise"}
+    NODE_KEYS = {"unit": "privacy-unit", "budget": "privacy-budget", "delta": "privacy-delta",
+                 "window": "privacy-record-window", "min_noise": "privacy-min-noise"}
     SETTING_KEYS = {"unit": "privacy", "budget": "target-epsilon", "delta": "delta", "window": "record-window"}
 
     def __post_init__(self):
-        if self.unit not in ("none", "record", "user", "both"):
+        if self.unit not in MODES:
             raise ValueError(f"privacy unit {self.unit!r}: must be none, record, user or both")
         if not self.budget > 0:   # inf is the device's own choice (no limit); a server cannot set it
             raise ValueError(f"privacy budget {self.budget!r}: must be an epsilon > 0")
@@ -107,17 +108,20 @@ class DevicePolicy:
 
     @classmethod
     def of(cls, node_config: dict, settings: dict) -> "DevicePolicy":
-        values, where = {}, {}
+        values, where = {}, []
         for name, key in cls.NODE_KEYS.items():
-            source = ("node config", node_config, key) if key in node_config else (
-                "setting", settings, cls.SETTING_KEYS.get(name, ""))
-            if source[2] in source[1]:
-                values[name], where[name] = source[1][source[2]], f"{source[0]} {source[2]}"
+            setting = cls.SETTING_KEYS.get(name)
+            if key in node_config:
+                values[name] = node_config[key]
+                where.append(f"node config {key}")
+            elif setting in settings:
+                values[name] = settings[setting]
+                where.append(f"setting {setting}")
         try:
             values = {name: {"window": int, "unit": str}.get(name, float)(v) for name, v in values.items()}
             return cls(**values)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"this device's privacy policy ({', '.join(where.values()) or 'defaults'}): "
+            raise ValueError(f"this device's privacy policy ({', '.join(where) or 'defaults'}): "
                              f"{err}") from None
 
     def record_privacy(self, p: PrivacyRound) -> "RecordPrivacy":
@@ -131,13 +135,13 @@ class DevicePolicy:
 
     def problems(self, p: PrivacyRound) -> list[str]:
         out = []
-        if p.mode not in ("none", "record", "user", "both"):
+        if p.mode not in MODES:
             return [f"privacy mode {p.mode!r} is not none, record, user or both"]
         if not all(0 <= n < math.inf for n in (p.record_noise, p.user_noise)) or p.noise_shares < 0:
             return ["noise multipliers must be finite and >= 0, noise shares >= 0"]
         if self.unit in ("record", "both") and not p.record:
             out.append("this device requires record-level DP and the round has none")
-        if self.unit in ("user", "both") and p.mode not in ("user", "both"):
+        if self.unit in ("user", "both") and not p.user:
             out.append("this device requires user-level DP and the round has none")
         if p.mode == "none":
             return out
@@ -153,7 +157,7 @@ class DevicePolicy:
                            f"of {self.window}")
             if not 0 < p.record_clip < math.inf:
                 out.append(f"record clip {p.record_clip!r} is not finite and > 0")
-        noise = [n for n, on in ((p.record_noise, p.record), (p.user_noise, p.mode in ("user", "both"))) if on]
+        noise = [n for n, on in ((p.record_noise, p.record), (p.user_noise, p.user)) if on]
         if any(not self.min_noise <= n < math.inf for n in noise):
             out.append(f"noise multiplier {min(noise)!r} is below this device's floor of {self.min_noise:g} "
                        "(or not finite)")

@@ -318,7 +318,7 @@ def _checkpoint(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer, hi
     save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.identity(),
                                             "optimizer": optimizer.state_dict(), "history": history})
     history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
-    _append_round(out / "rounds.jsonl", history[-1])
+    append_round(out / "rounds.jsonl", history[-1])
 
 
 class NotEnoughNodes(RuntimeError):
@@ -489,6 +489,6 @@ def _write_rounds(path: Path, history: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _append_round(path: Path, record: dict) -> None:
+def append_round(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

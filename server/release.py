@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from server.federation import FederationConfig, RoundRecord, _append_round, wait_for_nodes
+from server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
 from server.secure import SecureRound, SecureTask
 from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
 from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, STAGE, ease_weights, pair_count, ridge_for, symmetric,
@@ -63,10 +63,9 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     m = noise_shares(len(nodes), len(nodes), False, cfg.secure.dropout)
     sensitivity = unit_sensitivity(p.mode, p.record_window)
     share_std = multiplier * sensitivity / math.sqrt(m)
-    record, user = p.mode in ("record", "both"), p.mode in ("user", "both")
     request = PrivacyRound(mode=p.mode, budget=p.target_epsilon, delta=p.delta, accountant=accountant,
-                           record_noise=multiplier if record else 0.0, record_clip=p.record_clip,
-                           record_window=p.record_window, user_noise=multiplier if user else 0.0, noise_shares=m)
+                           record_noise=multiplier if p.record else 0.0, record_clip=p.record_clip,
+                           record_window=p.record_window, user_noise=multiplier if p.user else 0.0, noise_shares=m)
     config = pack_round_config(RoundConfig(1, cfg.seed, cfg.local, cfg.model, request, stage=STAGE))
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=SENSITIVITY + CLAMP_SIGMAS * share_std,
                       min_contributions=m, size=pair_count(n_items))
@@ -74,14 +73,15 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     log.info("item-item release: %d nodes, noise multiplier %.3g, %d noise shares, %d pairs", len(nodes),
              multiplier, m, pair_count(n_items))
     outcome = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error).run(grid, 1, nodes, task)
-    history = [asdict(RoundRecord(
+    record = RoundRecord(
         1, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
         int(outcome.bytes_down / max(outcome.sampled, 1)), outcome.bytes_up / max(outcome.sampled, 1),
         time.perf_counter() - started, None, float("nan"), metrics={"secagg": outcome.params},
-        phase_seconds=outcome.phases, trained=outcome.result is not None))]
-    _append_round(out / "rounds.jsonl", history[0])
+        phase_seconds=outcome.phases, trained=outcome.result is not None)
+    history = [asdict(record)]
+    append_round(out / "rounds.jsonl", history[0])
     if progress is not None:
-        progress(RoundRecord(**{**history[0], "rejected": list(history[0]["rejected"])}))
+        progress(record)
     if outcome.result is None:
         raise ReleaseFailed("the item-item release's secure sum aborted: " + "; ".join(outcome.reasons[:3]))
     weights = ease_weights(symmetric(outcome.result.total, n_items), ridge_for(multiplier * sensitivity))

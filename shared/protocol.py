@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 
 from shared.model.config import ModelHyper
 from shared.secagg.identity import RECORD_BYTES
-from shared.settings import default
+from shared.settings import PrivacyUnits, default
 
 Weights = dict[str, np.ndarray]
 Layout = dict[str, tuple[int, ...]]
@@ -135,7 +135,7 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyRound:
+class PrivacyRound(PrivacyUnits):
     """The differential privacy a round asks of a client (mode "none": none)."""
     mode: str = "none"
     budget: float = 0.0          # the server's target epsilon; a device may hold a smaller one
@@ -146,10 +146,6 @@ class PrivacyRound:
     record_window: int = 0
     user_noise: float = 0.0
     noise_shares: int = 0        # m > 0: distributed noise, this many clients' shares in every sum
-
-    @property
-    def record(self) -> bool:
-        return self.mode in ("record", "both")
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,20 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+class PrivacyUnits:
+    """Which units a privacy `mode` ("none", "record", "user", "both") protects: one rule for the
+    server's plan (PrivacyConfig) and the round a client is sent (PrivacyRound)."""
+    mode: str
+
+    @property
+    def record(self) -> bool:
+        return self.mode in ("record", "both")
+
+    @property
+    def user(self) -> bool:
+        return self.mode in ("user", "both")
 RUN_CONFIG: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.run_config)
 
 

@@ -244,13 +244,12 @@ def run_dp_items_bench(data, out: Path, *, epsilons=(1.0, 4.0, 8.0, math.inf), s
     ridge and recency decay chosen on validation, test NDCG@10; and a one-run audit of one release
     per epsilon with canaries in the logs (each in with probability 1/2). The noise is calibrated
     by the PRV accountant for one Gaussian mechanism (sampling rate 1, one step)."""
-    from dataclasses import replace
 
     from shared.data.pipeline import prepare_data
     from shared.evaluation.baselines import MostPopular
     from shared.evaluation.ranking import evaluate
     from shared.privacy.accounting import noise_for
-    from shared.privacy.cooccurrence import SENSITIVITY, ItemItemScorer, ease_weights, release, symmetric
+    from shared.privacy.cooccurrence import SENSITIVITY, ease_weights, release, symmetric
     from simulation.audit import epsilon_lower_bound, insert_canaries, make_canaries
 
     out = Path(out)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from shared.settings import default
+from shared.settings import PrivacyUnits, default
 
 MODES = ("none", "record", "user", "both")
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -44,7 +44,7 @@ Event = tuple[float, float, int]
 
 
 @dataclass
-class PrivacyConfig:
+class PrivacyConfig(PrivacyUnits):
     mode: str = default("privacy")
     target_epsilon: float = default("target-epsilon")  # per unit; for "both", each unit gets this epsilon
     delta: float = default("delta")
@@ -69,14 +69,6 @@ class PrivacyConfig:
         if self.mode != "none" and not (self.target_epsilon > 0 and 0 < self.delta < 1):
             raise ValueError(f"--target-epsilon must be > 0 (got {self.target_epsilon:g}) and --delta in (0, 1) "
                              f"(got {self.delta:g})")
-
-    @property
-    def record(self) -> bool:
-        return self.mode in ("record", "both")
-
-    @property
-    def user(self) -> bool:
-        return self.mode in ("user", "both")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -70,14 +70,19 @@ def pair_index(i: np.ndarray, j: np.ndarray, n_items: int) -> np.ndarray:
     return a * (2 * n_items - a - 1) // 2 + (b - a - 1)
 
 
-def user_contribution(items: np.ndarray, n_items: int) -> np.ndarray:
-    """One user's vector: 1/k at each pair of its k distinct items (norm <= SENSITIVITY)."""
+def _user_pairs(items: np.ndarray, n_items: int) -> tuple[np.ndarray, float]:
+    """The positions of a user's item pairs and the value 1/k each gets (k distinct items)."""
     distinct = np.unique(np.asarray(items, dtype=np.int64))
     distinct = distinct[(distinct >= 1) & (distinct <= n_items)]
+    i, j = np.triu_indices(len(distinct), k=1)
+    return pair_index(distinct[i], distinct[j], n_items), 1.0 / max(len(distinct), 1)
+
+
+def user_contribution(items: np.ndarray, n_items: int) -> np.ndarray:
+    """One user's vector: 1/k at each pair of its k distinct items (norm <= SENSITIVITY)."""
     out = np.zeros(pair_count(n_items))
-    if len(distinct) >= 2:
-        i, j = np.triu_indices(len(distinct), k=1)
-        out[pair_index(distinct[i], distinct[j], n_items)] = 1.0 / len(distinct)
+    positions, value = _user_pairs(items, n_items)
+    out[positions] = value
     return out
 
 
@@ -86,10 +91,8 @@ def release(user_items: list[np.ndarray], n_items: int, noise_std: float, rng: n
     secure sum with distributed noise would decode (here computed in one process)."""
     total = np.zeros(pair_count(n_items))
     for items in user_items:
-        distinct = np.unique(np.asarray(items, dtype=np.int64))
-        if len(distinct) >= 2:
-            i, j = np.triu_indices(len(distinct), k=1)
-            total[pair_index(distinct[i], distinct[j], n_items)] += 1.0 / len(distinct)
+        positions, value = _user_pairs(items, n_items)
+        total[positions] += value
     return total + rng.normal(0.0, noise_std, total.shape)
 
 

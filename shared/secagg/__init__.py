@@ -14,7 +14,8 @@ says what holds against whom.
   client       one client's side of a round: shares, masked input, confirm, unmask
   server       the server's side: route, sum, collect the view's signatures, unmask robustly
 
-One round, clients numbered 1..n on a random k-regular graph chosen by the server:
+One round, clients numbered 1..n on a k-regular Harary graph that follows from the round id
+(every client rebuilds it and checks its own neighbours):
   1 shares   each client checks its neighbours' enrolled identity records, makes a fresh mask
              key s and self-mask seed b, Shamir-shares both t-of-(k+1) among its holders, seals
              each neighbour's share under their identity keys, sends s's public key, a
@@ -22,5 +23,7 @@ One round, clients numbered 1..n on a random k-regular graph chosen by the serve
   2 masked   it masks its quantised vector with PRG(b) and +/-PRG(s_uv) per sender
   3 confirm  it signs the server's view (alive, dropped) with its device key, once
   4 unmask   it reveals b shares of alive and s shares of dropped holders, once, only for the
-             view it signed and only when t of its holders signed the same view
+             view it signed and only when t of its holders signed the same view; with distributed
+             DP noise, also only when m alive inputs connected to it are witnessed (enrolled
+             record + signature of the view, distinct devices, a random sample checked)
 """

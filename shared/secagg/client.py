@@ -229,7 +229,7 @@ class SecAggClient:
         against the CA. A made-up fraction f passes with probability (1 - f)^WITNESS_SAMPLE."""
         part = _connected(self.graph(), set(alive), self.index)
         witnessed = {u: w for u, w in witnesses.items() if u in part and len(w) == RECORD_BYTES + 64}
-        devices = {w[32:64] for w in witnessed.values()}   # the records' device keys
+        devices = {IdentityRecord.from_bytes(w[:RECORD_BYTES]).device_public for w in witnessed.values()}
         if len(witnessed) < self.min_alive or len(devices) < len(witnessed):
             raise ProtocolViolation(f"{len(witnessed)} witnessed inputs of {len(devices)} distinct devices in this "
                                     f"client's part of the round, fewer than the {self.min_alive} whose noise shares "

@@ -18,7 +18,7 @@ from server.app import federation_config, initial_weights
 from server.federation import FedRecStrategy, privacy_summary, secure_round, train_round
 from shared.data.pipeline import DataConfig, prepare_data
 from shared.privacy.accounting import clamp_probability, epsilon, user_epsilon
-from shared.protocol import MalformedRecord, refusal_of
+from shared.protocol import refusal_of
 from shared.settings import run_config_defaults
 from simulation.federated import write_store
 from tests.server.test_secure_fuzz import SETTINGS, LoopbackGrid
@@ -101,7 +101,7 @@ def test_a_log_without_a_record_still_sends_a_noised_update(tmp_path):
     import torch
 
     from client.handlers import train_update
-    from client.store import UserLog, start_ledger
+    from client.store import UserLog
     from tests.shared.test_privacy import round_config, tiny_client
     model, weights = tiny_client(tmp_path)
     UserLog(np.array([5]), 3, 4).save(tmp_path / "users" / "0.npz")
