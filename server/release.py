@@ -23,8 +23,8 @@ from flwr.serverapp import Grid
 from server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
 from server.secure import SecureRound, SecureTask
 from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
-from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, STAGE, ease_weights, pair_count, ridge_for, symmetric,
-                                         unit_sensitivity)
+from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, STAGE, ease_weights, pair_count, popularity,
+                                         popularity_weight, ridge_for, symmetric, unit_sensitivity)
 from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
 
 log = logging.getLogger("fedrec.server")
@@ -44,7 +44,8 @@ class ReleaseFailed(RuntimeError):
 
 
 def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, *, progress=None) -> dict:
-    """Run the release; returns {"item_item": weights, "decay", "history", "privacy", "test": None}.
+    """Run the release; returns {"item_item": weights, "decay", "popularity", "popularity_weight",
+    "history", "privacy", "test": None}.
     Writes rounds.jsonl (one record). Raises ReleaseFailed when the sum aborts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,8 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
         progress(record)
     if outcome.result is None:
         raise ReleaseFailed("the item-item release's secure sum aborted: " + "; ".join(outcome.reasons[:3]))
-    weights = ease_weights(symmetric(outcome.result.total, n_items), ridge_for(multiplier * sensitivity))
+    counts = symmetric(outcome.result.total, n_items)
+    weights = ease_weights(counts, ridge_for(multiplier * sensitivity))
     spent = 0.0 if multiplier == 0 else epsilon([(multiplier, 1.0, 1)], p.delta, accountant)
     clamp = clamp_probability(pair_count(n_items), 1) if multiplier else 0.0
     privacy = {
@@ -97,5 +99,7 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
                    "clients' noise; and anyone who sees the released model",
         "contributions": outcome.result.count,
         "refused": int(round(outcome.result.count - outcome.result.weight))}   # weight 0: budget spent
-    return {"item_item": weights.astype(np.float32), "decay": DECAY, "history": history, "privacy": privacy,
-            "test": None}
+    return {"item_item": weights.astype(np.float32), "decay": DECAY,
+            "popularity": popularity(counts).astype(np.float32),
+            "popularity_weight": popularity_weight(multiplier * sensitivity),
+            "history": history, "privacy": privacy, "test": None}

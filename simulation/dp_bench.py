@@ -263,7 +263,7 @@ def run_dp_items_bench(data, out: Path, *, epsilons=(1.0, 4.0, 8.0, math.inf), s
         for seed in seeds:
             upper = release([u.train for u in split.users], n, multiplier * SENSITIVITY, np.random.default_rng(seed))
             rows.append({"epsilon": _eps_label(eps), "seed": seed, "noise_multiplier": multiplier,
-                         **_tuned_item_item(symmetric(upper, n), split)})
+                         **_tuned_item_item(symmetric(upper, n), split, multiplier * SENSITIVITY)})
             if progress:
                 print(f"eps {_eps_label(eps):>4} seed {seed}: test NDCG@10 {rows[-1]['ndcg@10']:.4f} "
                       f"(l2 {rows[-1]['l2']:g}, decay {rows[-1]['decay']:g})", flush=True)
@@ -279,18 +279,19 @@ def run_dp_items_bench(data, out: Path, *, epsilons=(1.0, 4.0, 8.0, math.inf), s
     return _dp_items_report(rows, popular, prepared.dataset.name, delta, out)
 
 
-def _tuned_item_item(G: np.ndarray, split) -> dict:
-    """EASE on G with the ridge and the recency decay that score best on validation; test metrics."""
+def _tuned_item_item(G: np.ndarray, split, noise_std: float) -> dict:
+    """EASE on G with the ridge and the recency decay that score best on validation, blended with
+    the release's popularity as shipped (popularity_weight); test metrics."""
     from shared.evaluation.ranking import evaluate
-    from shared.privacy.cooccurrence import ItemItemScorer, ease_weights
-    best = None
+    from shared.privacy.cooccurrence import ItemItemScorer, ease_weights, popularity, popularity_weight
+    best, counts, blend = None, popularity(G), popularity_weight(noise_std)
     for l2 in (30.0, 100.0, 300.0, 1000.0, 3000.0):
         weights = ease_weights(G, l2)
         for decay in (1.0, 0.9, 0.8):
-            valid = evaluate(ItemItemScorer(weights, decay), split, "valid").metrics["ndcg@10"]
+            valid = evaluate(ItemItemScorer(weights, decay, counts, blend), split, "valid").metrics["ndcg@10"]
             if best is None or valid > best[0]:
                 best = (valid, l2, decay, weights)
-    test = evaluate(ItemItemScorer(best[3], best[2]), split, "test").metrics
+    test = evaluate(ItemItemScorer(best[3], best[2], counts, blend), split, "test").metrics
     return {"l2": best[1], "decay": best[2], "valid_ndcg@10": best[0], "ndcg@10": test["ndcg@10"],
             "hr@10": test["hr@10"], "coverage@10": test.get("coverage@10")}
 

@@ -196,7 +196,8 @@ def _final_scorer(path: Path, model):
         return lambda histories: np.zeros((len(histories), model.cfg.n_items + 1))
     final = torch.load(path, weights_only=False)
     if "item_item" in final:
-        return ItemItemScorer(np.asarray(final["item_item"], dtype=np.float64), final["decay"])
+        return ItemItemScorer(np.asarray(final["item_item"], dtype=np.float64), final["decay"],
+                              final.get("popularity"), final.get("popularity_weight", 0.0))
     load_weights(model, final["weights"])
     return model_scorer(model)
 

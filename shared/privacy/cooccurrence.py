@@ -1,6 +1,8 @@
 """A user-level DP item-item model from one noisy sum: each user's normalised item co-occurrence,
 summed over users with Gaussian noise, then EASE (Steck, WWW 2019) on the noisy matrix, and
-recency-weighted scoring of the user's own history (which never leaves the device).
+recency-weighted scoring of the user's own history (which never leaves the device), blended with
+a private popularity count read from the same release (its row sums: post-processing, no extra
+privacy cost) with a weight that grows with the noise.
 
 Why a sum: the co-occurrence matrix is a sum over users, so a federation can release it with one
 secure sum and distributed noise (each client adds a share), and one release means one Gaussian
@@ -26,6 +28,8 @@ import numpy as np
 SENSITIVITY = 1 / math.sqrt(2)   # L2 norm bound of one user's contribution
 DECAY = 0.9                      # the device weighs an item decay^age (newest 1): chosen on ML-100K validation
 STAGE = "item-item"              # the round config's stage for the release's secure sum
+POPULARITY_WEIGHT = 0.15         # popularity's weight is this times the noise variance: chosen on ML-100K
+                                 # validation at epsilon 1, 2, 4 and 8, three noise seeds each
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,6 +62,24 @@ def ridge_for(noise_std: float) -> float:
     """EASE's ridge for a release with this noise std per pair: 30 without noise, growing with the
     noise (chosen on ML-100K validation at epsilon 4 and 8, three noise seeds each)."""
     return 30.0 + 1000.0 * noise_std
+
+
+def popularity_weight(noise_std: float) -> float:
+    """How much the private popularity count weighs against the (standardised) item-item score: none
+    without noise; at high noise the co-occurrence is mostly noise and popularity, summed over a
+    whole row, is what is left (on ML-100K at epsilon 4, 0.052 test NDCG@10 with it against 0.048
+    without; most-popular 0.045)."""
+    return POPULARITY_WEIGHT * noise_std ** 2
+
+
+def popularity(G: np.ndarray) -> np.ndarray:
+    """A private popularity score per item from the released co-occurrence (row 0 = padding, 0): each
+    row sums what the users holding that item contribute with it, so rows follow how many users hold
+    the item. Standardised over items."""
+    rows = G[1:].sum(axis=1)
+    out = np.zeros(G.shape[0])
+    out[1:] = (rows - rows.mean()) / (rows.std() + 1e-12)
+    return out
 
 
 def pair_count(n_items: int) -> int:
@@ -115,16 +137,22 @@ def ease_weights(G: np.ndarray, l2: float) -> np.ndarray:
 
 
 class ItemItemScorer:
-    """Scores every item for a history as sum_t decay^(age of t) B[item_t]: the newest item weighs 1.
-    Runs on the device with the user's own history."""
+    """Scores every item for a history as sum_t decay^(age of t) B[item_t] (the newest item weighs 1),
+    standardised per user, plus `popularity_weight` times the private popularity score. Runs on the
+    device with the user's own history."""
 
-    def __init__(self, weights: np.ndarray, decay: float):
+    def __init__(self, weights: np.ndarray, decay: float, popularity: np.ndarray | None = None,
+                 popularity_weight: float = 0.0):
         self.weights, self.decay = weights, decay
+        self.popularity = np.zeros(weights.shape[1]) if popularity is None else np.asarray(popularity, np.float64)
+        self.popularity_weight = popularity_weight
 
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
         out = np.zeros((len(histories), self.weights.shape[1]))
         for row, history in enumerate(histories):
             h = np.asarray(history, dtype=np.int64)
             out[row] = (self.decay ** np.arange(len(h))[::-1]) @ self.weights[h]
+        out[:, 1:] /= out[:, 1:].std(axis=1, keepdims=True) + 1e-12
+        out += self.popularity_weight * self.popularity
         out[:, 0] = -np.inf   # index 0 is padding, never an item
         return out

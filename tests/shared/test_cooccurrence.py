@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.privacy.cooccurrence import (SENSITIVITY, ItemItemScorer, ease_weights, pair_count, pair_index, release,
-                                         symmetric, user_contribution)
+from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, ItemItemScorer, ease_weights, pair_count, pair_index,
+                                         popularity, popularity_weight, release, symmetric, user_contribution)
 
 
 def test_pairs_are_laid_out_as_the_strict_upper_triangle():
@@ -48,3 +48,26 @@ def test_scoring_weighs_the_newest_item_most():
                                        np.random.default_rng(0)), 4), 2.0)
     scores = ItemItemScorer(B, 0.5)([np.array([3, 1])])[0]     # 1 is the newest
     assert scores[2] > scores[4]
+
+
+def test_popularity_from_the_release_ranks_items_by_how_many_users_hold_them():
+    logs = [np.array([1, 2]), np.array([1, 3]), np.array([1, 4]), np.array([2, 3])]
+    G = symmetric(release(logs, 4, 0.0, np.random.default_rng(0)), 4)
+    pop = popularity(G)
+    assert pop[0] == 0 and pop[1] > pop[2] == pop[3] > pop[4]
+
+
+def test_popularity_weighs_nothing_without_noise_and_more_as_noise_grows():
+    assert popularity_weight(0.0) == 0.0
+    assert 0 < popularity_weight(0.5) < popularity_weight(1.0) < popularity_weight(3.0)
+
+
+def test_at_high_noise_the_blend_recommends_what_most_users_hold():
+    # Items 1..3 are held by everyone; the item-item weights are pure noise: the blend's top 3 is the popular items.
+    rng = np.random.default_rng(0)
+    logs = [np.array([1, 2, 3, 4 + u % 20]) for u in range(200)]
+    noise = 5.0
+    G = symmetric(release(logs, 24, noise, rng), 24)
+    scores = ItemItemScorer(rng.normal(size=(25, 25)), DECAY, popularity(G), popularity_weight(noise))(
+        [np.array([10])])[0]
+    assert set(np.argsort(-scores)[:3]) == {1, 2, 3}
