@@ -120,6 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
        check=at_least(1), run_config=True),
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
+    _s("fusion", str, "item-knn", "centralized: fuse the encoder's scores with a recency-weighted item-kNN's, "
+       "its settings and weight chosen on validation (none: the encoder alone)", "model",
+       choices=("item-knn", "none")),
     # centralized training
     _s("epochs", int, 150, "most passes over the training data (early stopping may end sooner)", "train",
        check=at_least(1)),

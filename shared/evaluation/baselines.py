@@ -4,8 +4,14 @@
   ItemKNN       cosine item-item similarity over the user-item matrix, top-k neighbours kept
                 (Sarwar et al., WWW 2001; Deshpande & Karypis, TOIS 2004)
   EASE          closed-form linear item-item autoencoder (Steck, WWW 2019)
+  SessionKNN    the users whose logs are most like the user's recent items vote for their items
+                (SKNN / V-SKNN: Jannach & Ludewig, RecSys 2017; Ludewig & Jannach, UMUAI 2018)
 
-Each is fit with `fit(split)` and then called like `evaluation.Scorer`: histories -> scores.
+ItemKNN and EASE are order-aware with `decay` < 1: the history item of age a (0 = newest) weighs
+decay^a when scoring, so recent items count most; decay 1 is the classic unordered model.
+SessionKNN with `recent` = N uses the last N items, weighted linearly by position (V-SKNN) when
+`linear` is set. Each is fit with `fit(split)` and then called like `evaluation.Scorer`:
+histories -> scores. `simulation/baselines.py` tunes them on validation.
 """
 from __future__ import annotations
 
@@ -23,10 +29,12 @@ def interaction_matrix(split: Split) -> sp.csr_matrix:
                          shape=(len(split), split.n_items + 1))
 
 
-def history_matrix(histories: list[np.ndarray], n_columns: int) -> sp.csr_matrix:
+def history_matrix(histories: list[np.ndarray], n_columns: int, decay: float = 1.0) -> sp.csr_matrix:
+    """One row per history; the item of age a (0 = the newest) weighs decay^a (a repeated item: the sum)."""
     rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
     cols = np.concatenate(histories) if histories else np.array([], dtype=np.int64)
-    return sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_columns))
+    ages = np.concatenate([np.arange(len(h))[::-1] for h in histories]) if histories else np.array([])
+    return sp.csr_matrix((np.power(decay, ages).astype(np.float32), (rows, cols)), shape=(len(histories), n_columns))
 
 
 class MostPopular:
@@ -43,8 +51,8 @@ class MostPopular:
 class ItemKNN:
     name = "item-knn"
 
-    def __init__(self, neighbours: int = 100, shrink: float = 10.0):
-        self.neighbours, self.shrink = neighbours, shrink
+    def __init__(self, neighbours: int = 100, shrink: float = 10.0, decay: float = 1.0):
+        self.neighbours, self.shrink, self.decay = neighbours, shrink, decay
 
     def fit(self, split: Split) -> "ItemKNN":
         X = interaction_matrix(split)
@@ -59,14 +67,14 @@ class ItemKNN:
         return self
 
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
-        return np.asarray(history_matrix(histories, self.similarity.shape[0]) @ self.similarity)
+        return np.asarray(history_matrix(histories, self.similarity.shape[0], self.decay) @ self.similarity)
 
 
 class EASE:
     name = "ease"
 
-    def __init__(self, l2: float = 250.0):
-        self.l2 = l2
+    def __init__(self, l2: float = 250.0, decay: float = 1.0):
+        self.l2, self.decay = l2, decay
 
     def fit(self, split: Split) -> "EASE":
         X = interaction_matrix(split)
@@ -79,4 +87,40 @@ class EASE:
         return self
 
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
-        return np.asarray(history_matrix(histories, self.weights.shape[0]) @ self.weights)
+        return np.asarray(history_matrix(histories, self.weights.shape[0], self.decay) @ self.weights)
+
+
+class SessionKNN:
+    """The `recent` newest history items are the query; the `neighbours` training logs most similar
+    to it (cosine over items) score each item by the summed similarity of the logs that hold it.
+    The user's own training log is among the candidates; its items are all in the history, which
+    the evaluator excludes, so it adds nothing (it takes one of the neighbour slots)."""
+    name = "session-knn"
+
+    def __init__(self, neighbours: int = 100, recent: int = 10, linear: bool = True):
+        self.neighbours, self.recent, self.linear = neighbours, recent, linear
+
+    def fit(self, split: Split) -> "SessionKNN":
+        X = interaction_matrix(split)
+        X.data[:] = 1.0
+        norms = np.sqrt(np.asarray(X.sum(axis=1)).ravel())
+        self.logs = X.tocsc()
+        self.normalised = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ X
+        return self
+
+    def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
+        n_columns = self.logs.shape[1]
+        rows, cols, vals = [], [], []
+        for row, history in enumerate(histories):
+            recent = np.asarray(history[-self.recent:], dtype=np.int64)
+            # V-SKNN: position p of n (1 = oldest) weighs p / n; SKNN: all 1.
+            weight = np.arange(1, len(recent) + 1) / max(len(recent), 1) if self.linear else np.ones(len(recent))
+            rows += [row] * len(recent)
+            cols += list(recent)
+            vals += list(weight)
+        query = sp.csr_matrix((vals, (rows, cols)), shape=(len(histories), n_columns))
+        similarity = np.asarray((query @ self.normalised.T).todense())       # (batch, users)
+        if self.neighbours < similarity.shape[1]:
+            cut = np.argpartition(-similarity, self.neighbours, axis=1)[:, self.neighbours:]
+            np.put_along_axis(similarity, cut, 0.0, axis=1)
+        return (sp.csr_matrix(similarity) @ self.logs).toarray()

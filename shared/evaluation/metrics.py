@@ -1,8 +1,11 @@
 """Ranking metrics for leave-one-out evaluation: one held-out item per user.
 
 Ranks are 1-based over the full catalog after removing the user's own training items (and
-the padding index 0). Ties are broken by item index, lower first, which is what a stable
-descending sort gives: the result never depends on the order of evaluation.
+the padding index 0). A target tied with other items gets its expected rank under a random
+order of the tie: each tied item counts half (1 + above + tied / 2). Breaking ties by item index
+instead would favour low indices, which on ML-100K follow popularity (Spearman -0.81), and so
+flatter a scorer with many ties such as most-popular. Top-K lists (coverage, novelty) need one
+order: there ties go to the lower index.
 
 With a single relevant item at rank r:
   HR@K   = 1[r <= K]
@@ -29,8 +32,8 @@ def exclude_seen(scores: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
 
 
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(B, N) scores, (B,) target indices -> (B,) 1-based ranks, ties broken by lower index.
-    -inf marks an excluded item; NaN or +inf is an error (a diverged model), never a rank: a NaN
+    """(B, N) scores, (B,) target indices -> (B,) expected 1-based ranks: other items tied with the
+    target count half (so a rank can end in .5). -inf marks an excluded item; NaN or +inf is an error (a diverged model), never a rank: a NaN
     compares false with everything and would rank first, giving HR = NDCG = 1."""
     bad = np.isnan(scores) | (scores == np.inf)
     if bad.any():
@@ -39,12 +42,12 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
                          "the model diverged; its ranks would be meaningless")
     target_scores = scores[np.arange(len(targets)), targets][:, None]
     above = (scores > target_scores).sum(axis=1)
-    tied_before = ((scores == target_scores) & (np.arange(scores.shape[1])[None, :] < targets[:, None])).sum(axis=1)
-    return 1 + above + tied_before
+    tied_others = (scores == target_scores).sum(axis=1) - 1
+    return 1 + above + tied_others / 2
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """(B, N) -> (B, k) item indices, best first, same tie rule as `target_ranks`."""
+    """(B, N) -> (B, k) item indices, best first, ties to the lower index."""
     part = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, : k + 1]
     # Re-rank the candidates exactly: by score descending, then index ascending.
     cand_scores = np.take_along_axis(scores, part, axis=1)

@@ -27,10 +27,25 @@ def test_hand_computed_case():
         np.mean([-np.log2(5 / 11), -np.log2(1 / 11)]))
 
 
-def test_ties_break_by_lower_index_consistently():
+def test_a_tied_target_gets_its_expected_rank_whatever_its_index():
+    """Before session 9 ties went to the lower index: item 1 ranked 1st and item 3 3rd on equal
+    scores, so an index order that follows popularity flattered tie-heavy scorers."""
     scores = np.array([[-np.inf, 1.0, 1.0, 1.0, 0.5]])
-    assert list(target_ranks(scores, np.array([3]))) == [3]
+    assert list(target_ranks(np.repeat(scores, 3, axis=0), np.array([1, 2, 3]))) == [2, 2, 2]
+    assert list(target_ranks(scores, np.array([4]))) == [4]
     assert list(top_k(scores, 2)[0]) == [1, 2]
+
+
+def test_expected_ranks_match_the_mean_over_shuffled_tie_orders():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(30, 12)).astype(float)
+    targets = rng.integers(1, 12, size=30)
+    shuffled = []
+    for _ in range(2000):
+        order = rng.permutation(12)       # a random tie order: rank by score, then by this order
+        shuffled.append([1 + (row > row[t]).sum() + ((row == row[t]) & (order < order[t])).sum()
+                         for row, t in zip(scores, targets)])
+    assert target_ranks(scores, targets) == pytest.approx(np.mean(shuffled, axis=0), abs=0.1)
 
 
 def reference_rank(row: np.ndarray, target: int) -> int:

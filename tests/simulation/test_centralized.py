@@ -58,8 +58,16 @@ def test_bench_quality_table_and_json(tmp_path, capsys):
                  "--out", str(tmp_path), *FAST])
     assert code == 0
     report = json.loads((tmp_path / "quality.json").read_text())
-    assert [r["method"] for r in report["results"]] == ["most-popular", "item-knn", "ease", "fedrec-centralized"]
-    assert "| ease |" in capsys.readouterr().out
+    assert [r["method"] for r in report["results"]] == [
+        "most-popular", "item-knn", "item-knn-recency", "ease", "ease-recency", "session-knn", "encoder-id-only",
+        "fedrec-centralized", "fedrec-centralized, encoder alone"]
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["ease-recency"]["search_space"]["decay"] and rows["ease-recency"]["settings"]["decay"] < 1
+    assert set(rows["fedrec-centralized"]["settings"]) == {"content", "best_epoch", "item_knn", "fusion_weight"}
+    for method in rows:
+        if method != "fedrec-centralized, encoder alone":
+            assert (tmp_path / method / "test_ranks.npy").is_file()
+    assert "| ease-recency |" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -1,0 +1,65 @@
+"""The encoder's scores fused with an item-item model's: each standardised per user, then summed
+with a weight chosen on validation.
+
+Why: the encoder reads the order of a history and the items' content; a recency-weighted item-kNN
+over the co-occurrence of items reads which items go together, which on MovieLens is most of
+the signal (tuned, it beats the encoder alone: docs/results.md, "Quality"). Each sees what the
+other misses, and standardising makes one weight enough. The co-occurrence matrix is a sum over
+users, so a federation computes it with one secure sum.
+
+Plain numpy: works on any scorer (histories -> (B, N + 1) scores, column 0 = padding).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
+
+Scorer = Callable[[list[np.ndarray]], np.ndarray]
+WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # the item-item weight's search grid (encoder: 1)
+ITEM_ONLY = float("inf")                          # in the grid's report: the item-item scores alone
+
+
+def standardised(scores: np.ndarray) -> np.ndarray:
+    """Each row's items (columns 1..N) to mean 0, sd 1; column 0 stays -inf. Non-finite item
+    scores are an error here, as in the evaluator."""
+    items = np.asarray(scores, dtype=np.float64)[:, 1:]
+    if not np.isfinite(items).all():
+        raise ValueError("a scorer gave NaN or infinite item scores; they cannot be fused")
+    out = np.empty((items.shape[0], items.shape[1] + 1))
+    out[:, 1:] = (items - items.mean(axis=1, keepdims=True)) / (items.std(axis=1, keepdims=True) + 1e-12)
+    out[:, 0] = -np.inf
+    return out
+
+
+class FusedScorer:
+    """encoder z-score + weight x item-item z-score, per user."""
+
+    def __init__(self, encoder: Scorer, items: Scorer, weight: float):
+        self.encoder, self.items, self.weight = encoder, items, weight
+
+    def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
+        if self.weight == 0:
+            return self.encoder(histories)
+        return standardised(self.encoder(histories)) + self.weight * standardised(self.items(histories))
+
+
+def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], targets: np.ndarray,
+                  weights=WEIGHTS, batch_size: int = 256) -> tuple[float, dict[float, float]]:
+    """The weight of `weights` with the best NDCG@10 on these (validation) histories and targets,
+    and the NDCG@10 of every weight tried (and of the item-item scores alone, key ITEM_ONLY). Each
+    scorer runs once per batch."""
+    totals = dict.fromkeys([*weights, ITEM_ONLY], 0.0)
+    for start in range(0, len(histories), batch_size):
+        batch, batch_targets = histories[start:start + batch_size], targets[start:start + batch_size]
+        enc, item = standardised(encoder(batch)), standardised(items(batch))
+        for w in totals:
+            scores = item.copy()
+            if w != ITEM_ONLY:
+                scores[:, 1:] = enc[:, 1:] + w * item[:, 1:]
+            totals[w] += ndcg(target_ranks(exclude_seen(scores, batch), batch_targets), 10).sum()
+    table = {w: total / max(len(histories), 1) for w, total in totals.items()}
+    best = max(weights, key=lambda w: (table[w], -w))   # ties: the smaller weight
+    return best, table
