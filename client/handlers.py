@@ -151,10 +151,27 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
         return secure.refuse_round(msg, context, problem)
     if config.stage == cooccurrence.STAGE:
         return _item_item_masked(msg, context, settings, config)
+    if config.stage == cooccurrence.COUNTS_STAGE:
+        return _item_counts_masked(msg, context, settings, config)
     model, log_, global_weights = _setup(msg, context, settings, config)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
     return secure.handle_masked(msg, context, train, config, noise_std=noise_share_of(config))
+
+
+def _item_counts_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
+    """This user's exact item and item-pair counts (its newest items, shared/privacy/cooccurrence.py)
+    for the item-kNN fused with the encoder: only inside a secure sum (this handler is secure
+    aggregation's masked step) and only without DP (a DP device refused above, on its policy)."""
+    if config.privacy.mode != "none":
+        return secure.refuse_round(msg, context, "exact co-occurrence counts are not sent in a DP run")
+    paths = {**settings, **context.run_config}
+    log_path, catalog_path = client_paths(context.node_config, paths)
+    n_items = load_catalog(catalog_path).n_items
+    # Never the test item: the history a test-time recommendation would start from.
+    items = UserLog.load(log_path).history("test")
+    return secure.handle_masked(msg, context, lambda: ({"counts": cooccurrence.counts_contribution(items, n_items)},
+                                                       TrainMetrics(1.0)), config, noise_std=0.0)
 
 
 def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:

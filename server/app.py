@@ -7,24 +7,30 @@ public catalog bundle (to build the initial model), never a user's log.
 """
 from __future__ import annotations
 
+import logging
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import ServerConfig
 from server.federation import FederationConfig, RoundHook, run_federation
-from server.release import ReleaseFailed, release_item_item
+from server.release import ReleaseFailed, release_item_item, sum_item_counts
 from server.secure import SecureConfig
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
+from shared.model.fusion import FusionConfig
 from shared.model.recommender import build_recommender, shared_weights
 from shared.privacy.accounting import PrivacyConfig
 from shared.protocol import LocalConfig
 from shared.report import write_json
 from shared.settings import default, read_run_config
+
+log = logging.getLogger("fedrec.server")
 
 
 def federation_config(run_config: dict) -> FederationConfig:
@@ -46,7 +52,9 @@ def federation_config(run_config: dict) -> FederationConfig:
         privacy=PrivacyConfig(mode=c["privacy"], target_epsilon=c["target-epsilon"], delta=c["delta"],
                               accountant=c["dp-accountant"], record_clip=c["record-clip"],
                               record_window=c["record-window"], distributed_noise=c["distributed-noise"],
-                              private_model=c["private-model"]))
+                              private_model=c["private-model"]),
+        fusion=FusionConfig(kind=c["fusion"], weight=c["fusion-weight"], decay=c["fusion-decay"], l2=c["ease-l2"],
+                            neighbours=c["knn-neighbours"], shrink=c["knn-shrink"]))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
@@ -77,10 +85,14 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         else:
             final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
                                    out, on_round=on_round, progress=progress)
-            torch.save({"weights": final["weights"], "config": cfg.to_dict()}, out / "final.pt")
+            saved = {"weights": final["weights"], "config": cfg.to_dict()}
+            final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
+                                            progress)
+            torch.save(saved, out / "final.pt")
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
-                                         "rounds_trained": trained, "privacy": final["privacy"]})
+                                         "rounds_trained": trained, "privacy": final["privacy"],
+                                         "fusion": final.get("fusion")})
         if final["history"] and not trained:
             reasons = sorted({r for h in final["history"] for r in h["rejected"]})[:3]
             raise NoRoundTrained(f"none of the {len(final['history'])} rounds trained (skipped or aborted): "
@@ -92,6 +104,32 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
         raise
+
+
+def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, progress) -> dict:
+    """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the
+    item model fused with the encoder (shared/model/fusion.py). Only with secure aggregation and
+    without DP: in the clear every device's item set would show, and exact counts are not DP.
+    Returns what the summary says about it."""
+    fusion = cfg.fusion
+    if fusion.kind == "none":
+        return {"kind": "none"}
+    if not cfg.secure.enabled or cfg.privacy.mode != "none":
+        why = ("it needs secure aggregation (each device's counts would reach the server in the clear)"
+               if not cfg.secure.enabled else "exact counts are not differentially private")
+        log.warning("the encoder alone, without the item model: %s", why)
+        return {"kind": "none", "why": why}
+    try:
+        counts, record = sum_item_counts(grid, cfg, n_items, cfg.rounds + 1, out, progress=progress)
+    except ReleaseFailed as err:
+        log.warning("the encoder alone, without the item model: %s", err)
+        return {"kind": "none", "why": str(err)}
+    saved["item_counts"] = counts.astype(np.float32)
+    saved["fusion"] = asdict(fusion)
+    return {"kind": fusion.kind, "weight": fusion.weight, "item_model": fusion.item_settings,
+            "contributions": record["accepted"], "seconds": record["seconds"],
+            "bytes_up_per_client": record["bytes_up_mean"],
+            "server_learns": "the item and item-pair counts summed over every device (not DP)"}
 
 
 def make_server_app(settings: dict | None = None, *, on_round: RoundHook | None = None,

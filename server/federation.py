@@ -30,6 +30,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.exchange import ClientFailure, exchange, record_bytes
 from server.secure import SecureConfig, SecureRound, SecureTask
 from shared.model.config import ModelHyper
+from shared.model.fusion import FusionConfig
 from shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp_probability, noise_share_std, resolve, user_epsilon,
                                       user_epsilon_against_server)
 from shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
@@ -61,6 +62,7 @@ class FederationConfig:
     wait_for_nodes_s: float = default("wait-for-nodes")
     secure: SecureConfig = field(default_factory=SecureConfig)  # secure aggregation (server/secure.py)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # differential privacy
+    fusion: FusionConfig = field(default_factory=FusionConfig)     # the item model fused with the encoder
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,7 @@
-"""The DP item-item model's federated release (shared/privacy/cooccurrence.py): one secure sum over
+"""Secure sums of item co-occurrence: the DP item-item model's release, and (without DP) the exact
+counts the fused item model is built from (`sum_item_counts`).
+
+The DP item-item model's federated release (shared/privacy/cooccurrence.py): one secure sum over
 every node of each user's normalised item co-occurrence, each client adding its share of the
 Gaussian noise, then EASE on the noisy sum. The run's whole privacy cost is this one Gaussian
 mechanism per user (user level: it covers each record and interaction too).
@@ -23,8 +26,9 @@ from flwr.serverapp import Grid
 from server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
 from server.secure import SecureRound, SecureTask
 from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
-from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, STAGE, ease_weights, pair_count, popularity,
-                                         popularity_weight, ridge_for, symmetric, unit_sensitivity)
+from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE, cooccurrence_from_counts,
+                                         counts_size, ease_weights, pair_count, popularity, popularity_weight,
+                                         ridge_for, symmetric, unit_sensitivity)
 from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
 
 log = logging.getLogger("fedrec.server")
@@ -70,21 +74,10 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     config = pack_round_config(RoundConfig(1, cfg.seed, cfg.local, cfg.model, request, stage=STAGE))
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=SENSITIVITY + CLAMP_SIGMAS * share_std,
                       min_contributions=m, size=pair_count(n_items))
-    started = time.perf_counter()
     log.info("item-item release: %d nodes, noise multiplier %.3g, %d noise shares, %d pairs", len(nodes),
              multiplier, m, pair_count(n_items))
-    outcome = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error).run(grid, 1, nodes, task)
-    record = RoundRecord(
-        1, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
-        int(outcome.bytes_down / max(outcome.sampled, 1)), outcome.bytes_up / max(outcome.sampled, 1),
-        time.perf_counter() - started, None, float("nan"), metrics={"secagg": outcome.params},
-        phase_seconds=outcome.phases, trained=outcome.result is not None)
+    outcome, record = _one_secure_sum(grid, cfg, 1, nodes, task, out, progress, "the item-item release")
     history = [asdict(record)]
-    append_round(out / "rounds.jsonl", history[0])
-    if progress is not None:
-        progress(record)
-    if outcome.result is None:
-        raise ReleaseFailed("the item-item release's secure sum aborted: " + "; ".join(outcome.reasons[:3]))
     counts = symmetric(outcome.result.total, n_items)
     weights = ease_weights(counts, ridge_for(multiplier * sensitivity))
     spent = 0.0 if multiplier == 0 else epsilon([(multiplier, 1.0, 1)], p.delta, accountant)
@@ -103,3 +96,40 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
             "popularity": popularity(counts).astype(np.float32),
             "popularity_weight": popularity_weight(multiplier * sensitivity),
             "history": history, "privacy": privacy, "test": None}
+
+
+def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: int, out: Path, *,
+                    progress=None) -> tuple[np.ndarray, dict]:
+    """One secure sum over every node of its exact item and item-pair counts (no noise: only for
+    runs without DP); returns the (n_items + 1)^2 co-occurrence matrix and the round's record (also
+    appended to rounds.jsonl). The item model fused with the encoder is built from it. Raises
+    ReleaseFailed when the sum aborts or the catalog has too many pairs."""
+    if pair_count(n_items) > MAX_PAIRS:
+        raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
+                            f"{MAX_PAIRS:,} the co-occurrence sum sends densely from every device")
+    nodes = sorted(grid.get_node_ids())
+    config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
+                                           stage=COUNTS_STAGE))
+    task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, size=counts_size(n_items))
+    log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
+    outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum")
+    return cooccurrence_from_counts(outcome.result.total, n_items), asdict(record)
+
+
+def _one_secure_sum(grid: Grid, cfg: FederationConfig, round_id: int, nodes: list[int], task: SecureTask, out: Path,
+                    progress, what: str):
+    """Run one secure round as `task` says, record it in rounds.jsonl; ReleaseFailed if it aborts."""
+    started = time.perf_counter()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    outcome = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error).run(grid, round_id, nodes, task)
+    record = RoundRecord(
+        round_id, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
+        int(outcome.bytes_down / max(outcome.sampled, 1)), outcome.bytes_up / max(outcome.sampled, 1),
+        time.perf_counter() - started, None, float("nan"), metrics={"secagg": outcome.params},
+        phase_seconds=outcome.phases, trained=outcome.result is not None)
+    append_round(Path(out) / "rounds.jsonl", asdict(record))
+    if progress is not None:
+        progress(record)
+    if outcome.result is None:
+        raise ReleaseFailed(f"{what}'s secure sum aborted: " + "; ".join(outcome.reasons[:3]))
+    return outcome, record

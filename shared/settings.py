@@ -120,9 +120,20 @@ SETTINGS: tuple[Setting, ...] = (
        check=at_least(1), run_config=True),
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
-    _s("fusion", str, "item-knn", "centralized: fuse the encoder's scores with a recency-weighted item-kNN's, "
-       "its settings and weight chosen on validation (none: the encoder alone)", "model",
-       choices=("item-knn", "none")),
+    _s("fusion", str, "ease", "fuse the encoder's scores with a recency-weighted item-item model's: ease or "
+       "item-knn (none: the encoder alone). Centralized: the item model's settings and the weight are chosen "
+       "on validation; federated: the item model comes from one secure sum of item co-occurrence counts "
+       "(needs secure aggregation, no DP) and uses --fusion-weight, --fusion-decay, --ease-l2 / --knn-*",
+       "model", choices=("ease", "item-knn", "none"), run_config=True),
+    _s("fusion-weight", float, 0.2, "federated: the item model's weight against the encoder's (both "
+       "standardised per user)", "model", check=at_least(0), run_config=True),
+    _s("fusion-decay", float, 0.95, "federated: the item model weighs a history item decay^age (newest: 1)",
+       "model", check=positive, run_config=True),
+    _s("ease-l2", float, 500.0, "federated: EASE's ridge", "model", check=positive, run_config=True),
+    _s("knn-neighbours", int, 50, "federated: neighbours each item keeps in the item-kNN", "model",
+       check=at_least(1), run_config=True),
+    _s("knn-shrink", float, 10.0, "federated: the item-kNN's similarity shrinkage", "model", check=at_least(0),
+       run_config=True),
     # centralized training
     _s("epochs", int, 150, "most passes over the training data (early stopping may end sooner)", "train",
        check=at_least(1)),

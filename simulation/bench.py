@@ -51,7 +51,8 @@ def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, 
 def _model_settings(summary: dict) -> dict:
     fusion = summary.get("fusion") or {}
     return {"content": summary["config"]["model"]["content"], "best_epoch": summary["best_epoch"],
-            **({"item_knn": fusion["item_knn"], "fusion_weight": fusion["weight"]} if fusion else {})}
+            **({"fusion": fusion["kind"], "item_model": fusion["item_model"], "fusion_weight": fusion["weight"]}
+               if fusion else {})}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -5,7 +5,7 @@ same split with the same model and the same evaluator. Writes to OUT:
   summary.json           metrics on the test stage, config, timings
   validation_curve.png   validation NDCG@10 by epoch
   model.pt               the best model (by validation NDCG@10) and what is needed to reload it
-                         (with --fusion item-knn, also the item-kNN's settings and the fusion weight)
+                         (with --fusion, also the item model's settings and the fusion weight)
   test_ranks.npy         each user's rank of their test item (for `fedrec compare`)
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from shared.data.preprocess import Split, with_validation_in_train
-from shared.evaluation.ranking import evaluate, histories_and_targets
+from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
 from shared.model.fusion import ITEM_ONLY, FusedScorer, choose_weight
 from shared.model.config import ModelHyper
 from shared.settings import default
@@ -68,23 +68,26 @@ def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: 
     return model, result
 
 
-def fuse_with_item_knn(model: Recommender, result: FitResult, split: Split) -> tuple[FusedScorer, dict]:
-    """The refit encoder fused with a recency-weighted item-kNN (shared/model/fusion.py). Both
-    choices are made on validation with what had not seen the validation items: the kNN's settings
-    (fit on the training items), then the weight with the encoder as selected before its refit.
-    For test the kNN is refit on train + validation, as the encoder was."""
+ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency"}   # --fusion -> simulation/baselines.py
+
+
+def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split: Split) -> tuple[FusedScorer, dict]:
+    """The refit encoder fused with a recency-weighted item model (shared/model/fusion.py). Both
+    choices are made on validation with what had not seen the validation items: the item model's
+    settings (fit on the training items), then the weight, with the encoder as selected before its
+    refit. For test the item model is refit on train + validation, as the encoder was."""
     from simulation.baselines import fit_selected, select
-    settings, knn_valid, tried = select("item-knn-recency", split)
+    name = ITEM_MODELS[kind]
+    settings, _, tried = select(name, split)
     selected = copy.deepcopy(model)
-    selected.load_state_dict(result.best_state)
+    selected.load_state_dict(result.selected_state)
     histories, targets = histories_and_targets(split, "valid")
-    weight, table = choose_weight(model_scorer(selected), fit_selected("item-knn-recency", settings, split),
-                                  histories, targets)
-    scorer = FusedScorer(model_scorer(model), fit_selected("item-knn-recency", settings,
-                                                           with_validation_in_train(split)), weight)
-    report = {"item_knn": settings, "item_knn_settings_tried": tried, "weight": weight,
-              "valid_ndcg@10": {("item-knn alone" if w == ITEM_ONLY else f"{w:g}"): v for w, v in table.items()},
-              "chosen_on": "validation items; the encoder as selected before its refit, the kNN fit on train"}
+    weight, table = choose_weight(model_scorer(selected), fit_selected(name, settings, split), histories, targets)
+    scorer = FusedScorer(model_scorer(model), fit_selected(name, settings, with_validation_in_train(split)), weight)
+    report = {"kind": kind, "item_model": settings, "item_settings_tried": tried, "weight": weight,
+              "valid_ndcg@10": {(f"{kind} alone" if w == ITEM_ONLY else f"{w:g}"): v for w, v in table.items()},
+              "chosen_on": "validation items: the encoder as selected before its refit, the item model fit on "
+                           "the training items"}
     return scorer, report
 
 
@@ -96,8 +99,8 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     prepared = prepare_data(job.data, show_progress=progress)
     model, result = train_centralized(prepared, job, progress=progress)
     scorer, fusion = model_scorer(model), None
-    if job.fusion == "item-knn":
-        scorer, fusion = fuse_with_item_knn(model, result, prepared.split)
+    if job.fusion != "none":
+        scorer, fusion = fuse_with_item_model(job.fusion, model, result, prepared.split)
         fusion["encoder_alone_test"] = evaluate(model_scorer(model), prepared.split, "test").metrics
     evaluation = evaluate(scorer, prepared.split, "test", sampled_negatives=job.sampled_negatives,
                           seed=job.train.seed)
@@ -105,7 +108,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     torch.save({"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                 "item_ids": list(prepared.encoded.item_ids), "content": prepared.features.matrix,
-                "fusion": fusion and {k: fusion[k] for k in ("item_knn", "weight")}},
+                "fusion": fusion and {k: fusion[k] for k in ("kind", "item_model", "weight")}},
                out / "model.pt")
     plot_validation_curve({"centralized": result.curve}, out / "validation_curve.png",
                           title=f"{prepared.dataset.name}: centralized")
@@ -116,6 +119,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
         "sampled_metrics": {"protocol": f"held-out item vs {job.sampled_negatives} uniformly "
                             "sampled unseen items (for comparison with papers; not our headline)",
                             **{k: v for k, v in test.items() if k.startswith("sampled")}},
+        "tie_free_users": subset_metrics(evaluation.ranks, tie_free_users(prepared.encoded.timestamps)),
         "fusion": fusion,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "train_seconds": round(result.train_seconds, 2),

@@ -26,10 +26,11 @@ from tqdm import tqdm
 from client.store import UserLog, write_credentials, write_ledger
 from shared.data.catalog_bundle import CatalogBundle, save_catalog
 from shared.errors import RunFailed
-from shared.evaluation.ranking import evaluate
+from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
 from shared.secagg.identity import EnrolmentCA
+from shared.model.fusion import FusedScorer, FusionConfig
 from shared.model.training import model_scorer
 from shared.model.config import ModelHyper
 from shared.model.recommender import load_weights
@@ -162,19 +163,27 @@ class _Harness:
 
 def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: Path, harness: _Harness,
                result: dict, started: float) -> dict:
-    evaluation = evaluate(_final_scorer(out / "final.pt", harness.model), prepared.split, "test")
+    scorer = _final_scorer(out / "final.pt", harness.model)
+    evaluation = evaluate(scorer, prepared.split, "test")
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
-    history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    everything = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    # The co-occurrence sum after the training rounds is reported under "fusion", not as a round.
+    history = [h for h in everything if h["round"] <= int(settings["rounds"])]
     untrained = [h for h in history if not h.get("trained")]
+    fusion = result.get("fusion")
+    if isinstance(scorer, FusedScorer):
+        fusion = {**fusion, "encoder_alone_test": evaluate(scorer.encoder, prepared.split, "test").metrics}
     return {
         "dataset": prepared.dataset.name, "mode": "federated", "metrics": evaluation.metrics,
         "federated_test_metrics": result["test"],
+        "tie_free_users": subset_metrics(evaluation.ranks, tie_free_users(prepared.encoded.timestamps)),
+        "fusion": fusion,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "rounds": len(history), "rounds_trained": len(history) - len(untrained),
         "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]})[:5],
         "clients": len(prepared.split),
-        "bytes_down": int(sum(h["bytes_down"] * h["sampled"] for h in history)),
-        "bytes_up": int(sum(h["bytes_up_mean"] * h["accepted"] for h in history)),
+        "bytes_down": int(sum(h["bytes_down"] * h["sampled"] for h in everything)),
+        "bytes_up": int(sum(h["bytes_up_mean"] * h["accepted"] for h in everything)),
         "bytes_per_client_round": {"down": history[-1]["bytes_down"] if history else 0,
                                    "up": history[-1]["bytes_up_mean"] if history else 0},
         "round_seconds": _percentiles([h["seconds"] for h in history]),
@@ -190,7 +199,8 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
 
 def _final_scorer(path: Path, model):
     """The shipped model as a scorer: the DP item-item weights (scored as a device would, recency
-    weighted), or the encoder's weights in `model`. No file (nothing trained): a scorer of zeros."""
+    weighted), or the encoder's weights in `model`, fused with the item model when the run summed the
+    co-occurrence counts (the item model). No file (nothing trained): a scorer of zeros."""
     from shared.privacy.cooccurrence import ItemItemScorer
     if not path.exists():
         return lambda histories: np.zeros((len(histories), model.cfg.n_items + 1))
@@ -199,6 +209,10 @@ def _final_scorer(path: Path, model):
         return ItemItemScorer(np.asarray(final["item_item"], dtype=np.float64), final["decay"],
                               final.get("popularity"), final.get("popularity_weight", 0.0))
     load_weights(model, final["weights"])
+    if "item_counts" in final:   # the item model from the secure co-occurrence sum, fused with the encoder
+        fusion = FusionConfig(**final["fusion"])
+        items = fusion.item_model(np.asarray(final["item_counts"], dtype=np.float64))
+        return FusedScorer(model_scorer(model), items, fusion.weight)
     return model_scorer(model)
 
 

@@ -56,7 +56,10 @@ class ItemKNN:
 
     def fit(self, split: Split) -> "ItemKNN":
         X = interaction_matrix(split)
-        co = (X.T @ X).toarray()                               # (N+1, N+1) co-occurrence
+        return self.from_cooccurrence((X.T @ X).toarray())
+
+    def from_cooccurrence(self, co: np.ndarray) -> "ItemKNN":
+        """Fit from the (N+1, N+1) co-occurrence X^T X (a federation sums it securely)."""
         norms = np.sqrt(np.diag(co))
         sim = co / (np.outer(norms, norms) + self.shrink + 1e-12)
         np.fill_diagonal(sim, 0.0)
@@ -78,7 +81,11 @@ class EASE:
 
     def fit(self, split: Split) -> "EASE":
         X = interaction_matrix(split)
-        gram = (X.T @ X).toarray().astype(np.float64)
+        return self.from_cooccurrence((X.T @ X).toarray())
+
+    def from_cooccurrence(self, co: np.ndarray) -> "EASE":
+        """Fit from the (N+1, N+1) co-occurrence X^T X (a federation sums it securely)."""
+        gram = np.array(co, dtype=np.float64)
         gram[np.diag_indices_from(gram)] += self.l2
         P = np.linalg.inv(gram)
         B = P / (-np.diag(P))

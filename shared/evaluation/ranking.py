@@ -72,6 +72,20 @@ def evaluate(scorer: Scorer, split: Split, stage: str = "test", *, ks: tuple[int
     return Evaluation(metrics, ranks)
 
 
+def tie_free_users(timestamps: list[np.ndarray]) -> np.ndarray:
+    """Per user (split order): True when the test event's timestamp is later than every other.
+    Where the last two share a timestamp (44% of ML-100K's users), which of them is the test item
+    is an accident of file order; metrics on the tie-free users alone show whether that matters."""
+    return np.array([len(t) >= 2 and t[-1] > t[-2] for t in timestamps])
+
+
+def subset_metrics(ranks: np.ndarray, mask: np.ndarray, k: int = 10) -> dict:
+    """HR@k and NDCG@k over the users in `mask`, and how many they are."""
+    chosen = ranks[mask]
+    return {"users": int(mask.sum()), f"hr@{k}": float(hit_rate(chosen, k).mean()) if chosen.size else float("nan"),
+            f"ndcg@{k}": float(ndcg(chosen, k).mean()) if chosen.size else float("nan")}
+
+
 def _sampled_ranks(scores: np.ndarray, targets: np.ndarray, n_negatives: int,
                    rng: np.random.Generator) -> np.ndarray:
     """Rank of the target among itself and `n_negatives` uniformly drawn unseen items."""

@@ -1,25 +1,53 @@
-"""The encoder's scores fused with an item-item model's: each standardised per user, then summed
-with a weight chosen on validation.
+"""The encoder's scores fused with an item-item model's (recency-weighted EASE or item-kNN): each
+standardised per user, then summed with a weight chosen on validation.
 
-Why: the encoder reads the order of a history and the items' content; a recency-weighted item-kNN
-over the co-occurrence of items reads which items go together, which on MovieLens is most of
-the signal (tuned, it beats the encoder alone: docs/results.md, "Quality"). Each sees what the
-other misses, and standardising makes one weight enough. The co-occurrence matrix is a sum over
-users, so a federation computes it with one secure sum.
+Why: the encoder reads the order of a history and the items' content; an item-item model over
+the co-occurrence of items reads which items go together, which on MovieLens is much of the
+signal (tuned and recency-weighted, it beats the encoder alone: docs/results.md, "Quality"). Each
+sees what the other misses, and standardising makes one weight enough. Both item models are
+built from the co-occurrence matrix X^T X, a sum over users, so a federation computes it with
+one secure sum.
 
 Plain numpy: works on any scorer (histories -> (B, N + 1) scores, column 0 = padding).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from shared.evaluation.baselines import EASE, ItemKNN
 from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
+from shared.settings import default
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # the item-item weight's search grid (encoder: 1)
 ITEM_ONLY = float("inf")                          # in the grid's report: the item-item scores alone
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a federation fuses: the item model's settings and weight are fixed here (a federation
+    has no central validation set; the defaults are the centralized job's choices on ML-100K
+    validation)."""
+    kind: str = default("fusion")                 # "ease", "item-knn" or "none"
+    weight: float = default("fusion-weight")
+    decay: float = default("fusion-decay")
+    l2: float = default("ease-l2")
+    neighbours: int = default("knn-neighbours")
+    shrink: float = default("knn-shrink")
+
+    @property
+    def item_settings(self) -> dict:
+        if self.kind == "ease":
+            return {"l2": self.l2, "decay": self.decay}
+        return {"neighbours": self.neighbours, "shrink": self.shrink, "decay": self.decay}
+
+    def item_model(self, cooccurrence: np.ndarray):
+        """The item model fit from the (N+1, N+1) co-occurrence X^T X."""
+        make = {"ease": EASE, "item-knn": ItemKNN}[self.kind]
+        return make(**self.item_settings).from_cooccurrence(cooccurrence)
 
 
 def standardised(scores: np.ndarray) -> np.ndarray:

@@ -142,12 +142,13 @@ def model_scorer(model: Recommender, batch_size: int = 256) -> Callable[[list[np
 
 @dataclass
 class FitResult:
-    best_state: dict
+    best_state: dict             # the model as returned: the selected weights, refit when refit_epochs > 0
     best_epoch: int
     curve: list[dict] = field(default_factory=list)  # {"epoch", "loss", "ndcg@10", "hr@10"}
     stopped_because: str = "epochs"
     refit_epochs: int = 0
     train_seconds: float = 0.0
+    selected_state: dict | None = None   # the selected weights before the refit: they never saw a validation item
 
 
 def fit(model: Recommender, split: Split, cfg: TrainConfig,
@@ -191,6 +192,7 @@ def fit(model: Recommender, split: Split, cfg: TrainConfig,
             result.stopped_because = "early stopping"
             break
     model.load_state_dict(best_state)
+    result.selected_state = best_state
     refit_epochs = round(cfg.refit_fraction * best_epoch)
     if refit_epochs:
         # The validation item chose the epoch; now it joins the training data, as it would in

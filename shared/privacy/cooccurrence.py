@@ -17,6 +17,13 @@ interactions can move it further (the rest is renormalised): `record_sensitivity
 W = 51. The noise is calibrated to the unit asked for (`unit_sensitivity`). The diagonal is not
 released; EASE's ridge term takes its place.
 Plain numpy; no Flower, no torch. `simulation/dp_bench.py: run_dp_items_bench` measures it.
+
+Without DP the federation sums exact counts instead (`counts_contribution`, stage COUNTS_STAGE):
+each device's item pairs and items (1 each), summed by secure aggregation, give the item
+co-occurrence matrix X^T X that EASE and item-kNN need (shared/model/fusion.py fuses them with the
+encoder). The server learns that sum over every device and nothing about one device beyond it;
+with no noise, the sum is not differentially private (a pair held by one user shows that some user
+holds it).
 """
 from __future__ import annotations
 
@@ -62,6 +69,43 @@ def ridge_for(noise_std: float) -> float:
     """EASE's ridge for a release with this noise std per pair: 30 without noise, growing with the
     noise (chosen on ML-100K validation at epsilon 4 and 8, three noise seeds each)."""
     return 30.0 + 1000.0 * noise_std
+
+
+COUNTS_STAGE = "item-counts"     # the round config's stage for the exact co-occurrence sum (no DP)
+MAX_COUNTED_ITEMS = 300          # a device counts its newest 300 distinct items: bounds its vector's norm
+                                 # (COUNTS_CLIP), which sizes the secure sum's fixed point
+
+
+def counts_size(n_items: int) -> int:
+    """Coordinates of the counts sum: every item pair, then every item."""
+    return pair_count(n_items) + n_items
+
+
+COUNTS_CLIP = math.sqrt(MAX_COUNTED_ITEMS * (MAX_COUNTED_ITEMS - 1) / 2 + MAX_COUNTED_ITEMS)
+
+
+def counts_contribution(items: np.ndarray, n_items: int) -> np.ndarray:
+    """One device's exact counts: 1 at each pair of its newest MAX_COUNTED_ITEMS distinct items and 1
+    at each of those items (L2 norm <= COUNTS_CLIP)."""
+    items = np.asarray(items, dtype=np.int64)
+    items = items[(items >= 1) & (items <= n_items)]
+    newest_first = items[::-1]
+    _, first = np.unique(newest_first, return_index=True)
+    kept = np.sort(newest_first[np.sort(first)][:MAX_COUNTED_ITEMS])
+    out = np.zeros(counts_size(n_items))
+    i, j = np.triu_indices(len(kept), k=1)
+    out[pair_index(kept[i], kept[j], n_items)] = 1.0
+    out[pair_count(n_items) + kept - 1] = 1.0
+    return out
+
+
+def cooccurrence_from_counts(total: np.ndarray, n_items: int) -> np.ndarray:
+    """The (n_items + 1)^2 co-occurrence matrix X^T X (row/column 0 = padding) from the decoded sum
+    of `counts_contribution`s, rounded to whole counts (the fixed point's rounding is < 0.5)."""
+    total = np.rint(np.asarray(total, dtype=np.float64))
+    G = symmetric(total[:pair_count(n_items)], n_items)
+    G[np.arange(1, n_items + 1), np.arange(1, n_items + 1)] = total[pair_count(n_items):]
+    return G
 
 
 def popularity_weight(noise_std: float) -> float:

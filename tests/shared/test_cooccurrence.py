@@ -71,3 +71,15 @@ def test_at_high_noise_the_blend_recommends_what_most_users_hold():
     scores = ItemItemScorer(rng.normal(size=(25, 25)), DECAY, popularity(G), popularity_weight(noise))(
         [np.array([10])])[0]
     assert set(np.argsort(-scores)[:3]) == {1, 2, 3}
+
+
+def test_counts_are_the_users_newest_items_and_their_pairs_within_the_clip():
+    from shared.privacy.cooccurrence import (COUNTS_CLIP, MAX_COUNTED_ITEMS, cooccurrence_from_counts,
+                                             counts_contribution)
+    v = counts_contribution(np.array([2, 4, 2, 3]), 4)
+    G = cooccurrence_from_counts(v, 4)
+    assert np.array_equal(np.diag(G)[1:], [0, 1, 1, 1]) and G[2, 4] == G[3, 4] == G[2, 3] == 1 and G[1].sum() == 0
+    many = counts_contribution(np.arange(1, 1001), 1000)
+    assert np.linalg.norm(many) == pytest.approx(COUNTS_CLIP)
+    kept = np.flatnonzero(many[pair_count(1000):]) + 1          # the newest MAX_COUNTED_ITEMS items
+    assert list(kept) == list(range(1001 - MAX_COUNTED_ITEMS, 1001))

@@ -98,3 +98,11 @@ def test_coverage_counts_only_items_actually_recommended():
     split = Split(users, 5)
     result = evaluate(lambda histories: np.ones((len(histories), 6)), split, "valid")
     assert result.metrics["coverage@10"] == 2 / 5
+
+
+def test_tie_free_users_are_those_whose_last_event_is_strictly_the_latest():
+    from shared.evaluation.ranking import subset_metrics, tie_free_users
+    mask = tie_free_users([np.array([1, 2, 3]), np.array([1, 5, 5]), np.array([4, 4, 9])])
+    assert list(mask) == [True, False, True]
+    out = subset_metrics(np.array([1.0, 1.0, 20.0]), mask)
+    assert out["users"] == 2 and out["hr@10"] == 0.5 and out["ndcg@10"] == pytest.approx(0.5)

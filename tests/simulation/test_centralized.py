@@ -63,7 +63,7 @@ def test_bench_quality_table_and_json(tmp_path, capsys):
         "fedrec-centralized", "fedrec-centralized, encoder alone"]
     rows = {r["method"]: r for r in report["results"]}
     assert rows["ease-recency"]["search_space"]["decay"] and rows["ease-recency"]["settings"]["decay"] < 1
-    assert set(rows["fedrec-centralized"]["settings"]) == {"content", "best_epoch", "item_knn", "fusion_weight"}
+    assert set(rows["fedrec-centralized"]["settings"]) == {"content", "best_epoch", "fusion", "item_model", "fusion_weight"}
     for method in rows:
         if method != "fedrec-centralized, encoder alone":
             assert (tmp_path / method / "test_ranks.npy").is_file()

@@ -173,3 +173,35 @@ def test_secagg_bench_writes_side_by_side_rounds_and_bytes(tmp_path):
     assert report["registration_seconds"] > 0 and "register" not in report["rounds"][3]["phases"]
     # The masked vector is as large as the float32 delta; keys and shares add a little.
     assert 1.0 < report["ratio_secure_over_plain"]["bytes_up_per_client"] < 1.5
+
+
+def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
+    """The item model fused with the encoder is built from one secure sum of every device's item and
+    item-pair counts: decoded, it equals X^T X over the devices' histories (never their test item)."""
+    from server.release import sum_item_counts
+    from shared.data.catalog_bundle import load_catalog
+
+    def body(grid, strategy, start):
+        n_items = load_catalog(tmp_path / "store" / "catalog.npz").n_items
+        counts, record = sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out")
+        return {"counts": counts, "record": record, "replies": grid.replies}
+
+    r = run_in_simulation(tmp_path, body)
+    prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
+    X = np.zeros((30, prepared.split.n_items + 1))
+    for row, user in enumerate(prepared.split.users):
+        X[row, user.history_for_test] = 1.0
+    assert r["record"]["accepted"] == 30
+    assert np.array_equal(r["counts"], X.T @ X)
+    for reply in r["replies"]:            # what reached the server: masked uint32 vectors, never counts
+        assert "counts" not in reply.content and "metrics" not in reply.content
+
+
+def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
+    from server.app import fuse_item_model
+    for override, why in (({"secure-aggregation": False}, "needs secure aggregation"),
+                          ({"privacy": "record", "record-window": 10}, "not differentially private")):
+        cfg = federation_config({**run_config_defaults(), **SETTINGS, **override})
+        saved = {}
+        report = fuse_item_model(None, cfg, 25, tmp_path, saved, None)   # no grid: nothing may be sent
+        assert report["kind"] == "none" and why in report["why"] and "item_counts" not in saved
