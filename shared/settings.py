@@ -97,6 +97,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
     _s("download", bool, True, "download a registered dataset when it is not found locally "
        "(sha256-checked); --no-download fails instead", "data"),
+    _s("rated-items-only", bool, False, "rank only catalog items the log has an event for (as RecBole does; "
+       "ML-1M lists movies nobody rated)", "data"),
     _s("min-rating", float, None, "count only ratings >= this as positives (default: every event)", "data",
        optional=True),
     _s("user-core", int, 3, "drop users with fewer events than this (3: a training, a validation and a "

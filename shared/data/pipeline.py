@@ -10,14 +10,14 @@ The dataset argument is one of
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
 from shared.data.datasets import REGISTRY, cache_dir, load_dataset
 from shared.data.features import ContentFeatures, build_features
-from shared.data.preprocess import Encoded, Split, item_activity, prepare
+from shared.data.preprocess import Encoded, Split, item_activity, items_in_log, prepare
 from shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
 from shared.data.schema import DataError, Dataset, check_items_known, make_catalog
@@ -35,6 +35,7 @@ class DataConfig:
     item_core: int = default("item-core")
     text_encoder: str = default("text-encoder")  # or "none"
     activity_features: bool = True      # popularity/recency from the training log (centralized only)
+    rated_items_only: bool = default("rated-items-only")  # rank only items with an interaction in the log
     allow_download: bool = default("download")
     seed: int = default("seed")
 
@@ -47,7 +48,8 @@ class DataConfig:
         activity (popularity, recency) features there."""
         return cls(dataset=v["dataset"], data_dir=v["data-dir"], catalog=v["catalog"], min_rating=v["min-rating"],
                    user_core=v["user-core"], item_core=v["item-core"], text_encoder=v["text-encoder"],
-                   activity_features=activity_features, allow_download=v["download"], seed=v["seed"])
+                   activity_features=activity_features, allow_download=v["download"], seed=v["seed"],
+                   rated_items_only=v["rated-items-only"])
 
 
 @dataclass
@@ -107,6 +109,8 @@ def _read_folder(folder: Path):
 
 def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedData:
     dataset = load_any(cfg)
+    if cfg.rated_items_only:
+        dataset = replace(dataset, catalog=items_in_log(dataset.catalog, dataset.interactions))
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
                              user_core=cfg.user_core, item_core=cfg.item_core)
     activity = item_activity(split) if cfg.activity_features else None

@@ -169,6 +169,14 @@ def item_activity(split: Split) -> ItemActivity:
     return ItemActivity(count, last, mean, float(times.max()) if len(times) else 0.0)
 
 
+def items_in_log(catalog: Catalog, interactions: Interactions) -> Catalog:
+    """The catalog cut to the items the log has an event for (in file order): what RecBole ranks.
+    ML-1M's movies.dat, for one, lists movies nobody rated; ranking them too makes figures
+    incomparable with papers that do not."""
+    seen = catalog.frame["item"].isin(set(interactions.frame["item"]))
+    return Catalog(catalog.frame[seen].reset_index(drop=True), catalog.source)
+
+
 def prepare(interactions: Interactions, catalog: Catalog, *, min_rating: float | None = None,
             user_core: int = MIN_EVENTS_FOR_SPLIT, item_core: int = 0) -> tuple[Encoded, Split]:
     """The standard pipeline: implicit -> k-core -> encode -> leave-one-out."""

@@ -78,3 +78,17 @@ def test_validation_joins_training_for_the_test_stage_but_test_never_does():
     assert list(user.train) == [1, 2, 3] and user.test == 4
     assert len(user.train_times) == len(user.train)
     assert list(split.users[0].train) == [1, 2]          # the original split is untouched
+
+
+def test_rated_items_only_drops_catalog_items_nobody_touched(tmp_path):
+    from shared.data.pipeline import DataConfig, prepare_data
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "".join(
+        f"u{u},{item},{t}\n" for u in range(4) for t, item in enumerate(["a", "b", "c"])))
+    (tmp_path / "items.csv").write_text("item,title\na,A\nb,B\nunrated,U\nc,C\n")
+    every = prepare_data(DataConfig(dataset=str(tmp_path / "log.csv"), catalog=str(tmp_path / "items.csv"),
+                                    text_encoder="none"))
+    rated = prepare_data(DataConfig(dataset=str(tmp_path / "log.csv"), catalog=str(tmp_path / "items.csv"),
+                                    text_encoder="none", rated_items_only=True))
+    assert every.split.n_items == 4 and rated.split.n_items == 3
+    assert list(rated.encoded.item_ids) == ["a", "b", "c"]
+    assert rated.features.matrix.shape[0] == every.features.matrix.shape[0] - 1   # one content row per item
