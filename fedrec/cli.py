@@ -60,6 +60,11 @@ def _add_benches(kinds) -> None:
     quality = kinds.add_parser("quality", help="baselines vs our model on one split")
     _add_settings(quality, TRAIN)
     _add_output(quality)
+    held_out = kinds.add_parser("held-out", help="the held-out-user protocol: 15%% of users never train; "
+                                "baselines and our model score their last item")
+    _add_settings(held_out, TRAIN)
+    _add_output(held_out)
+    held_out.add_argument("--held-out-fraction", type=float, default=0.15, help="share of users held out")
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
@@ -160,6 +165,11 @@ def _bench(args, values: dict) -> None:
         from simulation.bench import run_quality_bench
         from simulation.centralized import CentralizedJob
         run_quality_bench(CentralizedJob.from_settings(values), args.out, progress=not args.quiet)
+    elif args.bench == "held-out":
+        from simulation.protocols import run_held_out_bench
+        from simulation.centralized import CentralizedJob
+        run_held_out_bench(CentralizedJob.from_settings(values), args.out, fraction=args.held_out_fraction,
+                           progress=not args.quiet)
     elif args.bench == "payload":
         from simulation.bench import run_payload_bench
         run_payload_bench(args.out)

@@ -67,11 +67,13 @@ def fit_selected(name: str, settings: dict, split: Split):
     return _fitted(name, settings, split, {})
 
 
-def tune(name: str, split: Split, space: dict[str, list] | None = None) -> Tuned:
-    """`select`, then the chosen setting refit on train + validation and scored on test."""
+def tune(name: str, split: Split, space: dict[str, list] | None = None, *, sampled_negatives: int = 0) -> Tuned:
+    """`select`, then the chosen setting refit on train + validation and scored on test (also
+    against `sampled_negatives` sampled items, when > 0)."""
     started = time.perf_counter()
     settings, valid, tried = select(name, split, space)
-    test = evaluate(fit_selected(name, settings, with_validation_in_train(split)), split, "test")
+    test = evaluate(fit_selected(name, settings, with_validation_in_train(split)), split, "test",
+                    sampled_negatives=sampled_negatives)
     return Tuned(name, settings, valid, test.metrics, test.ranks, time.perf_counter() - started, tried)
 
 
@@ -86,19 +88,24 @@ def _fitted(name: str, settings: dict, split: Split, cache: dict):
     return model
 
 
-def tune_all(split: Split, out: Path, names=tuple(SEARCH_SPACES), *, progress: bool = True) -> list[dict]:
+def tune_all(split: Split, out: Path, names=tuple(SEARCH_SPACES), *, progress: bool = True,
+             sampled_negatives: int = 0, tie_free: np.ndarray | None = None) -> list[dict]:
     """Tune every baseline; each writes OUT/<name>/test_ranks.npy (for `fedrec compare`) and
-    settings.json. Returns one row per baseline."""
+    settings.json. Returns one row per baseline (with `tie_free`, a mask of users, also their
+    metrics: `tie_free_users`)."""
+    from shared.evaluation.ranking import subset_metrics
     from shared.report import write_json
     rows = []
     for name in names:
-        tuned = tune(name, split)
+        tuned = tune(name, split, sampled_negatives=sampled_negatives)
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "test_ranks.npy", tuned.ranks)
         row = {"method": name, **tuned.test, "valid_ndcg@10": tuned.valid_ndcg, "settings": tuned.settings,
                "search_space": SEARCH_SPACES[name], "settings_tried": tuned.tried,
                "fit_seconds": round(tuned.seconds, 2)}
+        if tie_free is not None:
+            row["tie_free_users"] = subset_metrics(tuned.ranks, tie_free)
         write_json(folder / "settings.json", row)
         rows.append(row)
         if progress:

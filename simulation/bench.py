@@ -10,11 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from shared.data.pipeline import DataConfig, prepare_data
+from shared.evaluation.ranking import tie_free_users
 from shared.report import write_json
 from simulation.baselines import tune_all
 from simulation.centralized import CentralizedJob, run_centralized
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "novelty@10")
+SAMPLED = 99   # negatives per user in the sampled protocol (PFedRec, FedNCF); reported beside, never instead
 
 
 def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, train_model: bool = True) -> dict:
@@ -24,13 +26,17 @@ def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(job.data, show_progress=progress)
-    rows = tune_all(prepared.split, out, progress=progress)
+    tie_free = tie_free_users(prepared.encoded.timestamps)
+    rows = tune_all(prepared.split, out, progress=progress, sampled_negatives=SAMPLED, tie_free=tie_free)
     if train_model:
+        job = replace(job, sampled_negatives=SAMPLED)
         id_only = replace(job, model=replace(job.model, content=False), fusion="none")
         for method, variant in (("encoder-id-only", id_only), ("fedrec-centralized", job)):
             started = time.perf_counter()
             summary = run_centralized(variant, out / method, progress=progress)
-            rows.append({"method": method, **summary["metrics"], "settings": _model_settings(summary),
+            sampled = {k: v for k, v in summary["sampled_metrics"].items() if k.startswith("sampled")}
+            rows.append({"method": method, **summary["metrics"], **sampled, "settings": _model_settings(summary),
+                         "tie_free_users": summary["tie_free_users"],
                          "fit_seconds": round(time.perf_counter() - started, 2)})
             if summary.get("fusion"):
                 rows.append({"method": "fedrec-centralized, encoder alone", **summary["fusion"]["encoder_alone_test"],
@@ -56,11 +62,17 @@ def _model_settings(summary: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| method | " + " | ".join(COLUMNS) + " | chosen on validation | fit s |"
-    rule = "|---" * (len(COLUMNS) + 3) + "|"
+    head = ("| method | " + " | ".join(COLUMNS) + f" | ndcg@10, tie-free users | ndcg@10, {SAMPLED} sampled | "
+            "chosen on validation | fit s |")
+    rule = "|---" * (len(COLUMNS) + 5) + "|"
     body = [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS)
+            + f" | {_figure(r.get('tie_free_users', {}).get('ndcg@10'))} | {_figure(r.get(f'sampled{SAMPLED}_ndcg@10'))}"
             + f" | {_settings_text(r.get('settings', {}))} | {r['fit_seconds']:.1f} |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def _figure(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _settings_text(settings: dict) -> str:

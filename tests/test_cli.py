@@ -11,6 +11,7 @@ BUILDERS = {
     ("train", "--mode", "centralized"): CentralizedJob.from_settings,
     ("train", "--mode", "federated"): FederatedJob.from_settings,
     ("bench", "quality"): CentralizedJob.from_settings,
+    ("bench", "held-out"): CentralizedJob.from_settings,
     ("bench", "privacy"): FederatedJob.from_settings,
     ("bench", "secagg"): lambda v: DataConfig.from_settings(v, activity_features=False),
     ("store",): lambda v: DataConfig.from_settings(v, activity_features=False),

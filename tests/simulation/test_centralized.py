@@ -76,3 +76,18 @@ def test_ml100k_reaches_the_target(datasets_dir, tmp_path):
     assert main(["train", "--dataset", "ml-100k", "--data-dir", str(datasets_dir), "--out", str(tmp_path), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     assert metrics["ndcg@10"] >= 0.080 and metrics["hr@10"] >= 0.150
+
+
+def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
+    from shared.data.pipeline import DataConfig, prepare_data
+    from simulation.protocols import split_held_out
+    split = prepare_data(DataConfig(dataset="synthetic:200x150", text_encoder="none")).split
+    training, held = split_held_out(split, 0.15, seed=0)
+    assert len(held) == 30 and len(training) == 170
+    assert not {u.user_id for u in held.users} & {u.user_id for u in training.users}
+    code = main(["bench", "held-out", "--dataset", "synthetic:200x150", "--epochs", "2",
+                 "--out", str(tmp_path), *FAST])
+    assert code == 0
+    report = json.loads((tmp_path / "held_out.json").read_text())
+    assert report["held_out_users"] == 30 and report["results"][-1]["method"] == "fedrec-centralized"
+    assert all(0 <= r["ndcg@10"] <= 1 for r in report["results"])
