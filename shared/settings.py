@@ -97,6 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
     _s("download", bool, True, "download a registered dataset when it is not found locally "
        "(sha256-checked); --no-download fails instead", "data"),
+    _s("activity-features", bool, True, "centralized: item popularity and recency features counted over every "
+       "user's training events (some later than a given user's test event); federated runs never have them",
+       "data"),
     _s("rated-items-only", bool, False, "rank only catalog items the log has an event for (as RecBole does; "
        "ML-1M lists movies nobody rated)", "data"),
     _s("min-rating", float, None, "count only ratings >= this as positives (default: every event)", "data",

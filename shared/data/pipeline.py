@@ -43,12 +43,13 @@ class DataConfig:
         return asdict(self)
 
     @classmethod
-    def from_settings(cls, v: dict, *, activity_features: bool = True) -> "DataConfig":
+    def from_settings(cls, v: dict, *, activity_features: bool | None = None) -> "DataConfig":
         """From setting keys (shared/settings.py); the federation has no central log, so no
         activity (popularity, recency) features there."""
         return cls(dataset=v["dataset"], data_dir=v["data-dir"], catalog=v["catalog"], min_rating=v["min-rating"],
                    user_core=v["user-core"], item_core=v["item-core"], text_encoder=v["text-encoder"],
-                   activity_features=activity_features, allow_download=v["download"], seed=v["seed"],
+                   activity_features=v["activity-features"] if activity_features is None else activity_features,
+                   allow_download=v["download"], seed=v["seed"],
                    rated_items_only=v["rated-items-only"])
 
 
