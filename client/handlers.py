@@ -22,6 +22,7 @@ from shared.model.config import ModelHyper
 from shared.model.recommender import Recommender, build_recommender, load_weights, model_layout
 from shared.privacy import cooccurrence
 from shared.privacy.accounting import noise_share_std
+from shared.settings import default
 from shared.protocol import (PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record, pack_eval_reply,
                              pack_refusal, pack_train_reply, unpack_round_config, zero_update)
 
@@ -161,17 +162,37 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
 
 def _item_counts_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
     """This user's exact item and item-pair counts (its newest items, shared/privacy/cooccurrence.py)
-    for the item-kNN fused with the encoder: only inside a secure sum (this handler is secure
-    aggregation's masked step) and only without DP (a DP device refused above, on its policy)."""
+    for the item model fused with the encoder: only inside a secure sum (this handler is secure
+    aggregation's masked step), only without DP (a DP device refused above, on its policy), and
+    against a server that may not follow the protocol:
+    - once per device, ever (a marker beside its ledger, written before anything leaves): two sums
+      that differ by one device would show that device's items;
+    - unmasked only in a sum of at least `counts-min-devices` witnessed devices (its node config's
+      floor, else the app's): a thin sum would show its few contributors' items;
+    - only at the clip its vector was made for: a smaller clip would rescale it by a factor that
+      depends on how many items it holds, and tag its coordinates in the sum."""
     if config.privacy.mode != "none":
         return secure.refuse_round(msg, context, "exact co-occurrence counts are not sent in a DP run")
     paths = {**settings, **context.run_config}
     log_path, catalog_path = client_paths(context.node_config, paths)
     n_items = load_catalog(catalog_path).n_items
-    # Never the test item: the history a test-time recommendation would start from.
-    items = UserLog.load(log_path).history("test")
-    return secure.handle_masked(msg, context, lambda: ({"counts": cooccurrence.counts_contribution(items, n_items)},
-                                                       TrainMetrics(1.0)), config, noise_std=0.0)
+    floor = int(context.node_config.get("counts-min-devices", paths.get("counts-min-devices",
+                                                                         default("counts-min-devices"))))
+    marker = ledger_path(context.node_config, paths).with_suffix(".counts-given")
+
+    def contribute() -> tuple[Weights, TrainMetrics]:
+        try:
+            with open(marker, "x") as f:   # exclusive create: a second round finds it
+                f.write(f"round {config.server_round}\n")
+        except FileExistsError:
+            raise secure.ProtocolViolation(f"this device gave its co-occurrence counts once already ({marker}); "
+                                           "it gives them at most once") from None
+        # Never the test item: the history a test-time recommendation would start from.
+        items = UserLog.load(log_path).history("test")
+        return {"counts": cooccurrence.counts_contribution(items, n_items)}, TrainMetrics(1.0)
+
+    return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
+                                exact_clip=cooccurrence.COUNTS_CLIP)
 
 
 def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:

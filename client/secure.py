@@ -135,14 +135,17 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
 
 
 def handle_masked(msg: Message, context: Context, train: Callable, config: RoundConfig,
-                  noise_std: float = 0.0) -> Message:
+                  noise_std: float = 0.0, *, min_alive: int = 0, exact_clip: float | None = None) -> Message:
+    """`min_alive`: unmask only a sum of at least this many witnessed inputs (whatever the noise);
+    `exact_clip`: refuse unless the round's clip is this one (a contribution must never be rescaled)."""
     try:
-        return _masked(msg, context, train, config, noise_std)
+        return _masked(msg, context, train, config, noise_std, min_alive, exact_clip)
     except ProtocolViolation as err:
         return _refuse(msg, context, err)
 
 
-def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig, noise_std: float) -> Message:
+def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig, noise_std: float,
+            min_alive: int = 0, exact_clip: float | None = None) -> Message:
     """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others. With distributed DP
@@ -156,8 +159,15 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         # More shares than the round has clients: the sum would carry less noise than claimed.
         raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
                                 f"{client.params.max_clients} clients")
+    if exact_clip is not None and client.params.clip != exact_clip:
+        # A smaller clip would scale each contribution by a factor that depends on its norm, and so
+        # tag it: the sum's coordinates would tell the contributors apart.
+        raise ProtocolViolation(f"the round's clip {client.params.clip!r} is not this contribution's {exact_clip!r}")
+    if min_alive > client.params.max_clients:
+        raise ProtocolViolation(f"this contribution needs a sum of >= {min_alive} inputs; the round has at most "
+                                f"{client.params.max_clients}")
     # The server will ask for unmask shares only with at least this many inputs alive (checked then).
-    client.min_alive = shares if noise_std > 0 else 0
+    client.min_alive = max(shares if noise_std > 0 else 0, min_alive)
     delta, metrics = train()
     weight = (unit_weight(metrics.num_examples, request.weighting, request.weight_cap)
               if metrics.num_examples > 0 else 0.0)

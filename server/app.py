@@ -54,7 +54,8 @@ def federation_config(run_config: dict) -> FederationConfig:
                               record_window=c["record-window"], distributed_noise=c["distributed-noise"],
                               private_model=c["private-model"]),
         fusion=FusionConfig(kind=c["fusion"], weight=c["fusion-weight"], decay=c["fusion-decay"], l2=c["ease-l2"],
-                            neighbours=c["knn-neighbours"], shrink=c["knn-shrink"]))
+                            neighbours=c["knn-neighbours"], shrink=c["knn-shrink"],
+                            min_devices=c["counts-min-devices"]))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:

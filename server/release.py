@@ -30,6 +30,7 @@ from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSI
                                          counts_size, ease_weights, pair_count, popularity, popularity_weight,
                                          ridge_for, symmetric, unit_sensitivity)
 from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+from shared.secagg.params import HALF_RING
 
 log = logging.getLogger("fedrec.server")
 
@@ -108,9 +109,19 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
         raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
                             f"{MAX_PAIRS:,} the co-occurrence sum sends densely from every device")
     nodes = sorted(grid.get_node_ids())
+    floor = cfg.fusion.min_devices
+    if len(nodes) < floor:
+        raise ReleaseFailed(f"{len(nodes)} devices, fewer than the co-occurrence sum's floor of {floor} "
+                            "(--counts-min-devices): a sum over few devices would show their items")
+    # Each device's rounding error is below 1/scale; whole counts decode exactly while n of them stay below 0.5.
+    worst = len(nodes) ** 2 * (COUNTS_CLIP + 1) / (HALF_RING - 1)
+    if worst >= 0.5:
+        raise ReleaseFailed(f"{len(nodes):,} devices: the 32-bit ring's rounding could reach {worst:.2f} per count; "
+                            "the exact co-occurrence sum supports about 2,000 devices")
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
                                            stage=COUNTS_STAGE))
-    task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, size=counts_size(n_items))
+    task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, min_contributions=floor,
+                      size=counts_size(n_items))
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
     outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum")
     return cooccurrence_from_counts(outcome.result.total, n_items), asdict(record)

@@ -135,6 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("fusion-decay", float, 0.95, "federated: the item model weighs a history item decay^age (newest: 1)",
        "model", check=positive, run_config=True),
     _s("ease-l2", float, 500.0, "federated: EASE's ridge", "model", check=positive, run_config=True),
+    _s("counts-min-devices", int, 100, "federated: the co-occurrence sum's floor: the server aborts, and a device "
+       "refuses to unmask, a sum of fewer witnessed devices (a device's node config may set its own)", "model",
+       check=at_least(2), run_config=True),
     _s("knn-neighbours", int, 50, "federated: neighbours each item keeps in the item-kNN", "model",
        check=at_least(1), run_config=True),
     _s("knn-shrink", float, 10.0, "federated: the item-kNN's similarity shrinkage", "model", check=at_least(0),

@@ -37,6 +37,7 @@ class FusionConfig:
     l2: float = default("ease-l2")
     neighbours: int = default("knn-neighbours")
     shrink: float = default("knn-shrink")
+    min_devices: int = default("counts-min-devices")   # the co-occurrence sum's floor (server and devices)
 
     @property
     def item_settings(self) -> dict:

@@ -232,8 +232,8 @@ class SecAggClient:
         devices = {IdentityRecord.from_bytes(w[:RECORD_BYTES]).device_public for w in witnessed.values()}
         if len(witnessed) < self.min_alive or len(devices) < len(witnessed):
             raise ProtocolViolation(f"{len(witnessed)} witnessed inputs of {len(devices)} distinct devices in this "
-                                    f"client's part of the round, fewer than the {self.min_alive} whose noise shares "
-                                    "the privacy guarantee needs")
+                                    f"client's part of the round, fewer than the {self.min_alive} this client's "
+                                    "input must be summed with (noise shares, or a floor on the contributors)")
         chosen = secrets.SystemRandom().sample(sorted(witnessed), min(WITNESS_SAMPLE, len(witnessed)))
         for u in chosen:
             record = IdentityRecord.from_bytes(witnessed[u][:RECORD_BYTES])

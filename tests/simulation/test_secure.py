@@ -21,7 +21,7 @@ DEFAULTS_CAP = ServerConfig().weight_cap
 SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "id-buckets": 4096,
             "clients-per-round": 12, "local-epochs": 1, "local-lr": 0.5, "update-clip": 5.0,
             "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0,
-            "secure-aggregation": True, "secagg-neighbours": 6, "secagg-threshold": 5}
+            "secure-aggregation": True, "secagg-neighbours": 6, "secagg-threshold": 5, "counts-min-devices": 10}
 
 
 class RecordingGrid:
@@ -195,6 +195,49 @@ def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
     assert np.array_equal(r["counts"], X.T @ X)
     for reply in r["replies"]:            # what reached the server: masked uint32 vectors, never counts
         assert "counts" not in reply.content and "metrics" not in reply.content
+
+
+def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_second_sum(tmp_path):
+    """The attacks of the session-9 review, as a malicious server would run them: a sum over 5
+    devices (a device's floor is 10), a clip smaller than the counts were made for (it would tag
+    each device's coordinates by its item count), and a second sum to difference with the first.
+    Each aborts; the honest sum in between goes through."""
+    from flwr.app import ArrayRecord
+
+    from server.release import ReleaseFailed, sum_item_counts
+    from server.secure import SecureRound, SecureTask
+    from shared.data.catalog_bundle import load_catalog
+    from shared.privacy.cooccurrence import COUNTS_CLIP, COUNTS_STAGE, counts_size
+    from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+
+    def body(grid, strategy, start):
+        cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
+        nodes = sorted(grid.get_node_ids())
+
+        def crafted(round_id, chosen, clip):
+            config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
+                                                   stage=COUNTS_STAGE))
+            task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=clip,
+                              size=counts_size(n_items))   # no floor on the server's side
+            return SecureRound(cfg.secure, cfg.timeout_s, False).run(grid, round_id, chosen, task)
+
+        rescaled = crafted(1, nodes, COUNTS_CLIP / 4)
+        thin = crafted(2, nodes[:5], COUNTS_CLIP)
+        honest = sum_item_counts(grid, cfg, n_items, 3, tmp_path / "out")[1]
+        try:
+            sum_item_counts(grid, cfg, n_items, 4, tmp_path / "out")
+            again = None
+        except ReleaseFailed as err:
+            again = str(err)
+        return {"rescaled": rescaled, "thin": thin, "honest": honest, "again": again}
+
+    r = run_in_simulation(tmp_path, body)
+    assert r["rescaled"].result is None and any("clip" in reason for reason in r["rescaled"].reasons)
+    # A round of 5 is refused before anything is computed (a server that declared a larger round
+    # would meet the witness check at unmasking: tests/shared/test_secagg_attacks.py).
+    assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
+    assert r["honest"]["accepted"] == 30
+    assert r["again"] is not None and "aborted" in r["again"]   # nobody gives a second time
 
 
 def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
