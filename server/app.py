@@ -127,7 +127,7 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
         return {"kind": "none", "why": str(err)}
     saved["item_counts"] = counts.astype(np.float32)
     saved["fusion"] = asdict(fusion)
-    return {"kind": fusion.kind, "weight": fusion.weight, "item_model": fusion.item_settings,
+    return {"kind": fusion.item_kind, "weight": fusion.weight, "item_model": fusion.item_settings,
             "contributions": record["accepted"], "seconds": record["seconds"],
             "bytes_up_per_client": record["bytes_up_mean"],
             "server_learns": "the item and item-pair counts summed over every device (not DP)"}

@@ -97,7 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
     _s("download", bool, True, "download a registered dataset when it is not found locally "
        "(sha256-checked); --no-download fails instead", "data"),
-    _s("activity-features", bool, True, "centralized: item popularity and recency features counted over every "
+    _s("activity-features", bool, False, "centralized: item popularity and recency features counted over every "
        "user's training events (some later than a given user's test event); federated runs never have them",
        "data"),
     _s("rated-items-only", bool, False, "rank only catalog items the log has an event for (as RecBole does; "
@@ -125,12 +125,13 @@ SETTINGS: tuple[Setting, ...] = (
        check=at_least(1), run_config=True),
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
-    _s("fusion", str, "ease", "fuse the encoder's scores with a recency-weighted item-item model's: ease or "
-       "item-knn (none: the encoder alone). Centralized: the item model's settings and the weight are chosen "
-       "on validation; federated: the item model comes from one secure sum of item co-occurrence counts "
-       "(needs secure aggregation, no DP) and uses --fusion-weight, --fusion-decay, --ease-l2 / --knn-*",
-       "model", choices=("ease", "item-knn", "none"), run_config=True),
-    _s("fusion-weight", float, 0.2, "federated: the item model's weight against the encoder's (both "
+    _s("fusion", str, "auto", "fuse the encoder's scores with a recency-weighted item-item model's: ease, "
+       "item-knn, or auto (none: the encoder alone). Centralized: the item model (auto: ease or item-knn), its "
+       "settings and the weight are chosen on validation; federated: the item model comes from one secure sum "
+       "of item co-occurrence counts (needs secure aggregation, no DP) and uses --fusion-weight, "
+       "--fusion-decay, --ease-l2 / --knn-* (auto: ease, the centralized choice on ML-100K)",
+       "model", choices=("auto", "ease", "item-knn", "none"), run_config=True),
+    _s("fusion-weight", float, 0.25, "federated: the item model's weight against the encoder's (both "
        "standardised per user)", "model", check=at_least(0), run_config=True),
     _s("fusion-decay", float, 0.95, "federated: the item model weighs a history item decay^age (newest: 1)",
        "model", check=positive, run_config=True),

@@ -67,13 +67,14 @@ def fit_selected(name: str, settings: dict, split: Split):
     return _fitted(name, settings, split, {})
 
 
-def tune(name: str, split: Split, space: dict[str, list] | None = None, *, sampled_negatives: int = 0) -> Tuned:
+def tune(name: str, split: Split, space: dict[str, list] | None = None, *, sampled_negatives: int = 0,
+         seed: int = 0) -> Tuned:
     """`select`, then the chosen setting refit on train + validation and scored on test (also
     against `sampled_negatives` sampled items, when > 0)."""
     started = time.perf_counter()
     settings, valid, tried = select(name, split, space)
     test = evaluate(fit_selected(name, settings, with_validation_in_train(split)), split, "test",
-                    sampled_negatives=sampled_negatives)
+                    sampled_negatives=sampled_negatives, seed=seed)
     return Tuned(name, settings, valid, test.metrics, test.ranks, time.perf_counter() - started, tried)
 
 
@@ -89,15 +90,15 @@ def _fitted(name: str, settings: dict, split: Split, cache: dict):
 
 
 def tune_all(split: Split, out: Path, names=tuple(SEARCH_SPACES), *, progress: bool = True,
-             sampled_negatives: int = 0, tie_free: np.ndarray | None = None) -> list[dict]:
+             sampled_negatives: int = 0, seed: int = 0, tie_free: np.ndarray | None = None) -> list[dict]:
     """Tune every baseline; each writes OUT/<name>/test_ranks.npy (for `fedrec compare`) and
     settings.json. Returns one row per baseline (with `tie_free`, a mask of users, also their
     metrics: `tie_free_users`)."""
     from shared.evaluation.ranking import subset_metrics
     from shared.report import write_json
-    rows = []
+    rows: list[dict] = []
     for name in names:
-        tuned = tune(name, split, sampled_negatives=sampled_negatives)
+        tuned = tune(name, split, sampled_negatives=sampled_negatives, seed=seed)
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "test_ranks.npy", tuned.ranks)
@@ -112,3 +113,32 @@ def tune_all(split: Split, out: Path, names=tuple(SEARCH_SPACES), *, progress: b
             print(f"{name}: valid NDCG@10 {tuned.valid_ndcg:.4f}, test {tuned.test['ndcg@10']:.4f} "
                   f"with {tuned.settings} ({tuned.tried} tried, {tuned.seconds:.0f} s)", flush=True)
     return rows
+
+
+def fused_baselines(split: Split, first: str, second: str, out: Path, *, sampled_negatives: int = 0,
+                    seed: int = 0, tie_free: np.ndarray | None = None) -> dict:
+    """Two tuned baselines fused as fedrec fuses its encoder (shared/model/fusion.py), the weight
+    chosen on validation: the ensemble baseline an ensemble of ours should be measured against."""
+    from shared.evaluation.ranking import histories_and_targets, subset_metrics
+    from shared.model.fusion import FusedScorer, choose_weight
+    from shared.report import write_json
+    started = time.perf_counter()
+    chosen = {name: select(name, split)[0] for name in (first, second)}
+    histories, targets = histories_and_targets(split, "valid")
+    weight, _ = choose_weight(fit_selected(first, chosen[first], split), fit_selected(second, chosen[second], split),
+                              histories, targets)
+    everything = with_validation_in_train(split)
+    scorer = FusedScorer(fit_selected(first, chosen[first], everything), fit_selected(second, chosen[second], everything),
+                         weight)
+    test = evaluate(scorer, split, "test", sampled_negatives=sampled_negatives, seed=seed)
+    name = f"{first} + {second}"
+    folder = Path(out) / name.replace(" + ", "+")
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "test_ranks.npy", test.ranks)
+    row = {"method": name, **test.metrics, "settings": {first: chosen[first], second: chosen[second],
+                                                         "weight": weight},
+           "fit_seconds": round(time.perf_counter() - started, 2)}
+    if tie_free is not None:
+        row["tie_free_users"] = subset_metrics(test.ranks, tie_free)
+    write_json(folder / "settings.json", row)
+    return row

@@ -5,6 +5,7 @@ All methods see the same training interactions and are ranked by the same evalua
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from shared.data.pipeline import DataConfig, prepare_data
 from shared.evaluation.ranking import tie_free_users
 from shared.report import write_json
-from simulation.baselines import tune_all
+from simulation.baselines import fused_baselines, tune_all
 from simulation.centralized import CentralizedJob, run_centralized
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "novelty@10")
@@ -27,20 +28,32 @@ def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, 
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(job.data, show_progress=progress)
     tie_free = tie_free_users(prepared.encoded.timestamps)
-    rows = tune_all(prepared.split, out, progress=progress, sampled_negatives=SAMPLED, tie_free=tie_free)
+    seed = job.train.seed    # the same sampled negatives for every method
+    rows = tune_all(prepared.split, out, progress=progress, sampled_negatives=SAMPLED, seed=seed, tie_free=tie_free)
+    rows.append(fused_baselines(prepared.split, "ease-recency", "session-knn", out, sampled_negatives=SAMPLED,
+                                seed=seed, tie_free=tie_free))
     if train_model:
         job = replace(job, sampled_negatives=SAMPLED)
-        id_only = replace(job, model=replace(job.model, content=False), fusion="none")
-        for method, variant in (("encoder-id-only", id_only), ("fedrec-centralized", job)):
+        id_only = replace(job, model=replace(job.model, content=False))
+        # Our encoder without content features (the sequential, SASRec-like reference) alone and
+        # fused as ours is; then fedrec itself, and its encoder alone.
+        # (method fused, its folder; the encoder alone, its folder)
+        runs = ((id_only, "encoder-id-only + item model", "encoder-id-only-fused", "encoder-id-only",
+                 "encoder-id-only"),
+                (job, "fedrec-centralized", "fedrec-centralized", "fedrec-centralized, encoder alone",
+                 "fedrec-encoder-alone"))
+        for variant, method, folder, alone, alone_folder in runs:
             started = time.perf_counter()
-            summary = run_centralized(variant, out / method, progress=progress)
+            summary = run_centralized(variant, out / folder, progress=progress)
             sampled = {k: v for k, v in summary["sampled_metrics"].items() if k.startswith("sampled")}
             rows.append({"method": method, **summary["metrics"], **sampled, "settings": _model_settings(summary),
-                         "tie_free_users": summary["tie_free_users"],
+                         "tie_free_users": summary["tie_free_users"], "folder": folder,
                          "fit_seconds": round(time.perf_counter() - started, 2)})
             if summary.get("fusion"):
-                rows.append({"method": "fedrec-centralized, encoder alone", **summary["fusion"]["encoder_alone_test"],
-                             "settings": {}, "fit_seconds": rows[-1]["fit_seconds"]})
+                (out / alone_folder).mkdir(exist_ok=True)
+                shutil.copy(out / folder / "encoder_alone_test_ranks.npy", out / alone_folder / "test_ranks.npy")
+                rows.append({"method": alone, **summary["fusion"]["encoder_alone_test"], "settings": {},
+                             "folder": alone_folder, "fit_seconds": rows[-1]["fit_seconds"]})
     report = {"dataset": prepared.dataset.name, "users": len(prepared.split),
               "items": prepared.split.n_items,
               "protocol": "temporal leave-one-out, full ranking, history items excluded, ties at their expected "

@@ -72,23 +72,30 @@ ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency"}   # --fus
 
 
 def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split: Split) -> tuple[FusedScorer, dict]:
-    """The refit encoder fused with a recency-weighted item model (shared/model/fusion.py). Both
-    choices are made on validation with what had not seen the validation items: the item model's
-    settings (fit on the training items), then the weight, with the encoder as selected before its
-    refit. For test the item model is refit on train + validation, as the encoder was."""
+    """The refit encoder fused with a recency-weighted item model (shared/model/fusion.py): `kind`
+    "ease" or "item-knn", or "auto" for whichever fuses better on validation. Every choice is made
+    on validation with what had not seen the validation items: the item model's settings (fit on
+    the training items), then the weight, with the encoder as selected before its refit. For test
+    the item model is refit on train + validation, as the encoder was."""
     from simulation.baselines import fit_selected, select
-    name = ITEM_MODELS[kind]
-    settings, _, tried = select(name, split)
     selected = copy.deepcopy(model)
     selected.load_state_dict(result.selected_state)
     histories, targets = histories_and_targets(split, "valid")
-    weight, table = choose_weight(model_scorer(selected), fit_selected(name, settings, split), histories, targets)
-    scorer = FusedScorer(model_scorer(model), fit_selected(name, settings, with_validation_in_train(split)), weight)
-    report = {"kind": kind, "item_model": settings, "item_settings_tried": tried, "weight": weight,
-              "valid_ndcg@10": {(f"{kind} alone" if w == ITEM_ONLY else f"{w:g}"): v for w, v in table.items()},
-              "chosen_on": "validation items: the encoder as selected before its refit, the item model fit on "
+    candidates = {}
+    for name in (ITEM_MODELS if kind == "auto" else [kind]):
+        settings, _, tried = select(ITEM_MODELS[name], split)
+        weight, table = choose_weight(model_scorer(selected), fit_selected(ITEM_MODELS[name], settings, split),
+                                      histories, targets)
+        candidates[name] = {"item_model": settings, "item_settings_tried": tried, "weight": weight,
+                            "valid_ndcg@10": {(f"{name} alone" if w == ITEM_ONLY else f"{w:g}"): v
+                                              for w, v in table.items()}}
+    chosen = max(candidates, key=lambda name: candidates[name]["valid_ndcg@10"][f"{candidates[name]['weight']:g}"])
+    best = candidates[chosen]
+    items = fit_selected(ITEM_MODELS[chosen], best["item_model"], with_validation_in_train(split))
+    report = {"kind": chosen, **best, "candidates": candidates,
+              "chosen_on": "validation items: the encoder as selected before its refit, the item models fit on "
                            "the training items"}
-    return scorer, report
+    return FusedScorer(model_scorer(model), items, best["weight"]), report
 
 
 def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) -> dict:
@@ -101,7 +108,9 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     scorer, fusion = model_scorer(model), None
     if job.fusion != "none":
         scorer, fusion = fuse_with_item_model(job.fusion, model, result, prepared.split)
-        fusion["encoder_alone_test"] = evaluate(model_scorer(model), prepared.split, "test").metrics
+        alone = evaluate(model_scorer(model), prepared.split, "test")
+        fusion["encoder_alone_test"] = alone.metrics
+        np.save(out / "encoder_alone_test_ranks.npy", alone.ranks)
     evaluation = evaluate(scorer, prepared.split, "test", sampled_negatives=job.sampled_negatives,
                           seed=job.train.seed)
     test = evaluation.metrics

@@ -34,7 +34,7 @@ class DataConfig:
     user_core: int = default("user-core")
     item_core: int = default("item-core")
     text_encoder: str = default("text-encoder")  # or "none"
-    activity_features: bool = True      # popularity/recency from the training log (centralized only)
+    activity_features: bool = default("activity-features")  # popularity/recency from the training log
     rated_items_only: bool = default("rated-items-only")  # rank only items with an interaction in the log
     allow_download: bool = default("download")
     seed: int = default("seed")

@@ -4,7 +4,9 @@ of each kind: on ML-100K one run's NDCG@10 moves by a few percent with the seed 
 943 test users leave a few percent of sampling error, so one pair of runs says little.
 
 Input: per-user test ranks (1 = first), one array per run, the same users in the same
-order in every run (`test_ranks.npy`, written beside each run's summary.json).
+order in every run (`test_ranks.npy`, written beside each run's summary.json): (users, 2) rank
+spans since session 9 (ties at their expected value), (users,) ranks before (ties to the lower
+index). Runs of the two kinds are not compared.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ def compare_runs(baseline: list[np.ndarray], candidate: list[np.ndarray], *, k: 
         raise ValueError("need at least one baseline run and one candidate run")
     if len({len(r) for r in runs}) != 1:
         raise ValueError(f"runs rank different numbers of users: {sorted({len(r) for r in runs})}")
+    if len({r.ndim for r in runs}) != 1:
+        raise ValueError("some runs' ranks break ties by item index (made before session 9) and others at their "
+                         "expected value; rerun the older ones")
     a = np.stack([ndcg(r, k) for r in baseline])   # runs x users
     b = np.stack([ndcg(r, k) for r in candidate])
     n = a.shape[1]

@@ -1,13 +1,14 @@
 """Ranking metrics for leave-one-out evaluation: one held-out item per user.
 
 Ranks are 1-based over the full catalog after removing the user's own training items (and
-the padding index 0). A target tied with other items gets its expected rank under a random
-order of the tie: each tied item counts half (1 + above + tied / 2). Breaking ties by item index
-instead would favour low indices, which on ML-100K follow popularity (Spearman -0.81), and so
-flatter a scorer with many ties such as most-popular. Top-K lists (coverage, novelty) need one
-order: there ties go to the lower index.
+the padding index 0). A target tied with t other items may sit anywhere from `above + 1` to
+`above + 1 + t`: `target_ranks` gives that span, and each metric is its mean over the span, the
+expected value under a random order of the tie (a tie across position K counts a fraction of a
+hit). Breaking ties by item index instead would favour low indices, which on ML-100K follow
+popularity (Spearman -0.81), and so flatter a scorer with many ties such as most-popular.
+Top-K lists (coverage, novelty) need one order: there ties go to the lower index.
 
-With a single relevant item at rank r:
+With a single relevant item at rank r (a span: the mean over its ranks):
   HR@K   = 1[r <= K]
   NDCG@K = 1[r <= K] / log2(r + 1)      (the ideal DCG is 1)
   MRR@K  = 1[r <= K] / r
@@ -32,8 +33,8 @@ def exclude_seen(scores: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
 
 
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(B, N) scores, (B,) target indices -> (B,) expected 1-based ranks: other items tied with the
-    target count half (so a rank can end in .5). -inf marks an excluded item; NaN or +inf is an error (a diverged model), never a rank: a NaN
+    """(B, N) scores, (B,) target indices -> (B, 2) spans of 1-based ranks: the first and last
+    position the target can take among the items tied with it (equal without a tie). -inf marks an excluded item; NaN or +inf is an error (a diverged model), never a rank: a NaN
     compares false with everything and would rank first, giving HR = NDCG = 1."""
     bad = np.isnan(scores) | (scores == np.inf)
     if bad.any():
@@ -43,7 +44,13 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     target_scores = scores[np.arange(len(targets)), targets][:, None]
     above = (scores > target_scores).sum(axis=1)
     tied_others = (scores == target_scores).sum(axis=1) - 1
-    return 1 + above + tied_others / 2
+    return np.stack([1 + above, 1 + above + tied_others], axis=1).astype(np.float64)
+
+
+def expected_rank(ranks: np.ndarray) -> np.ndarray:
+    """The mean rank of each span (a 1-D array of ranks is returned as it is)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return ranks if ranks.ndim == 1 else ranks.mean(axis=1)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -61,16 +68,28 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return best
 
 
+def _expected(ranks: np.ndarray, k: int, gain) -> np.ndarray:
+    """Per user, gain(rank) if rank <= k else 0: for (B,) ranks at that rank, for (B, 2) spans the
+    mean over the span's ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.ndim == 1:
+        return np.where(ranks <= k, gain(np.maximum(ranks, 1.0)), 0.0)
+    first, last = ranks[:, 0], ranks[:, 1]
+    table = np.concatenate([[0.0], np.cumsum(gain(np.arange(1.0, k + 1)))])   # table[j]: gains of ranks 1..j
+    inside = table[np.clip(last, 0, k).astype(np.int64)] - table[np.clip(first - 1, 0, k).astype(np.int64)]
+    return inside / (last - first + 1)
+
+
 def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:
-    return (ranks <= k).astype(np.float64)
+    return _expected(ranks, k, np.ones_like)
 
 
 def ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
-    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return _expected(ranks, k, lambda r: 1.0 / np.log2(r + 1.0))
 
 
 def mrr(ranks: np.ndarray, k: int) -> np.ndarray:
-    return np.where(ranks <= k, 1.0 / ranks, 0.0)
+    return _expected(ranks, k, lambda r: 1.0 / r)
 
 
 def coverage(recommended: np.ndarray, n_items: int) -> float:

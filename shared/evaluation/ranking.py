@@ -25,7 +25,7 @@ Scorer = Callable[[list[np.ndarray]], np.ndarray]
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]
-    ranks: np.ndarray  # per user, in split order
+    ranks: np.ndarray  # (users, 2) rank spans, in split order (metrics.target_ranks)
 
 
 def histories_and_targets(split: Split, stage: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -89,7 +89,7 @@ def subset_metrics(ranks: np.ndarray, mask: np.ndarray, k: int = 10) -> dict:
 def _sampled_ranks(scores: np.ndarray, targets: np.ndarray, n_negatives: int,
                    rng: np.random.Generator) -> np.ndarray:
     """Rank of the target among itself and `n_negatives` uniformly drawn unseen items."""
-    ranks = np.empty(len(targets), dtype=np.int64)
+    ranks = np.empty((len(targets), 2))
     for row, target in enumerate(targets):
         pool = np.flatnonzero(np.isfinite(scores[row]))
         pool = pool[pool != target]

@@ -31,7 +31,7 @@ class FusionConfig:
     """What a federation fuses: the item model's settings and weight are fixed here (a federation
     has no central validation set; the defaults are the centralized job's choices on ML-100K
     validation)."""
-    kind: str = default("fusion")                 # "ease", "item-knn" or "none"
+    kind: str = default("fusion")                 # "auto" (= "ease" here), "ease", "item-knn" or "none"
     weight: float = default("fusion-weight")
     decay: float = default("fusion-decay")
     l2: float = default("ease-l2")
@@ -40,14 +40,19 @@ class FusionConfig:
     min_devices: int = default("counts-min-devices")   # the co-occurrence sum's floor (server and devices)
 
     @property
+    def item_kind(self) -> str:
+        """The item model: "auto" is EASE, the centralized job's choice on ML-100K validation."""
+        return "ease" if self.kind == "auto" else self.kind
+
+    @property
     def item_settings(self) -> dict:
-        if self.kind == "ease":
+        if self.item_kind == "ease":
             return {"l2": self.l2, "decay": self.decay}
         return {"neighbours": self.neighbours, "shrink": self.shrink, "decay": self.decay}
 
     def item_model(self, cooccurrence: np.ndarray):
         """The item model fit from the (N+1, N+1) co-occurrence X^T X."""
-        make = {"ease": EASE, "item-knn": ItemKNN}[self.kind]
+        make = {"ease": EASE, "item-knn": ItemKNN}[self.item_kind]
         return make(**self.item_settings).from_cooccurrence(cooccurrence)
 
 

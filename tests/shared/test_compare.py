@@ -43,3 +43,11 @@ def test_cli_compare_writes_json_and_names_a_missing_file(tmp_path, capsys):
     assert report["baseline_runs"] == 2 and len(report["ratio_ci95"]) == 2
     assert main(["compare", "--baseline", str(tmp_path / "a1"), "--candidate", str(tmp_path / "nope")]) == 2
     assert "nope/test_ranks.npy" in capsys.readouterr().err
+
+
+def test_ranks_with_index_ties_and_rank_spans_are_not_compared():
+    old = np.arange(1, 101, dtype=float)                 # before session 9: one rank per user
+    new = np.stack([old, old + 1], axis=1)               # a rank span per user
+    with pytest.raises(ValueError, match="session 9"):
+        compare_runs([old], [new])
+    assert compare_runs([new], [new])["ratio"] == pytest.approx(1.0)
