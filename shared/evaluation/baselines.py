@@ -100,8 +100,9 @@ class EASE:
 class SessionKNN:
     """The `recent` newest history items are the query; the `neighbours` training logs most similar
     to it (cosine over items) score each item by the summed similarity of the logs that hold it.
-    The user's own training log is among the candidates; its items are all in the history, which
-    the evaluator excludes, so it adds nothing (it takes one of the neighbour slots)."""
+    The user's own training log is among the candidates (the scorer does not know whose history it
+    is); its items are all in the history, which the evaluator excludes, so it adds nothing: one
+    more neighbour is kept to make up for the slot it takes."""
     name = "session-knn"
 
     def __init__(self, neighbours: int = 100, recent: int = 10, linear: bool = True):
@@ -127,7 +128,8 @@ class SessionKNN:
             vals += list(weight)
         query = sp.csr_matrix((vals, (rows, cols)), shape=(len(histories), n_columns))
         similarity = np.asarray((query @ self.normalised.T).todense())       # (batch, users)
-        if self.neighbours < similarity.shape[1]:
-            cut = np.argpartition(-similarity, self.neighbours, axis=1)[:, self.neighbours:]
+        kept = self.neighbours + 1
+        if kept < similarity.shape[1]:
+            cut = np.argpartition(-similarity, kept, axis=1)[:, kept:]
             np.put_along_axis(similarity, cut, 0.0, axis=1)
         return (sp.csr_matrix(similarity) @ self.logs).toarray()
