@@ -65,6 +65,11 @@ def _add_benches(kinds) -> None:
     _add_settings(held_out, TRAIN)
     _add_output(held_out)
     held_out.add_argument("--held-out-fraction", type=float, default=0.15, help="share of users held out")
+    temporal = kinds.add_parser("temporal", help="a global temporal split: one cutoff in time; nothing trained "
+                                "on is later than a test event")
+    _add_settings(temporal, TRAIN)
+    _add_output(temporal)
+    temporal.add_argument("--test-fraction", type=float, default=0.1, help="share of all events after the cutoff")
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
@@ -169,6 +174,11 @@ def _bench(args, values: dict) -> None:
         from simulation.protocols import run_held_out_bench
         from simulation.centralized import CentralizedJob
         run_held_out_bench(CentralizedJob.from_settings(values), args.out, fraction=args.held_out_fraction,
+                           progress=not args.quiet)
+    elif args.bench == "temporal":
+        from simulation.centralized import CentralizedJob
+        from simulation.protocols import run_temporal_bench
+        run_temporal_bench(CentralizedJob.from_settings(values), args.out, fraction=args.test_fraction,
                            progress=not args.quiet)
     elif args.bench == "payload":
         from simulation.bench import run_payload_bench

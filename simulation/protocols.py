@@ -1,4 +1,9 @@
-"""`fedrec bench held-out`: the held-out-user protocol of the federated literature, beside ours.
+"""Protocols beside our leave-one-out, for comparison with the literature.
+
+`fedrec bench temporal`: a global temporal split (Meng et al., SIGIR 2020; Sun, RecSys 2023):
+one cutoff in time for everybody, so nothing trained on is later than any test event.
+
+`fedrec bench held-out`: the held-out-user protocol of the federated literature.
 
 A share of the users (15% by default, drawn with the seed) never trains: not the encoder, not the
 item models, not the baselines, not the item features (popularity and recency are counted over
@@ -23,7 +28,7 @@ import numpy as np
 from shared.data.datasets import cache_dir
 from shared.data.features import build_features
 from shared.data.pipeline import prepare_data
-from shared.data.preprocess import Split, item_activity, with_validation_in_train
+from shared.data.preprocess import Encoded, Split, UserSplit, item_activity, with_validation_in_train
 from shared.evaluation.ranking import evaluate
 from shared.model.training import model_scorer
 from shared.report import write_json
@@ -42,41 +47,84 @@ def split_held_out(split: Split, fraction: float, seed: int) -> tuple[Split, Spl
     return Split(list(users[~held]), split.n_items), Split(list(users[held]), split.n_items)
 
 
+def split_global_time(encoded: Encoded, fraction: float) -> tuple[Split, Split, int]:
+    """A global temporal split: the cutoff is the time before which (1 - fraction) of all events
+    fall. Returns (training, evaluation, cutoff). Every user with >= 3 events before the cutoff
+    trains on them, split as leave-one-out within the past (so epochs and settings are chosen on
+    the past too; the last past event is that split's test item and so is not trained on). Each
+    user with >= 2 events before the cutoff and one after is evaluated: history = all their events
+    before it, target = their first event after it."""
+    stamps = np.concatenate(encoded.timestamps)
+    cutoff = int(np.quantile(stamps, 1 - fraction))
+    training, evaluation = [], []
+    for user_id, seq, times in zip(encoded.user_ids, encoded.sequences, encoded.timestamps):
+        past, future = seq[times < cutoff], seq[times >= cutoff]
+        past_times = times[times < cutoff]
+        if len(past) >= 3:
+            training.append(UserSplit(str(user_id), past[:-2], int(past[-2]), int(past[-1]), past_times[:-2]))
+        if len(past) >= 2 and len(future):
+            evaluation.append(UserSplit(str(user_id), past[:-1], int(past[-1]), int(future[0]), past_times[:-1]))
+    return Split(training, encoded.n_items), Split(evaluation, encoded.n_items), cutoff
+
+
 def run_held_out_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.15, progress: bool = True) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(replace(job.data, activity_features=False), show_progress=progress)
     training, held_out = split_held_out(prepared.split, fraction, job.data.seed)
+    protocol = (f"held-out users: {len(held_out)} of {len(prepared.split)} users ({fraction:.0%}, seed "
+                f"{job.data.seed}) never train; history = all but their last item, target = the last; full ranking, "
+                "history excluded; settings chosen on the training users' validation items; data filters (item "
+                "core, rated items only) ran before the split, and training users' events may be later than a "
+                "held-out user's test event")
+    rows = _protocol_rows(prepared, job, training, held_out, progress)
+    return _protocol_report(out, "held_out", f"Held-out users: {prepared.dataset.name}",
+                            {"dataset": prepared.dataset.name, "protocol": protocol, "training_users": len(training),
+                             "held_out_users": len(held_out), "results": rows})
+
+
+def run_temporal_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.1, progress: bool = True) -> dict:
+    prepared = prepare_data(replace(job.data, activity_features=False), show_progress=progress)
+    training, evaluation, cutoff = split_global_time(prepared.encoded, fraction)
+    protocol = (f"global temporal split: nothing at or after the cutoff ({fraction:.0%} of all events are later) "
+                f"is trained on; {len(evaluation)} users with events on both sides are evaluated: history = their "
+                "events before the cutoff, target = their first event after it; full ranking, history excluded; "
+                "settings and epochs chosen on leave-one-out within the past")
+    rows = _protocol_rows(prepared, job, training, evaluation, progress)
+    return _protocol_report(out, "temporal", f"Global temporal split: {prepared.dataset.name}",
+                            {"dataset": prepared.dataset.name, "protocol": protocol, "cutoff": cutoff,
+                             "training_users": len(training), "evaluated_users": len(evaluation), "results": rows})
+
+
+def _protocol_rows(prepared, job: CentralizedJob, training: Split, evaluation: Split, progress: bool) -> list[dict]:
+    """Every tuned baseline and fedrec centralized, fit on `training` only, scored on
+    `evaluation`'s test stage."""
     rows = []
     for name in SEARCH_SPACES:
-        settings, valid, _ = select(name, training)
+        settings, _, _ = select(name, training)
         model = fit_selected(name, settings, with_validation_in_train(training))
-        rows.append({"method": name, **evaluate(model, held_out, "test").metrics, "settings": settings})
+        rows.append({"method": name, **evaluate(model, evaluation, "test").metrics, "settings": settings})
         if progress:
-            print(f"{name}: held-out NDCG@10 {rows[-1]['ndcg@10']:.4f} with {settings}", flush=True)
-    # Item features from the training users only: the held-out users' events must not shape them.
+            print(f"{name}: NDCG@10 {rows[-1]['ndcg@10']:.4f} with {settings}", flush=True)
+    # Item features from the training data only.
     activity = item_activity(training) if job.data.activity_features else None
     features = build_features(prepared.dataset.catalog, activity, text_encoder=job.data.text_encoder,
                               cache_dir=cache_dir() / "features")
-    ours = replace(prepared, split=training, features=features)
-    model, result = train_centralized(ours, job, progress=progress)
+    model, result = train_centralized(replace(prepared, split=training, features=features), job, progress=progress)
     scorer, fusion = ((model_scorer(model), None) if job.fusion == "none"
                       else fuse_with_item_model(job.fusion, model, result, training))
-    rows.append({"method": "fedrec-centralized", **evaluate(scorer, held_out, "test").metrics,
-                 "settings": {"fusion": job.fusion, **({"item_model": fusion["item_model"], "weight": fusion["weight"]}
-                                                       if fusion else {})}})
-    report = {"dataset": prepared.dataset.name, "protocol": f"held-out users: {len(held_out)} of {len(prepared.split)} "
-              f"users ({fraction:.0%}, seed {job.data.seed}) never train; history = all but their last item, target = "
-              "the last; full ranking, history excluded; settings chosen on the training users' validation items; "
-              "data filters (item core, rated items only) ran before the split, and training users' events may be "
-              "later than a held-out user's test event",
-              "training_users": len(training), "held_out_users": len(held_out), "results": rows}
-    write_json(out / "held_out.json", report)
-    lines = [f"# Held-out users: {prepared.dataset.name}", "", report["protocol"], "",
+    rows.append({"method": "fedrec-centralized", **evaluate(scorer, evaluation, "test").metrics,
+                 "settings": {"fusion": fusion["kind"] if fusion else "none",
+                              **({"item_model": fusion["item_model"], "weight": fusion["weight"]} if fusion else {})}})
+    return rows
+
+
+def _protocol_report(out: Path, stem: str, title: str, report: dict) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", report)
+    lines = [f"# {title}", "", report["protocol"], "",
              "| method | " + " | ".join(COLUMNS) + " | settings |", "|---" * (len(COLUMNS) + 2) + "|"]
     lines += [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + f" | {r['settings']} |"
-              for r in rows]
-    (out / "held_out.md").write_text("\n".join(lines) + "\n")
+              for r in report["results"]]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     return report
-

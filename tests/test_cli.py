@@ -12,6 +12,7 @@ BUILDERS = {
     ("train", "--mode", "federated"): FederatedJob.from_settings,
     ("bench", "quality"): CentralizedJob.from_settings,
     ("bench", "held-out"): CentralizedJob.from_settings,
+    ("bench", "temporal"): CentralizedJob.from_settings,
     ("bench", "privacy"): FederatedJob.from_settings,
     ("bench", "secagg"): lambda v: DataConfig.from_settings(v, activity_features=False),
     ("store",): lambda v: DataConfig.from_settings(v, activity_features=False),

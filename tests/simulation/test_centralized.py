@@ -1,6 +1,7 @@
 """The centralized job end to end through the CLI, on data the test makes."""
 import json
 
+import numpy as np
 import pytest
 
 from fedrec.cli import main
@@ -94,3 +95,22 @@ def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
     report = json.loads((tmp_path / "held_out.json").read_text())
     assert report["held_out_users"] == 30 and report["results"][-1]["method"] == "fedrec-centralized"
     assert all(0 <= r["ndcg@10"] <= 1 for r in report["results"])
+
+
+def test_global_temporal_split_trains_on_nothing_at_or_after_the_cutoff(tmp_path):
+    from shared.data.pipeline import DataConfig, prepare_data
+    from simulation.protocols import split_global_time
+    encoded = prepare_data(DataConfig(dataset="synthetic:200x150", text_encoder="none")).encoded
+    training, evaluation, cutoff = split_global_time(encoded, 0.1)
+    times = {str(u): (s, t) for u, s, t in zip(encoded.user_ids, encoded.sequences, encoded.timestamps)}
+    for user in training.users:                         # every training event is before the cutoff
+        seq, t = times[user.user_id]
+        assert (t[:len(user.train) + 2] < cutoff).all() and list(seq[:len(user.train)]) == list(user.train)
+    for user in evaluation.users:                       # the target is the first event at or after it
+        seq, t = times[user.user_id]
+        first_after = int(np.argmax(t >= cutoff))
+        assert user.test == seq[first_after] and len(user.history_for_test) == first_after
+    assert len(evaluation) > 0
+    assert main(["bench", "temporal", "--dataset", "synthetic:200x150", "--epochs", "2", "--out", str(tmp_path),
+                 *FAST]) == 0
+    assert json.loads((tmp_path / "temporal.json").read_text())["results"][-1]["method"] == "fedrec-centralized"
