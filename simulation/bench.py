@@ -54,6 +54,8 @@ def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, 
                 shutil.copy(out / folder / "encoder_alone_test_ranks.npy", out / alone_folder / "test_ranks.npy")
                 rows.append({"method": alone, **summary["fusion"]["encoder_alone_test"], "settings": {},
                              "folder": alone_folder, "fit_seconds": rows[-1]["fit_seconds"]})
+    if train_model:
+        _paired_ratios(rows, out)
     report = {"dataset": prepared.dataset.name, "users": len(prepared.split),
               "items": prepared.split.n_items,
               "protocol": "temporal leave-one-out, full ranking, history items excluded, ties at their expected "
@@ -67,6 +69,20 @@ def run_quality_bench(job: CentralizedJob, out: Path, *, progress: bool = True, 
     return report
 
 
+def _paired_ratios(rows: list[dict], out: Path) -> None:
+    """fedrec centralized's NDCG@10 over each other method's, with the paired bootstrap interval of
+    `fedrec compare` (shared/evaluation/compare.py), into each row as `fedrec_ratio`."""
+    import numpy as np
+
+    from shared.evaluation.compare import compare_runs
+    ours = np.load(out / "fedrec-centralized" / "test_ranks.npy")
+    for row in rows:
+        if row["method"] != "fedrec-centralized":
+            theirs = np.load(out / row.get("folder", row["method"].replace(" + ", "+")) / "test_ranks.npy")
+            report = compare_runs([theirs], [ours])
+            row["fedrec_ratio"] = {"ratio": report["ratio"], "ci95": report["ratio_ci95"]}
+
+
 def _model_settings(summary: dict) -> dict:
     fusion = summary.get("fusion") or {}
     return {"content": summary["config"]["model"]["content"], "best_epoch": summary["best_epoch"],
@@ -76,12 +92,17 @@ def _model_settings(summary: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| method | " + " | ".join(COLUMNS) + f" | ndcg@10, tie-free users | ndcg@10, {SAMPLED} sampled | "
-            "chosen on validation | fit s |")
-    rule = "|---" * (len(COLUMNS) + 5) + "|"
+            "fedrec / this (95% interval) | chosen on validation | fit s |")
+    rule = "|---" * (len(COLUMNS) + 6) + "|"
     body = [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS)
             + f" | {_figure(r.get('tie_free_users', {}).get('ndcg@10'))} | {_figure(r.get(f'sampled{SAMPLED}_ndcg@10'))}"
-            + f" | {_settings_text(r.get('settings', {}))} | {r['fit_seconds']:.1f} |" for r in rows]
+            + f" | {_ratio_text(r.get('fedrec_ratio'))} | {_settings_text(r.get('settings', {}))} | "
+            f"{r['fit_seconds']:.1f} |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def _ratio_text(ratio: dict | None) -> str:
+    return "-" if not ratio else f"{ratio['ratio']:.3f} ({ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f})"
 
 
 def _figure(value) -> str:

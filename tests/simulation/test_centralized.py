@@ -71,6 +71,7 @@ def test_bench_quality_table_and_json(tmp_path, capsys):
     for row in report["results"]:     # every method's ranks, for `fedrec compare`
         folder = row.get("folder", row["method"].replace(" + ", "+"))
         assert (tmp_path / folder / "test_ranks.npy").is_file(), folder
+    assert rows["ease-recency"]["fedrec_ratio"]["ci95"][0] <= rows["ease-recency"]["fedrec_ratio"]["ratio"]
     assert "| ease-recency |" in capsys.readouterr().out
 
 
