@@ -183,7 +183,7 @@ def test_clients_refuse_to_unmask_a_sum_with_fewer_noise_shares_than_accounted(s
     assert outcome.update is None and _unchanged(strategy, start)
     assert "train.secagg_unmask" in grid.sent
     refused = [refusal_of(r.content) for r in grid.replies if r.metadata.message_type == "train.secagg_unmask"]
-    assert refused and all("whose noise shares the privacy guarantee needs" in (r or "") for r in refused), refused
+    assert refused and all("this client's input must be summed with" in (r or "") for r in refused), refused
 
 
 def test_user_level_epsilon_against_the_server_counts_participations_without_amplification(store):
