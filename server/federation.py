@@ -378,7 +378,8 @@ def secure_round(grid: Grid, strategy: FedRecStrategy, server_round: int) -> Rou
     # released un-noised, and user-level sensitivity and noise shares are per user anyway.
     weighting = "uniform" if p.mode != "none" else strategy.cfg.server.weighting
     task = SecureTask(to_record(strategy.optimizer.weights()), strategy.round_config(server_round), weighting,
-                      strategy.cfg.server.weight_cap, secagg_clip(strategy), p.noise_shares if p.distributed_noise else 0)
+                      strategy.cfg.server.weight_cap, secagg_clip(strategy), p.noise_shares if p.distributed_noise else 0,
+                      noised=bool(p.distributed_noise and p.noise_shares))
     nodes = strategy.sample(grid, server_round, strategy.cfg.clients_per_round, 0)
     o = strategy.secure.run(grid, server_round, nodes, task)
     update, loss, count = None, float("nan"), 0

@@ -30,7 +30,8 @@ from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSI
                                          counts_size, ease_weights, pair_count, popularity, popularity_weight,
                                          ridge_for, symmetric, unit_sensitivity)
 from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
-from shared.secagg.params import HALF_RING
+from shared.secagg.fixed_point import quantisation_error_bound
+from shared.secagg.params import SecAggParams
 
 log = logging.getLogger("fedrec.server")
 
@@ -55,10 +56,7 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").write_text("")
-    if pair_count(n_items) > MAX_PAIRS:
-        raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
-                            f"{MAX_PAIRS:,} the item-item release sends densely from every device "
-                            f"({4 * pair_count(n_items) / 1e6:.0f} MB each); use --private-model encoder")
+    _check_pairs(n_items, "the item-item release", "; use --private-model encoder")
     wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
     nodes = sorted(grid.get_node_ids())
     p = cfg.privacy
@@ -74,7 +72,7 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
                            record_window=p.record_window, user_noise=multiplier if p.user else 0.0, noise_shares=m)
     config = pack_round_config(RoundConfig(1, cfg.seed, cfg.local, cfg.model, request, stage=STAGE))
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=SENSITIVITY + CLAMP_SIGMAS * share_std,
-                      min_contributions=m, size=pair_count(n_items))
+                      min_contributions=m, size=pair_count(n_items), noised=multiplier > 0)
     log.info("item-item release: %d nodes, noise multiplier %.3g, %d noise shares, %d pairs", len(nodes),
              multiplier, m, pair_count(n_items))
     outcome, record = _one_secure_sum(grid, cfg, 1, nodes, task, out, progress, "the item-item release")
@@ -105,16 +103,15 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
     runs without DP); returns the (n_items + 1)^2 co-occurrence matrix and the round's record (also
     appended to rounds.jsonl). The item model fused with the encoder is built from it. Raises
     ReleaseFailed when the sum aborts or the catalog has too many pairs."""
-    if pair_count(n_items) > MAX_PAIRS:
-        raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
-                            f"{MAX_PAIRS:,} the co-occurrence sum sends densely from every device")
+    _check_pairs(n_items, "the co-occurrence sum")
     nodes = sorted(grid.get_node_ids())
     floor = cfg.fusion.min_devices
     if len(nodes) < floor:
         raise ReleaseFailed(f"{len(nodes)} devices, fewer than the co-occurrence sum's floor of {floor} "
                             "(--counts-min-devices): a sum over few devices would show their items")
-    # Each device's rounding error is below 1/scale; whole counts decode exactly while n of them stay below 0.5.
-    worst = len(nodes) ** 2 * (COUNTS_CLIP + 1) / (HALF_RING - 1)
+    # Whole counts decode exactly while the sum's rounding stays below 0.5 (the scale depends only on
+    # the clip and the number of summands, not on the graph).
+    worst = quantisation_error_bound(SecAggParams(1, 2, COUNTS_CLIP, len(nodes)), len(nodes))
     if worst >= 0.5:
         raise ReleaseFailed(f"{len(nodes):,} devices: the 32-bit ring's rounding could reach {worst:.2f} per count; "
                             "the exact co-occurrence sum supports about 2,000 devices")
@@ -125,6 +122,14 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
     outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum")
     return cooccurrence_from_counts(outcome.result.total, n_items), asdict(record)
+
+
+def _check_pairs(n_items: int, what: str, hint: str = "") -> None:
+    """ReleaseFailed for a catalog whose item pairs are too many to send densely from every device."""
+    if pair_count(n_items) > MAX_PAIRS:
+        raise ReleaseFailed(f"a catalog of {n_items:,} items has {pair_count(n_items):,} item pairs, more than the "
+                            f"{MAX_PAIRS:,} {what} sends densely from every device "
+                            f"({4 * pair_count(n_items) / 1e6:.0f} MB each){hint}")
 
 
 def _one_secure_sum(grid: Grid, cfg: FederationConfig, round_id: int, nodes: list[int], task: SecureTask, out: Path,

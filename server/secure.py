@@ -79,8 +79,10 @@ class SecureTask:
     weighting: str
     weight_cap: float
     clip: float                  # sizes the fixed-point bound (update clip, plus noise room)
-    min_contributions: int = 0   # distributed DP noise: fewer summands than this aborts the round
+    min_contributions: int = 0   # fewer summands than this aborts the round (distributed DP noise
+                                 # shares, or a floor on contributors), checked by clients too
     size: int = 0                # coordinates summed (0: those of `arrays`)
+    noised: bool = False         # clients add distributed DP noise: the mean may exceed the clip
 
 
 @dataclass
@@ -111,7 +113,7 @@ def check_plausible(mean: np.ndarray, weight: float, loss_sum: float, count: int
     if not 0 < weight <= count + slack or not -slack <= loss_sum <= weight + slack:
         raise RoundAborted(f"implausible sum: total weight {weight:.4g} or loss {loss_sum:.4g} outside what "
                            f"{count} clients can send")
-    if not task.min_contributions and float(np.linalg.norm(mean)) > task.clip * 1.01:
+    if not task.noised and float(np.linalg.norm(mean)) > task.clip * 1.01:
         raise RoundAborted(f"implausible sum: mean update norm {float(np.linalg.norm(mean)):.4g} exceeds the "
                            f"clip {task.clip:g}")
 
@@ -211,18 +213,18 @@ class SecureRound:
                 outcome.reasons.append(f"node {node}: {err}; counted as dropped")
         alive, dropped = server.receive_masked(vectors)
         if len(alive) < task.min_contributions:
-            # Before any unmask share is asked for: a sum with fewer noise shares is never opened.
+            # Before any unmask share is asked for: a sum of fewer is never opened.
             raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
-                               "whose noise shares the privacy guarantee counts on")
+                               "whose noise shares (or floor on contributors) the round counts on")
         signatures = self._confirm(grid, round_id, alive, dropped, index, node_of,
                                    (params.max_clients, params.neighbours), outcome)
-        # Distributed noise: every signed alive input's record and signature, for the clients to
-        # check that the alive count they are shown is of real devices.
+        # A floor on contributors (noise shares, counts): every signed alive input's record and
+        # signature, for the clients to check that the alive count they are shown is of real devices.
         witnesses = ({u: registered[u] + signatures[u] for u in alive if u in signatures}
                      if task.min_contributions else {})
         if len(witnesses) < task.min_contributions:   # the clients would refuse: do not ask them
             raise RoundAborted(f"{len(witnesses)} witnessed inputs, fewer than the {task.min_contributions} "
-                               "whose noise shares the privacy guarantee counts on")
+                               "whose noise shares (or floor on contributors) the round counts on")
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
             round_id, alive, dropped, held, witnesses)) for u, held in server.signatures_for(signatures).items()},
             outcome, self.fail_on_error)

@@ -17,7 +17,9 @@ import numpy as np
 
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.evaluation.baselines import EASE, ItemKNN, MostPopular, SessionKNN
-from shared.evaluation.ranking import evaluate
+from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics
+from shared.model.fusion import FusedScorer, choose_weight
+from shared.report import write_json
 
 SEARCH_SPACES: dict[str, dict[str, list]] = {
     "most-popular": {},
@@ -94,21 +96,13 @@ def tune_all(split: Split, out: Path, names=tuple(SEARCH_SPACES), *, progress: b
     """Tune every baseline; each writes OUT/<name>/test_ranks.npy (for `fedrec compare`) and
     settings.json. Returns one row per baseline (with `tie_free`, a mask of users, also their
     metrics: `tie_free_users`)."""
-    from shared.evaluation.ranking import subset_metrics
-    from shared.report import write_json
     rows: list[dict] = []
     for name in names:
         tuned = tune(name, split, sampled_negatives=sampled_negatives, seed=seed)
-        folder = Path(out) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "test_ranks.npy", tuned.ranks)
-        row = {"method": name, **tuned.test, "valid_ndcg@10": tuned.valid_ndcg, "settings": tuned.settings,
-               "search_space": SEARCH_SPACES[name], "settings_tried": tuned.tried,
-               "fit_seconds": round(tuned.seconds, 2)}
-        if tie_free is not None:
-            row["tie_free_users"] = subset_metrics(tuned.ranks, tie_free)
-        write_json(folder / "settings.json", row)
-        rows.append(row)
+        rows.append(_saved_row(out, name, {
+            **tuned.test, "valid_ndcg@10": tuned.valid_ndcg, "settings": tuned.settings,
+            "search_space": SEARCH_SPACES[name], "settings_tried": tuned.tried,
+            "fit_seconds": round(tuned.seconds, 2)}, tuned.ranks, tie_free))
         if progress:
             print(f"{name}: valid NDCG@10 {tuned.valid_ndcg:.4f}, test {tuned.test['ndcg@10']:.4f} "
                   f"with {tuned.settings} ({tuned.tried} tried, {tuned.seconds:.0f} s)", flush=True)
@@ -119,9 +113,6 @@ def fused_baselines(split: Split, first: str, second: str, out: Path, *, sampled
                     seed: int = 0, tie_free: np.ndarray | None = None) -> dict:
     """Two tuned baselines fused as fedrec fuses its encoder (shared/model/fusion.py), the weight
     chosen on validation: the ensemble baseline an ensemble of ours should be measured against."""
-    from shared.evaluation.ranking import histories_and_targets, subset_metrics
-    from shared.model.fusion import FusedScorer, choose_weight
-    from shared.report import write_json
     started = time.perf_counter()
     chosen = {name: select(name, split)[0] for name in (first, second)}
     histories, targets = histories_and_targets(split, "valid")
@@ -131,14 +122,18 @@ def fused_baselines(split: Split, first: str, second: str, out: Path, *, sampled
     scorer = FusedScorer(fit_selected(first, chosen[first], everything), fit_selected(second, chosen[second], everything),
                          weight)
     test = evaluate(scorer, split, "test", sampled_negatives=sampled_negatives, seed=seed)
-    name = f"{first} + {second}"
-    folder = Path(out) / name.replace(" + ", "+")
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "test_ranks.npy", test.ranks)
-    row = {"method": name, **test.metrics, "settings": {first: chosen[first], second: chosen[second],
-                                                         "weight": weight},
-           "fit_seconds": round(time.perf_counter() - started, 2)}
+    return _saved_row(out, f"{first} + {second}", {
+        **test.metrics, "settings": {first: chosen[first], second: chosen[second], "weight": weight},
+        "fit_seconds": round(time.perf_counter() - started, 2)}, test.ranks, tie_free)
+
+
+def _saved_row(out: Path, method: str, row: dict, ranks: np.ndarray, tie_free: np.ndarray | None) -> dict:
+    """One baseline's report row; its ranks (for `fedrec compare`) and the row go to OUT/<folder>/."""
+    folder = method.replace(" + ", "+")
+    row = {"method": method, **row, "folder": folder}
     if tie_free is not None:
-        row["tie_free_users"] = subset_metrics(test.ranks, tie_free)
-    write_json(folder / "settings.json", row)
+        row["tie_free_users"] = subset_metrics(ranks, tie_free)
+    (Path(out) / folder).mkdir(parents=True, exist_ok=True)
+    np.save(Path(out) / folder / "test_ranks.npy", ranks)
+    write_json(Path(out) / folder / "settings.json", row)
     return row

@@ -78,7 +78,7 @@ def _paired_ratios(rows: list[dict], out: Path) -> None:
     ours = np.load(out / "fedrec-centralized" / "test_ranks.npy")
     for row in rows:
         if row["method"] != "fedrec-centralized":
-            theirs = np.load(out / row.get("folder", row["method"].replace(" + ", "+")) / "test_ranks.npy")
+            theirs = np.load(out / row["folder"] / "test_ranks.npy")
             report = compare_runs([theirs], [ours])
             row["fedrec_ratio"] = {"ratio": report["ratio"], "ci95": report["ratio_ci95"]}
 

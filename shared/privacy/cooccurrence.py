@@ -32,6 +32,8 @@ import math
 
 import numpy as np
 
+from shared.model.fusion import standardised
+
 SENSITIVITY = 1 / math.sqrt(2)   # L2 norm bound of one user's contribution
 DECAY = 0.9                      # the device weighs an item decay^age (newest 1): chosen on ML-100K validation
 STAGE = "item-item"              # the round config's stage for the release's secure sum
@@ -196,7 +198,4 @@ class ItemItemScorer:
         for row, history in enumerate(histories):
             h = np.asarray(history, dtype=np.int64)
             out[row] = (self.decay ** np.arange(len(h))[::-1]) @ self.weights[h]
-        out[:, 1:] /= out[:, 1:].std(axis=1, keepdims=True) + 1e-12
-        out += self.popularity_weight * self.popularity
-        out[:, 0] = -np.inf   # index 0 is padding, never an item
-        return out
+        return standardised(out) + self.popularity_weight * self.popularity   # column 0 (padding) stays -inf

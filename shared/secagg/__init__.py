@@ -24,6 +24,7 @@ One round, clients numbered 1..n on a k-regular Harary graph that follows from t
   3 confirm  it signs the server's view (alive, dropped) with its device key, once
   4 unmask   it reveals b shares of alive and s shares of dropped holders, once, only for the
              view it signed and only when t of its holders signed the same view; with distributed
-             DP noise, also only when m alive inputs connected to it are witnessed (enrolled
-             record + signature of the view, distinct devices, a random sample checked)
+             DP noise (m shares) or a floor on contributors (the co-occurrence counts), also only
+             when that many alive inputs connected to it are witnessed (enrolled record + signature
+             of the view, distinct devices, a random sample checked)
 """
