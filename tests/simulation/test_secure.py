@@ -37,11 +37,12 @@ class RecordingGrid:
         return replies
 
 
-def run_in_simulation(tmp_path, body, mods=None, n_users=30):
+def run_in_simulation(tmp_path, body, mods=None, n_users=30, extra=None):
     prepared = prepare_data(DataConfig(dataset=f"synthetic:{n_users}x25", text_encoder="none",
                                        activity_features=False))
     store = write_store(prepared, tmp_path / "store")
-    settings = {**run_config_defaults(), **SETTINGS, "store": str(store), "out": str(tmp_path / "out")}
+    settings = {**run_config_defaults(), **SETTINGS, **(extra or {}), "store": str(store),
+                "out": str(tmp_path / "out")}
     result = {}
     app = ServerApp()
 
@@ -238,6 +239,25 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
     assert r["honest"]["accepted"] == 30
     assert r["again"] is not None and "aborted" in r["again"]   # nobody gives a second time
+
+
+def test_devices_that_require_dp_refuse_the_exact_counts_round(tmp_path):
+    """A server that asks devices under record-level DP for exact co-occurrence counts (a round
+    without DP) is refused by every device, on its own policy, before anything is computed."""
+    from server.release import ReleaseFailed, sum_item_counts
+    from shared.data.catalog_bundle import load_catalog
+
+    def body(grid, strategy, start):
+        n_items = load_catalog(tmp_path / "store" / "catalog.npz").n_items
+        try:
+            sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out")
+        except ReleaseFailed as err:
+            return {"error": str(err), "replies": grid.replies}
+        return {"error": None, "replies": grid.replies}
+
+    r = run_in_simulation(tmp_path, body, extra={"privacy": "record", "record-window": 10})
+    assert r["error"] is not None and "requires record-level DP" in r["error"]
+    assert not any("masked" in reply.content for reply in r["replies"])   # no masked input left a device
 
 
 def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
