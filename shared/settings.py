@@ -106,6 +106,8 @@ SETTINGS: tuple[Setting, ...] = (
        optional=True),
     _s("user-core", int, 3, "drop users with fewer events than this (3: a training, a validation and a "
        "test item)", "data", check=at_least(3)),
+    _s("last-events", int, 0, "keep only each user's newest this many events (0: all): a sparse log cut from a "
+       "dense one", "data", check=at_least(0)),
     _s("item-core", int, 0, "drop items with fewer events than this (0: keep all)", "data", check=at_least(0)),
     _s("seed", int, 0, "seed of synthetic data, the split's ties, the model's initialisation and training",
        "data", check=at_least(0), run_config=True),

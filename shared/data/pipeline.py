@@ -2,7 +2,8 @@
 
 The dataset argument is one of
   - a registered name (`ml-100k`, `ml-latest-small`, `ml-1m`, `ml-20m`, `ml-25m`)
-  - `synthetic:USERSxITEMS` (e.g. `synthetic:1000x2000`)
+  - `synthetic:USERSxITEMS[:EVENTS]` (e.g. `synthetic:1000x2000`; `synthetic:1500x900:6` for a sparse
+    log, EVENTS the median history length, default 20)
   - a folder in a known format (MovieLens 100K / 1M / CSV, RecBole atomic files)
   - a CSV or Parquet file of interactions (columns user, item, timestamp[, rating] unless
     mapped otherwise), with an optional catalog CSV
@@ -36,6 +37,7 @@ class DataConfig:
     text_encoder: str = default("text-encoder")  # or "none"
     activity_features: bool = default("activity-features")  # popularity/recency from the training log
     rated_items_only: bool = default("rated-items-only")  # rank only items with an interaction in the log
+    last_events: int = default("last-events")  # keep each user's newest this many events (0: all)
     allow_download: bool = default("download")
     seed: int = default("seed")
 
@@ -50,7 +52,7 @@ class DataConfig:
                    user_core=v["user-core"], item_core=v["item-core"], text_encoder=v["text-encoder"],
                    activity_features=v["activity-features"] if activity_features is None else activity_features,
                    allow_download=v["download"], seed=v["seed"],
-                   rated_items_only=v["rated-items-only"])
+                   rated_items_only=v["rated-items-only"], last_events=v["last-events"])
 
 
 @dataclass
@@ -61,7 +63,7 @@ class PreparedData:
     features: ContentFeatures
 
 
-_SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)$")
+_SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)(?::(\d+(?:\.\d+)?))?$")
 
 
 def load_any(cfg: DataConfig) -> Dataset:
@@ -70,7 +72,8 @@ def load_any(cfg: DataConfig) -> Dataset:
     if name in REGISTRY:
         return load_dataset(name, data_dir, allow_download=cfg.allow_download)
     if match := _SYNTHETIC.match(name):
-        return generate(int(match.group(1)), int(match.group(2)), seed=cfg.seed)
+        events = {"mean_events": float(match.group(3))} if match.group(3) else {}
+        return generate(int(match.group(1)), int(match.group(2)), seed=cfg.seed, **events)
     path = Path(name)
     if path.is_dir():
         interactions, catalog = _read_folder(path)
@@ -113,7 +116,7 @@ def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedDat
     if cfg.rated_items_only:
         dataset = replace(dataset, catalog=items_in_log(dataset.catalog, dataset.interactions))
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
-                             user_core=cfg.user_core, item_core=cfg.item_core)
+                             user_core=cfg.user_core, item_core=cfg.item_core, last_events=cfg.last_events)
     activity = item_activity(split) if cfg.activity_features else None
     features = build_features(dataset.catalog, activity, text_encoder=cfg.text_encoder,
                               cache_dir=cache_dir() / "features", show_progress=show_progress)

@@ -2,6 +2,7 @@
 
   implicit()          events -> positive feedback (optionally ratings >= a threshold), one per
                       (user, item), the earliest kept
+  newest()            each user's newest N events (a sparse log cut from a dense one)
   k_core()            drop users / items with too few events, repeated until stable
   encode()            catalog order -> item index 1..n (0 is padding); users -> time-ordered
                       sequences of item indices
@@ -29,6 +30,16 @@ def implicit(interactions: Interactions, min_rating: float | None = None) -> Int
         frame = frame[frame["rating"] >= min_rating]
     frame = frame.drop_duplicates(["user", "item"], keep="first")  # sorted by time: earliest
     return Interactions(frame.reset_index(drop=True), interactions.source)
+
+
+def newest(interactions: Interactions, n: int) -> Interactions:
+    """Each user's newest `n` events (all when n is 0): a sparse log derived from a dense one, the
+    same users and their most recent behaviour."""
+    if not n:
+        return interactions
+    frame = interactions.frame
+    keep = frame.groupby("user", sort=False).cumcount(ascending=False) < n   # sorted by time: newest last
+    return Interactions(frame[keep].reset_index(drop=True), interactions.source)
 
 
 def k_core(interactions: Interactions, user_core: int = 0, item_core: int = 0) -> Interactions:
@@ -178,11 +189,12 @@ def items_in_log(catalog: Catalog, interactions: Interactions) -> Catalog:
 
 
 def prepare(interactions: Interactions, catalog: Catalog, *, min_rating: float | None = None,
-            user_core: int = MIN_EVENTS_FOR_SPLIT, item_core: int = 0) -> tuple[Encoded, Split]:
-    """The standard pipeline: implicit -> k-core -> encode -> leave-one-out."""
+            user_core: int = MIN_EVENTS_FOR_SPLIT, item_core: int = 0,
+            last_events: int = 0) -> tuple[Encoded, Split]:
+    """The standard pipeline: implicit -> (each user's newest events) -> k-core -> encode -> leave-one-out."""
     events = implicit(interactions, min_rating)
     if events.frame.empty:
         raise DataError(f"no interactions with rating >= {min_rating}", file=interactions.source)
-    events = k_core(events, user_core, item_core)
+    events = k_core(newest(events, last_events), user_core, item_core)
     encoded = encode(events, catalog)
     return encoded, leave_one_out(encoded)
