@@ -18,13 +18,16 @@ from client.local import LocalStep, local_metrics, local_update
 from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
 from client.store import UserLog, client_paths, ledger_path
 from shared.data.catalog_bundle import load_catalog
+from shared.model import fusion
 from shared.model.config import ModelHyper
 from shared.model.recommender import Recommender, build_recommender, load_weights, model_layout
 from shared.privacy import cooccurrence
 from shared.privacy.accounting import noise_share_std
 from shared.settings import default
-from shared.protocol import (PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record, pack_eval_reply,
-                             pack_refusal, pack_train_reply, unpack_round_config, zero_update)
+from shared.model.training import model_scorer
+from shared.protocol import (MalformedRecord, PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record,
+                             pack_eval_reply, pack_refusal, pack_train_reply, unpack_blend_request,
+                             unpack_round_config, zero_update)
 
 log = logging.getLogger("fedrec.client")
 
@@ -154,6 +157,8 @@ def handle_masked(msg: Message, context: Context, settings: dict) -> Message:
         return _item_item_masked(msg, context, settings, config)
     if config.stage == cooccurrence.COUNTS_STAGE:
         return _item_counts_masked(msg, context, settings, config)
+    if config.stage == fusion.BLEND_STAGE:
+        return _blend_masked(msg, context, settings, config)
     model, log_, global_weights = _setup(msg, context, settings, config)
     rng = _seeded_rng(config, context)
     train = functools.partial(train_update, model, global_weights, log_, config, context, settings, rng)
@@ -193,6 +198,43 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
 
     return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
                                 exact_clip=cooccurrence.COUNTS_CLIP)
+
+
+def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
+    """This user's NDCG@10 on its validation item under each candidate blend (shared/model/fusion.py:
+    the encoder the message carries, item models fit from the summed counts it carries, with this
+    device's validation item taken back out), for the server to choose the blend from their sum. Only
+    inside a secure sum, only without DP, and against a server that may not follow the protocol, as
+    the counts: once per device (a marker beside its ledger), unmasked only in a sum of at least
+    `counts-min-devices` devices, at the clip its vector was made for. Never the test item."""
+    if config.privacy.mode != "none":
+        return secure.refuse_round(msg, context, "validation statistics are not sent in a DP run")
+    paths = {**settings, **context.run_config}
+    log_path, catalog_path = client_paths(context.node_config, paths)
+    n_items = load_catalog(catalog_path).n_items
+    floor = int(context.node_config.get("counts-min-devices", paths.get("counts-min-devices",
+                                                                         default("counts-min-devices"))))
+    try:
+        counts, kinds, wire = unpack_blend_request(msg.content, cooccurrence.counts_size(n_items), fusion.BLEND_KINDS)
+    except MalformedRecord as err:
+        return secure.refuse_round(msg, context, str(err))
+    marker = ledger_path(context.node_config, paths).with_suffix(".blend-given")
+
+    def contribute() -> tuple[Weights, TrainMetrics]:
+        try:
+            with open(marker, "x") as f:   # exclusive create: a second round finds it
+                f.write(f"round {config.server_round}\n")
+        except FileExistsError:
+            raise secure.ProtocolViolation(f"this device gave its validation statistics once already ({marker}); "
+                                           "it gives them at most once") from None
+        model, log_, weights = _setup(msg, context, settings, config)
+        load_weights(model, weights)
+        values = fusion.device_blend_ndcg(model_scorer(model), counts, log_.history("valid"), log_.target("valid"),
+                                          n_items, kinds, fusion.FusionConfig(**wire))
+        return {"ndcg": values}, TrainMetrics(1.0)
+
+    return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
+                                exact_clip=fusion.blend_clip(len(fusion.blends(kinds))))
 
 
 def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:

@@ -19,13 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import ServerConfig
 from server.federation import FederationConfig, RoundHook, run_federation
-from server.release import ReleaseFailed, release_item_item, sum_item_counts
+from server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
 from server.secure import SecureConfig
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
 from shared.model.fusion import FusionConfig
 from shared.model.recommender import build_recommender, shared_weights
 from shared.privacy.accounting import PrivacyConfig
+from shared.privacy.cooccurrence import cooccurrence_from_counts
 from shared.protocol import LocalConfig
 from shared.report import write_json
 from shared.settings import default, read_run_config
@@ -53,9 +54,7 @@ def federation_config(run_config: dict) -> FederationConfig:
                               accountant=c["dp-accountant"], record_clip=c["record-clip"],
                               record_window=c["record-window"], distributed_noise=c["distributed-noise"],
                               private_model=c["private-model"]),
-        fusion=FusionConfig(kind=c["fusion"], weight=c["fusion-weight"], decay=c["fusion-decay"], l2=c["ease-l2"],
-                            neighbours=c["knn-neighbours"], shrink=c["knn-shrink"],
-                            min_devices=c["counts-min-devices"]))
+        fusion=FusionConfig.from_run_config(c))
 
 
 def initial_weights(catalog_path: Path, cfg: FederationConfig) -> dict:
@@ -88,7 +87,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
                                    out, on_round=on_round, progress=progress)
             saved = {"weights": final["weights"], "config": cfg.to_dict()}
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
-                                            progress)
+                                              final["selected_weights"], progress)
             torch.save(saved, out / "final.pt")
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
@@ -107,11 +106,13 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         raise
 
 
-def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, progress) -> dict:
-    """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the
-    item model fused with the encoder (shared/model/fusion.py). Only with secure aggregation and
-    without DP: in the clear every device's item set would show, and exact counts are not DP.
-    Returns what the summary says about it."""
+def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, selected: dict,
+                    progress) -> dict:
+    """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the item
+    models blended with the encoder (shared/model/fusion.py), then the blend chosen from a second
+    secure sum, of devices' validation statistics (`choose_blend`; `selected`: the encoder before its
+    refit rounds). Only with secure aggregation and without DP: in the clear every device's item set
+    would show, and exact counts are not DP. Returns what the summary says about it."""
     fusion = cfg.fusion
     if fusion.kind == "none":
         return {"kind": "none"}
@@ -125,12 +126,22 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     except ReleaseFailed as err:
         log.warning("the encoder alone, without the item model: %s", err)
         return {"kind": "none", "why": str(err)}
-    saved["item_counts"] = counts.astype(np.float32)
+    saved["item_counts"] = cooccurrence_from_counts(counts, n_items).astype(np.float32)
     saved["fusion"] = asdict(fusion)
-    return {"kind": fusion.item_kind, "weight": fusion.weight, "item_model": fusion.item_settings,
-            "contributions": record["accepted"], "seconds": record["seconds"],
-            "bytes_up_per_client": record["bytes_up_mean"],
-            "server_learns": "the item and item-pair counts summed over every device (not DP)"}
+    blend, report = fusion.fallback, {"chosen": fusion.fallback.label,
+                                      "why": "no blend round (--blend-devices 0): the fixed --fusion-weight"}
+    if fusion.blend_devices:
+        try:
+            blend, report = choose_blend(grid, cfg, counts, selected, cfg.rounds + 2, out, progress=progress)
+        except ReleaseFailed as err:
+            log.warning("the blend round failed; the fixed --fusion-weight instead: %s", err)
+            report = {"chosen": blend.label, "why": f"the blend round failed ({err}): the fixed --fusion-weight"}
+    saved["blend"] = {"kind": blend.kind, "weight": blend.weight}
+    return {**report, "kind": blend.kind or "none", "weight": blend.weight,
+            "item_model": fusion.settings(blend.kind) if blend.kind else {},
+            "counts_round": {"contributions": record["accepted"], "seconds": record["seconds"],
+                             "bytes_up_per_client": record["bytes_up_mean"],
+                             "server_learns": "the item and item-pair counts summed over every device (not DP)"}}
 
 
 def make_server_app(settings: dict | None = None, *, on_round: RoundHook | None = None,

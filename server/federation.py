@@ -157,7 +157,7 @@ class FedRecStrategy(Strategy):
 
     def round_config(self, server_round: int, stage: str = "") -> ConfigRecord:
         local = self.cfg.local
-        if server_round > self.cfg.rounds - round(self.cfg.refit_fraction * self.cfg.rounds):
+        if server_round > last_round_before_refit(self.cfg):
             local = LocalConfig(**{**local.to_dict(), "train_on": "test"})
         return pack_round_config(RoundConfig(server_round, self.cfg.seed, local, self.cfg.model,
                                              self.privacy_round(), stage))
@@ -290,13 +290,26 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         if on_round is not None:
             record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
         _checkpoint(out, cfg, strategy.optimizer, history, record, server_round)
+        if server_round == last_round_before_refit(cfg):
+            save_checkpoint(out / SELECTED, {"round": server_round, "weights": strategy.optimizer.model_weights()})
         if progress is not None:
             progress(record)
+    selected = load_checkpoint(out / SELECTED)
     final = {"weights": strategy.optimizer.model_weights(), "history": history, "test": None,
+             "selected_weights": selected["weights"] if selected else strategy.optimizer.model_weights(),
              "privacy": privacy_summary(strategy, history)}
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final
+
+
+SELECTED = "selected.pt"   # the weights after the last round before the refit rounds
+
+
+def last_round_before_refit(cfg: FederationConfig) -> int:
+    """After this round clients also train on their validation items (the refit): the weights
+    then are the ones validation can still judge (the blend round's encoder)."""
+    return cfg.rounds - round(cfg.refit_fraction * cfg.rounds)
 
 
 def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tuple[list[dict], int]:

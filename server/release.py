@@ -26,10 +26,11 @@ from flwr.serverapp import Grid
 from server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
 from server.secure import SecureRound, SecureTask
 from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
-from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE, cooccurrence_from_counts,
+from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE,
                                          counts_size, ease_weights, pair_count, popularity, popularity_weight,
                                          ridge_for, symmetric, unit_sensitivity)
-from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+from shared.model.fusion import BLEND_STAGE, Blend, best_blend, blend_clip, blend_report, blends
+from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
 from shared.secagg.fixed_point import quantisation_error_bound
 from shared.secagg.params import SecAggParams
 
@@ -76,7 +77,7 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     log.info("item-item release: %d nodes, noise multiplier %.3g, %d noise shares, %d pairs", len(nodes),
              multiplier, m, pair_count(n_items))
     outcome, record = _one_secure_sum(grid, cfg, 1, nodes, task, out, progress, "the item-item release")
-    history = [asdict(record)]
+    history = [record]
     counts = symmetric(outcome.result.total, n_items)
     weights = ease_weights(counts, ridge_for(multiplier * sensitivity))
     spent = 0.0 if multiplier == 0 else epsilon([(multiplier, 1.0, 1)], p.delta, accountant)
@@ -100,8 +101,8 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
 def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: int, out: Path, *,
                     progress=None) -> tuple[np.ndarray, dict]:
     """One secure sum over every node of its exact item and item-pair counts (no noise: only for
-    runs without DP); returns the (n_items + 1)^2 co-occurrence matrix and the round's record (also
-    appended to rounds.jsonl). The item model fused with the encoder is built from it. Raises
+    runs without DP); returns the decoded sum (whole counts; `cooccurrence_from_counts` makes it the
+    (n_items + 1)^2 co-occurrence matrix) and the round's record (also appended to rounds.jsonl). The item model fused with the encoder is built from it. Raises
     ReleaseFailed when the sum aborts or the catalog has too many pairs."""
     _check_pairs(n_items, "the co-occurrence sum")
     nodes = sorted(grid.get_node_ids())
@@ -121,7 +122,37 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
                       size=counts_size(n_items))
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
     outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum")
-    return cooccurrence_from_counts(outcome.result.total, n_items), asdict(record)
+    return np.rint(outcome.result.total), record
+
+
+def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights: dict, round_id: int, out: Path, *,
+                 progress=None) -> tuple[Blend, dict]:
+    """The blend of the encoder and the item models (shared/model/fusion.py) with the best validation
+    NDCG@10, from one secure sum over `blend-devices` sampled devices of each one's NDCG@10 under every
+    candidate (the server learns only the sum). `counts`: the summed co-occurrence counts as decoded;
+    `weights`: the encoder before its refit rounds (it has not trained on validation items). Returns
+    (the blend, what the summary says about it). Raises ReleaseFailed when the sum aborts."""
+    fusion = cfg.fusion
+    nodes = sorted(grid.get_node_ids())
+    k = min(len(nodes), fusion.blend_devices)
+    if k < fusion.min_devices:
+        raise ReleaseFailed(f"{k} devices for the blend round, fewer than its floor of {fusion.min_devices} "
+                            "(--counts-min-devices; --blend-devices asks for more)")
+    sampled = sorted(int(n) for n in np.random.default_rng([cfg.seed, round_id]).choice(nodes, k, replace=False))
+    candidates = blends(fusion.kinds)
+    config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
+    task = SecureTask(to_record(weights), config, "uniform", 1.0, clip=blend_clip(len(candidates)),
+                      min_contributions=fusion.min_devices, size=len(candidates),
+                      extra=pack_blend_request(np.rint(counts), fusion.kinds, fusion.wire_settings()))
+    log.info("blend round: %d devices, %d candidates", k, len(candidates))
+    outcome, record = _one_secure_sum(grid, cfg, round_id, sampled, task, out, progress, "the blend round")
+    means = outcome.result.total / outcome.result.weight
+    chosen = best_blend(candidates, means)
+    report = blend_report(candidates, means, chosen, outcome.result.count)
+    return chosen, {**report, "seconds": record["seconds"], "bytes_down_per_client": record["bytes_down"],
+                    "chosen_on": "validation items of the devices asked: the encoder before its refit rounds, the "
+                                 "item models from the summed counts less each device's own validation item",
+                    "server_learns": "the candidates' validation NDCG@10 summed over the devices asked"}
 
 
 def _check_pairs(n_items: int, what: str, hint: str = "") -> None:
@@ -148,4 +179,4 @@ def _one_secure_sum(grid: Grid, cfg: FederationConfig, round_id: int, nodes: lis
         progress(record)
     if outcome.result is None:
         raise ReleaseFailed(f"{what}'s secure sum aborted: " + "; ".join(outcome.reasons[:3]))
-    return outcome, record
+    return outcome, asdict(record)

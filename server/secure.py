@@ -83,6 +83,7 @@ class SecureTask:
                                  # shares, or a floor on contributors), checked by clients too
     size: int = 0                # coordinates summed (0: those of `arrays`)
     noised: bool = False         # clients add distributed DP noise: the mean may exceed the clip
+    extra: dict = field(default_factory=dict)   # more records sent with the masked step (name -> record)
 
 
 @dataclass
@@ -202,7 +203,8 @@ class SecureRound:
             server.rejected.clear()
         masked = self._step(grid, "masked", {node_of[u]: pack_masked_request(task.arrays, task.config, MaskedRequest(
             round_id, task.weighting, task.weight_cap, {v: box for v, (box, _) in boxes.items()},
-            {v: key for v, (_, key) in boxes.items()})) for u, boxes in inbox.items()}, outcome, self.fail_on_error)
+            {v: key for v, (_, key) in boxes.items()}), task.extra) for u, boxes in inbox.items()}, outcome,
+            self.fail_on_error)
         self._report_blame(masked, node_of, outcome)
         size = (task.size or sum(a.numpy().size for a in task.arrays.values())) + 2
         vectors = {}

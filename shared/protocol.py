@@ -190,6 +190,40 @@ def unpack_round_config(record: ConfigRecord) -> RoundConfig:
         raise MalformedRecord(f"round config: {err!r}") from None
 
 
+# ---------------------------------------------------------------- the blend round's request
+
+def pack_blend_request(counts: np.ndarray, kinds: tuple[str, ...], settings: dict[str, float]) -> dict:
+    """The records the blend round sends besides the encoder's weights: the summed co-occurrence
+    counts (shared/privacy/cooccurrence.py's layout) and the item models to fit from them."""
+    return {"item-counts": ArrayRecord({"counts": Array(np.asarray(counts, dtype=np.float32))}),
+            "blend": ConfigRecord({"kinds": ",".join(kinds), **{k: float(v) for k, v in settings.items()}})}
+
+
+BLEND_SETTINGS = {"l2": (1e-6, 1e9), "decay": (1e-6, 1.0), "neighbours": (1, 1e6), "shrink": (0.0, 1e9)}
+
+
+def unpack_blend_request(content: RecordDict, size: int, known_kinds: tuple[str, ...]) -> tuple[np.ndarray, tuple, dict]:
+    """(counts, kinds, settings); MalformedRecord unless the counts are `size` whole numbers >= 0 and
+    every kind and setting is one this device knows, within its bounds (a device's work must not grow
+    with what a server asks)."""
+    try:
+        counts = content["item-counts"]["counts"].numpy().astype(np.float64)
+        c = content["blend"]
+        kinds = tuple(str(c["kinds"]).split(","))
+        settings = {k: float(c[k]) for k in BLEND_SETTINGS}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise MalformedRecord(f"blend request: {err!r}") from None
+    if counts.shape != (size,) or not np.isfinite(counts).all() or (counts < 0).any() or (counts != np.rint(counts)).any():
+        raise MalformedRecord(f"blend request: the counts must be {size} whole numbers >= 0")
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(known_kinds):
+        raise MalformedRecord(f"blend request: item models {kinds} (known: {known_kinds})")
+    for k, (low, high) in BLEND_SETTINGS.items():
+        if not low <= settings[k] <= high:
+            raise MalformedRecord(f"blend request: {k} = {settings[k]!r} outside [{low:g}, {high:g}]")
+    settings["neighbours"] = int(settings["neighbours"])
+    return counts, kinds, settings
+
+
 # ---------------------------------------------------------------- replies (client -> server)
 
 @dataclass
@@ -360,8 +394,10 @@ class MaskedRequest:
     mask_keys: dict[int, bytes]   # sender -> its mask public key
 
 
-def pack_masked_request(arrays: ArrayRecord, config: ConfigRecord, r: MaskedRequest) -> RecordDict:
-    return RecordDict({"arrays": arrays, "config": config,
+def pack_masked_request(arrays: ArrayRecord, config: ConfigRecord, r: MaskedRequest,
+                        extra: dict | None = None) -> RecordDict:
+    """`extra`: more records the round's task needs (the blend round's counts and candidates)."""
+    return RecordDict({**(extra or {}), "arrays": arrays, "config": config,
                        "secagg": ConfigRecord({"round-id": r.round_id, "weighting": r.weighting,
                                                "weight-cap": r.weight_cap}),
                        "inbox": _id_record(r.inbox), "mask-keys": _id_record(r.mask_keys)})

@@ -127,14 +127,19 @@ SETTINGS: tuple[Setting, ...] = (
        check=at_least(1), run_config=True),
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
-    _s("fusion", str, "auto", "fuse the encoder's scores with a recency-weighted item-item model's: ease, "
-       "item-knn, or auto (none: the encoder alone). Centralized: the item model (auto: ease or item-knn), its "
-       "settings and the weight are chosen on validation; federated: the item model comes from one secure sum "
-       "of item co-occurrence counts (needs secure aggregation, no DP) and uses --fusion-weight, "
-       "--fusion-decay, --ease-l2 / --knn-* (auto: ease, the centralized choice on ML-100K)",
-       "model", choices=("auto", "ease", "item-knn", "none"), run_config=True),
-    _s("fusion-weight", float, 0.25, "federated: the item model's weight against the encoder's (both "
-       "standardised per user)", "model", check=at_least(0), run_config=True),
+    _s("fusion", str, "auto", "blend the encoder's scores with an item model's: ease, item-knn (both recency-"
+       "weighted), popular, or auto (any of them; none: the encoder alone). The blend (the encoder alone, the item "
+       "model alone, or the two at a weight) is chosen on validation. Centralized: the item models' settings too; "
+       "federated: the item models come from one secure sum of item co-occurrence counts (needs secure "
+       "aggregation, no DP), with --fusion-decay, --ease-l2 and --knn-*, and the blend from a second secure sum of "
+       "devices' validation NDCG@10 (--blend-devices)",
+       "model", choices=("auto", "ease", "item-knn", "popular", "none"), run_config=True),
+    _s("fusion-weight", float, 0.25, "federated, without a validation round (--blend-devices 0, or it failed): "
+       "the item model's weight against the encoder's (both standardised per user; auto: ease)", "model",
+       check=at_least(0), run_config=True),
+    _s("blend-devices", int, 200, "federated: devices asked for their validation NDCG@10 under each candidate "
+       "blend, summed securely (at least --counts-min-devices; 0: no round, --fusion-weight)", "model",
+       check=at_least(0), run_config=True),
     _s("fusion-decay", float, 0.95, "federated: the item model weighs a history item decay^age (newest: 1)",
        "model", check=positive, run_config=True),
     _s("ease-l2", float, 500.0, "federated: EASE's ridge", "model", check=positive, run_config=True),

@@ -25,9 +25,9 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "most-popular": {},
     "item-knn": {"neighbours": [25, 50, 100, 200, 400], "shrink": [0.0, 10.0, 50.0], "decay": [1.0]},
     "item-knn-recency": {"neighbours": [25, 50, 100, 200, 400], "shrink": [0.0, 10.0, 50.0],
-                         "decay": [0.9, 0.8, 0.7, 0.5, 0.3]},
+                         "decay": [1.0, 0.9, 0.8, 0.7, 0.5, 0.3]},
     "ease": {"l2": [50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], "decay": [1.0]},
-    "ease-recency": {"l2": [50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], "decay": [0.95, 0.9, 0.8, 0.7, 0.5]},
+    "ease-recency": {"l2": [50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0], "decay": [1.0, 0.95, 0.9, 0.8, 0.7, 0.5]},
     "session-knn": {"neighbours": [50, 100, 200, 500], "recent": [5, 10, 20, 50, 1000], "linear": [False, True]},
 }
 MAKERS = {"most-popular": MostPopular, "item-knn": ItemKNN, "item-knn-recency": ItemKNN, "ease": EASE,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
-from shared.model.fusion import ITEM_ONLY, FusedScorer, choose_weight
+from shared.model.fusion import BLEND_KINDS, FusedScorer, Scorer, best_blend, blend_ndcg, blend_report, blends
 from shared.model.config import ModelHyper
 from shared.settings import default
 from shared.model.recommender import Recommender, build_recommender
@@ -68,34 +68,35 @@ def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: 
     return model, result
 
 
-ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency"}   # --fusion -> simulation/baselines.py
+ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency", "popular": "most-popular"}   # -> simulation/baselines.py
 
 
-def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split: Split) -> tuple[FusedScorer, dict]:
-    """The refit encoder fused with a recency-weighted item model (shared/model/fusion.py): `kind`
-    "ease" or "item-knn", or "auto" for whichever fuses better on validation. Every choice is made
-    on validation with what had not seen the validation items: the item model's settings (fit on
-    the training items), then the weight, with the encoder as selected before its refit. For test
-    the item model is refit on train + validation, as the encoder was."""
-    from simulation.baselines import fit_selected, select
+def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split: Split) -> tuple[Scorer, dict]:
+    """The refit encoder blended with an item model (shared/model/fusion.py): `kind` "ease", "item-knn"
+    or "popular", or "auto" for any of them; the blend may also be the encoder alone or the item model
+    alone. Every choice is made on validation with what had not seen the validation items: each item
+    model's settings (fit on the training items), then the blend, with the encoder as selected before
+    its refit. For test the chosen item model is refit on train + validation, as the encoder was."""
+    from simulation.baselines import SEARCH_SPACES, fit_selected, select
     selected = copy.deepcopy(model)
     selected.load_state_dict(result.selected_state)
     histories, targets = histories_and_targets(split, "valid")
-    candidates = {}
-    for name in (ITEM_MODELS if kind == "auto" else [kind]):
-        settings, _, tried = select(ITEM_MODELS[name], split)
-        weight, table = choose_weight(model_scorer(selected), fit_selected(ITEM_MODELS[name], settings, split),
-                                      histories, targets)
-        candidates[name] = {"item_model": settings, "item_settings_tried": tried, "weight": weight,
-                            "valid_ndcg@10": {(f"{name} alone" if w == ITEM_ONLY else f"{w:g}"): v
-                                              for w, v in table.items()}}
-    chosen = max(candidates, key=lambda name: candidates[name]["valid_ndcg@10"][f"{candidates[name]['weight']:g}"])
-    best = candidates[chosen]
-    items = fit_selected(ITEM_MODELS[chosen], best["item_model"], with_validation_in_train(split))
-    report = {"kind": chosen, **best, "candidates": candidates,
+    kinds = BLEND_KINDS if kind == "auto" else (kind,)
+    tuned = {k: select(ITEM_MODELS[k], split) for k in kinds}    # k -> (settings, valid NDCG@10, tried)
+    candidates = blends(kinds)
+    means = blend_ndcg(model_scorer(selected), {k: fit_selected(ITEM_MODELS[k], tuned[k][0], split) for k in kinds},
+                       candidates, histories, targets) / max(len(histories), 1)
+    chosen = best_blend(candidates, means)
+    report = {**blend_report(candidates, means, chosen, len(histories)),
+              "item_model": tuned[chosen.kind][0] if chosen.kind else {},
+              "item_models": {k: {"baseline": ITEM_MODELS[k], "settings": tuned[k][0], "settings_tried": tuned[k][2],
+                                  "search_space": SEARCH_SPACES[ITEM_MODELS[k]]} for k in kinds},
               "chosen_on": "validation items: the encoder as selected before its refit, the item models fit on "
                            "the training items"}
-    return FusedScorer(model_scorer(model), items, best["weight"]), report
+    if not chosen.kind:
+        return model_scorer(model), report
+    items = fit_selected(ITEM_MODELS[chosen.kind], tuned[chosen.kind][0], with_validation_in_train(split))
+    return FusedScorer(model_scorer(model), items, chosen.weight), report
 
 
 def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) -> dict:

@@ -30,7 +30,7 @@ from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
 from shared.secagg.identity import EnrolmentCA
-from shared.model.fusion import FusedScorer, FusionConfig
+from shared.model.fusion import Blend, FusedScorer, FusionConfig
 from shared.model.training import model_scorer
 from shared.model.config import ModelHyper
 from shared.model.recommender import load_weights
@@ -128,6 +128,7 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
         (out / stale).unlink(missing_ok=True)
     store = write_store(prepared, out / "store")
     if not (out / "checkpoint.pt").exists():
+        (out / "selected.pt").unlink(missing_ok=True)   # a previous run's encoder before its refit
         # A new run (not a resume): new simulated devices, with unspent privacy budgets. Runs in other
         # --out folders over the same users are not composed (docs/privacy.md).
         for i in range(len(prepared.split)):
@@ -209,10 +210,12 @@ def _final_scorer(path: Path, model):
         return ItemItemScorer(np.asarray(final["item_item"], dtype=np.float64), final["decay"],
                               final.get("popularity"), final.get("popularity_weight", 0.0))
     load_weights(model, final["weights"])
-    if "item_counts" in final:   # the item model from the secure co-occurrence sum, fused with the encoder
+    if "item_counts" in final:   # the item models from the secure co-occurrence sum, blended with the encoder
         fusion = FusionConfig(**final["fusion"])
-        items = fusion.item_model(np.asarray(final["item_counts"], dtype=np.float64))
-        return FusedScorer(model_scorer(model), items, fusion.weight)
+        blend = Blend(**final["blend"]) if "blend" in final else fusion.fallback
+        if blend.kind:
+            items = fusion.item_model(blend.kind, np.asarray(final["item_counts"], dtype=np.float64))
+            return FusedScorer(model_scorer(model), items, blend.weight)
     return model_scorer(model)
 
 

@@ -44,6 +44,12 @@ class MostPopular:
         self.counts = item_popularity(split).astype(np.float64)
         return self
 
+    def from_cooccurrence(self, co: np.ndarray) -> "MostPopular":
+        """From the (N+1, N+1) co-occurrence X^T X: its diagonal counts each item's users."""
+        self.counts = np.diag(co).astype(np.float64).copy()
+        self.counts[0] = 0.0
+        return self
+
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
         return np.tile(self.counts, (len(histories), 1))
 

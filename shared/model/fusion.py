@@ -1,5 +1,5 @@
-"""The encoder's scores fused with an item-item model's (recency-weighted EASE or item-kNN): each
-standardised per user, then summed with a weight chosen on validation.
+"""The encoder's scores fused with an item model's (recency-weighted EASE or item-kNN, or popularity):
+each standardised per user, then summed with a weight chosen on validation, or either alone.
 
 Why: the encoder reads the order of a history and the items' content; an item-item model over
 the co-occurrence of items reads which items go together, which on MovieLens is much of the
@@ -7,6 +7,10 @@ signal (tuned and recency-weighted, it beats the encoder alone: docs/results.md,
 sees what the other misses, and standardising makes one weight enough. Both item models are
 built from the co-occurrence matrix X^T X, a sum over users, so a federation computes it with
 one secure sum.
+
+The blend is chosen on validation among the encoder alone, each item model alone, and the encoder
+plus each item model at each weight: so on validation it is never below the best of them, which is
+the safeguard a sparse log needs (there the item models beat the encoder: docs/results.md).
 
 Plain numpy: works on any scorer (histories -> (B, N + 1) scores, column 0 = padding).
 """
@@ -17,43 +21,85 @@ from typing import Callable
 
 import numpy as np
 
-from shared.evaluation.baselines import EASE, ItemKNN
+from shared.evaluation.baselines import EASE, ItemKNN, MostPopular
 from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
 from shared.settings import default
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]
-WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # the item-item weight's search grid (encoder: 1)
-ITEM_ONLY = float("inf")                          # in the grid's report: the item-item scores alone
+WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # the item model's weights tried (the encoder's is 1)
+ITEM_ONLY = float("inf")                     # a blend's weight: the item model's scores alone
+BLEND_KINDS = ("ease", "item-knn", "popular")   # the item models a blend may use ("auto")
+MAKERS = {"ease": EASE, "item-knn": ItemKNN, "popular": MostPopular}
+BLEND_STAGE = "blend"           # the round config's stage for the federated blend round's secure sum
+
+
+@dataclass(frozen=True)
+class Blend:
+    """One candidate: the encoder alone (weight 0), the encoder + weight x an item model, or the
+    item model alone (weight ITEM_ONLY)."""
+    kind: str         # "ease", "item-knn" or "popular"; "" for the encoder alone
+    weight: float
+
+    @property
+    def label(self) -> str:
+        if self.weight == 0:
+            return "encoder alone"
+        return f"{self.kind} alone" if self.weight == ITEM_ONLY else f"encoder + {self.weight:g} x {self.kind}"
+
+
+ENCODER_ALONE = Blend("", 0.0)
+
+
+def blends(kinds, weights=WEIGHTS) -> list[Blend]:
+    """The candidates in a fixed order (a device's validation statistics follow it): the encoder alone,
+    then for each item model its weights ascending and the item model alone. Ties go to the earlier,
+    so the encoder alone wins a tie, and a smaller weight a larger."""
+    return [ENCODER_ALONE] + [Blend(kind, w) for kind in kinds for w in (*sorted(weights), ITEM_ONLY)]
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """What a federation fuses: the item model's settings and weight are fixed here (a federation
-    has no central validation set; the defaults are the centralized job's choices on ML-100K
-    validation)."""
-    kind: str = default("fusion")                 # "auto" (= "ease" here), "ease", "item-knn" or "none"
-    weight: float = default("fusion-weight")
+    """What a federation fuses: the item models it may use, their settings (fixed: the centralized
+    job's choices on ML-100K validation), and the blend when the validation round cannot run."""
+    kind: str = default("fusion")                 # "auto" (any of BLEND_KINDS), one of them, or "none"
+    weight: float = default("fusion-weight")      # without a validation round: this weight, EASE for "auto"
     decay: float = default("fusion-decay")
     l2: float = default("ease-l2")
     neighbours: int = default("knn-neighbours")
     shrink: float = default("knn-shrink")
     min_devices: int = default("counts-min-devices")   # the co-occurrence sum's floor (server and devices)
+    blend_devices: int = default("blend-devices")      # devices the validation round asks (0: no round)
+
+    @classmethod
+    def from_run_config(cls, c: dict) -> "FusionConfig":
+        """From checked run-config keys (shared/settings.py): the server's and each device's view."""
+        return cls(kind=c["fusion"], weight=c["fusion-weight"], decay=c["fusion-decay"], l2=c["ease-l2"],
+                   neighbours=c["knn-neighbours"], shrink=c["knn-shrink"], min_devices=c["counts-min-devices"],
+                   blend_devices=c["blend-devices"])
 
     @property
-    def item_kind(self) -> str:
-        """The item model: "auto" is EASE, the centralized job's choice on ML-100K validation."""
-        return "ease" if self.kind == "auto" else self.kind
+    def kinds(self) -> tuple[str, ...]:
+        return BLEND_KINDS if self.kind == "auto" else (self.kind,)
 
     @property
-    def item_settings(self) -> dict:
-        if self.item_kind == "ease":
+    def fallback(self) -> Blend:
+        """The blend used when no validation statistics chose one: EASE for "auto"."""
+        return Blend("ease" if self.kind == "auto" else self.kind, self.weight)
+
+    def wire_settings(self) -> dict:
+        """Every item model's settings, as the blend round sends them (shared/protocol.py)."""
+        return {"l2": self.l2, "decay": self.decay, "neighbours": self.neighbours, "shrink": self.shrink}
+
+    def settings(self, kind: str) -> dict:
+        if kind == "ease":
             return {"l2": self.l2, "decay": self.decay}
-        return {"neighbours": self.neighbours, "shrink": self.shrink, "decay": self.decay}
+        if kind == "item-knn":
+            return {"neighbours": self.neighbours, "shrink": self.shrink, "decay": self.decay}
+        return {}
 
-    def item_model(self, cooccurrence: np.ndarray):
-        """The item model fit from the (N+1, N+1) co-occurrence X^T X."""
-        make = {"ease": EASE, "item-knn": ItemKNN}[self.item_kind]
-        return make(**self.item_settings).from_cooccurrence(cooccurrence)
+    def item_model(self, kind: str, cooccurrence: np.ndarray):
+        """The item model `kind` fit from the (N+1, N+1) co-occurrence X^T X."""
+        return MAKERS[kind](**self.settings(kind)).from_cooccurrence(cooccurrence)
 
 
 def standardised(scores: np.ndarray) -> np.ndarray:
@@ -69,7 +115,7 @@ def standardised(scores: np.ndarray) -> np.ndarray:
 
 
 class FusedScorer:
-    """encoder z-score + weight x item-item z-score, per user."""
+    """encoder z-score + weight x item-item z-score, per user (weight ITEM_ONLY: the item model alone)."""
 
     def __init__(self, encoder: Scorer, items: Scorer, weight: float):
         self.encoder, self.items, self.weight = encoder, items, weight
@@ -77,23 +123,74 @@ class FusedScorer:
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
         if self.weight == 0:
             return self.encoder(histories)
+        if self.weight == ITEM_ONLY:
+            return self.items(histories)
         return standardised(self.encoder(histories)) + self.weight * standardised(self.items(histories))
 
 
-def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], targets: np.ndarray,
-                  weights=WEIGHTS, batch_size: int = 256) -> tuple[float, dict[float, float]]:
-    """The weight of `weights` with the best NDCG@10 on these (validation) histories and targets,
-    and the NDCG@10 of every weight tried (and of the item-item scores alone, key ITEM_ONLY). Each
-    scorer runs once per batch."""
-    totals = dict.fromkeys([*weights, ITEM_ONLY], 0.0)
+def blend_ndcg(encoder: Scorer, items: dict[str, Scorer], candidates: list[Blend], histories: list[np.ndarray],
+               targets: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """NDCG@10 of each target under each candidate, summed over these (validation) histories, in the
+    candidates' order. Each scorer runs once per batch."""
+    totals = np.zeros(len(candidates))
     for start in range(0, len(histories), batch_size):
         batch, batch_targets = histories[start:start + batch_size], targets[start:start + batch_size]
-        enc, item = standardised(encoder(batch)), standardised(items(batch))
-        for w in totals:
-            scores = item.copy()
-            if w != ITEM_ONLY:
-                scores[:, 1:] = enc[:, 1:] + w * item[:, 1:]
-            totals[w] += ndcg(target_ranks(exclude_seen(scores, batch), batch_targets), 10).sum()
-    table = {w: total / max(len(histories), 1) for w, total in totals.items()}
-    best = max(weights, key=lambda w: (table[w], -w))   # ties: the smaller weight
-    return best, table
+        enc = standardised(encoder(batch))
+        scored = {kind: standardised(items[kind](batch)) for kind in {c.kind for c in candidates if c.kind}}
+        for i, c in enumerate(candidates):
+            if c.weight == 0:
+                scores = enc.copy()
+            elif c.weight == ITEM_ONLY:
+                scores = scored[c.kind].copy()
+            else:
+                scores = enc + c.weight * scored[c.kind]   # column 0 stays -inf
+            totals[i] += ndcg(target_ranks(exclude_seen(scores, batch), batch_targets), 10).sum()
+    return totals
+
+
+def best_blend(candidates: list[Blend], means: np.ndarray) -> Blend:
+    """The candidate with the best validation NDCG@10; the earliest on a tie (see `blends`)."""
+    return candidates[int(np.argmax(np.asarray(means)))]   # argmax: the first of equal maxima
+
+
+def blend_report(candidates: list[Blend], means: np.ndarray, chosen: Blend, users: int) -> dict:
+    """What a summary says about the choice: every candidate's validation NDCG@10, the simple models
+    alone (the baselines the blend must not fall below), and why this one."""
+    table = {c.label: float(m) for c, m in zip(candidates, means)}
+    alone = {c.label: float(m) for c, m in zip(candidates, means) if c.weight in (0, ITEM_ONLY)}
+    simple = max((label for label in alone if label != ENCODER_ALONE.label), key=alone.get, default=None)
+    why = f"the best validation NDCG@10 of {len(candidates)} candidates ({table[chosen.label]:.4f}, {users} users)"
+    if simple is not None:
+        why += (f"; the best item model alone: {simple} {alone[simple]:.4f}; the encoder alone "
+                f"{alone[ENCODER_ALONE.label]:.4f}")
+    return {"kind": chosen.kind or "none", "weight": chosen.weight, "chosen": chosen.label, "why": why,
+            "valid_ndcg@10": table, "valid_users": users}
+
+
+def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], targets: np.ndarray,
+                  weights=WEIGHTS) -> tuple[float, dict[float, float]]:
+    """One item model's weight (0, one of `weights`, or ITEM_ONLY) with the best NDCG@10 on these
+    (validation) histories and targets, and the NDCG@10 of each weight tried."""
+    candidates = blends(["items"], weights)
+    means = blend_ndcg(encoder, {"items": items}, candidates, histories, targets) / max(len(histories), 1)
+    return best_blend(candidates, means).weight, {c.weight: float(m) for c, m in zip(candidates, means)}
+
+
+def blend_clip(candidates: int) -> float:
+    """The L2 bound of one device's blend statistics: `candidates` NDCG@10 values, each in [0, 1]."""
+    return float(np.sqrt(candidates))
+
+
+def device_blend_ndcg(encoder: Scorer, counts: np.ndarray, train: np.ndarray, valid: int, n_items: int,
+                      kinds: tuple[str, ...], fusion: FusionConfig) -> np.ndarray:
+    """One device's part of the federated blend choice: the NDCG@10 of its validation item under each
+    candidate of `blends(kinds)` (item models with `fusion`'s settings), its history its training items.
+    The item models are fit from the summed counts with this device's own validation item taken back
+    out (the counts were summed over each device's training and validation items): exactly as if it
+    had counted its training items only, so its held-out item cannot help the item models it judges."""
+    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
+    train = np.asarray(train, dtype=np.int64)
+    mine = counts_contribution(np.append(train, valid), n_items) - counts_contribution(train, n_items)
+    co = cooccurrence_from_counts(np.asarray(counts, dtype=np.float64) - mine, n_items)
+    items = {kind: fusion.item_model(kind, co) for kind in kinds}
+    return blend_ndcg(encoder, items, blends(kinds), [train], np.array([valid]))

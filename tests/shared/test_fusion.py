@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from shared.model.fusion import ITEM_ONLY, FusedScorer, choose_weight, standardised
+from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, best_blend,
+                                 blend_ndcg, blends, choose_weight, device_blend_ndcg, standardised)
 
 
 def fixed(table: np.ndarray):
@@ -23,7 +24,7 @@ def test_the_weight_is_chosen_by_what_ranks_the_targets_best():
     encoder, items = fixed(np.array([0, 3.0, 1.0, 0.0, 0.5])), fixed(np.array([0, 0.0, 3.0, 1.0, 0.5]))
     histories = [np.array([4])] * 6
     weight, table = choose_weight(encoder, items, histories, np.array([2] * 6))
-    assert weight >= 1 and table[weight] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
+    assert 1 <= weight < ITEM_ONLY and table[weight] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
     assert table[0.0] < 1.0
     # ... and the encoder alone when its item is the target (ties: the smaller weight).
     weight, _ = choose_weight(encoder, items, histories, np.array([1] * 6))
@@ -37,17 +38,16 @@ def test_weight_zero_is_the_encoder_alone():
     assert fused[1] == pytest.approx(1.0 - 1.0) and fused[2] == pytest.approx(-1.0 + 1.0)
 
 
-@pytest.mark.parametrize("kind", ["ease", "item-knn"])
+@pytest.mark.parametrize("kind", BLEND_KINDS)
 def test_the_item_model_from_summed_counts_is_the_one_fit_on_the_logs(kind):
     from shared.data.pipeline import DataConfig, prepare_data
-    from shared.evaluation.baselines import EASE, ItemKNN
-    from shared.model.fusion import FusionConfig
+    from shared.evaluation.baselines import EASE, ItemKNN, MostPopular
     from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
     split = prepare_data(DataConfig(dataset="synthetic:60x40", text_encoder="none", activity_features=False)).split
     total = sum(counts_contribution(u.train, split.n_items) for u in split.users)
     config = FusionConfig(kind=kind)
-    federated = config.item_model(cooccurrence_from_counts(total, split.n_items))
-    central = {"ease": EASE, "item-knn": ItemKNN}[kind](**config.item_settings).fit(split)
+    federated = config.item_model(kind, cooccurrence_from_counts(total, split.n_items))
+    central = {"ease": EASE, "item-knn": ItemKNN, "popular": MostPopular}[kind](**config.settings(kind)).fit(split)
     histories = [u.train for u in split.users]
     assert np.allclose(federated(histories), central(histories))
 
@@ -68,3 +68,60 @@ def test_the_fusion_weight_is_chosen_with_the_encoder_from_before_its_refit():
     refit, selected = result.best_state, result.selected_state
     assert any(not torch.equal(refit[k], selected[k]) for k in refit)   # the refit moved the weights
     assert all(torch.equal(model.state_dict()[k], refit[k]) for k in refit)
+
+
+def test_blends_put_the_encoder_alone_first_and_ties_go_to_the_earlier():
+    candidates = blends(("ease", "popular"), weights=(1.0, 0.5))
+    assert candidates[0] == ENCODER_ALONE
+    assert [c.weight for c in candidates[1:4]] == [0.5, 1.0, ITEM_ONLY] and candidates[3].label == "ease alone"
+    assert best_blend(candidates, np.array([0.2, 0.3, 0.3, 0.1, 0, 0, 0])) == Blend("ease", 0.5)
+    assert FusedScorer(fixed(np.array([0, 3.0, 1.0])), fixed(np.array([0, 0.0, 9.0])), ITEM_ONLY)(
+        [np.array([1])])[0][2] == 9.0   # the item model alone
+
+
+def test_the_safeguard_picks_an_item_model_alone_when_the_encoder_only_adds_noise():
+    """A sparse log's failure (issue 21): an encoder that ranks the targets last and popularity that
+    ranks them first. The blend chosen on validation is popularity alone, never below it."""
+    rng = np.random.default_rng(0)
+    encoder = lambda h: np.hstack([np.zeros((len(h), 1)), rng.normal(size=(len(h), 8))])   # noise
+    popular = fixed(np.array([0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]))
+    histories, targets = [np.array([8])] * 20, np.array([1] * 20)
+    candidates = blends(("popular",))
+    means = blend_ndcg(encoder, {"popular": popular}, candidates, histories, targets) / 20
+    assert best_blend(candidates, means).label == "popular alone" and means.max() == pytest.approx(1.0)
+
+
+def test_a_device_judges_item_models_that_never_counted_its_validation_item():
+    """The counts were summed over each device's training and validation items; a device scoring its
+    validation item must take its own part back out, or the item models would find the item through
+    its own history (a leak that makes the item models look better than they are). Items 5 and 6 are
+    seen only by this device, together: counted, item-kNN ranks 5 first after 6; taken out, it cannot."""
+    from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
+    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
+    n_items = 6
+    others = [np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([2, 3, 4])] * 3
+    train, valid = np.array([6]), 5
+    counts = sum(counts_contribution(h, n_items) for h in others) + counts_contribution(np.append(train, valid), n_items)
+    encoder = fixed(np.zeros(n_items + 1))
+    fusion = FusionConfig(neighbours=3, shrink=0.0, decay=1.0)
+    values = device_blend_ndcg(encoder, counts, train, valid, n_items, ("item-knn",), fusion)
+    knn_alone = [i for i, c in enumerate(blends(("item-knn",))) if c.label == "item-knn alone"][0]
+    assert values[knn_alone] < 0.7           # item 5 ties with every unseen item: ranks 1-5
+    leaked = fusion.item_model("item-knn", cooccurrence_from_counts(counts, n_items))
+    assert ndcg(target_ranks(exclude_seen(leaked([train]), [train]), np.array([valid])), 10)[0] == pytest.approx(1.0)
+
+
+def test_a_blend_request_outside_what_a_device_accepts_is_malformed():
+    from flwr.app import RecordDict
+
+    from shared.protocol import MalformedRecord, pack_blend_request, unpack_blend_request
+    good = FusionConfig().wire_settings()
+    counts = np.zeros(10)
+    assert unpack_blend_request(RecordDict(pack_blend_request(counts, ("ease",), good)), 10, BLEND_KINDS)[1] == ("ease",)
+    for what, request in {"size": pack_blend_request(np.zeros(9), ("ease",), good),
+                          "fractional counts": pack_blend_request(counts + 0.5, ("ease",), good),
+                          "unknown kind": pack_blend_request(counts, ("svd",), good),
+                          "huge neighbours": pack_blend_request(counts, ("item-knn",), {**good, "neighbours": 1e9}),
+                          "decay > 1": pack_blend_request(counts, ("ease",), {**good, "decay": 2.0})}.items():
+        with pytest.raises(MalformedRecord):
+            unpack_blend_request(RecordDict(request), 10, BLEND_KINDS)

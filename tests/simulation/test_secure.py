@@ -187,13 +187,14 @@ def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
         counts, record = sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out")
         return {"counts": counts, "record": record, "replies": grid.replies}
 
+    from shared.privacy.cooccurrence import cooccurrence_from_counts
     r = run_in_simulation(tmp_path, body)
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
     X = np.zeros((30, prepared.split.n_items + 1))
     for row, user in enumerate(prepared.split.users):
         X[row, user.history_for_test] = 1.0
     assert r["record"]["accepted"] == 30
-    assert np.array_equal(r["counts"], X.T @ X)
+    assert np.array_equal(cooccurrence_from_counts(r["counts"], prepared.split.n_items), X.T @ X)
     for reply in r["replies"]:            # what reached the server: masked uint32 vectors, never counts
         assert "counts" not in reply.content and "metrics" not in reply.content
 
@@ -266,5 +267,59 @@ def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
                           ({"privacy": "record", "record-window": 10}, "not differentially private")):
         cfg = federation_config({**run_config_defaults(), **SETTINGS, **override})
         saved = {}
-        report = fuse_item_model(None, cfg, 25, tmp_path, saved, None)   # no grid: nothing may be sent
+        report = fuse_item_model(None, cfg, 25, tmp_path, saved, {}, None)   # no grid: nothing may be sent
         assert report["kind"] == "none" and why in report["why"] and "item_counts" not in saved
+
+
+def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statistics(tmp_path):
+    """The federated safeguard (issue 21): after the counts sum, sampled devices score every candidate
+    blend on their validation item and the server sees only the sum. Decoded, the sum equals each
+    device's statistics computed centrally (item models without that device's validation item); a
+    second blend round and a thin one are refused, as for the counts."""
+    from flwr.app import ArrayRecord
+
+    from server.release import ReleaseFailed, choose_blend, sum_item_counts
+    from server.secure import SecureRound, SecureTask
+    from shared.data.catalog_bundle import load_catalog
+    from shared.model.fusion import BLEND_STAGE, blend_clip, blends
+    from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
+
+    def body(grid, strategy, start):
+        cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
+        counts, _ = sum_item_counts(grid, cfg, n_items, 1, tmp_path / "out")
+        candidates = blends(cfg.fusion.kinds)
+        config = pack_round_config(RoundConfig(2, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
+        thin = SecureRound(cfg.secure, cfg.timeout_s, False).run(grid, 2, sorted(grid.get_node_ids())[:5], SecureTask(
+            to_record(start), config, "uniform", 1.0, clip=blend_clip(len(candidates)), size=len(candidates),
+            extra=pack_blend_request(counts, cfg.fusion.kinds, cfg.fusion.wire_settings())))
+        chosen, report = choose_blend(grid, cfg, counts, start, 3, tmp_path / "out")
+        try:
+            choose_blend(grid, cfg, counts, start, 4, tmp_path / "out")
+            again = None
+        except ReleaseFailed as err:
+            again = str(err)
+        return {"counts": counts, "chosen": chosen, "report": report, "thin": thin, "again": again,
+                "replies": grid.replies, "n_items": n_items}
+
+    r = run_in_simulation(tmp_path, body)
+    assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
+    assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
+    # The same statistics computed centrally, device by device.
+    import torch
+
+    from shared.model.fusion import device_blend_ndcg
+    from shared.model.recommender import build_recommender, load_weights
+    from shared.model.training import model_scorer
+    prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
+    cfg = federation_config({**run_config_defaults(), **SETTINGS})
+    torch.manual_seed(cfg.seed)
+    model = build_recommender(cfg.model, prepared.split.n_items, None)
+    load_weights(model, initial_weights(tmp_path / "store" / "catalog.npz", cfg))
+    central = np.mean([device_blend_ndcg(model_scorer(model), r["counts"], u.train, u.valid, r["n_items"],
+                                         cfg.fusion.kinds, cfg.fusion) for u in prepared.split.users], axis=0)
+    report = r["report"]
+    assert report["valid_users"] == 30
+    assert np.allclose(list(report["valid_ndcg@10"].values()), central, atol=1e-3)
+    assert report["chosen"] == r["chosen"].label == blends(cfg.fusion.kinds)[int(np.argmax(central))].label
+    for reply in r["replies"]:            # what reached the server: masked vectors, never a device's figures
+        assert "ndcg" not in reply.content and "metrics" not in reply.content
