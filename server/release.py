@@ -138,7 +138,8 @@ def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights:
     if k < fusion.min_devices:
         raise ReleaseFailed(f"{k} devices for the blend round, fewer than its floor of {fusion.min_devices} "
                             "(--counts-min-devices; --blend-devices asks for more)")
-    sampled = sorted(int(n) for n in np.random.default_rng([cfg.seed, round_id]).choice(nodes, k, replace=False))
+    # By index: node ids are 64-bit, which numpy would turn into floats.
+    sampled = sorted(nodes[i] for i in np.random.default_rng([cfg.seed, round_id]).choice(len(nodes), k, replace=False))
     candidates = blends(fusion.kinds)
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
     task = SecureTask(to_record(weights), config, "uniform", 1.0, clip=blend_clip(len(candidates)),

@@ -305,15 +305,14 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
     # The same statistics computed centrally, device by device.
-    import torch
-
+    from shared.data.catalog_bundle import load_catalog
     from shared.model.fusion import device_blend_ndcg
     from shared.model.recommender import build_recommender, load_weights
     from shared.model.training import model_scorer
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
     cfg = federation_config({**run_config_defaults(), **SETTINGS})
-    torch.manual_seed(cfg.seed)
-    model = build_recommender(cfg.model, prepared.split.n_items, None)
+    catalog = load_catalog(tmp_path / "store" / "catalog.npz")
+    model = build_recommender(cfg.model, catalog.n_items, catalog.content if catalog.content_dim else None)
     load_weights(model, initial_weights(tmp_path / "store" / "catalog.npz", cfg))
     central = np.mean([device_blend_ndcg(model_scorer(model), r["counts"], u.train, u.valid, r["n_items"],
                                          cfg.fusion.kinds, cfg.fusion) for u in prepared.split.users], axis=0)
