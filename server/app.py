@@ -115,17 +115,17 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     would show, and exact counts are not DP. Returns what the summary says about it."""
     fusion = cfg.fusion
     if fusion.kind == "none":
-        return {"kind": "none"}
+        return {"chosen": "encoder alone", "why": "--fusion none"}
     if not cfg.secure.enabled or cfg.privacy.mode != "none":
         why = ("it needs secure aggregation (each device's counts would reach the server in the clear)"
                if not cfg.secure.enabled else "exact counts are not differentially private")
         log.warning("the encoder alone, without the item model: %s", why)
-        return {"kind": "none", "why": why}
+        return {"chosen": "encoder alone", "why": why}
     try:
         counts, record = sum_item_counts(grid, cfg, n_items, cfg.rounds + 1, out, progress=progress)
     except ReleaseFailed as err:
         log.warning("the encoder alone, without the item model: %s", err)
-        return {"kind": "none", "why": str(err)}
+        return {"chosen": "encoder alone", "why": str(err)}
     saved["item_counts"] = cooccurrence_from_counts(counts, n_items).astype(np.float32)
     saved["fusion"] = asdict(fusion)
     blend, report = fusion.fallback, {"chosen": fusion.fallback.label,
@@ -136,9 +136,9 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
         except ReleaseFailed as err:
             log.warning("the blend round failed; the fixed --fusion-weight instead: %s", err)
             report = {"chosen": blend.label, "why": f"the blend round failed ({err}): the fixed --fusion-weight"}
-    saved["blend"] = {"kind": blend.kind, "weight": blend.weight}
-    return {**report, "kind": blend.kind or "none", "weight": blend.weight,
-            "item_model": fusion.settings(blend.kind) if blend.kind else {},
+    saved["blend"] = blend.to_dict()
+    return {**report, "chosen": blend.label, "blend": blend.to_dict(),
+            "item_model": {k: fusion.settings(k) for k in blend.kinds},
             "counts_round": {"contributions": record["accepted"], "seconds": record["seconds"],
                              "bytes_up_per_client": record["bytes_up_mean"],
                              "server_learns": "the item and item-pair counts summed over every device (not DP)"}}

@@ -18,7 +18,7 @@ import numpy as np
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.evaluation.baselines import EASE, ItemKNN, MostPopular, SessionKNN
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics
-from shared.model.fusion import FusedScorer, choose_weight
+from shared.model.fusion import Blend, FusedScorer, choose_weight
 from shared.report import write_json
 
 SEARCH_SPACES: dict[str, dict[str, list]] = {
@@ -119,8 +119,8 @@ def fused_baselines(split: Split, first: str, second: str, out: Path, *, sampled
     weight, _ = choose_weight(fit_selected(first, chosen[first], split), fit_selected(second, chosen[second], split),
                               histories, targets)
     everything = with_validation_in_train(split)
-    scorer = FusedScorer(fit_selected(first, chosen[first], everything), fit_selected(second, chosen[second], everything),
-                         weight)
+    scorer = FusedScorer(fit_selected(first, chosen[first], everything),
+                         {second: fit_selected(second, chosen[second], everything)}, Blend.of(second, weight))
     test = evaluate(scorer, split, "test", sampled_negatives=sampled_negatives, seed=seed)
     return _saved_row(out, f"{first} + {second}", {
         **test.metrics, "settings": {first: chosen[first], second: chosen[second], "weight": weight},

@@ -86,8 +86,7 @@ def _paired_ratios(rows: list[dict], out: Path) -> None:
 def _model_settings(summary: dict) -> dict:
     fusion = summary.get("fusion") or {}
     return {"content": summary["config"]["model"]["content"], "best_epoch": summary["best_epoch"],
-            **({"fusion": fusion["kind"], "item_model": fusion["item_model"], "fusion_weight": fusion["weight"]}
-               if fusion else {})}
+            **({"blend": fusion["chosen"], "item_model": fusion["item_model"]} if fusion else {})}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -88,15 +88,14 @@ def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split
                        candidates, histories, targets) / max(len(histories), 1)
     chosen = best_blend(candidates, means)
     report = {**blend_report(candidates, means, chosen, len(histories)),
-              "item_model": tuned[chosen.kind][0] if chosen.kind else {},
+              "item_model": {k: tuned[k][0] for k in chosen.kinds},
               "item_models": {k: {"baseline": ITEM_MODELS[k], "settings": tuned[k][0], "settings_tried": tuned[k][2],
                                   "search_space": SEARCH_SPACES[ITEM_MODELS[k]]} for k in kinds},
               "chosen_on": "validation items: the encoder as selected before its refit, the item models fit on "
                            "the training items"}
-    if not chosen.kind:
-        return model_scorer(model), report
-    items = fit_selected(ITEM_MODELS[chosen.kind], tuned[chosen.kind][0], with_validation_in_train(split))
-    return FusedScorer(model_scorer(model), items, chosen.weight), report
+    everything = with_validation_in_train(split)
+    items = {k: fit_selected(ITEM_MODELS[k], tuned[k][0], everything) for k in chosen.kinds}
+    return FusedScorer(model_scorer(model), items, chosen), report
 
 
 def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) -> dict:
@@ -118,7 +117,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     torch.save({"model_config": model.cfg.to_dict(), "state_dict": model.state_dict(),
                 "item_ids": list(prepared.encoded.item_ids), "content": prepared.features.matrix,
-                "fusion": fusion and {k: fusion[k] for k in ("kind", "item_model", "weight")}},
+                "fusion": fusion and {k: fusion[k] for k in ("chosen", "blend", "item_model")}},
                out / "model.pt")
     plot_validation_curve({"centralized": result.curve}, out / "validation_curve.png",
                           title=f"{prepared.dataset.name}: centralized")

@@ -212,10 +212,9 @@ def _final_scorer(path: Path, model):
     load_weights(model, final["weights"])
     if "item_counts" in final:   # the item models from the secure co-occurrence sum, blended with the encoder
         fusion = FusionConfig(**final["fusion"])
-        blend = Blend(**final["blend"]) if "blend" in final else fusion.fallback
-        if blend.kind:
-            items = fusion.item_model(blend.kind, np.asarray(final["item_counts"], dtype=np.float64))
-            return FusedScorer(model_scorer(model), items, blend.weight)
+        blend = Blend.from_dict(final["blend"]) if "blend" in final else fusion.fallback
+        counts = np.asarray(final["item_counts"], dtype=np.float64)
+        return FusedScorer(model_scorer(model), {k: fusion.item_model(k, counts) for k in blend.kinds}, blend)
     return model_scorer(model)
 
 

@@ -112,8 +112,8 @@ def _protocol_rows(prepared, job: CentralizedJob, training: Split, evaluation: S
     scorer, fusion = ((model_scorer(model), None) if job.fusion == "none"
                       else fuse_with_item_model(job.fusion, model, result, training))
     rows.append({"method": "fedrec-centralized", **evaluate(scorer, evaluation, "test").metrics,
-                 "settings": {"fusion": fusion["kind"] if fusion else "none",
-                              **({"item_model": fusion["item_model"], "weight": fusion["weight"]} if fusion else {})}})
+                 "settings": {"blend": fusion["chosen"] if fusion else "encoder alone",
+                              **({"item_model": fusion["item_model"]} if fusion else {})}})
     return rows
 
 

@@ -16,6 +16,7 @@ Plain numpy: works on any scorer (histories -> (B, N + 1) scores, column 0 = pad
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,26 +36,60 @@ BLEND_STAGE = "blend"           # the round config's stage for the federated ble
 
 @dataclass(frozen=True)
 class Blend:
-    """One candidate: the encoder alone (weight 0), the encoder + weight x an item model, or the
-    item model alone (weight ITEM_ONLY)."""
-    kind: str         # "ease", "item-knn" or "popular"; "" for the encoder alone
-    weight: float
+    """One candidate: the encoder's standardised scores (or none) plus each item model's at its weight.
+    No parts: the encoder alone; no encoder: one item model alone."""
+    parts: tuple[tuple[str, float], ...] = ()   # (item model, weight against the encoder's 1)
+    encoder: bool = True
+
+    @classmethod
+    def of(cls, kind: str, weight: float) -> "Blend":
+        """One item model at `weight` (0: the encoder alone; ITEM_ONLY: the item model alone)."""
+        if weight == 0:
+            return ENCODER_ALONE
+        return cls(((kind, 1.0),), encoder=False) if weight == ITEM_ONLY else cls(((kind, weight),))
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind, _ in self.parts)
+
+    @property
+    def weight(self) -> float:
+        """A one-model blend's weight (ITEM_ONLY: that model alone; 0: the encoder alone)."""
+        if not self.parts:
+            return 0.0
+        return self.parts[0][1] if self.encoder else ITEM_ONLY
 
     @property
     def label(self) -> str:
-        if self.weight == 0:
+        if not self.parts:
             return "encoder alone"
-        return f"{self.kind} alone" if self.weight == ITEM_ONLY else f"encoder + {self.weight:g} x {self.kind}"
+        if not self.encoder:
+            return f"{self.parts[0][0]} alone"
+        return " + ".join(["encoder", *(f"{w:g} x {kind}" for kind, w in self.parts)])
+
+    def to_dict(self) -> dict:
+        return {"parts": [list(p) for p in self.parts], "encoder": self.encoder}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Blend":
+        return cls(tuple((str(k), float(w)) for k, w in d["parts"]), bool(d["encoder"]))
 
 
-ENCODER_ALONE = Blend("", 0.0)
+ENCODER_ALONE = Blend()
+PAIRED = ("ease", "item-knn")          # the item models also tried together with the encoder
+PAIR_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 
 
 def blends(kinds, weights=WEIGHTS) -> list[Blend]:
-    """The candidates in a fixed order (a device's validation statistics follow it): the encoder alone,
-    then for each item model its weights ascending and the item model alone. Ties go to the earlier,
-    so the encoder alone wins a tie, and a smaller weight a larger."""
-    return [ENCODER_ALONE] + [Blend(kind, w) for kind in kinds for w in (*sorted(weights), ITEM_ONLY)]
+    """The candidates in a fixed order (a device's validation statistics follow it): the encoder alone;
+    for each item model its weights ascending, then the item model alone; then, when both EASE and
+    item-kNN are there, the encoder with the two at each pair of PAIR_WEIGHTS (two item models often
+    err differently: on ML-100K cut to 8 events a user the three together are steadier than any two).
+    Ties go to the earlier, so the encoder alone wins a tie, and a smaller weight a larger."""
+    out = [ENCODER_ALONE] + [Blend.of(kind, w) for kind in kinds for w in (*sorted(weights), ITEM_ONLY)]
+    if all(kind in kinds for kind in PAIRED):
+        out += [Blend(tuple(zip(PAIRED, pair))) for pair in itertools.product(PAIR_WEIGHTS, repeat=2)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -84,7 +119,7 @@ class FusionConfig:
     @property
     def fallback(self) -> Blend:
         """The blend used when no validation statistics chose one: EASE for "auto"."""
-        return Blend("ease" if self.kind == "auto" else self.kind, self.weight)
+        return Blend.of("ease" if self.kind == "auto" else self.kind, self.weight)
 
     def wire_settings(self) -> dict:
         """Every item model's settings, as the blend round sends them (shared/protocol.py)."""
@@ -115,17 +150,27 @@ def standardised(scores: np.ndarray) -> np.ndarray:
 
 
 class FusedScorer:
-    """encoder z-score + weight x item-item z-score, per user (weight ITEM_ONLY: the item model alone)."""
+    """The encoder's z-score + each item model's z-score at its weight, per user (`blend`)."""
 
-    def __init__(self, encoder: Scorer, items: Scorer, weight: float):
-        self.encoder, self.items, self.weight = encoder, items, weight
+    def __init__(self, encoder: Scorer, items: dict[str, Scorer], blend: Blend):
+        self.encoder, self.items, self.blend = encoder, items, blend
 
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
-        if self.weight == 0:
+        if not self.blend.parts:
             return self.encoder(histories)
-        if self.weight == ITEM_ONLY:
-            return self.items(histories)
-        return standardised(self.encoder(histories)) + self.weight * standardised(self.items(histories))
+        if not self.blend.encoder:
+            return self.items[self.blend.parts[0][0]](histories)
+        return blended(self.blend, standardised(self.encoder(histories)),
+                       {kind: standardised(self.items[kind](histories)) for kind in self.blend.kinds})
+
+
+def blended(blend: Blend, encoder: np.ndarray, items: dict[str, np.ndarray]) -> np.ndarray:
+    """`blend` of standardised scores (a new array; column 0 stays -inf)."""
+    out = encoder.copy() if blend.encoder else np.zeros_like(encoder)
+    for kind, w in blend.parts:
+        out += w * items[kind]
+    out[:, 0] = -np.inf
+    return out
 
 
 def blend_ndcg(encoder: Scorer, items: dict[str, Scorer], candidates: list[Blend], histories: list[np.ndarray],
@@ -136,14 +181,9 @@ def blend_ndcg(encoder: Scorer, items: dict[str, Scorer], candidates: list[Blend
     for start in range(0, len(histories), batch_size):
         batch, batch_targets = histories[start:start + batch_size], targets[start:start + batch_size]
         enc = standardised(encoder(batch))
-        scored = {kind: standardised(items[kind](batch)) for kind in {c.kind for c in candidates if c.kind}}
+        scored = {kind: standardised(items[kind](batch)) for kind in {k for c in candidates for k in c.kinds}}
         for i, c in enumerate(candidates):
-            if c.weight == 0:
-                scores = enc.copy()
-            elif c.weight == ITEM_ONLY:
-                scores = scored[c.kind].copy()
-            else:
-                scores = enc + c.weight * scored[c.kind]   # column 0 stays -inf
+            scores = blended(c, enc, scored)
             totals[i] += ndcg(target_ranks(exclude_seen(scores, batch), batch_targets), 10).sum()
     return totals
 
@@ -157,21 +197,21 @@ def blend_report(candidates: list[Blend], means: np.ndarray, chosen: Blend, user
     """What a summary says about the choice: every candidate's validation NDCG@10, the simple models
     alone (the baselines the blend must not fall below), and why this one."""
     table = {c.label: float(m) for c, m in zip(candidates, means)}
-    alone = {c.label: float(m) for c, m in zip(candidates, means) if c.weight in (0, ITEM_ONLY)}
+    alone = {c.label: float(m) for c, m in zip(candidates, means) if not c.encoder or not c.parts}
     simple = max((label for label in alone if label != ENCODER_ALONE.label), key=alone.get, default=None)
     why = f"the best validation NDCG@10 of {len(candidates)} candidates ({table[chosen.label]:.4f}, {users} users)"
     if simple is not None:
         why += (f"; the best item model alone: {simple} {alone[simple]:.4f}; the encoder alone "
                 f"{alone[ENCODER_ALONE.label]:.4f}")
-    return {"kind": chosen.kind or "none", "weight": chosen.weight, "chosen": chosen.label, "why": why,
-            "valid_ndcg@10": table, "valid_users": users}
+    return {"chosen": chosen.label, "blend": chosen.to_dict(), "why": why, "valid_ndcg@10": table,
+            "valid_users": users}
 
 
 def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], targets: np.ndarray,
                   weights=WEIGHTS) -> tuple[float, dict[float, float]]:
     """One item model's weight (0, one of `weights`, or ITEM_ONLY) with the best NDCG@10 on these
     (validation) histories and targets, and the NDCG@10 of each weight tried."""
-    candidates = blends(["items"], weights)
+    candidates = blends(("items",), weights)
     means = blend_ndcg(encoder, {"items": items}, candidates, histories, targets) / max(len(histories), 1)
     return best_blend(candidates, means).weight, {c.weight: float(m) for c, m in zip(candidates, means)}
 

@@ -33,8 +33,9 @@ def test_the_weight_is_chosen_by_what_ranks_the_targets_best():
 
 def test_weight_zero_is_the_encoder_alone():
     encoder, items = fixed(np.array([0, 3.0, 1.0])), fixed(np.array([0, 0.0, 9.0]))
-    assert np.array_equal(FusedScorer(encoder, items, 0.0)([np.array([1])]), encoder([np.array([1])]))
-    fused = FusedScorer(encoder, items, 1.0)([np.array([1])])[0]
+    assert np.array_equal(FusedScorer(encoder, {"x": items}, Blend.of("x", 0.0))([np.array([1])]),
+                          encoder([np.array([1])]))
+    fused = FusedScorer(encoder, {"x": items}, Blend.of("x", 1.0))([np.array([1])])[0]
     assert fused[1] == pytest.approx(1.0 - 1.0) and fused[2] == pytest.approx(-1.0 + 1.0)
 
 
@@ -74,9 +75,12 @@ def test_blends_put_the_encoder_alone_first_and_ties_go_to_the_earlier():
     candidates = blends(("ease", "popular"), weights=(1.0, 0.5))
     assert candidates[0] == ENCODER_ALONE
     assert [c.weight for c in candidates[1:4]] == [0.5, 1.0, ITEM_ONLY] and candidates[3].label == "ease alone"
-    assert best_blend(candidates, np.array([0.2, 0.3, 0.3, 0.1, 0, 0, 0])) == Blend("ease", 0.5)
-    assert FusedScorer(fixed(np.array([0, 3.0, 1.0])), fixed(np.array([0, 0.0, 9.0])), ITEM_ONLY)(
-        [np.array([1])])[0][2] == 9.0   # the item model alone
+    assert best_blend(candidates, np.array([0.2, 0.3, 0.3, 0.1, 0, 0, 0])) == Blend.of("ease", 0.5)
+    assert FusedScorer(fixed(np.array([0, 3.0, 1.0])), {"ease": fixed(np.array([0, 0.0, 9.0]))},
+                       Blend.of("ease", ITEM_ONLY))([np.array([1])])[0][2] == 9.0   # the item model alone
+    assert len(blends(("ease", "item-knn"))) == 1 + 2 * 7 + 16      # and the pairs
+    three = blends(("ease", "item-knn"))[-1]
+    assert three.label == "encoder + 4 x ease + 4 x item-knn" and Blend.from_dict(three.to_dict()) == three
 
 
 def test_the_safeguard_picks_an_item_model_alone_when_the_encoder_only_adds_noise():

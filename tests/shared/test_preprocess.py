@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from shared.data.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out,
-                               partition_by_user, prepare)
+from shared.data.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out, newest,
+                                    partition_by_user, prepare)
 from shared.data.schema import DataError, make_catalog, make_interactions
 
 
@@ -19,6 +19,15 @@ def test_implicit_keeps_earliest_duplicate_and_applies_threshold():
     ev = events([("u", "a", 1, 5), ("u", "a", 2, 1), ("u", "b", 3, 2)])
     assert list(implicit(ev).frame["timestamp"]) == [1, 3]
     assert list(implicit(ev, min_rating=4).frame["item"]) == ["a"]
+
+
+def test_newest_keeps_each_users_most_recent_events():
+    ev = events([("u", "a", 1, 1), ("u", "b", 2, 1), ("u", "c", 3, 1), ("v", "a", 5, 1), ("v", "d", 9, 1)])
+    out = newest(ev, 2).frame
+    assert list(zip(out["user"], out["item"])) == [("u", "b"), ("u", "c"), ("v", "a"), ("v", "d")]
+    assert newest(ev, 0) is ev
+    _, split = prepare(ev, catalog(["a", "b", "c", "d"]), last_events=3, user_core=3)
+    assert [len(u.train) + 2 for u in split.users] == [3]      # v has 2 events: dropped by the 3-core
 
 
 def test_k_core_iterates_until_stable():

@@ -34,3 +34,10 @@ def test_scales_to_100k_by_100k():
     ds = generate(100_000, 100_000, seed=0)
     assert ds.interactions.n_users == 100_000 and len(ds.catalog) == 100_000
     assert len(ds.interactions) > 1_000_000
+
+
+def test_a_synthetic_spec_can_ask_for_short_histories():
+    from shared.data.pipeline import DataConfig, load_any
+    dense = load_any(DataConfig(dataset="synthetic:300x100")).interactions.frame
+    sparse = load_any(DataConfig(dataset="synthetic:300x100:6")).interactions.frame
+    assert len(sparse) / 300 < 9 < 15 < len(dense) / 300

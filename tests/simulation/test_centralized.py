@@ -65,9 +65,14 @@ def test_bench_quality_table_and_json(tmp_path, capsys):
         "ease-recency + session-knn", "encoder-id-only + item model", "encoder-id-only", "fedrec-centralized",
         "fedrec-centralized, encoder alone"]
     rows = {r["method"]: r for r in report["results"]}
-    assert rows["ease-recency"]["search_space"]["decay"] and rows["ease-recency"]["settings"]["decay"] < 1
-    assert set(rows["fedrec-centralized"]["settings"]) == {"content", "best_epoch", "fusion", "item_model", "fusion_weight"}
-    assert rows["fedrec-centralized"]["settings"]["fusion"] in ("ease", "item-knn")   # auto chose on validation
+    assert rows["ease-recency"]["settings"]["decay"] in rows["ease-recency"]["search_space"]["decay"]
+    assert set(rows["fedrec-centralized"]["settings"]) == {"content", "best_epoch", "blend", "item_model"}
+    summary = json.loads((tmp_path / "fedrec-centralized" / "summary.json").read_text())
+    # The safeguard (issue 21): the blend chosen on validation is at least every simple model alone there.
+    valid = summary["fusion"]["valid_ndcg@10"]
+    assert {"encoder alone", "ease alone", "item-knn alone", "popular alone"} <= set(valid)
+    assert valid[summary["fusion"]["chosen"]] == max(valid.values())
+    assert rows["fedrec-centralized"]["settings"]["blend"] == summary["fusion"]["chosen"]
     for row in report["results"]:     # every method's ranks, for `fedrec compare`
         assert (tmp_path / row["folder"] / "test_ranks.npy").is_file(), row["method"]
     assert rows["ease-recency"]["fedrec_ratio"]["ci95"][0] <= rows["ease-recency"]["fedrec_ratio"]["ratio"]

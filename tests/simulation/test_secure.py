@@ -268,7 +268,7 @@ def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
         cfg = federation_config({**run_config_defaults(), **SETTINGS, **override})
         saved = {}
         report = fuse_item_model(None, cfg, 25, tmp_path, saved, {}, None)   # no grid: nothing may be sent
-        assert report["kind"] == "none" and why in report["why"] and "item_counts" not in saved
+        assert report["chosen"] == "encoder alone" and why in report["why"] and "item_counts" not in saved
 
 
 def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statistics(tmp_path):
@@ -276,8 +276,6 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     blend on their validation item and the server sees only the sum. Decoded, the sum equals each
     device's statistics computed centrally (item models without that device's validation item); a
     second blend round and a thin one are refused, as for the counts."""
-    from flwr.app import ArrayRecord
-
     from server.release import ReleaseFailed, choose_blend, sum_item_counts
     from server.secure import SecureRound, SecureTask
     from shared.data.catalog_bundle import load_catalog
@@ -305,7 +303,6 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
     # The same statistics computed centrally, device by device.
-    from shared.data.catalog_bundle import load_catalog
     from shared.model.fusion import device_blend_ndcg
     from shared.model.recommender import build_recommender, load_weights
     from shared.model.training import model_scorer
