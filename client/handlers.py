@@ -181,14 +181,13 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
     paths = {**settings, **context.run_config}
     log_path, catalog_path = client_paths(context.node_config, paths)
     n_items = load_catalog(catalog_path).n_items
-    floor = int(context.node_config.get("counts-min-devices", paths.get("counts-min-devices",
-                                                                         default("counts-min-devices"))))
+    floor = exact_sum_floor(context, settings)
     marker = ledger_path(context.node_config, paths).with_suffix(".counts-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
         try:
             with open(marker, "x") as f:   # exclusive create: a second round finds it
-                f.write(f"round {config.server_round}\n")
+                f.write(f"round {config.server_round} run {context.run_id}\n")   # the blend round checks the run
         except FileExistsError:
             raise secure.ProtocolViolation(f"this device gave its co-occurrence counts once already ({marker}); "
                                            "it gives them at most once") from None
@@ -203,38 +202,59 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
 def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:
     """This user's NDCG@10 on its validation item under each candidate blend (shared/model/fusion.py:
     the encoder the message carries, item models fit from the summed counts it carries, with this
-    device's validation item taken back out), for the server to choose the blend from their sum. Only
-    inside a secure sum, only without DP, and against a server that may not follow the protocol, as
-    the counts: once per device (a marker beside its ledger), unmasked only in a sum of at least
-    `counts-min-devices` devices, at the clip its vector was made for. Never the test item."""
+    device's validation item taken back out), with their products, for the server to choose the blend
+    from their sum. Only inside a secure sum, only without DP, only from a device whose counts are in
+    the sum (it gave them in this run), and against a server that may not follow the protocol, as the
+    counts: once per device (a marker beside its ledger), unmasked only in a sum of at least its floor
+    of devices, with uniform weights, at the clip its vector was made for. Never the test item."""
     if config.privacy.mode != "none":
         return secure.refuse_round(msg, context, "validation statistics are not sent in a DP run")
     paths = {**settings, **context.run_config}
     log_path, catalog_path = client_paths(context.node_config, paths)
     n_items = load_catalog(catalog_path).n_items
-    floor = int(context.node_config.get("counts-min-devices", paths.get("counts-min-devices",
-                                                                         default("counts-min-devices"))))
+    ledger = ledger_path(context.node_config, paths)
     try:
         counts, kinds, wire = unpack_blend_request(msg.content, cooccurrence.counts_size(n_items), fusion.BLEND_KINDS)
     except MalformedRecord as err:
         return secure.refuse_round(msg, context, str(err))
-    marker = ledger_path(context.node_config, paths).with_suffix(".blend-given")
+    counted = ledger.with_suffix(".counts-given")
+    if not counted.exists() or f"run {context.run_id}\n" not in counted.read_text():
+        # Its own part must be in the counts to be taken back out; else the item models would be wrong.
+        return secure.refuse_round(msg, context, "this device's counts are not in this run's sum")
+    kinds = tuple(k for k in fusion.BLEND_KINDS if k in kinds)   # one order for every device
+    candidates = fusion.blends(kinds)
+    marker = ledger.with_suffix(".blend-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
+        model, log_, weights = _setup(msg, context, settings, config)
+        if not all(np.isfinite(w).all() for w in weights.values()):
+            raise secure.ProtocolViolation("the encoder's weights are not finite")
+        load_weights(model, weights)
         try:
+            values = fusion.device_blend_ndcg(model_scorer(model), counts, log_.history("valid"),
+                                              log_.target("valid"), n_items, kinds, fusion.FusionConfig(**wire))
+        except (ValueError, np.linalg.LinAlgError) as err:   # counts no honest sum gives
+            raise secure.ProtocolViolation(f"the item models cannot be fit from these counts: {err}") from None
+        try:   # after computing (a failure burns nothing), before anything leaves
             with open(marker, "x") as f:   # exclusive create: a second round finds it
-                f.write(f"round {config.server_round}\n")
+                f.write(f"round {config.server_round} run {context.run_id}\n")
         except FileExistsError:
             raise secure.ProtocolViolation(f"this device gave its validation statistics once already ({marker}); "
                                            "it gives them at most once") from None
-        model, log_, weights = _setup(msg, context, settings, config)
-        load_weights(model, weights)
-        values = fusion.device_blend_ndcg(model_scorer(model), counts, log_.history("valid"), log_.target("valid"),
-                                          n_items, kinds, fusion.FusionConfig(**wire))
-        return {"ndcg": values}, TrainMetrics(1.0)
+        return {"statistics": fusion.blend_statistics(values[None, :])}, TrainMetrics(1.0)
 
-    return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
-                                exact_clip=fusion.blend_clip(len(fusion.blends(kinds))))
+    return secure.handle_masked(msg, context, contribute, config, noise_std=0.0,
+                                min_alive=exact_sum_floor(context, settings),
+                                exact_clip=fusion.statistics_clip(len(candidates)))
+
+
+def exact_sum_floor(context: Context, settings: dict) -> int:
+    """The fewest devices an exact (un-noised) sum of this device's data may be unmasked in: its node
+    config's `counts-min-devices`, else the app's (the device's own settings), never the run config,
+    which the party that submits the run writes; at least 2."""
+    value = context.node_config.get("counts-min-devices", settings.get("counts-min-devices",
+                                                                        default("counts-min-devices")))
+    return max(2, int(value))
 
 
 def _item_item_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:

@@ -140,7 +140,7 @@ def handle_masked(msg: Message, context: Context, train: Callable, config: Round
     `exact_clip`: refuse unless the round's clip is this one (a contribution must never be rescaled)."""
     try:
         return _masked(msg, context, train, config, noise_std, min_alive, exact_clip)
-    except ProtocolViolation as err:
+    except (ProtocolViolation, MalformedRecord) as err:
         return _refuse(msg, context, err)
 
 
@@ -159,6 +159,10 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         # More shares than the round has clients: the sum would carry less noise than claimed.
         raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
                                 f"{client.params.max_clients} clients")
+    if exact_clip is not None and request.weighting != "uniform":
+        # An exact contribution weighs 1, like every other: weights the server could tune per device
+        # would zero the others' terms and leave one device's vector as the sum.
+        raise ProtocolViolation(f"an exact contribution is summed with uniform weights, not {request.weighting!r}")
     if exact_clip is not None and client.params.clip != exact_clip:
         # A smaller clip would scale each contribution by a factor that depends on its norm, and so
         # tag it: the sum's coordinates would tell the contributors apart.

@@ -106,7 +106,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         raise
 
 
-def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, selected: dict,
+def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, selected: dict | None,
                     progress) -> dict:
     """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the item
     models blended with the encoder (shared/model/fusion.py), then the blend chosen from a second
@@ -130,7 +130,10 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     saved["fusion"] = asdict(fusion)
     blend, report = fusion.fallback, {"chosen": fusion.fallback.label,
                                       "why": "no blend round (--blend-devices 0): the fixed --fusion-weight"}
-    if fusion.blend_devices:
+    if fusion.blend_devices and selected is None:
+        report = {"chosen": blend.label, "why": "no encoder from before the refit rounds (selected.pt) to judge on "
+                                                "validation: the fixed --fusion-weight"}
+    elif fusion.blend_devices:
         try:
             blend, report = choose_blend(grid, cfg, counts, selected, cfg.rounds + 2, out, progress=progress)
         except ReleaseFailed as err:

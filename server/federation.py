@@ -295,8 +295,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         if progress is not None:
             progress(record)
     selected = load_checkpoint(out / SELECTED)
+    if selected is None and last_round_before_refit(cfg) == cfg.rounds:
+        selected = {"weights": strategy.optimizer.model_weights()}   # no refit rounds: the final weights
     final = {"weights": strategy.optimizer.model_weights(), "history": history, "test": None,
-             "selected_weights": selected["weights"] if selected else strategy.optimizer.model_weights(),
+             # None: lost (a run resumed from before session 10); the final weights have seen validation items
+             "selected_weights": selected["weights"] if selected else None,
              "privacy": privacy_summary(strategy, history)}
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")

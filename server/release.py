@@ -29,7 +29,7 @@ from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, 
 from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE,
                                          counts_size, ease_weights, pair_count, popularity, popularity_weight,
                                          ridge_for, symmetric, unit_sensitivity)
-from shared.model.fusion import BLEND_STAGE, Blend, best_blend, blend_clip, blend_report, blends
+from shared.model.fusion import BLEND_STAGE, Blend, blends, choose_from_statistics, statistics_clip, statistics_size
 from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
 from shared.secagg.fixed_point import quantisation_error_bound
 from shared.secagg.params import SecAggParams
@@ -142,18 +142,19 @@ def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights:
     sampled = sorted(nodes[i] for i in np.random.default_rng([cfg.seed, round_id]).choice(len(nodes), k, replace=False))
     candidates = blends(fusion.kinds)
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
-    task = SecureTask(to_record(weights), config, "uniform", 1.0, clip=blend_clip(len(candidates)),
-                      min_contributions=fusion.min_devices, size=len(candidates),
+    task = SecureTask(to_record(weights), config, "uniform", 1.0, clip=statistics_clip(len(candidates)),
+                      min_contributions=fusion.min_devices, size=statistics_size(len(candidates)),
                       extra=pack_blend_request(np.rint(counts), fusion.kinds, fusion.wire_settings()))
     log.info("blend round: %d devices, %d candidates", k, len(candidates))
     outcome, record = _one_secure_sum(grid, cfg, round_id, sampled, task, out, progress, "the blend round")
-    means = outcome.result.total / outcome.result.weight
-    chosen = best_blend(candidates, means)
-    report = blend_report(candidates, means, chosen, outcome.result.count)
+    chosen, report = choose_from_statistics(candidates, outcome.result.total, outcome.result.weight)
     return chosen, {**report, "seconds": record["seconds"], "bytes_down_per_client": record["bytes_down"],
-                    "chosen_on": "validation items of the devices asked: the encoder before its refit rounds, the "
-                                 "item models from the summed counts less each device's own validation item",
-                    "server_learns": "the candidates' validation NDCG@10 summed over the devices asked"}
+                    "chosen_on": "validation items of the devices asked: the encoder after the last round before the "
+                                 "refit rounds, the item models (fixed settings) from the summed counts less each "
+                                 "device's own validation item (other devices' stay in); not the centralized job's "
+                                 "choice (tuned settings, the best epoch, every user)",
+                    "server_learns": "each candidate's validation NDCG@10 and each pair's product, summed over the "
+                                     "devices asked"}
 
 
 def _check_pairs(n_items: int, what: str, hint: str = "") -> None:

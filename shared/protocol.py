@@ -405,7 +405,12 @@ def pack_masked_request(arrays: ArrayRecord, config: ConfigRecord, r: MaskedRequ
 
 def unpack_masked_request(content: RecordDict) -> MaskedRequest:
     c = content["secagg"]
-    return MaskedRequest(_bytes(c["round-id"]), str(c["weighting"]), float(c["weight-cap"]),
+    weighting, cap = str(c["weighting"]), float(c["weight-cap"])
+    if weighting not in ("uniform", "examples") or not (0 < cap < float("inf")):
+        # A cap of 0 or inf (or NaN) would zero or break every weight: a sum whose other terms weigh
+        # nothing is one device's vector.
+        raise MalformedRecord(f"masked request: weighting {weighting!r}, weight cap {cap!r}")
+    return MaskedRequest(_bytes(c["round-id"]), weighting, cap,
                          _ids(content["inbox"]), _ids(content["mask-keys"]))
 
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
-from shared.model.fusion import BLEND_KINDS, FusedScorer, Scorer, best_blend, blend_ndcg, blend_report, blends
+from shared.model.fusion import (BLEND_KINDS, FusedScorer, Scorer, blend_ndcg, blend_statistics, blends,
+                                 choose_from_statistics)
 from shared.model.config import ModelHyper
 from shared.settings import default
 from shared.model.recommender import Recommender, build_recommender
@@ -84,15 +85,17 @@ def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split
     kinds = BLEND_KINDS if kind == "auto" else (kind,)
     tuned = {k: select(ITEM_MODELS[k], split) for k in kinds}    # k -> (settings, valid NDCG@10, tried)
     candidates = blends(kinds)
-    means = blend_ndcg(model_scorer(selected), {k: fit_selected(ITEM_MODELS[k], tuned[k][0], split) for k in kinds},
-                       candidates, histories, targets) / max(len(histories), 1)
-    chosen = best_blend(candidates, means)
-    report = {**blend_report(candidates, means, chosen, len(histories)),
+    per_user = blend_ndcg(model_scorer(selected), {k: fit_selected(ITEM_MODELS[k], tuned[k][0], split) for k in kinds},
+                          candidates, histories, targets)
+    chosen, chosen_report = choose_from_statistics(candidates, blend_statistics(per_user), len(histories))
+    report = {**chosen_report,
               "item_model": {k: tuned[k][0] for k in chosen.kinds},
               "item_models": {k: {"baseline": ITEM_MODELS[k], "settings": tuned[k][0], "settings_tried": tuned[k][2],
                                   "search_space": SEARCH_SPACES[ITEM_MODELS[k]]} for k in kinds},
               "chosen_on": "validation items: the encoder as selected before its refit, the item models fit on "
-                           "the training items"}
+                           "the training items; the item models' settings were tuned on the same validation items "
+                           "(kinds: ease = ease-recency, item-knn = item-knn-recency, popular = most-popular of "
+                           "fedrec bench quality)"}
     everything = with_validation_in_train(split)
     items = {k: fit_selected(ITEM_MODELS[k], tuned[k][0], everything) for k in chosen.kinds}
     return FusedScorer(model_scorer(model), items, chosen), report

@@ -9,8 +9,10 @@ built from the co-occurrence matrix X^T X, a sum over users, so a federation com
 one secure sum.
 
 The blend is chosen on validation among the encoder alone, each item model alone, and the encoder
-plus each item model at each weight: so on validation it is never below the best of them, which is
-the safeguard a sparse log needs (there the item models beat the encoder: docs/results.md).
+plus item models at several weights, by the one-standard-error rule (`choose_from_statistics`): on
+validation it is within noise of the best of them, simple models alone included, which is the
+safeguard a sparse log needs (there the item models beat the encoder: docs/results.md). On test
+that is a bet, not a guarantee.
 
 Plain numpy: works on any scorer (histories -> (B, N + 1) scores, column 0 = padding).
 """
@@ -58,6 +60,12 @@ class Blend:
         if not self.parts:
             return 0.0
         return self.parts[0][1] if self.encoder else ITEM_ONLY
+
+    @property
+    def complexity(self) -> int:
+        """What the one-SE rule prefers (fewer parts to trust): an item model alone 0, the encoder
+        alone 1, the encoder with one item model 2, with two 3."""
+        return 0 if not self.encoder else 1 + len(self.parts)
 
     @property
     def label(self) -> str:
@@ -175,50 +183,81 @@ def blended(blend: Blend, encoder: np.ndarray, items: dict[str, np.ndarray]) -> 
 
 def blend_ndcg(encoder: Scorer, items: dict[str, Scorer], candidates: list[Blend], histories: list[np.ndarray],
                targets: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """NDCG@10 of each target under each candidate, summed over these (validation) histories, in the
-    candidates' order. Each scorer runs once per batch."""
-    totals = np.zeros(len(candidates))
+    """(users, candidates): each (validation) target's NDCG@10 under each candidate. Each scorer runs
+    once per batch."""
+    out = np.zeros((len(histories), len(candidates)))
     for start in range(0, len(histories), batch_size):
         batch, batch_targets = histories[start:start + batch_size], targets[start:start + batch_size]
         enc = standardised(encoder(batch))
         scored = {kind: standardised(items[kind](batch)) for kind in {k for c in candidates for k in c.kinds}}
         for i, c in enumerate(candidates):
-            scores = blended(c, enc, scored)
-            totals[i] += ndcg(target_ranks(exclude_seen(scores, batch), batch_targets), 10).sum()
-    return totals
+            ranks = target_ranks(exclude_seen(blended(c, enc, scored), batch), batch_targets)
+            out[start:start + len(batch), i] = ndcg(ranks, 10)
+    return out
 
 
-def best_blend(candidates: list[Blend], means: np.ndarray) -> Blend:
-    """The candidate with the best validation NDCG@10; the earliest on a tie (see `blends`)."""
-    return candidates[int(np.argmax(np.asarray(means)))]   # argmax: the first of equal maxima
+def statistics_size(candidates: int) -> int:
+    """Coordinates of `blend_statistics`: the sums, then the products' upper triangle."""
+    return candidates + candidates * (candidates + 1) // 2
 
 
-def blend_report(candidates: list[Blend], means: np.ndarray, chosen: Blend, users: int) -> dict:
-    """What a summary says about the choice: every candidate's validation NDCG@10, the simple models
-    alone (the baselines the blend must not fall below), and why this one."""
+def statistics_clip(candidates: int) -> float:
+    """The L2 bound of one user's statistics (every NDCG@10, and so every product, in [0, 1])."""
+    return float(np.sqrt(statistics_size(candidates)))
+
+
+def blend_statistics(per_user: np.ndarray) -> np.ndarray:
+    """What choosing a blend needs from (users, K) NDCG@10 values, as sums over the users (so a
+    secure sum of devices' statistics is the statistics of them all): each candidate's sum, and the
+    sum of every product of two candidates' values (for paired variances)."""
+    per_user = np.asarray(per_user, dtype=np.float64)
+    upper = np.triu_indices(per_user.shape[1])
+    return np.concatenate([per_user.sum(axis=0), (per_user.T @ per_user)[upper]])
+
+
+def choose_from_statistics(candidates: list[Blend], statistics: np.ndarray, users: float) -> tuple[Blend, dict]:
+    """The one-standard-error rule over summed `blend_statistics`: among the candidates whose validation
+    NDCG@10 is within one paired standard error of the best's, the simplest (`Blend.complexity`), then
+    the best of those. The best of 38 on a few hundred users is partly the luckiest (the winner's
+    curse); a simpler blend as good within the noise is the steadier bet. Returns (the blend, what a
+    summary says about it)."""
+    k = len(candidates)
+    statistics = np.asarray(statistics, dtype=np.float64)
+    means = statistics[:k] / users
+    products = np.zeros((k, k))
+    products[np.triu_indices(k)] = statistics[k:]
+    products = products + np.triu(products, 1).T
+    best = int(np.argmax(means))
+    # Var(x_c - x_best) over users, from the sums: E[x_c^2] + E[x_b^2] - 2 E[x_c x_b] - (m_c - m_b)^2.
+    second = np.diag(products) / users
+    paired = second + second[best] - 2 * products[:, best] / users - (means - means[best]) ** 2
+    se = np.sqrt(np.maximum(paired, 0.0) / max(users - 1, 1))
+    eligible = [i for i in range(k) if means[i] >= means[best] - se[i]]
+    chosen = min(eligible, key=lambda i: (candidates[i].complexity, -means[i], i))
     table = {c.label: float(m) for c, m in zip(candidates, means)}
-    alone = {c.label: float(m) for c, m in zip(candidates, means) if not c.encoder or not c.parts}
-    simple = max((label for label in alone if label != ENCODER_ALONE.label), key=alone.get, default=None)
-    why = f"the best validation NDCG@10 of {len(candidates)} candidates ({table[chosen.label]:.4f}, {users} users)"
+    alone = {c.label: float(m) for c, m in zip(candidates, means) if not c.encoder}
+    simple = max(alone, key=alone.get, default=None)
+    why = (f"the simplest of the {len(eligible)} candidates within one paired standard error of the best "
+           f"({candidates[best].label}: {means[best]:.4f}) on {int(round(users))} users' validation items: "
+           f"{means[chosen]:.4f}, {means[best] - means[chosen]:.4f} below it (SE {se[chosen]:.4f})")
     if simple is not None:
         why += (f"; the best item model alone: {simple} {alone[simple]:.4f}; the encoder alone "
-                f"{alone[ENCODER_ALONE.label]:.4f}")
-    return {"chosen": chosen.label, "blend": chosen.to_dict(), "why": why, "valid_ndcg@10": table,
-            "valid_users": users}
+                f"{table[ENCODER_ALONE.label]:.4f}")
+    report = {"chosen": candidates[chosen].label, "blend": candidates[chosen].to_dict(), "why": why,
+              "best_on_validation": candidates[best].label, "valid_ndcg@10": table,
+              "paired_se_against_best": {c.label: float(e) for c, e in zip(candidates, se)},
+              "valid_users": int(round(users))}
+    return candidates[chosen], report
 
 
 def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], targets: np.ndarray,
                   weights=WEIGHTS) -> tuple[float, dict[float, float]]:
-    """One item model's weight (0, one of `weights`, or ITEM_ONLY) with the best NDCG@10 on these
-    (validation) histories and targets, and the NDCG@10 of each weight tried."""
+    """One item model's weight (0, one of `weights`, or ITEM_ONLY) chosen on these (validation)
+    histories and targets by `choose_from_statistics`, and the NDCG@10 of each weight tried."""
     candidates = blends(("items",), weights)
-    means = blend_ndcg(encoder, {"items": items}, candidates, histories, targets) / max(len(histories), 1)
-    return best_blend(candidates, means).weight, {c.weight: float(m) for c, m in zip(candidates, means)}
-
-
-def blend_clip(candidates: int) -> float:
-    """The L2 bound of one device's blend statistics: `candidates` NDCG@10 values, each in [0, 1]."""
-    return float(np.sqrt(candidates))
+    per_user = blend_ndcg(encoder, {"items": items}, candidates, histories, targets)
+    chosen, _ = choose_from_statistics(candidates, blend_statistics(per_user), len(histories))
+    return chosen.weight, {c.weight: float(m) for c, m in zip(candidates, per_user.mean(axis=0))}
 
 
 def device_blend_ndcg(encoder: Scorer, counts: np.ndarray, train: np.ndarray, valid: int, n_items: int,
@@ -227,10 +266,13 @@ def device_blend_ndcg(encoder: Scorer, counts: np.ndarray, train: np.ndarray, va
     candidate of `blends(kinds)` (item models with `fusion`'s settings), its history its training items.
     The item models are fit from the summed counts with this device's own validation item taken back
     out (the counts were summed over each device's training and validation items): exactly as if it
-    had counted its training items only, so its held-out item cannot help the item models it judges."""
+    had counted its training items only, so its held-out item cannot help the item models it judges.
+    This holds only when the device's counts are in the sum (client/handlers.py checks it gave them
+    in this run); other devices' validation items stay in, as in the centralized refit."""
     from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
     train = np.asarray(train, dtype=np.int64)
     mine = counts_contribution(np.append(train, valid), n_items) - counts_contribution(train, n_items)
     co = cooccurrence_from_counts(np.asarray(counts, dtype=np.float64) - mine, n_items)
+    co = np.maximum(co, 0.0)   # a server's crafted counts could go below this device's own
     items = {kind: fusion.item_model(kind, co) for kind in kinds}
-    return blend_ndcg(encoder, items, blends(kinds), [train], np.array([valid]))
+    return blend_ndcg(encoder, items, blends(kinds), [train], np.array([valid]))[0]

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, best_blend,
-                                 blend_ndcg, blends, choose_weight, device_blend_ndcg, standardised)
+from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, blend_ndcg,
+                                 blend_statistics, blends, choose_from_statistics, choose_weight, device_blend_ndcg,
+                                 standardised)
 
 
 def fixed(table: np.ndarray):
@@ -24,7 +25,8 @@ def test_the_weight_is_chosen_by_what_ranks_the_targets_best():
     encoder, items = fixed(np.array([0, 3.0, 1.0, 0.0, 0.5])), fixed(np.array([0, 0.0, 3.0, 1.0, 0.5]))
     histories = [np.array([4])] * 6
     weight, table = choose_weight(encoder, items, histories, np.array([2] * 6))
-    assert 1 <= weight < ITEM_ONLY and table[weight] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
+    # Weights >= 1 and the item model alone all rank every target first: the simplest, the item model alone.
+    assert weight == ITEM_ONLY and table[1.0] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
     assert table[0.0] < 1.0
     # ... and the encoder alone when its item is the target (ties: the smaller weight).
     weight, _ = choose_weight(encoder, items, histories, np.array([1] * 6))
@@ -75,7 +77,8 @@ def test_blends_put_the_encoder_alone_first_and_ties_go_to_the_earlier():
     candidates = blends(("ease", "popular"), weights=(1.0, 0.5))
     assert candidates[0] == ENCODER_ALONE
     assert [c.weight for c in candidates[1:4]] == [0.5, 1.0, ITEM_ONLY] and candidates[3].label == "ease alone"
-    assert best_blend(candidates, np.array([0.2, 0.3, 0.3, 0.1, 0, 0, 0])) == Blend.of("ease", 0.5)
+    same = np.tile([0.2, 0.3, 0.3, 0.1, 0, 0, 0], (10, 1))        # every user alike: no noise, a tie
+    assert choose_from_statistics(candidates, blend_statistics(same), 10)[0] == Blend.of("ease", 0.5)
     assert FusedScorer(fixed(np.array([0, 3.0, 1.0])), {"ease": fixed(np.array([0, 0.0, 9.0]))},
                        Blend.of("ease", ITEM_ONLY))([np.array([1])])[0][2] == 9.0   # the item model alone
     assert len(blends(("ease", "item-knn"))) == 1 + 2 * 7 + 16      # and the pairs
@@ -91,8 +94,25 @@ def test_the_safeguard_picks_an_item_model_alone_when_the_encoder_only_adds_nois
     popular = fixed(np.array([0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]))
     histories, targets = [np.array([8])] * 20, np.array([1] * 20)
     candidates = blends(("popular",))
-    means = blend_ndcg(encoder, {"popular": popular}, candidates, histories, targets) / 20
-    assert best_blend(candidates, means).label == "popular alone" and means.max() == pytest.approx(1.0)
+    per_user = blend_ndcg(encoder, {"popular": popular}, candidates, histories, targets)
+    chosen, report = choose_from_statistics(candidates, blend_statistics(per_user), 20)
+    assert chosen.label == "popular alone" and report["valid_ndcg@10"]["popular alone"] == pytest.approx(1.0)
+
+
+def test_the_one_se_rule_takes_the_simpler_blend_unless_the_better_one_is_clearly_better():
+    """The best of many candidates on a few hundred users is partly luck: a blend ahead of an item
+    model alone by less than one paired standard error loses to it; one far ahead wins."""
+    rng = np.random.default_rng(0)
+    candidates = [Blend.of("ease", ITEM_ONLY), Blend.of("ease", 1.0)]
+    alone = rng.random(400)
+    noisy = alone + rng.normal(0, 0.2, 400) + 0.005       # ahead by 0.005, SE about 0.01
+    chosen, report = choose_from_statistics(candidates, blend_statistics(np.c_[alone, noisy]), 400)
+    assert report["best_on_validation"] == "encoder + 1 x ease" and chosen.label == "ease alone"
+    clear = alone + 0.05 + rng.normal(0, 0.02, 400)          # ahead by 0.05, SE about 0.001
+    assert choose_from_statistics(candidates, blend_statistics(np.c_[alone, clear]), 400)[0].label == "encoder + 1 x ease"
+    # The statistics are sums: two halves summed choose as the whole does.
+    halves = blend_statistics(np.c_[alone, noisy][:150]) + blend_statistics(np.c_[alone, noisy][150:])
+    assert np.allclose(halves, blend_statistics(np.c_[alone, noisy]))
 
 
 def test_a_device_judges_item_models_that_never_counted_its_validation_item():

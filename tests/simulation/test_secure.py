@@ -216,24 +216,31 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
         cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
         nodes = sorted(grid.get_node_ids())
 
-        def crafted(round_id, chosen, clip):
+        def crafted(round_id, chosen, clip, weighting="uniform", cap=1.0):
             config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
                                                    stage=COUNTS_STAGE))
-            task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=clip,
+            task = SecureTask(ArrayRecord(), config, weighting, cap, clip=clip,
                               size=counts_size(n_items))   # no floor on the server's side
             return SecureRound(cfg.secure, cfg.timeout_s, False).run(grid, round_id, chosen, task)
 
         rescaled = crafted(1, nodes, COUNTS_CLIP / 4)
         thin = crafted(2, nodes[:5], COUNTS_CLIP)
+        # Weights the server sets (session-10 review): "examples" at a cap so large every other term
+        # weighs ~0 would leave one device's counts as the sum; an infinite cap is malformed.
+        weighed = crafted(5, nodes, COUNTS_CLIP, "examples", 1e300)
+        infinite = crafted(6, nodes, COUNTS_CLIP, "examples", float("inf"))
         honest = sum_item_counts(grid, cfg, n_items, 3, tmp_path / "out")[1]
         try:
             sum_item_counts(grid, cfg, n_items, 4, tmp_path / "out")
             again = None
         except ReleaseFailed as err:
             again = str(err)
-        return {"rescaled": rescaled, "thin": thin, "honest": honest, "again": again}
+        return {"rescaled": rescaled, "thin": thin, "honest": honest, "again": again, "weighed": weighed,
+                "infinite": infinite}
 
     r = run_in_simulation(tmp_path, body)
+    assert r["weighed"].result is None and any("uniform weights" in reason for reason in r["weighed"].reasons)
+    assert r["infinite"].result is None and any("weight cap" in reason for reason in r["infinite"].reasons)
     assert r["rescaled"].result is None and any("clip" in reason for reason in r["rescaled"].reasons)
     # A round of 5 is refused before anything is computed (a server that declared a larger round
     # would meet the witness check at unmasking: tests/shared/test_secagg_attacks.py).
@@ -279,7 +286,7 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     from server.release import ReleaseFailed, choose_blend, sum_item_counts
     from server.secure import SecureRound, SecureTask
     from shared.data.catalog_bundle import load_catalog
-    from shared.model.fusion import BLEND_STAGE, blend_clip, blends
+    from shared.model.fusion import BLEND_STAGE, blends, statistics_clip, statistics_size
     from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
 
     def body(grid, strategy, start):
@@ -288,7 +295,8 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
         candidates = blends(cfg.fusion.kinds)
         config = pack_round_config(RoundConfig(2, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
         thin = SecureRound(cfg.secure, cfg.timeout_s, False).run(grid, 2, sorted(grid.get_node_ids())[:5], SecureTask(
-            to_record(start), config, "uniform", 1.0, clip=blend_clip(len(candidates)), size=len(candidates),
+            to_record(start), config, "uniform", 1.0, clip=statistics_clip(len(candidates)),
+            size=statistics_size(len(candidates)),
             extra=pack_blend_request(counts, cfg.fusion.kinds, cfg.fusion.wire_settings())))
         chosen, report = choose_blend(grid, cfg, counts, start, 3, tmp_path / "out")
         try:
@@ -303,7 +311,7 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
     # The same statistics computed centrally, device by device.
-    from shared.model.fusion import device_blend_ndcg
+    from shared.model.fusion import blend_statistics, choose_from_statistics, device_blend_ndcg
     from shared.model.recommender import build_recommender, load_weights
     from shared.model.training import model_scorer
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
@@ -311,11 +319,12 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     catalog = load_catalog(tmp_path / "store" / "catalog.npz")
     model = build_recommender(cfg.model, catalog.n_items, catalog.content if catalog.content_dim else None)
     load_weights(model, initial_weights(tmp_path / "store" / "catalog.npz", cfg))
-    central = np.mean([device_blend_ndcg(model_scorer(model), r["counts"], u.train, u.valid, r["n_items"],
-                                         cfg.fusion.kinds, cfg.fusion) for u in prepared.split.users], axis=0)
+    per_user = np.array([device_blend_ndcg(model_scorer(model), r["counts"], u.train, u.valid, r["n_items"],
+                                           cfg.fusion.kinds, cfg.fusion) for u in prepared.split.users])
     report = r["report"]
     assert report["valid_users"] == 30
-    assert np.allclose(list(report["valid_ndcg@10"].values()), central, atol=1e-3)
-    assert report["chosen"] == r["chosen"].label == blends(cfg.fusion.kinds)[int(np.argmax(central))].label
+    assert np.allclose(list(report["valid_ndcg@10"].values()), per_user.mean(axis=0), atol=1e-3)
+    central, _ = choose_from_statistics(blends(cfg.fusion.kinds), blend_statistics(per_user), 30)
+    assert report["chosen"] == r["chosen"].label == central.label
     for reply in r["replies"]:            # what reached the server: masked vectors, never a device's figures
         assert "ndcg" not in reply.content and "metrics" not in reply.content
