@@ -241,8 +241,9 @@ def choose_from_statistics(candidates: list[Blend], statistics: np.ndarray, user
            f"({candidates[best].label}: {means[best]:.4f}) on {int(round(users))} users' validation items: "
            f"{means[chosen]:.4f}, {means[best] - means[chosen]:.4f} below it (SE {se[chosen]:.4f})")
     if simple is not None:
-        why += (f"; the best item model alone: {simple} {alone[simple]:.4f}; the encoder alone "
-                f"{table[ENCODER_ALONE.label]:.4f}")
+        why += f"; the best item model alone: {simple} {alone[simple]:.4f}"
+    if ENCODER_ALONE.label in table:
+        why += f"; the encoder alone {table[ENCODER_ALONE.label]:.4f}"
     report = {"chosen": candidates[chosen].label, "blend": candidates[chosen].to_dict(), "why": why,
               "best_on_validation": candidates[best].label, "valid_ndcg@10": table,
               "paired_se_against_best": {c.label: float(e) for c, e in zip(candidates, se)},
