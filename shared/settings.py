@@ -144,7 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
        "model", check=positive, run_config=True),
     _s("ease-l2", float, 500.0, "federated: EASE's ridge", "model", check=positive, run_config=True),
     _s("counts-min-devices", int, 100, "federated: the co-occurrence sum's floor: the server aborts, and a device "
-       "refuses to unmask, a sum of fewer witnessed devices (a device's node config may set its own)", "model",
+       "refuses to unmask, a sum of fewer witnessed devices (a device takes its own from its node config or app settings, "
+       "never from the run config)", "model",
        check=at_least(2), run_config=True),
     _s("knn-neighbours", int, 50, "federated: neighbours each item keeps in the item-kNN", "model",
        check=at_least(1), run_config=True),

@@ -35,8 +35,9 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
     (central).mkdir()
     (central / "summary.json").write_text(json.dumps(
         {"metrics": {"ndcg@10": 0.05}, "validation_curve": [{"epoch": 1, "ndcg@10": 0.06}]}))
+    # The floors lowered to fit 40 devices, so the counts and blend rounds run (issue 21's safeguard).
     assert main(["train", "--mode", "federated", "--rounds", "3", "--out", str(out),
-                 "--compare-with", str(central), *TINY]) == 0
+                 "--compare-with", str(central), "--counts-min-devices", "10", "--blend-devices", "20", *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "federated" and s["rounds"] == 3 and 30 <= s["clients"] <= 40
     assert s["bytes_down"] > 0 and s["bytes_up"] > 0
@@ -47,12 +48,18 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
     sa = s["secure_aggregation"]
     assert sa["enabled"] and sa["aborted_rounds"] == 0 and sa["params_last_round"]["threshold"] >= 2
     assert sa["protocol_step_seconds_mean"] > 0
-    # The server's federated test evaluation (every client, its own test item) is the same
-    # number the harness computes centrally from the final weights.
+    # The server's federated test evaluation (every client, its own test item, the encoder alone) is
+    # the same number the harness computes centrally from the final weights.
+    fusion = s["fusion"]
     for key in ("hr@10", "ndcg@10", "mrr@10"):
-        assert s["federated_test_metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-9)
+        assert s["federated_test_metrics"][key] == pytest.approx(fusion["encoder_alone_test"][key], abs=1e-9)
+    # The blend: chosen from 20 devices' summed validation statistics, with every candidate's figure.
+    assert fusion["valid_users"] == 20 and fusion["chosen"] in fusion["valid_ndcg@10"]
+    assert {"encoder alone", "ease alone", "item-knn alone", "popular alone"} <= set(fusion["valid_ndcg@10"])
+    assert fusion["counts_round"]["contributions"] == s["clients"] and "why" in fusion
     assert s["federated_test_metrics"]["users"] == s["clients"]
-    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # Rounds 4 and 5: the counts sum and the blend round.
+    assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert len(s["validation_curve"]) == 3 and (out / "validation_curve.png").stat().st_size > 1000
     assert "federated: NDCG@10" in capsys.readouterr().out
 
