@@ -231,8 +231,9 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
             raise secure.ProtocolViolation("the encoder's weights are not finite")
         load_weights(model, weights)
         try:
-            values = fusion.device_blend_ndcg(model_scorer(model), counts, log_.history("valid"),
-                                              log_.target("valid"), n_items, kinds, fusion.FusionConfig(**wire))
+            own = cooccurrence.without_own_validation(counts, log_.history("valid"), log_.target("valid"), n_items)
+            values = fusion.device_blend_ndcg(model_scorer(model), own, log_.history("valid"), log_.target("valid"),
+                                              kinds, fusion.FusionConfig(**wire))
         except (ValueError, np.linalg.LinAlgError) as err:   # counts no honest sum gives
             raise secure.ProtocolViolation(f"the item models cannot be fit from these counts: {err}") from None
         try:   # after computing (a failure burns nothing), before anything leaves

@@ -261,19 +261,13 @@ def choose_weight(encoder: Scorer, items: Scorer, histories: list[np.ndarray], t
     return chosen.weight, {c.weight: float(m) for c, m in zip(candidates, per_user.mean(axis=0))}
 
 
-def device_blend_ndcg(encoder: Scorer, counts: np.ndarray, train: np.ndarray, valid: int, n_items: int,
+def device_blend_ndcg(encoder: Scorer, cooccurrence: np.ndarray, train: np.ndarray, valid: int,
                       kinds: tuple[str, ...], fusion: FusionConfig) -> np.ndarray:
     """One device's part of the federated blend choice: the NDCG@10 of its validation item under each
-    candidate of `blends(kinds)` (item models with `fusion`'s settings), its history its training items.
-    The item models are fit from the summed counts with this device's own validation item taken back
-    out (the counts were summed over each device's training and validation items): exactly as if it
-    had counted its training items only, so its held-out item cannot help the item models it judges.
-    This holds only when the device's counts are in the sum (client/handlers.py checks it gave them
-    in this run); other devices' validation items stay in, as in the centralized refit."""
-    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
-    train = np.asarray(train, dtype=np.int64)
-    mine = counts_contribution(np.append(train, valid), n_items) - counts_contribution(train, n_items)
-    co = cooccurrence_from_counts(np.asarray(counts, dtype=np.float64) - mine, n_items)
-    co = np.maximum(co, 0.0)   # a server's crafted counts could go below this device's own
+    candidate of `blends(kinds)`, its history its training items, the item models (with `fusion`'s
+    settings) fit from `cooccurrence`: the summed counts less this device's validation item
+    (`shared/privacy/cooccurrence.py: without_own_validation`), so its held-out item cannot help the
+    item models it judges."""
+    co = np.maximum(cooccurrence, 0.0)   # a server's crafted counts could go below this device's own
     items = {kind: fusion.item_model(kind, co) for kind in kinds}
-    return blend_ndcg(encoder, items, blends(kinds), [train], np.array([valid]))[0]
+    return blend_ndcg(encoder, items, blends(kinds), [np.asarray(train, dtype=np.int64)], np.array([valid]))[0]

@@ -110,6 +110,16 @@ def cooccurrence_from_counts(total: np.ndarray, n_items: int) -> np.ndarray:
     return G
 
 
+def without_own_validation(total: np.ndarray, train: np.ndarray, valid: int, n_items: int) -> np.ndarray:
+    """The co-occurrence matrix from a counts sum this device gave its training and validation items
+    to, with its validation item taken back out: exactly the sum with this device's training items
+    in its place (the newest-300 cut included), so a model fit from it never counted the item. Other
+    devices' validation items stay in, as in the centralized refit."""
+    train = np.asarray(train, dtype=np.int64)
+    mine = counts_contribution(np.append(train, valid), n_items) - counts_contribution(train, n_items)
+    return cooccurrence_from_counts(np.asarray(total, dtype=np.float64) - mine, n_items)
+
+
 def popularity_weight(noise_std: float) -> float:
     """How much the private popularity count weighs against the (standardised) item-item score: none
     without noise; at high noise the co-occurrence is mostly noise and popularity, summed over a

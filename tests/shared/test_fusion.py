@@ -121,14 +121,15 @@ def test_a_device_judges_item_models_that_never_counted_its_validation_item():
     its own history (a leak that makes the item models look better than they are). Items 5 and 6 are
     seen only by this device, together: counted, item-kNN ranks 5 first after 6; taken out, it cannot."""
     from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
-    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
+    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution, without_own_validation
     n_items = 6
     others = [np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([2, 3, 4])] * 3
     train, valid = np.array([6]), 5
     counts = sum(counts_contribution(h, n_items) for h in others) + counts_contribution(np.append(train, valid), n_items)
     encoder = fixed(np.zeros(n_items + 1))
     fusion = FusionConfig(neighbours=3, shrink=0.0, decay=1.0)
-    values = device_blend_ndcg(encoder, counts, train, valid, n_items, ("item-knn",), fusion)
+    own = without_own_validation(counts, train, valid, n_items)
+    values = device_blend_ndcg(encoder, own, train, valid, ("item-knn",), fusion)
     knn_alone = [i for i, c in enumerate(blends(("item-knn",))) if c.label == "item-knn alone"][0]
     assert values[knn_alone] < 0.7           # item 5 ties with every unseen item: ranks 1-5
     leaked = fusion.item_model("item-knn", cooccurrence_from_counts(counts, n_items))

@@ -312,6 +312,7 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
     # The same statistics computed centrally, device by device.
     from shared.model.fusion import blend_statistics, choose_from_statistics, device_blend_ndcg
+    from shared.privacy.cooccurrence import without_own_validation
     from shared.model.recommender import build_recommender, load_weights
     from shared.model.training import model_scorer
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
@@ -319,8 +320,10 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     catalog = load_catalog(tmp_path / "store" / "catalog.npz")
     model = build_recommender(cfg.model, catalog.n_items, catalog.content if catalog.content_dim else None)
     load_weights(model, initial_weights(tmp_path / "store" / "catalog.npz", cfg))
-    per_user = np.array([device_blend_ndcg(model_scorer(model), r["counts"], u.train, u.valid, r["n_items"],
-                                           cfg.fusion.kinds, cfg.fusion) for u in prepared.split.users])
+    per_user = np.array([device_blend_ndcg(model_scorer(model),
+                                           without_own_validation(r["counts"], u.train, u.valid, r["n_items"]),
+                                           u.train, u.valid, cfg.fusion.kinds, cfg.fusion)
+                         for u in prepared.split.users])
     report = r["report"]
     assert report["valid_users"] == 30
     assert np.allclose(list(report["valid_ndcg@10"].values()), per_user.mean(axis=0), atol=1e-3)
