@@ -128,23 +128,25 @@ SETTINGS: tuple[Setting, ...] = (
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
     _s("fusion", str, "auto", "blend the encoder's scores with an item model's: ease, item-knn (both recency-"
-       "weighted), popular, or auto (any of them; none: the encoder alone). The blend (the encoder alone, the item "
-       "model alone, or the two at a weight) is chosen on validation. Centralized: the item models' settings too; "
+       "weighted), popular, or auto (any of them; none: the encoder alone). The blend (the encoder alone, an item "
+       "model alone, the encoder with one item model at a weight, or with EASE and item-kNN together) is chosen on "
+       "validation by the one-standard-error rule. Centralized: the item models' settings too; "
        "federated: the item models come from one secure sum of item co-occurrence counts (needs secure "
        "aggregation, no DP), with --fusion-decay, --ease-l2 and --knn-*, and the blend from a second secure sum of "
        "devices' validation NDCG@10 (--blend-devices)",
        "model", choices=("auto", "ease", "item-knn", "popular", "none"), run_config=True),
-    _s("fusion-weight", float, 0.25, "federated, without a validation round (--blend-devices 0, or it failed): "
+    _s("fusion-weight", float, 0.25, "federated, without a blend round (--blend-devices 0, too few devices, it aborted, or no "
+       "encoder from before the refit rounds): "
        "the item model's weight against the encoder's (both standardised per user; auto: ease)", "model",
        check=at_least(0), run_config=True),
     _s("blend-devices", int, 200, "federated: devices asked for their validation NDCG@10 under each candidate "
        "blend, summed securely (at least --counts-min-devices; 0: no round, --fusion-weight)", "model",
        check=at_least(0), run_config=True),
-    _s("fusion-decay", float, 0.95, "federated: the item model weighs a history item decay^age (newest: 1)",
+    _s("fusion-decay", float, 0.95, "federated: EASE and item-kNN weigh a history item decay^age (newest: 1)",
        "model", check=positive, run_config=True),
     _s("ease-l2", float, 500.0, "federated: EASE's ridge", "model", check=positive, run_config=True),
-    _s("counts-min-devices", int, 100, "federated: the co-occurrence sum's floor: the server aborts, and a device "
-       "refuses to unmask, a sum of fewer witnessed devices (a device takes its own from its node config or app settings, "
+    _s("counts-min-devices", int, 100, "federated: the exact sums' floor (the counts and the blend round): the server "
+       "aborts, and a device refuses to unmask, a sum of fewer witnessed devices (a device takes its own from its node config or app settings, "
        "never from the run config)", "model",
        check=at_least(2), run_config=True),
     _s("knn-neighbours", int, 50, "federated: neighbours each item keeps in the item-kNN", "model",
