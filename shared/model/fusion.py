@@ -62,6 +62,11 @@ class Blend:
         return self.parts[0][1] if self.encoder else ITEM_ONLY
 
     @property
+    def item_weight(self) -> float:
+        """The item models' total weight against the encoder's 1 (0 for the encoder alone)."""
+        return sum(w for _, w in self.parts) if self.encoder else ITEM_ONLY
+
+    @property
     def complexity(self) -> int:
         """What the one-SE rule prefers (fewer parts to trust): an item model alone 0, the encoder
         alone 1, the encoder with one item model 2, with two 3."""
@@ -218,7 +223,7 @@ def blend_statistics(per_user: np.ndarray) -> np.ndarray:
 def choose_from_statistics(candidates: list[Blend], statistics: np.ndarray, users: float) -> tuple[Blend, dict]:
     """The one-standard-error rule over summed `blend_statistics`: among the candidates whose validation
     NDCG@10 is within one paired standard error of the best's, the simplest (`Blend.complexity`), then
-    the best of those. The best of 38 on a few hundred users is partly the luckiest (the winner's
+    the one with the least item-model weight, then the best of those. The best of 38 on a few hundred users is partly the luckiest (the winner's
     curse); a simpler blend as good within the noise is the steadier bet. Returns (the blend, what a
     summary says about it)."""
     k = len(candidates)
@@ -233,7 +238,9 @@ def choose_from_statistics(candidates: list[Blend], statistics: np.ndarray, user
     paired = second + second[best] - 2 * products[:, best] / users - (means - means[best]) ** 2
     se = np.sqrt(np.maximum(paired, 0.0) / max(users - 1, 1))
     eligible = [i for i in range(k) if means[i] >= means[best] - se[i]]
-    chosen = min(eligible, key=lambda i: (candidates[i].complexity, -means[i], i))
+    # Among the simplest, the one leaning least on the item models: the encoder judged here is the one
+    # from before its refit, weaker than the one that ranks for test (measured: docs/results.md).
+    chosen = min(eligible, key=lambda i: (candidates[i].complexity, candidates[i].item_weight, -means[i], i))
     table = {c.label: float(m) for c, m in zip(candidates, means)}
     alone = {c.label: float(m) for c, m in zip(candidates, means) if not c.encoder}
     simple = max(alone, key=alone.get, default=None)

@@ -150,3 +150,14 @@ def test_a_blend_request_outside_what_a_device_accepts_is_malformed():
                           "decay > 1": pack_blend_request(counts, ("ease",), {**good, "decay": 2.0})}.items():
         with pytest.raises(MalformedRecord):
             unpack_blend_request(RecordDict(request), 10, BLEND_KINDS)
+
+
+def test_among_equally_simple_blends_within_noise_the_rule_leans_on_the_encoder():
+    """The encoder judged on validation is the one from before its refit, weaker than the one that
+    ranks for test (ML-100K: 0.25 x EASE is best on test where validation prefers 0.5 or 1)."""
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    candidates = [Blend.of("ease", 0.25), Blend.of("ease", 1.0)]
+    per_user = np.c_[base, base + rng.normal(0, 0.1, 400) + 0.002]   # 1.0 ahead by less than its SE
+    chosen, report = choose_from_statistics(candidates, blend_statistics(per_user), 400)
+    assert report["best_on_validation"] == "encoder + 1 x ease" and chosen.label == "encoder + 0.25 x ease"
