@@ -158,6 +158,7 @@ def test_among_equally_simple_blends_within_noise_the_rule_leans_on_the_encoder(
     rng = np.random.default_rng(1)
     base = rng.random(400)
     candidates = [Blend.of("ease", 0.25), Blend.of("ease", 1.0)]
-    per_user = np.c_[base, base + rng.normal(0, 0.1, 400) + 0.002]   # 1.0 ahead by less than its SE
+    noise = rng.normal(0, 0.1, 400)
+    per_user = np.c_[base, base + noise - noise.mean() + 0.002]   # 1.0 ahead by 0.002, its SE about 0.005
     chosen, report = choose_from_statistics(candidates, blend_statistics(per_user), 400)
     assert report["best_on_validation"] == "encoder + 1 x ease" and chosen.label == "encoder + 0.25 x ease"
