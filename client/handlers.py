@@ -185,12 +185,7 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
     marker = ledger_path(context.node_config, paths).with_suffix(".counts-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
-        try:
-            with open(marker, "x") as f:   # exclusive create: a second round finds it
-                f.write(f"round {config.server_round} run {context.run_id}\n")   # the blend round checks the run
-        except FileExistsError:
-            raise secure.ProtocolViolation(f"this device gave its co-occurrence counts once already ({marker}); "
-                                           "it gives them at most once") from None
+        _give_once(marker, "its co-occurrence counts", config, context)   # the blend round checks the run
         # Never the test item: the history a test-time recommendation would start from.
         items = UserLog.load(log_path).history("test")
         return {"counts": cooccurrence.counts_contribution(items, n_items)}, TrainMetrics(1.0)
@@ -236,17 +231,24 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
                                               kinds, fusion.FusionConfig(**wire))
         except (ValueError, np.linalg.LinAlgError) as err:   # counts no honest sum gives
             raise secure.ProtocolViolation(f"the item models cannot be fit from these counts: {err}") from None
-        try:   # after computing (a failure burns nothing), before anything leaves
-            with open(marker, "x") as f:   # exclusive create: a second round finds it
-                f.write(f"round {config.server_round} run {context.run_id}\n")
-        except FileExistsError:
-            raise secure.ProtocolViolation(f"this device gave its validation statistics once already ({marker}); "
-                                           "it gives them at most once") from None
+        _give_once(marker, "its validation statistics", config, context)   # after computing, before it leaves
         return {"statistics": fusion.blend_statistics(values[None, :])}, TrainMetrics(1.0)
 
     return secure.handle_masked(msg, context, contribute, config, noise_std=0.0,
                                 min_alive=exact_sum_floor(context, settings),
                                 exact_clip=fusion.statistics_clip(len(candidates)))
+
+
+def _give_once(marker: Path, what: str, config: RoundConfig, context: Context) -> None:
+    """Mark, before anything leaves, that this device gives `what` (once, ever: two sums that differ
+    by one device would show its part); ProtocolViolation when it already has. The marker names the
+    round and the run."""
+    try:
+        with open(marker, "x") as f:   # exclusive create: a second round finds it
+            f.write(f"round {config.server_round} run {context.run_id}\n")
+    except FileExistsError:
+        raise secure.ProtocolViolation(f"this device gave {what} once already ({marker}); "
+                                       "it gives them at most once") from None
 
 
 def exact_sum_floor(context: Context, settings: dict) -> int:

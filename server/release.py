@@ -102,8 +102,8 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
                     progress=None) -> tuple[np.ndarray, dict]:
     """One secure sum over every node of its exact item and item-pair counts (no noise: only for
     runs without DP); returns the decoded sum (whole counts; `cooccurrence_from_counts` makes it the
-    (n_items + 1)^2 co-occurrence matrix) and the round's record (also appended to rounds.jsonl). The item model fused with the encoder is built from it. Raises
-    ReleaseFailed when the sum aborts or the catalog has too many pairs."""
+    (n_items + 1)^2 co-occurrence matrix) and the round's record (also appended to rounds.jsonl). The
+    item models blended with the encoder are built from it. Raises ReleaseFailed when the sum aborts or the catalog has too many pairs."""
     _check_pairs(n_items, "the co-occurrence sum")
     nodes = sorted(grid.get_node_ids())
     floor = cfg.fusion.min_devices
@@ -127,9 +127,9 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
 
 def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights: dict, round_id: int, out: Path, *,
                  progress=None) -> tuple[Blend, dict]:
-    """The blend of the encoder and the item models (shared/model/fusion.py) with the best validation
-    NDCG@10, from one secure sum over `blend-devices` sampled devices of each one's NDCG@10 under every
-    candidate (the server learns only the sum). `counts`: the summed co-occurrence counts as decoded;
+    """The blend of the encoder and the item models (shared/model/fusion.py) that the one-standard-error
+    rule picks (`choose_from_statistics`) from one secure sum over `blend-devices` sampled devices of
+    each one's NDCG@10 under every candidate and their products (the server learns only the sum). `counts`: the summed co-occurrence counts as decoded;
     `weights`: the encoder before its refit rounds (it has not trained on validation items). Returns
     (the blend, what the summary says about it). Raises ReleaseFailed when the sum aborts."""
     fusion = cfg.fusion
@@ -144,7 +144,7 @@ def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights:
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
     task = SecureTask(to_record(weights), config, "uniform", 1.0, clip=statistics_clip(len(candidates)),
                       min_contributions=fusion.min_devices, size=statistics_size(len(candidates)),
-                      extra=pack_blend_request(np.rint(counts), fusion.kinds, fusion.wire_settings()))
+                      extra=pack_blend_request(counts, fusion.kinds, fusion.wire_settings()))
     log.info("blend round: %d devices, %d candidates", k, len(candidates))
     outcome, record = _one_secure_sum(grid, cfg, round_id, sampled, task, out, progress, "the blend round")
     chosen, report = choose_from_statistics(candidates, outcome.result.total, outcome.result.weight)

@@ -287,10 +287,16 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     from server.secure import SecureRound, SecureTask
     from shared.data.catalog_bundle import load_catalog
     from shared.model.fusion import BLEND_STAGE, blends, statistics_clip, statistics_size
+    from shared.privacy.cooccurrence import counts_size
     from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
 
     def body(grid, strategy, start):
         cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
+        try:   # before any device gave its counts: none can take its own part out, so none answers
+            choose_blend(grid, cfg, np.zeros(counts_size(n_items)), start, 9, tmp_path / "out")
+            early = None
+        except ReleaseFailed as err:
+            early = str(err)
         counts, _ = sum_item_counts(grid, cfg, n_items, 1, tmp_path / "out")
         candidates = blends(cfg.fusion.kinds)
         config = pack_round_config(RoundConfig(2, cfg.seed, cfg.local, cfg.model, PrivacyRound(), stage=BLEND_STAGE))
@@ -304,12 +310,13 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
             again = None
         except ReleaseFailed as err:
             again = str(err)
-        return {"counts": counts, "chosen": chosen, "report": report, "thin": thin, "again": again,
+        return {"counts": counts, "chosen": chosen, "report": report, "thin": thin, "again": again, "early": early,
                 "replies": grid.replies, "n_items": n_items}
 
     r = run_in_simulation(tmp_path, body)
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
+    assert r["early"] is not None and "not in this run's sum" in r["early"]
     # The same statistics computed centrally, device by device.
     from shared.model.fusion import blend_statistics, choose_from_statistics, device_blend_ndcg
     from shared.privacy.cooccurrence import without_own_validation
