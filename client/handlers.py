@@ -20,7 +20,7 @@ from client.store import UserLog, client_paths, ledger_path
 from shared.data.catalog_bundle import load_catalog
 from shared.model import fusion
 from shared.model.config import ModelHyper
-from shared.model.recommender import Recommender, build_recommender, load_weights, model_layout
+from shared.model.recommender import RecommenderModel, build_recommender, load_weights, model_layout
 from shared.privacy import cooccurrence
 from shared.privacy.accounting import noise_share_std
 from shared.settings import default
@@ -33,7 +33,7 @@ log = logging.getLogger("fedrec.client")
 
 
 @functools.lru_cache(maxsize=4)
-def _model(catalog_path: str, hyper: ModelHyper) -> Recommender:
+def _model(catalog_path: str, hyper: ModelHyper) -> RecommenderModel:
     """One model object per process and shape, reused by every virtual client it runs: the
     weights are overwritten from the message each time, so nothing carries between users."""
     catalog = load_catalog(Path(catalog_path))
@@ -41,7 +41,7 @@ def _model(catalog_path: str, hyper: ModelHyper) -> Recommender:
 
 
 def _setup(msg: Message, context: Context, settings: dict,
-           config: RoundConfig) -> tuple[Recommender, UserLog, Weights]:
+           config: RoundConfig) -> tuple[RecommenderModel, UserLog, Weights]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
     log_path, catalog_path = client_paths(context.node_config, {**settings, **context.run_config})
     model = _model(str(catalog_path), config.model)
@@ -83,7 +83,7 @@ def noise_share_of(config: RoundConfig) -> float:
                            user_noise=p.user_noise, user_clip=config.local.clip, shares=p.noise_shares)
 
 
-def train_update(model: Recommender, global_weights: Weights, user: UserLog, config: RoundConfig,
+def train_update(model: RecommenderModel, global_weights: Weights, user: UserLog, config: RoundConfig,
                  context: Context, settings: dict, rng: np.random.Generator) -> tuple[Weights, TrainMetrics]:
     """One round of local training, private or not: (delta, metrics as they may be released). A
     client whose record-level budget would be exceeded does not train; it answers a zero update

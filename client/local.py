@@ -23,7 +23,7 @@ import torch
 
 from client.store import UserLog
 from shared.evaluation.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
-from shared.model.recommender import Recommender, load_weights, shared_weights
+from shared.model.recommender import RecommenderModel, load_weights, shared_weights
 from shared.model.training import left_pad, train_steps
 from shared.protocol import LocalConfig, TrainMetrics, Weights, clip_update, zero_update
 
@@ -49,11 +49,11 @@ class LocalStep:
         return user_windows(history, max_len)
 
     @contextlib.contextmanager
-    def optimizer(self, model: Recommender, base: torch.optim.Optimizer,
+    def optimizer(self, model: RecommenderModel, base: torch.optim.Optimizer,
                   examples: list[np.ndarray]) -> Iterator[torch.optim.Optimizer]:
         yield base
 
-    def step(self, model: Recommender, optimizer: torch.optim.Optimizer, examples: list[np.ndarray],
+    def step(self, model: RecommenderModel, optimizer: torch.optim.Optimizer, examples: list[np.ndarray],
              rng: np.random.Generator) -> float:
         return train_steps(model, optimizer, examples, batch_size=len(examples), rng=rng)
 
@@ -62,13 +62,13 @@ class LocalStep:
         return metrics
 
 
-def make_optimizer(model: Recommender, cfg: LocalConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: RecommenderModel, cfg: LocalConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr)
 
 
-def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg: LocalConfig,
+def local_update(model: RecommenderModel, global_weights: Weights, log: UserLog, cfg: LocalConfig,
                  rng: np.random.Generator, step: LocalStep | None = None) -> tuple[Weights, TrainMetrics]:
     """Train the global weights on this user's history; returns (delta, metrics)."""
     step = step or LocalStep()
@@ -87,7 +87,7 @@ def local_update(model: Recommender, global_weights: Weights, log: UserLog, cfg:
 
 
 @torch.no_grad()
-def local_metrics(model: Recommender, log: UserLog, stage: str, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+def local_metrics(model: RecommenderModel, log: UserLog, stage: str, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """This user's HR/NDCG/MRR @K for the `stage` target, by full ranking with the history
     excluded: the same definition as `shared.evaluation.ranking.evaluate`, for one user."""
     model.eval()

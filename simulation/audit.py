@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from shared.model.recommender import Recommender
+from shared.model.recommender import RecommenderModel
 from shared.model.training import left_pad, per_example_loss
 
 
@@ -71,7 +71,7 @@ def insert_canaries(split, canaries: Canaries):
 
 
 @torch.no_grad()
-def canary_losses(model: Recommender, canaries: Canaries) -> np.ndarray:
+def canary_losses(model: RecommenderModel, canaries: Canaries) -> np.ndarray:
     """The model's mean next-item loss on each canary, read as a sequence of its own."""
     model.eval()
     seqs = canaries.sequences

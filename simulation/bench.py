@@ -120,13 +120,13 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     import torch
 
     from shared.model.config import ModelConfig
-    from shared.model.recommender import Recommender, shared_weights
+    from shared.model.recommender import RecommenderModel, shared_weights
     from shared.protocol import to_record
 
     rows = []
     for n_items in catalog_sizes:
         cfg = ModelConfig(n_items=n_items, content_dim=content_dim, max_len=50, id_buckets=id_buckets)
-        weights = shared_weights(Recommender(cfg, torch.zeros(n_items + 1, content_dim)))
+        weights = shared_weights(RecommenderModel(cfg, torch.zeros(n_items + 1, content_dim)))
         record = to_record(weights)
         per_item = (n_items + 1) * cfg.dim * 4
         bounded = weights["item_tower.id_table"].nbytes

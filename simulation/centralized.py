@@ -25,7 +25,7 @@ from shared.model.fusion import (BLEND_KINDS, FusedScorer, Scorer, blend_ndcg, b
                                  choose_from_statistics)
 from shared.model.config import ModelHyper
 from shared.settings import default
-from shared.model.recommender import Recommender, build_recommender
+from shared.model.recommender import RecommenderModel, build_recommender
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
 from shared.model.training import FitResult, TrainConfig, fit, model_scorer
@@ -47,7 +47,7 @@ class CentralizedJob:
                    train=TrainConfig.from_settings(v), threads=v["threads"], fusion=v["fusion"])
 
 
-def build_model(prepared: PreparedData, hyper: ModelHyper) -> Recommender:
+def build_model(prepared: PreparedData, hyper: ModelHyper) -> RecommenderModel:
     return build_recommender(hyper, prepared.split.n_items, prepared.features.matrix)
 
 
@@ -72,7 +72,7 @@ def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: 
 ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency", "popular": "most-popular"}   # -> simulation/baselines.py
 
 
-def fuse_with_item_model(kind: str, model: Recommender, result: FitResult, split: Split) -> tuple[Scorer, dict]:
+def fuse_with_item_model(kind: str, model: RecommenderModel, result: FitResult, split: Split) -> tuple[Scorer, dict]:
     """The refit encoder blended with an item model (shared/model/fusion.py): `kind` "ease", "item-knn"
     or "popular", or "auto" for any of them; the blend may also be the encoder alone or the item model
     alone. Every choice is made on validation with what had not seen the validation items: each item

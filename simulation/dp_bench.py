@@ -27,7 +27,7 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
     from client.privacy import DPStep, PrivacyLedger, RecordPrivacy
     from client.store import UserLog, start_ledger
     from shared.model.config import ModelConfig
-    from shared.model.recommender import Recommender, shared_weights
+    from shared.model.recommender import RecommenderModel, shared_weights
     from shared.protocol import LocalConfig
     from shared.settings import default
 
@@ -39,7 +39,7 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
         torch.manual_seed(0)
         rng = np.random.default_rng(0)
         content = torch.from_numpy(rng.standard_normal((n_items + 1, content_dim)).astype(np.float32))
-        model = Recommender(ModelConfig(n_items=n_items, content_dim=content_dim), content)
+        model = RecommenderModel(ModelConfig(n_items=n_items, content_dim=content_dim), content)
         weights = shared_weights(model)
         for length in log_lengths:
             user = UserLog(rng.integers(1, n_items + 1, size=length), 1, 2)

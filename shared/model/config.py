@@ -36,7 +36,7 @@ class ModelHyper:
 
 @dataclass
 class ModelConfig:
-    """Everything `Recommender` needs to be built."""
+    """Everything `RecommenderModel` needs to be built."""
     n_items: int           # catalog size, without the padding index
     content_dim: int       # width of the content feature matrix (0: no content features)
     dim: int = default("dim")

@@ -10,7 +10,7 @@
                 self-attention (Kang & McAuley, ICDM 2018), built only from nn.Embedding,
                 nn.Linear and nn.LayerNorm, the layers Opacus computes per-example gradients for
                 (nn.MultiheadAttention is not one of them).
-  Recommender   score(user, item) = <user vector, item vector>, over the whole catalog.
+  RecommenderModel   score(user, item) = <user vector, item vector>, over the whole catalog.
 
 A user's representation is computed from their own history every time: the model holds no
 per-user parameter, so a server never needs (or sees) one.
@@ -216,7 +216,7 @@ class UserEncoder(nn.Module):
         return self.final_norm(x)
 
 
-class Recommender(nn.Module):
+class RecommenderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, content: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -242,27 +242,27 @@ class Recommender(nn.Module):
 
 
 
-def build_recommender(hyper: ModelHyper, n_items: int, content: np.ndarray | None) -> Recommender:
+def build_recommender(hyper: ModelHyper, n_items: int, content: np.ndarray | None) -> RecommenderModel:
     """The model for a catalog of `n_items` with its (N+1, C) content matrix (None: no content)."""
     content = content if hyper.content and content is not None and content.shape[1] else None
     cfg = hyper.config(n_items, content.shape[1] if content is not None else 0)
-    return Recommender(cfg, torch.from_numpy(content) if content is not None else None)
+    return RecommenderModel(cfg, torch.from_numpy(content) if content is not None else None)
 
 
 # ---------------------------------------------------------------- the weights the federation shares
 
-def shared_weights(model: Recommender) -> Weights:
+def shared_weights(model: RecommenderModel) -> Weights:
     """The weights every client trains and the server aggregates: all trainable parameters.
     Buffers (content features, ID hashing) are public catalog data and never travel."""
     return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters()}
 
 
-def model_layout(model: Recommender) -> Layout:
+def model_layout(model: RecommenderModel) -> Layout:
     """Names and shapes of the shared weights, in wire order (shared.protocol)."""
     return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
 
 
-def load_weights(model: Recommender, weights: Weights) -> None:
+def load_weights(model: RecommenderModel, weights: Weights) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from shared.evaluation.ranking import evaluate
-from shared.model.recommender import Recommender
+from shared.model.recommender import RecommenderModel
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.settings import default
 
@@ -88,7 +88,7 @@ def _window(seq: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarra
     return seq[end - length:end]
 
 
-def next_item_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_item_loss(model: RecommenderModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the next item over the full catalog, at non-padded positions."""
     table = model.item_tower.all_items()                # (N+1, D), once per batch
     states = model.user_states(inputs, table)           # (B, L, D)
@@ -97,7 +97,7 @@ def next_item_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits, targets[real])
 
 
-def per_example_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def per_example_loss(model: RecommenderModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B,) each sequence's mean next-item cross-entropy over its non-padded positions.
 
     The same objective as `next_item_loss`, shaped for per-example gradients (DP-SGD): the item
@@ -110,7 +110,7 @@ def per_example_loss(model: Recommender, inputs: torch.Tensor, targets: torch.Te
     return losses.sum(1) / (targets != 0).sum(1).clamp(min=1)
 
 
-def train_steps(model: Recommender, optimizer: torch.optim.Optimizer, sequences: list[np.ndarray],
+def train_steps(model: RecommenderModel, optimizer: torch.optim.Optimizer, sequences: list[np.ndarray],
                 *, batch_size: int, rng: np.random.Generator, max_steps: int | None = None) -> float:
     """One pass over `sequences` (or `max_steps` batches); returns the mean loss."""
     model.train()
@@ -126,7 +126,7 @@ def train_steps(model: Recommender, optimizer: torch.optim.Optimizer, sequences:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def model_scorer(model: Recommender, batch_size: int = 256) -> Callable[[list[np.ndarray]], np.ndarray]:
+def model_scorer(model: RecommenderModel, batch_size: int = 256) -> Callable[[list[np.ndarray]], np.ndarray]:
     """Adapter: the model as an `evaluation.Scorer`."""
     @torch.no_grad()
     def score(histories: list[np.ndarray]) -> np.ndarray:
@@ -151,7 +151,7 @@ class FitResult:
     selected_state: dict | None = None   # the selected weights before the refit: they never saw a validation item
 
 
-def fit(model: Recommender, split: Split, cfg: TrainConfig,
+def fit(model: RecommenderModel, split: Split, cfg: TrainConfig,
         progress: Callable[[dict], None] | None = None) -> FitResult:
     """Centralized training with early stopping on validation NDCG@10; restores the best model."""
     torch.manual_seed(cfg.seed)

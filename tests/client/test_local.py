@@ -8,7 +8,7 @@ from client.store import UserLog
 from shared.data.preprocess import Split, UserSplit
 from shared.evaluation.ranking import evaluate
 from shared.model.config import ModelConfig
-from shared.model.recommender import Recommender, shared_weights
+from shared.model.recommender import RecommenderModel, shared_weights
 from shared.protocol import LocalConfig
 
 
@@ -16,7 +16,7 @@ def tiny_model(n_items=40, content_dim=6, seed=0):
     torch.manual_seed(seed)
     content = torch.randn(n_items + 1, content_dim)
     content[0] = 0
-    return Recommender(ModelConfig(n_items=n_items, content_dim=content_dim, dim=16, layers=1,
+    return RecommenderModel(ModelConfig(n_items=n_items, content_dim=content_dim, dim=16, layers=1,
                                    heads=2, max_len=8, dropout=0.0), content)
 
 

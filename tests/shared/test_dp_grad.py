@@ -6,16 +6,16 @@ import torch
 
 from shared.privacy.dp_grad import per_example_gradients
 from shared.model.config import ModelConfig
-from shared.model.recommender import Recommender
+from shared.model.recommender import RecommenderModel
 from shared.model.training import left_pad, per_example_loss
 
 
-def recommender(n_items: int, buckets: int, content_dim: int) -> Recommender:
+def recommender(n_items: int, buckets: int, content_dim: int) -> RecommenderModel:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=n_items, content_dim=content_dim, dim=8, layers=1, heads=2,
                       max_len=10, dropout=0.0, id_buckets=buckets)
     content = torch.randn(n_items + 1, content_dim) if content_dim else None
-    return Recommender(cfg, content).double()
+    return RecommenderModel(cfg, content).double()
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # item ids are data, not parameters

@@ -7,7 +7,7 @@ from opacus.validators import ModuleValidator
 
 from shared.model.config import ModelConfig
 
-from shared.model.recommender import Recommender
+from shared.model.recommender import RecommenderModel
 from shared.model.training import left_pad, next_item_loss
 
 N_ITEMS, CONTENT = 30, 8
@@ -19,7 +19,7 @@ def model(dropout=0.0, content=True):
                       heads=2, max_len=12, dropout=dropout)
     features = torch.randn(N_ITEMS + 1, CONTENT)
     features[0] = 0
-    return Recommender(cfg, features if content else None).eval()
+    return RecommenderModel(cfg, features if content else None).eval()
 
 
 def test_shapes_and_padding_scores_minus_inf():
@@ -96,7 +96,7 @@ def test_id_table_is_bounded_and_hashing_is_deterministic():
     # Independent hashes: 1000 items in 256^2 pairs collide about as often as random pairs
     # would (birthday bound: ~998 distinct); correlated hashes would give at most 256.
     assert len({tuple(r) for r in big[1:].tolist()}) > 0.98 * 1000
-    m = Recommender(ModelConfig(n_items=1000, content_dim=0, dim=8, layers=1, heads=2, max_len=5,
+    m = RecommenderModel(ModelConfig(n_items=1000, content_dim=0, dim=8, layers=1, heads=2, max_len=5,
                                 id_buckets=64))
     assert m.item_tower.id_table.shape[0] == 65
     assert m.item_tower.all_items().shape == (1001, 8)

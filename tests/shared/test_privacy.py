@@ -11,7 +11,7 @@ from client.handlers import train_update
 from client.privacy import PrivacyLedger, record_chunks
 from client.store import UserLog, start_ledger
 from shared.model.config import ModelConfig, ModelHyper
-from shared.model.recommender import Recommender, shared_weights
+from shared.model.recommender import RecommenderModel, shared_weights
 from shared.protocol import LocalConfig, PrivacyRound, RoundConfig
 from shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
 
@@ -74,7 +74,7 @@ def test_records_are_disjoint_chunks_that_cover_the_log():
 
 def tiny_client(tmp_path):
     torch.manual_seed(0)
-    model = Recommender(ModelConfig(n_items=30, content_dim=4, dim=8, layers=1, heads=2, max_len=10, dropout=0.0),
+    model = RecommenderModel(ModelConfig(n_items=30, content_dim=4, dim=8, layers=1, heads=2, max_len=10, dropout=0.0),
                         torch.randn(31, 4))
     (tmp_path / "users").mkdir()
     UserLog(np.arange(1, 25) % 30 + 1, 3, 4).save(tmp_path / "users" / "0.npz")

@@ -9,7 +9,7 @@ import torch
 from fedrec.cli import main
 from server.aggregation import dp_mean
 from shared.model.config import ModelConfig
-from shared.model.recommender import Recommender
+from shared.model.recommender import RecommenderModel
 from shared.data.preprocess import Split, UserSplit
 from shared.privacy.accounting import epsilon
 from shared.model.training import left_pad, per_example_loss
@@ -139,7 +139,7 @@ def test_canaries_are_one_record_at_the_start_of_member_logs_and_a_trained_one_i
         assert np.array_equal(split.users[u].train[:11], seq) and len(split.users[u].train) == 25
     # A model trained on the member canaries gives them a lower loss than the others.
     torch.manual_seed(0)
-    model = Recommender(ModelConfig(n_items=30, content_dim=0, dim=16, layers=1, heads=2, max_len=10, dropout=0.0))
+    model = RecommenderModel(ModelConfig(n_items=30, content_dim=0, dim=16, layers=1, heads=2, max_len=10, dropout=0.0))
     members = marks.sequences[marks.member]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(100):
