@@ -23,8 +23,9 @@ from server.release import ReleaseFailed, choose_blend, release_item_item, sum_i
 from server.secure import SecureConfig
 from shared.data.catalog_bundle import load_catalog
 from shared.model.config import ModelHyper
-from shared.model.fusion import FusionConfig
-from shared.model.recommender import build_recommender, shared_weights
+from shared.bundle import write_model_bundle
+from shared.model.fusion import ENCODER_ALONE, Blend, FusionConfig
+from shared.model.recommender import build_recommender, load_weights, shared_weights
 from shared.privacy.accounting import PrivacyConfig
 from shared.privacy.cooccurrence import cooccurrence_from_counts
 from shared.protocol import LocalConfig
@@ -89,10 +90,11 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
                                               final["selected_weights"], progress)
             torch.save(saved, out / "final.pt")
+            final["bundle"] = publish_bundle(out / "bundle", cfg, load_catalog(store / "catalog.npz"), saved, final)
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
                                          "rounds_trained": trained, "privacy": final["privacy"],
-                                         "fusion": final.get("fusion")})
+                                         "fusion": final.get("fusion"), "bundle": final.get("bundle")})
         if final["history"] and not trained:
             reasons = sorted({r for h in final["history"] for r in h["rejected"]})[:3]
             raise NoRoundTrained(f"none of the {len(final['history'])} rounds trained (skipped or aborted): "
@@ -145,6 +147,20 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
             "counts_round": {"contributions": record["accepted"], "seconds": record["seconds"],
                              "bytes_up_per_client": record["bytes_up_mean"],
                              "server_learns": "the item and item-pair counts summed over every device (not DP)"}}
+
+
+def publish_bundle(folder: Path, cfg: FederationConfig, catalog, saved: dict, final: dict) -> dict:
+    """The published model (shared/bundle.py) from what the server holds at the end: the final shared
+    weights, the public catalog, and with a blend its item models fit from the summed counts."""
+    model = build_recommender(cfg.model, catalog.n_items, catalog.content if catalog.content_dim else None)
+    load_weights(model, saved["weights"])
+    blend = Blend.from_dict(saved["blend"]) if "blend" in saved else ENCODER_ALONE
+    counts = saved.get("item_counts")
+    fitted = {k: cfg.fusion.item_model(k, np.asarray(counts, dtype=np.float64)) for k in blend.kinds}
+    manifest = write_model_bundle(folder, model, catalog, blend=blend, fitted=fitted,
+                                  run={"mode": "federated", "metrics": final.get("test"),
+                                       "privacy": final.get("privacy"), "rounds": len(final.get("history", []))})
+    return {"path": str(folder), "version": manifest["version"]}
 
 
 def make_server_app(settings: dict | None = None, *, on_round: RoundHook | None = None,

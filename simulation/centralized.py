@@ -7,6 +7,8 @@ same split with the same model and the same evaluator. Writes to OUT:
   model.pt               the best model (by validation NDCG@10) and what is needed to reload it
                          (with --fusion, also the item model's settings and the fusion weight)
   test_ranks.npy         each user's rank of their test item (for `fedrec compare`)
+  bundle/                the published model (shared/bundle.py): what `fedrec recommend` and
+                         `fedrec serve` load
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from tqdm import tqdm
 
 from shared.data.preprocess import Split, with_validation_in_train
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
-from shared.model.fusion import (BLEND_KINDS, FusedScorer, Scorer, blend_ndcg, blend_statistics, blends,
+from shared.bundle import write_model_bundle
+from shared.data.catalog_bundle import catalog_of
+from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, FusedScorer, Scorer, blend_ndcg, blend_statistics, blends,
                                  choose_from_statistics)
 from shared.model.config import ModelHyper
 from shared.settings import default
@@ -122,6 +126,12 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
                 "item_ids": list(prepared.encoded.item_ids), "content": prepared.features.matrix,
                 "fusion": fusion and {k: fusion[k] for k in ("chosen", "blend", "item_model")}},
                out / "model.pt")
+    bundle = write_model_bundle(
+        out / "bundle", model, catalog_of(prepared.encoded.item_ids, prepared.features.matrix,
+                                          prepared.dataset.catalog.frame),
+        blend=scorer.blend if isinstance(scorer, FusedScorer) else ENCODER_ALONE,
+        fitted=scorer.items if isinstance(scorer, FusedScorer) else None,
+        run={"dataset": prepared.dataset.name, "mode": "centralized", "metrics": test, "privacy": None})
     plot_validation_curve({"centralized": result.curve}, out / "validation_curve.png",
                           title=f"{prepared.dataset.name}: centralized")
     summary = {
@@ -133,6 +143,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
                             **{k: v for k, v in test.items() if k.startswith("sampled")}},
         "tie_free_users": subset_metrics(evaluation.ranks, tie_free_users(prepared.encoded.timestamps)),
         "fusion": fusion,
+        "bundle": {"path": str(out / "bundle"), "version": bundle["version"]},
         "wall_seconds": round(time.perf_counter() - started, 2),
         "train_seconds": round(result.train_seconds, 2),
         "best_epoch": result.best_epoch,

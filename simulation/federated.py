@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from client.store import UserLog, write_credentials, write_ledger
-from shared.data.catalog_bundle import CatalogBundle, save_catalog
+from shared.data.catalog_bundle import catalog_of, save_catalog
 from shared.errors import RunFailed
 from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
@@ -61,7 +61,7 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     enrols every device, and keeps only the CA's public key). Rewritten only when the data it
     came from changed."""
     store = Path(store)
-    stamp = {"version": 2, "users": len(prepared.split), "items": prepared.split.n_items,
+    stamp = {"version": 3, "users": len(prepared.split), "items": prepared.split.n_items,
              "content_dim": prepared.features.dim,
              "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
              "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
@@ -69,7 +69,7 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     if manifest.exists() and json.loads(manifest.read_text()) == stamp:
         return store
     (store / "users").mkdir(parents=True, exist_ok=True)
-    save_catalog(CatalogBundle(np.asarray(prepared.encoded.item_ids), prepared.features.matrix),
+    save_catalog(catalog_of(prepared.encoded.item_ids, prepared.features.matrix, prepared.dataset.catalog.frame),
                  store / "catalog.npz")
     ca = EnrolmentCA.new()
     for i, u in enumerate(prepared.split.users):
@@ -179,6 +179,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         "federated_test_metrics": result["test"],   # each client's own figures, the encoder alone
         "tie_free_users": subset_metrics(evaluation.ranks, tie_free_users(prepared.encoded.timestamps)),
         "fusion": fusion,
+        "bundle": result.get("bundle"),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "rounds": len(history), "rounds_trained": len(history) - len(untrained),
         "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]})[:5],

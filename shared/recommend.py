@@ -1,0 +1,208 @@
+"""Recommendations from a published bundle (shared/bundle.py): the ranker a device runs on its own
+history, and the service runs on a user vector.
+
+    rec = Recommender.load("runs/centralized/bundle")
+    for r in rec.recommend(["50", "172", "181"], k=10, explain=True):
+        print(r.title, [b.title for b in r.because])
+
+Scores are the run's blend: the user encoder's dot product with the item vectors (the item tower
+puts each item by its ID row and its content: text, genres, year), standardised and added to the
+chosen item models' (recency-weighted EASE or item-kNN over the securely summed co-occurrence
+counts, or popularity). The blend was chosen on validation statistics (shared/model/fusion.py).
+
+  recommend      top-k, the history excluded, optionally re-ranked for diversity (MMR over the
+                 items' content embeddings) and explained
+  explain        each recommended item's "because": the history items whose removal lowers its
+                 score most, by exact leave-one-out (every history item left out once, one batch)
+  by_vector      scores from a user vector alone (the service's path: no history needed)
+  similar_items  nearest items by the cosine of their item vectors
+
+Histories are item ids (strings, as in the catalog), oldest first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.bundle import ModelBundle, load_bundle
+from shared.model.fusion import FusedScorer
+from shared.model.recommender import RecommenderModel
+from shared.model.training import left_pad
+
+CANDIDATE_POOL = 200   # items MMR re-ranks (the best by relevance)
+
+
+class UnknownItem(ValueError):
+    """An item id that is not in the bundle's catalog."""
+
+
+@dataclass(frozen=True)
+class Because:
+    item_id: str
+    title: str
+    contribution: float    # how much the score drops without this history item
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: str
+    title: str
+    score: float
+    because: list[Because] = field(default_factory=list)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class Recommender:
+    def __init__(self, bundle: ModelBundle):
+        self.bundle = bundle
+        cfg = bundle.model_config
+        content = torch.from_numpy(bundle.catalog.content) if cfg.content_dim else None
+        self.model = RecommenderModel(cfg, content)
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.weights.items()}, strict=False)
+        self.model.eval()
+        self.item_table = torch.from_numpy(bundle.item_vectors)
+        self.item_ids = np.asarray(bundle.catalog.item_ids, dtype=str)
+        self.titles = np.asarray(bundle.catalog.titles, dtype=str)
+        self.index = {item: i + 1 for i, item in enumerate(self.item_ids)}
+        self.scorer = FusedScorer(self.encoder_scores, bundle.item_models, bundle.blend)
+        self.similarity_space = unit_rows(bundle.item_vectors)      # row 0 (padding) stays 0
+        # Diversity is judged by what items are (their content), not by who used them.
+        self.content_space = unit_rows(bundle.catalog.content) if bundle.catalog.content_dim else self.similarity_space
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Recommender":
+        return cls(load_bundle(Path(folder)))
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    # ------------------------------------------------------------------ ids <-> catalog indices
+    def indices(self, item_ids) -> np.ndarray:
+        out = []
+        for item in item_ids:
+            if str(item) not in self.index:
+                raise UnknownItem(f"item {item!r} is not in the catalog of bundle {self.version}")
+            out.append(self.index[str(item)])
+        return np.asarray(out, dtype=np.int64)
+
+    def title(self, index: int) -> str:
+        return str(self.titles[index - 1])
+
+    # ------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def encoder_scores(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, N+1) the encoder's dot-product scores of index histories (column 0 = padding)."""
+        return self.by_vector(self.user_vectors(histories))
+
+    @torch.no_grad()
+    def user_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, D) each index history's interest vector (what the service's by-vector path takes)."""
+        padded = left_pad(histories, self.model.cfg.max_len)
+        return self.model.user_encoder(self.item_table[padded], padded)[:, -1].numpy()
+
+    def by_vector(self, user_vectors: np.ndarray) -> np.ndarray:
+        scores = np.asarray(user_vectors, dtype=np.float32) @ self.bundle.item_vectors.T
+        scores = scores.astype(np.float64)
+        scores[:, 0] = -np.inf
+        return scores
+
+    def scores(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, N+1) the blend's scores of index histories (column 0 = padding, -inf)."""
+        return self.scorer(histories)
+
+    # ------------------------------------------------------------------ top-k
+    def top(self, scores: np.ndarray, k: int, *, exclude=(), diversity: float = 0.0) -> np.ndarray:
+        """Indices of the k best items of one score row, `exclude` (indices) left out; with
+        diversity d in (0, 1], greedy MMR (Carbonell & Goldstein 1998) over the best
+        CANDIDATE_POOL: each next item maximises (1 - d) relevance - d max cosine to those
+        already chosen, relevance scaled to [0, 1] over the pool."""
+        if not 0.0 <= diversity <= 1.0:
+            raise ValueError(f"diversity must be in [0, 1], got {diversity}")
+        row = np.array(scores, dtype=np.float64)
+        row[0] = -np.inf
+        row[np.asarray(list(exclude), dtype=np.int64)] = -np.inf
+        allowed = int(np.isfinite(row).sum())
+        k = min(k, allowed)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        pool_size = min(allowed, max(CANDIDATE_POOL, k) if diversity > 0 else k)
+        pool = np.argpartition(-row, pool_size - 1)[:pool_size]
+        pool = pool[np.lexsort((pool, -row[pool]))]          # by score, ties to the lower index
+        if diversity == 0:
+            return pool[:k]
+        relevance = row[pool]
+        span = relevance.max() - relevance.min()
+        relevance = (relevance - relevance.min()) / (span if span > 0 else 1.0)
+        vectors = self.content_space[pool]
+        chosen = [0]
+        closest = vectors @ vectors[0]                        # max cosine to the chosen, per candidate
+        for _ in range(k - 1):
+            gain = (1 - diversity) * relevance - diversity * closest
+            gain[chosen] = -np.inf
+            best = int(np.argmax(gain))
+            chosen.append(best)
+            closest = np.maximum(closest, vectors @ vectors[best])
+        return pool[chosen]
+
+    def recommend(self, history, k: int = 10, *, exclude=(), diversity: float = 0.0, explain: bool = False,
+                  because: int = 2) -> list[Recommendation]:
+        """Top-k for a history of item ids (oldest first), its items and `exclude` left out."""
+        items = self.indices(history)
+        scores = self.scores([items])[0]
+        top = self.top(scores, k, exclude=np.concatenate([items, self.indices(exclude)]), diversity=diversity)
+        reasons = self.explain(items, top, because) if explain and len(items) else [[] for _ in top]
+        return [Recommendation(str(self.item_ids[i - 1]), self.title(i), float(scores[i]), r) for i, r in zip(top, reasons)]
+
+    def explain(self, history: np.ndarray, recommended: np.ndarray, because: int = 2) -> list[list[Because]]:
+        """For each recommended index, the `because` history items whose removal lowers its score
+        most (exact leave-one-out: the blend rescored with each history item left out, one batch),
+        only those whose removal does lower it."""
+        drops = self.leave_one_out(history, recommended)            # (len(history), len(recommended))
+        out = []
+        for j in range(len(recommended)):
+            order = np.argsort(-drops[:, j], kind="stable")[:because]
+            out.append([Because(str(self.item_ids[history[p] - 1]), self.title(history[p]), float(drops[p, j]))
+                        for p in order if drops[p, j] > 0])
+        return out
+
+    def leave_one_out(self, history: np.ndarray, recommended: np.ndarray) -> np.ndarray:
+        """(len(history), len(recommended)): score(full history) - score(history without position p)."""
+        history = np.asarray(history, dtype=np.int64)
+        variants = [np.delete(history, p) for p in range(len(history))]
+        full = self.scores([history])[0, recommended]
+        return full[None, :] - self.scores(variants)[:, recommended]
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
+        """The k items whose item vectors are closest (cosine) to `item_id`'s."""
+        index = int(self.indices([item_id])[0])
+        scores = (self.similarity_space @ self.similarity_space[index]).astype(np.float64)
+        top = self.top(scores, k, exclude=[index])
+        return [Recommendation(str(self.item_ids[i - 1]), self.title(i), float(scores[i])) for i in top]
+
+
+def intra_list_diversity(recommended: np.ndarray, content_space: np.ndarray) -> float:
+    """Mean over lists of the mean pairwise 1 - cosine of the items' content embeddings
+    (rows of `content_space` are unit vectors); slots of index 0 are ignored."""
+    values = []
+    for row in np.atleast_2d(recommended):
+        row = row[row > 0]
+        if len(row) < 2:
+            continue
+        v = content_space[row]
+        sims = v @ v.T
+        n = len(row)
+        values.append(float((n * n - sims.sum()) / (n * (n - 1))))   # the diagonal's 1s cancel
+    return float(np.mean(values)) if values else float("nan")
+
