@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from shared.bundle import BundleError
 from shared.data.schema import DataError
 from shared.errors import RunFailed
 from shared.settings import SETTINGS, SettingsError, check
@@ -52,6 +53,23 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--baseline", type=Path, nargs="+", required=True, help="run folders (test_ranks.npy)")
     compare.add_argument("--candidate", type=Path, nargs="+", required=True, help="run folders (test_ranks.npy)")
     compare.add_argument("--out", type=Path, help="write compare.json here")
+    recommend = commands.add_parser("recommend", help="recommendations from a published bundle, on this machine: "
+                                    "the history is read here and sent nowhere")
+    recommend.add_argument("--bundle", type=Path, required=True, help="bundle folder (a run's OUT/bundle)")
+    asked = recommend.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--history", help="item ids the user touched, oldest first, comma-separated")
+    asked.add_argument("--similar-to", help="an item id: the items nearest to it")
+    recommend.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
+    recommend.add_argument("--diversity", type=float, default=0.0,
+                           help="0 ranks by relevance; up to 1 trades relevance for variety (MMR) (default: 0)")
+    recommend.add_argument("--no-explain", action="store_true", help="leave out the 'because you watched' items")
+    recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    serve = commands.add_parser("serve", help="the recommendation service: gRPC over a bundle folder, reloaded "
+                                "when a newer bundle is published there")
+    serve.add_argument("--bundle", type=Path, required=True, help="bundle folder (a run's OUT/bundle)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=50061, help="port (default: 50061)")
+    serve.add_argument("--workers", type=int, default=8, help="request threads (default: 8)")
     _add_benches(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
     return top
 
@@ -205,7 +223,56 @@ def _bench(args, values: dict) -> None:
         run_dp_speed_bench(args.out, repeats=args.repeats)
 
 
-COMMANDS = {"train": _train, "store": _store, "compare": _compare, "bench": _bench}
+def _recommend(args, values: dict) -> None:
+    import json
+    from shared.recommend import Recommender, UnknownItem
+    rec = Recommender.load(args.bundle)
+    try:
+        if args.similar_to:
+            history, recs = [], rec.similar_items(args.similar_to.strip(), args.k)
+        else:
+            history = [i.strip() for i in args.history.split(",") if i.strip()]
+            recs = rec.recommend(history, args.k, diversity=args.diversity, explain=not args.no_explain)
+    except (UnknownItem, ValueError) as err:
+        _usage_error(str(err))
+    if args.json:
+        print(json.dumps({"bundle": rec.version, "recommendations": [
+            {"item": r.item_id, "title": r.title, "score": round(r.score, 4),
+             "because": [{"item": b.item_id, "title": b.title, "contribution": round(b.contribution, 4)}
+                         for b in r.because]} for r in recs]}, indent=2))
+        return
+    if history:
+        titles = [rec.title(i) for i in rec.indices(history[-5:])]
+        print(f"recent history ({len(history)} items, newest last): " + "; ".join(titles))
+    else:
+        print(f"items like {rec.title(int(rec.indices([args.similar_to.strip()])[0]))}:")
+    for n, r in enumerate(recs, 1):
+        because = f"  <- because: {'; '.join(b.title for b in r.because)}" if r.because else ""
+        print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")
+
+
+def _serve(args, values: dict) -> None:
+    import threading
+    from server.serving import start_server
+    try:
+        server, watcher, port = start_server(args.bundle, host=args.host, port=args.port, workers=args.workers)
+    except OSError as err:
+        raise RunFailed(str(err)) from None
+    print(f"serving bundle {watcher.current.version} on {args.host}:{port} (gRPC, fedrec.v1.Recommend and "
+          f"grpc.health.v1); a newer bundle in {args.bundle} is picked up without a restart. Ctrl-C stops.",
+          flush=True)
+    stopped = threading.Event()
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+        server.stop(grace=2)
+
+
+COMMANDS = {"train": _train, "store": _store, "compare": _compare, "bench": _bench, "recommend": _recommend,
+            "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         COMMANDS[args.command](args, values)
-    except DataError as err:
+    except (DataError, BundleError) as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:

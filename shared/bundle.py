@@ -173,7 +173,7 @@ def write_bundle(folder: Path, *, model_config: ModelConfig, weights: dict[str, 
     os.replace(tmp, folder / MANIFEST)   # the moment the new bundle is published
     keep = {name for name, _ in files.values()} | {MANIFEST}
     for stale in folder.iterdir():       # the previous bundle's files
-        if stale.name not in keep and stale.suffix in (".npz", ".tmp") and not stale.name.startswith("."):
+        if stale.name not in keep and stale.suffix == ".npz" and not stale.name.startswith("."):
             stale.unlink(missing_ok=True)
     return manifest
 
@@ -193,6 +193,8 @@ def read_manifest(folder: Path) -> dict:
 
 
 def _load_checked(folder: Path, entry: dict) -> dict[str, np.ndarray]:
+    if Path(entry["name"]).name != entry["name"] or entry["name"].startswith("."):
+        raise BundleError(f"{folder / MANIFEST}: names a file outside the bundle ({entry['name']!r})")
     path = folder / entry["name"]
     if not path.is_file():
         raise BundleError(f"{path}: missing (the manifest names it)")

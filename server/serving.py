@@ -1,0 +1,213 @@
+"""The recommendation service: gRPC over one published bundle (shared/bundle.py), reloaded when a
+newer bundle is published in its folder, with the standard gRPC health service.
+
+  Recommend      by a user vector (what a device computed from its own history: the server
+                 never sees the history) or by recent item ids (a demo path: it sees them)
+  SimilarItems   nearest items by item vector
+  GetBundle      the served version, and with include_files the bundle's files in chunks
+
+Errors a client causes are INVALID_ARGUMENT with a message that names the field; a model version
+that is not served is NOT_FOUND; the client never gets a stack trace (it goes to the log).
+The messages are in shared/proto/recommend.proto.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shared.bundle import MANIFEST, BundleError, read_manifest
+from shared.proto import recommend_pb2 as pb
+from shared.proto import recommend_pb2_grpc as pb_grpc
+from shared.recommend import Recommender, UnknownItem
+
+log = logging.getLogger("fedrec.serve")
+SERVICE = "fedrec.v1.Recommend"
+MAX_K = 1000
+CHUNK = 1 << 20          # GetBundle's chunk: well under gRPC's 4 MB default message limit
+
+
+class BadRequest(ValueError):
+    """A request the client must change: INVALID_ARGUMENT with this message."""
+
+
+class BundleWatcher:
+    """The bundle being served, and a thread that loads a newer one when the folder's manifest
+    changes. A bundle that fails to load is logged and the old one kept serving."""
+
+    def __init__(self, folder: Path, interval_s: float = 1.0, on_change=None):
+        self.folder, self.interval_s, self.on_change = Path(folder), interval_s, on_change
+        self.current = Recommender.load(self.folder)      # BundleError: nothing to serve
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bundle-watcher", daemon=True)
+
+    def start(self) -> "BundleWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> bool:
+        """Load the folder's bundle if it is not the one served; True when it changed."""
+        try:
+            if read_manifest(self.folder)["content_hash"] == self.current.bundle.content_hash:
+                return False
+            fresh = Recommender.load(self.folder)
+        except (BundleError, OSError) as err:   # mid-publish, or broken: keep serving the old one
+            log.warning("not reloading %s: %s", self.folder, err)
+            return False
+        old, self.current = self.current.version, fresh
+        log.info("serving bundle %s (was %s)", fresh.version, old)
+        if self.on_change:
+            self.on_change(fresh)
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+
+def _items(rec: Recommender, ids, field: str) -> np.ndarray:
+    try:
+        return rec.indices(list(ids))
+    except UnknownItem as err:
+        raise BadRequest(f"{field}: {err}") from None
+
+
+def _k(k: int) -> int:
+    if not 1 <= k <= MAX_K:
+        raise BadRequest(f"k: must be 1..{MAX_K}, got {k}")
+    return k
+
+
+def recommend(rec: Recommender, request: pb.RecommendRequest) -> list[tuple[int, float]]:
+    """The request's top-k as (item index, score); BadRequest names what is wrong with it."""
+    k = _k(request.k)
+    if not (math.isfinite(request.diversity) and 0.0 <= request.diversity <= 1.0):
+        raise BadRequest(f"diversity: must be in [0, 1], got {request.diversity}")
+    exclude = _items(rec, request.exclude, "exclude")
+    if bool(len(request.user_vector)) == bool(len(request.recent_items)):
+        raise BadRequest("give exactly one of user_vector and recent_items")
+    if len(request.user_vector):
+        vector = np.asarray(request.user_vector, dtype=np.float32)
+        width = rec.bundle.item_vectors.shape[1]
+        if vector.shape != (width,):
+            raise BadRequest(f"user_vector: the model's width is {width}, got {vector.size} values")
+        if not np.isfinite(vector).all():
+            raise BadRequest("user_vector: NaN or infinite values")
+        scores = rec.by_vector(vector[None])[0]
+    else:
+        history = _items(rec, request.recent_items, "recent_items")
+        scores = rec.scores([history])[0]
+        exclude = np.concatenate([exclude, history])
+    top = rec.top(scores, k, exclude=exclude, diversity=float(request.diversity))
+    return [(int(i), float(scores[i])) for i in top]
+
+
+class RecommendService(pb_grpc.RecommendServicer):
+    def __init__(self, watcher: BundleWatcher):
+        self.watcher = watcher
+
+    def _served(self, version: str, context) -> Recommender:
+        rec = self.watcher.current   # one bundle for the whole request, even if a reload lands
+        if version and version != rec.version:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model version {version!r} is not served; "
+                                                     f"this server has {rec.version!r}")
+        return rec
+
+    def _reply(self, rec: Recommender, scored) -> pb.RecommendReply:
+        return pb.RecommendReply(model_version=rec.version, items=[
+            pb.ScoredItem(item_id=str(rec.item_ids[i - 1]), title=rec.title(i), score=s) for i, s in scored])
+
+    def _guarded(self, context, work):
+        try:
+            return work()
+        except BadRequest as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except grpc.RpcError:
+            raise
+        except Exception:
+            log.exception("request failed")
+            context.abort(grpc.StatusCode.INTERNAL, "the server failed on this request; see its log")
+
+    def Recommend(self, request, context):
+        rec = self._served(request.model_version, context)
+        return self._guarded(context, lambda: self._reply(rec, recommend(rec, request)))
+
+    def SimilarItems(self, request, context):
+        rec = self._served(request.model_version, context)
+
+        def work():
+            _k(request.k)
+            _items(rec, [request.item_id], "item_id")
+            similar = rec.similar_items(request.item_id, request.k)
+            return pb.RecommendReply(model_version=rec.version, items=[
+                pb.ScoredItem(item_id=r.item_id, title=r.title, score=r.score) for r in similar])
+        return self._guarded(context, work)
+
+    def GetBundle(self, request, context):
+        rec = self._served(request.model_version, context)
+        manifest = rec.bundle.manifest
+        yield pb.BundleChunk(version=rec.version, content_hash=rec.bundle.content_hash,
+                             manifest_json=json.dumps(manifest))
+        if not request.include_files:
+            return
+        for entry in manifest["files"].values():
+            path = rec.bundle.path / entry["name"]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:   # replaced by a newer bundle since this one was loaded
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"bundle {rec.version} was replaced while sending; "
+                                                           "ask again")
+            for offset in range(0, max(len(data), 1), CHUNK):
+                yield pb.BundleChunk(file_name=entry["name"], offset=offset, data=data[offset:offset + CHUNK],
+                                     last=offset + CHUNK >= len(data))
+
+
+def fetch_bundle(stub: pb_grpc.RecommendStub, folder: Path, version: str = "") -> dict:
+    """A device's side of GetBundle: the served bundle's files into `folder`, the manifest last
+    (so `shared.bundle.load_bundle` checks every file against it). Returns the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest, parts = None, {}
+    for chunk in stub.GetBundle(pb.GetBundleRequest(model_version=version, include_files=True)):
+        if chunk.manifest_json:
+            manifest = json.loads(chunk.manifest_json)
+            continue
+        parts.setdefault(chunk.file_name, bytearray()).extend(chunk.data)
+        if chunk.last:
+            name = Path(chunk.file_name).name            # never a path the server chose
+            (folder / name).write_bytes(bytes(parts.pop(chunk.file_name)))
+    if manifest is None:
+        raise BundleError("the server sent no manifest")
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(folder / MANIFEST)
+    return manifest
+
+
+def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 8,
+                 reload_interval_s: float = 1.0) -> tuple[grpc.Server, BundleWatcher, int]:
+    """A started gRPC server on host:port (0: any free port) serving `bundle`; returns the server,
+    the watcher and the port bound. BundleError when there is no usable bundle."""
+    health_service = health.HealthServicer()
+    watcher = BundleWatcher(bundle, reload_interval_s).start()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_RecommendServicer_to_server(RecommendService(watcher), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        watcher.stop()
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    for name in ("", SERVICE):
+        health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, watcher, bound
