@@ -24,3 +24,17 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode(encoding))
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A small centralized run (synthetic data, the default blend) and its published bundle, OUT/bundle;
+    trained once for every test that reads a bundle."""
+    import os
+    from fedrec.cli import main
+    out = tmp_path_factory.mktemp("trained-run")
+    os.environ.setdefault("FEDREC_CACHE", str(out / "cache"))
+    code = main(["train", "--dataset", "synthetic:300x200", "--epochs", "6", "--text-encoder", "none", "--dim", "16",
+                 "--max-len", "20", "--eval-every", "2", "--batch-size", "64", "--quiet", "--out", str(out)])
+    assert code == 0
+    return out

@@ -1,0 +1,186 @@
+"""The recommendation service on loopback, as a client would use it: its answers, its error codes
+(never a stack trace), the health service, bundle reload without restart, GetBundle, and what a
+device's two-stage request puts on the wire (no history)."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.recommend import CANDIDATES, service_candidates, two_stage
+from server.serving import fetch_bundle, start_server
+from shared.bundle import load_bundle, write_bundle
+from shared.proto import recommend_pb2 as pb
+from shared.proto import recommend_pb2_grpc as pb_grpc
+from shared.recommend import Recommender
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def service(trained_run, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(trained_run / "bundle", folder)
+    server, watcher, port = start_server(folder, port=0, reload_interval_s=0.2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.RecommendStub(channel), watcher, folder, channel
+    channel.close()
+    watcher.stop()
+    server.stop(grace=None)
+
+
+def test_recommend_by_vector_is_the_bundles_top_k(service):
+    stub, watcher, _, _ = service
+    rec = watcher.current
+    vector = rec.user_vectors([rec.indices(rec.item_ids[:5])])[0]
+    reply = stub.Recommend(pb.RecommendRequest(user_vector=vector.tolist(), k=10))
+    assert reply.model_version == rec.version and len(reply.items) == 10
+    expected = rec.top(rec.by_vector(vector[None])[0], 10)
+    assert [i.item_id for i in reply.items] == [str(rec.item_ids[i - 1]) for i in expected]
+    assert all(i.title for i in reply.items)
+    demo = stub.Recommend(pb.RecommendRequest(recent_items=list(rec.item_ids[:3]), k=5, exclude=[rec.item_ids[9]]))
+    ids = [i.item_id for i in demo.items]
+    assert ids == [r.item_id for r in rec.recommend(list(rec.item_ids[:3]), 5, exclude=[rec.item_ids[9]])]
+    similar = stub.SimilarItems(pb.SimilarItemsRequest(item_id=rec.item_ids[0], k=3))
+    assert len(similar.items) == 3 and rec.item_ids[0] not in [i.item_id for i in similar.items]
+
+
+@pytest.mark.parametrize("request_fields, code, words", [
+    ({"k": 0, "recent_items": ["1"]}, "INVALID_ARGUMENT", "k: must be"),
+    ({"k": 5}, "INVALID_ARGUMENT", "exactly one of"),
+    ({"k": 5, "recent_items": ["1"], "user_vector": [0.0] * 16}, "INVALID_ARGUMENT", "exactly one of"),
+    ({"k": 5, "user_vector": [0.0] * 3}, "INVALID_ARGUMENT", "width is 16, got 3"),
+    ({"k": 5, "user_vector": [float("nan")] * 16}, "INVALID_ARGUMENT", "NaN"),
+    ({"k": 5, "recent_items": ["no-such-item"]}, "INVALID_ARGUMENT", "recent_items: item 'no-such-item'"),
+    ({"k": 5, "recent_items": ["1"], "exclude": ["zz"]}, "INVALID_ARGUMENT", "exclude: item 'zz'"),
+    ({"k": 5, "recent_items": ["1"], "diversity": 2.0}, "INVALID_ARGUMENT", "diversity"),
+    ({"k": 5, "recent_items": ["1"], "model_version": "v0"}, "NOT_FOUND", "'v0' is not served"),
+])
+def test_bad_requests_get_a_status_and_a_message_never_a_traceback(service, request_fields, code, words):
+    stub = service[0]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Recommend(pb.RecommendRequest(**request_fields))
+    assert caught.value.code() == getattr(grpc.StatusCode, code)
+    assert words in caught.value.details() and "Traceback" not in caught.value.details()
+
+
+def test_similar_items_errors(service):
+    stub = service[0]
+    for request, words in (({"item_id": "zz", "k": 3}, "item_id: item 'zz'"), ({"item_id": "1", "k": 5000}, "k:")):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SimilarItems(pb.SimilarItemsRequest(**request))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in caught.value.details()
+
+
+def test_health_service_says_serving(service):
+    channel = service[3]
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "fedrec.v1.Recommend"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def _wait_for(condition, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_newly_published_bundle_is_served_without_a_restart(service):
+    stub, watcher, folder, _ = service
+    old = load_bundle(folder)
+    manifest = write_bundle(folder, model_config=old.model_config, weights=old.weights,
+                            item_vectors=old.item_vectors[:, ::-1].copy(), catalog=old.catalog, blend=old.blend,
+                            item_models=old.item_models)
+    assert manifest["version"] != old.version
+    served = lambda: next(iter(stub.GetBundle(pb.GetBundleRequest()))).version
+    _wait_for(lambda: served() == manifest["version"])
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Recommend(pb.RecommendRequest(model_version=old.version, recent_items=["1"], k=3))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    (folder / "manifest.json").write_text("{ torn")           # a broken publish: the last good one keeps serving
+    assert not watcher.check() and served() == manifest["version"]
+
+
+def test_a_device_fetches_the_bundle_and_recommends_alone(service, tmp_path):
+    stub, watcher, _, _ = service
+    manifest = fetch_bundle(stub, tmp_path / "device")
+    assert manifest["content_hash"] == watcher.current.bundle.content_hash
+    local = Recommender.load(tmp_path / "device")
+    history = list(local.item_ids[:4])
+    assert [r.item_id for r in local.recommend(history, 5)] == [r.item_id for r in watcher.current.recommend(history, 5)]
+
+
+class _Recorder(grpc.UnaryUnaryClientInterceptor):
+    """Every request message the device sends, as the server would receive it."""
+
+    def __init__(self):
+        self.sent = []
+
+    def intercept_unary_unary(self, continuation, details, request):
+        self.sent.append(pb.RecommendRequest.FromString(request.SerializeToString()))
+        return continuation(details, request)
+
+
+def test_the_two_stage_device_path_sends_its_vector_never_its_history(service):
+    stub, watcher, _, channel = service
+    recorder = _Recorder()
+    watched = pb_grpc.RecommendStub(grpc.intercept_channel(channel, recorder))
+    rec = watcher.current
+    for history in (list(rec.item_ids[:3]), list(rec.item_ids[20:60])):
+        got = two_stage(rec, history, 10, service_candidates(watched, rec), noise_std=0.1,
+                        rng=np.random.default_rng(0))
+        assert len(got) == 10 and not {r.item_id for r in got} & set(history)
+    assert len(recorder.sent) == 2
+    for request in recorder.sent:
+        assert list(request.recent_items) == [] and list(request.exclude) == []
+        assert request.k == CANDIDATES                       # the same for a short and a long history
+        assert len(request.user_vector) == rec.bundle.item_vectors.shape[1]
+        fields = {f.name for f, _ in request.ListFields()}
+        assert fields <= {"model_version", "user_vector", "k"}
+
+
+def test_generated_grpc_code_is_in_step_with_the_proto(tmp_path):
+    tools = pytest.importorskip("grpc_tools.protoc")
+    shutil.copytree(ROOT / "shared" / "proto", tmp_path / "shared" / "proto")
+    code = tools.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                       str(tmp_path / "shared" / "proto" / "recommend.proto")])
+    assert code == 0
+    for name in ("recommend_pb2.py", "recommend_pb2_grpc.py"):
+        assert (tmp_path / "shared" / "proto" / name).read_text() == (ROOT / "shared" / "proto" / name).read_text(), \
+            f"regenerate shared/proto/{name} (see recommend.proto)"
+
+
+def test_fedrec_serve_starts_answers_and_stops(trained_run):
+    process = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "serve", "--bundle", str(trained_run / "bundle"),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = process.stdout.readline()                     # printed once it listens
+        assert "serving bundle" in line, (line, process.stderr.read() if process.poll() is not None else "")
+        port = int(line.split(" on ")[1].split(" ")[0].rsplit(":", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb_grpc.RecommendStub(channel).Recommend(pb.RecommendRequest(recent_items=["1", "2"], k=3))
+        assert len(reply.items) == 3
+    finally:
+        process.send_signal(__import__("signal").SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0, process.stderr.read()
+
+
+def test_fedrec_recommend_prints_titles_and_reasons(trained_run, capsys):
+    from fedrec.cli import main
+    bundle = json.loads((trained_run / "bundle" / "manifest.json").read_text())
+    assert bundle["format"] == "fedrec-bundle/1"
+    assert main(["recommend", "--bundle", str(trained_run / "bundle"), "--history", "1,2,3", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("because:") >= 1 and "recent history (3 items" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["recommend", "--bundle", str(trained_run / "bundle"), "--history", "1,zz"])
+    assert exit_.value.code == 2 and "item 'zz' is not in the catalog" in capsys.readouterr().err

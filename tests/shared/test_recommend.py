@@ -1,0 +1,137 @@
+"""The published bundle and the Recommender that reads it: the same scores as the run, a bundle that
+cannot be trusted refused by name, explanations that are what they say, diversity that diversifies."""
+import json
+
+import numpy as np
+import pytest
+
+from shared.bundle import BundleError, load_bundle, write_bundle
+from shared.data.pipeline import DataConfig, prepare_data
+from shared.evaluation.ranking import evaluate, histories_and_targets
+from shared.recommend import Recommender, UnknownItem, intra_list_diversity
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare_data(DataConfig(dataset="synthetic:300x200", text_encoder="none"))
+
+
+@pytest.fixture(scope="module")
+def rec(trained_run):
+    return Recommender.load(trained_run / "bundle")
+
+
+def test_the_bundle_scores_as_the_run_did(trained_run, rec, prepared):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["bundle"]["version"] == rec.version
+    assert rec.bundle.blend.label == summary["fusion"]["chosen"]
+    again = evaluate(rec.scores, prepared.split, "test")
+    # The bundle stores float32 (the run scored in float64): a few near-ties may fall the other way.
+    assert again.metrics["ndcg@10"] == pytest.approx(summary["metrics"]["ndcg@10"], abs=2e-3)
+    same = (again.ranks == np.load(trained_run / "test_ranks.npy")).all(axis=1).mean()
+    assert same >= 0.95
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_torn_or_tampered_bundle_is_refused_naming_the_file(trained_run, tmp_path):
+    folder = _copy(trained_run / "bundle", tmp_path / "b")
+    weights = next(folder.glob("weights-*.npz"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=weights.name):
+        load_bundle(folder)
+    weights.unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["weights"]["name"] = "../../etc/passwd"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(folder)
+    with pytest.raises(BundleError, match="no bundle here"):
+        load_bundle(tmp_path / "empty")
+
+
+def test_publishing_again_replaces_the_bundle_and_its_files(trained_run, tmp_path):
+    folder = _copy(trained_run / "bundle", tmp_path / "b")
+    old = load_bundle(folder)
+    weights = {k: v + 0.01 for k, v in old.weights.items()}
+    manifest = write_bundle(folder, model_config=old.model_config, weights=weights, item_vectors=old.item_vectors,
+                            catalog=old.catalog, blend=old.blend, item_models=old.item_models)
+    new = load_bundle(folder)
+    assert new.content_hash == manifest["content_hash"] != old.content_hash
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"manifest.json", *(f["name"] for f in manifest["files"].values())}
+
+
+def test_explanations_are_the_scores_own_leave_one_out(rec, prepared):
+    """Each 'because' item is the one whose removal lowers that recommendation's score most: removing it
+    lowers the score more than removing a random other history item (in >= 80% of cases; ties aside,
+    always), and its contribution is the score's actual drop."""
+    rng = np.random.default_rng(0)
+    histories, _ = histories_and_targets(prepared.split, "test")
+    wins = cases = 0
+    for history in histories[:40]:
+        ids = [str(rec.item_ids[i - 1]) for i in history]
+        recs = rec.recommend(ids, 10, explain=True, because=1)
+        full = rec.scores([history])[0]
+        for r in recs:
+            if not r.because:
+                continue
+            top = ids.index(r.because[0].item_id)
+            target = rec.indices([r.item_id])[0]
+            without_top = rec.scores([np.delete(history, top)])[0][target]
+            assert full[target] - without_top == pytest.approx(r.because[0].contribution, rel=1e-6, abs=1e-9)
+            other = rng.choice([p for p in range(len(history)) if p != top])
+            without_other = rec.scores([np.delete(history, other)])[0][target]
+            wins += (full[target] - without_top) > (full[target] - without_other)
+            cases += 1
+    assert cases >= 100 and wins / cases >= 0.8, (wins, cases)
+
+
+def test_diversity_trades_relevance_for_variety(rec, prepared):
+    histories, _ = histories_and_targets(prepared.split, "test")
+    plain, diverse = [], []
+    for history in histories[:30]:
+        ids = [str(rec.item_ids[i - 1]) for i in history]
+        top = rec.recommend(ids, 10)
+        same = rec.top(rec.scores([history])[0], 10, exclude=history)
+        assert [r.item_id for r in top] == [str(rec.item_ids[i - 1]) for i in same]
+        mixed = rec.recommend(ids, 10, diversity=0.7)
+        assert len({r.item_id for r in mixed}) == 10 and not {r.item_id for r in mixed} & set(ids)
+        plain.append(rec.indices([r.item_id for r in top]))
+        diverse.append(rec.indices([r.item_id for r in mixed]))
+    assert intra_list_diversity(np.array(diverse), rec.content_space) > intra_list_diversity(np.array(plain),
+                                                                                             rec.content_space)
+
+
+def test_intra_list_diversity_is_mean_pairwise_one_minus_cosine():
+    space = np.array([[0, 0], [1, 0], [0, 1], [1, 0]], dtype=np.float32)
+    assert intra_list_diversity(np.array([[1, 2]]), space) == pytest.approx(1.0)
+    assert intra_list_diversity(np.array([[1, 3]]), space) == pytest.approx(0.0)
+    assert intra_list_diversity(np.array([[1, 2, 3]]), space) == pytest.approx(2 / 3)
+
+
+def test_a_new_event_changes_the_next_recommendations_at_once(rec, prepared):
+    histories, _ = histories_and_targets(prepared.split, "test")
+    changed = 0
+    for history in histories[:20]:
+        ids = [str(rec.item_ids[i - 1]) for i in history]
+        before = [r.item_id for r in rec.recommend(ids, 10)]
+        after = [r.item_id for r in rec.recommend(ids + [before[0]], 10)]
+        assert before[0] not in after        # what was just touched is not offered again
+        changed += before[1:] != after[:9]
+    assert changed >= 10
+
+
+def test_unknown_items_and_bad_diversity_are_clear_errors(rec):
+    with pytest.raises(UnknownItem, match="'no-such-item'"):
+        rec.recommend(["no-such-item"], 5)
+    with pytest.raises(ValueError, match="diversity"):
+        rec.recommend([str(rec.item_ids[0])], 5, diversity=1.5)
