@@ -88,6 +88,12 @@ def _add_benches(kinds) -> None:
     _add_settings(temporal, TRAIN)
     _add_output(temporal)
     temporal.add_argument("--test-fraction", type=float, default=0.1, help="share of all events after the cutoff")
+    coldstart = kinds.add_parser("coldstart", help="new items: the newest 15%% of items left out of training, "
+                                 "then added by their content; cold, warm and all test targets")
+    _add_settings(coldstart, TRAIN)
+    _add_output(coldstart)
+    coldstart.add_argument("--cold-fraction", type=float, default=0.15, help="share of items held out as new "
+                           "(default: 0.15)")
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
@@ -108,6 +114,15 @@ def _add_benches(kinds) -> None:
                              "sum, against most-popular, with a one-run audit")
     _add_settings(items, ("data",))
     _add_output(items)
+    serve = kinds.add_parser("serve", help="the recommendation service under load on loopback: latency, QPS, "
+                             "ANN recall, memory, and the on-device top 10")
+    serve.add_argument("--bundle", type=Path, required=True, help="a published bundle (a run's OUT/bundle)")
+    serve.add_argument("--items", type=int, default=100_000,
+                       help="catalog size to serve, made from the bundle's items when larger; 0: the bundle as is "
+                            "(default: 100000)")
+    serve.add_argument("--requests", type=int, default=5000, help="timed requests (default: 5000)")
+    serve.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    serve.add_argument("--out", type=Path, required=True)
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True)
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
@@ -198,6 +213,11 @@ def _bench(args, values: dict) -> None:
         from simulation.protocols import run_temporal_bench
         run_temporal_bench(CentralizedJob.from_settings(values), args.out, fraction=args.test_fraction,
                            progress=not args.quiet)
+    elif args.bench == "coldstart":
+        from simulation.centralized import CentralizedJob
+        from simulation.coldstart import run_coldstart_bench
+        run_coldstart_bench(CentralizedJob.from_settings(values), args.out, fraction=args.cold_fraction,
+                            progress=not args.quiet)
     elif args.bench == "payload":
         from simulation.bench import run_payload_bench
         run_payload_bench(args.out)
@@ -218,6 +238,9 @@ def _bench(args, values: dict) -> None:
         from shared.data.pipeline import DataConfig
         from simulation.dp_bench import run_dp_items_bench
         run_dp_items_bench(DataConfig.from_settings(values, activity_features=False), args.out, progress=not args.quiet)
+    elif args.bench == "serve":
+        from simulation.serve_bench import run_serve_bench
+        run_serve_bench(args.bundle, args.out, items=args.items, requests=args.requests, concurrency=args.concurrency)
     elif args.bench == "dp-speed":
         from simulation.dp_bench import run_dp_speed_bench
         run_dp_speed_bench(args.out, repeats=args.repeats)

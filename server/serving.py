@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shared.bundle import MANIFEST, BundleError, read_manifest
 from shared.proto import recommend_pb2 as pb
 from shared.proto import recommend_pb2_grpc as pb_grpc
-from shared.recommend import Recommender, UnknownItem
+from shared.recommend import CANDIDATE_POOL, Recommender, UnknownItem
 
 log = logging.getLogger("fedrec.serve")
 SERVICE = "fedrec.v1.Recommend"
@@ -61,6 +61,7 @@ class BundleWatcher:
             if read_manifest(self.folder)["content_hash"] == self.current.bundle.content_hash:
                 return False
             fresh = Recommender.load(self.folder)
+            fresh.index_for_vectors            # built before it serves
         except (BundleError, OSError) as err:   # mid-publish, or broken: keep serving the old one
             log.warning("not reloading %s: %s", self.folder, err)
             return False
@@ -103,7 +104,12 @@ def recommend(rec: Recommender, request: pb.RecommendRequest) -> list[tuple[int,
             raise BadRequest(f"user_vector: the model's width is {width}, got {vector.size} values")
         if not np.isfinite(vector).all():
             raise BadRequest("user_vector: NaN or infinite values")
-        scores = rec.by_vector(vector[None])[0]
+        if request.diversity == 0:          # the index's top-k: exact, or IVF for a large catalog
+            found, scores = rec.nearest(vector, k, exclude=exclude)
+            return list(zip(found.tolist(), scores.tolist()))
+        pool, pool_scores = rec.nearest(vector, max(k, CANDIDATE_POOL), exclude=exclude)
+        scores = np.full(rec.n_items + 1, -np.inf)
+        scores[pool] = pool_scores
     else:
         history = _items(rec, request.recent_items, "recent_items")
         scores = rec.scores([history])[0]
@@ -200,6 +206,7 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 0, worker
     the watcher and the port bound. BundleError when there is no usable bundle."""
     health_service = health.HealthServicer()
     watcher = BundleWatcher(bundle, reload_interval_s).start()
+    watcher.current.index_for_vectors          # built before the first request, not during it
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_RecommendServicer_to_server(RecommendService(watcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

@@ -135,3 +135,18 @@ def test_unknown_items_and_bad_diversity_are_clear_errors(rec):
         rec.recommend(["no-such-item"], 5)
     with pytest.raises(ValueError, match="diversity"):
         rec.recommend([str(rec.item_ids[0])], 5, diversity=1.5)
+
+
+def test_the_ann_index_meets_its_recall_against_an_exact_scan():
+    from shared.recommend import TARGET_RECALL, VectorIndex
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 16))
+    items = np.vstack([np.zeros((1, 16)), centres[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 16))])
+    queries = centres[rng.integers(0, 50, 100)] + 0.3 * rng.normal(size=(100, 16))
+    exact, ivf = VectorIndex(items), VectorIndex(items, queries, ann=True)
+    assert exact.info["kind"] == "exact" and ivf.info["kind"] == "ivf"
+    assert ivf.info["calibrated_recall@100"] >= TARGET_RECALL
+    _, truth = exact.search(queries, 100)
+    _, found = ivf.search(queries, 100)
+    recall = np.mean([len(set(a) & set(b)) / 100 for a, b in zip(found, truth)])
+    assert recall >= TARGET_RECALL - 0.02 and found.min() >= 1 and found.max() <= 5000
