@@ -94,6 +94,17 @@ def _add_benches(kinds) -> None:
     _add_output(coldstart)
     coldstart.add_argument("--cold-fraction", type=float, default=0.15, help="share of items held out as new "
                            "(default: 0.15)")
+    diversity = kinds.add_parser("diversity", help="MMR re-ranking at several strengths: NDCG@10 against "
+                                 "intra-list diversity, coverage and novelty (table and plot)")
+    _add_settings(diversity, ("data",))
+    diversity.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
+    diversity.add_argument("--out", type=Path, required=True)
+    recommend = kinds.add_parser("recommend", help="explanation faithfulness and time, new users, the two-stage "
+                                 "path's noise cost, event-to-recommendation time")
+    _add_settings(recommend, ("data",))
+    recommend.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
+    recommend.add_argument("--users", type=int, default=300, help="test users for the per-user timings (default: 300)")
+    recommend.add_argument("--out", type=Path, required=True)
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
@@ -218,6 +229,17 @@ def _bench(args, values: dict) -> None:
         from simulation.coldstart import run_coldstart_bench
         run_coldstart_bench(CentralizedJob.from_settings(values), args.out, fraction=args.cold_fraction,
                             progress=not args.quiet)
+    elif args.bench in ("diversity", "recommend"):
+        from shared.data.pipeline import DataConfig
+        from simulation import recommend_bench
+        data = DataConfig.from_settings(values)
+        try:
+            if args.bench == "diversity":
+                recommend_bench.run_diversity_bench(args.bundle, data, args.out)
+            else:
+                recommend_bench.run_recommend_bench(args.bundle, data, args.out, users=args.users)
+        except recommend_bench.BundleMismatch as err:
+            _usage_error(str(err))
     elif args.bench == "payload":
         from simulation.bench import run_payload_bench
         run_payload_bench(args.out)
