@@ -157,7 +157,9 @@ def publish_bundle(folder: Path, cfg: FederationConfig, catalog, saved: dict, fi
     blend = Blend.from_dict(saved["blend"]) if "blend" in saved else ENCODER_ALONE
     counts = saved.get("item_counts")
     fitted = {k: cfg.fusion.item_model(k, np.asarray(counts, dtype=np.float64)) for k in blend.kinds}
-    manifest = write_model_bundle(folder, model, catalog, blend=blend, fitted=fitted,
+    # The summed counts' diagonal: how many devices hold each item (not DP; only without DP is there a sum).
+    popularity = np.diag(np.asarray(counts, dtype=np.float64)).copy() if counts is not None else None
+    manifest = write_model_bundle(folder, model, catalog, blend=blend, fitted=fitted, popularity=popularity,
                                   run={"mode": "federated", "metrics": final.get("test"),
                                        "privacy": final.get("privacy"), "rounds": len(final.get("history", []))})
     return {"path": str(folder), "version": manifest["version"]}

@@ -6,7 +6,9 @@ A run (centralized or federated) ends by writing one. The service (`fedrec serve
   manifest.json              format, version, content hash, each file's SHA-256, the model's
                              shape, the blend, the run's metrics and privacy: written last
   weights-<sha>.npz          the model's parameters (item tower and user encoder)
-  items-<sha>.npz            item ids, titles, genres, content features, the item vectors
+  items-<sha>.npz            item ids, titles, genres, content features, the item vectors, and
+                             where the run counted them, the items' popularity (what a device
+                             with no history yet is offered)
   item-models-<sha>.npz      the blend's item models (EASE weights, item-kNN similarities,
                              popularity), each a matrix the recency-weighted history multiplies
 
@@ -83,6 +85,7 @@ class ModelBundle:
     item_models: dict[str, ItemModel]
     blend: Blend
     path: Path
+    popularity: np.ndarray | None = None  # (N+1,) users per item, where the run counted them
 
     @property
     def version(self) -> str:
@@ -132,7 +135,8 @@ def _item_model_arrays(models: dict[str, ItemModel]) -> tuple[dict, dict]:
 
 def write_bundle(folder: Path, *, model_config: ModelConfig, weights: dict[str, np.ndarray],
                  item_vectors: np.ndarray, catalog: CatalogBundle, blend: Blend = ENCODER_ALONE,
-                 item_models: dict[str, ItemModel] | None = None, run: dict | None = None) -> dict:
+                 item_models: dict[str, ItemModel] | None = None, popularity: np.ndarray | None = None,
+                 run: dict | None = None) -> dict:
     """Publish a bundle in `folder` (created; an older bundle there is replaced atomically).
     `run`: what the manifest says about the run that made it (dataset, mode, metrics, privacy).
     Returns the manifest."""
@@ -150,6 +154,8 @@ def write_bundle(folder: Path, *, model_config: ModelConfig, weights: dict[str, 
              "item_vectors": np.asarray(item_vectors, np.float32)}
     if catalog.genres is not None:
         items["genres"] = np.asarray(catalog.genres, dtype=str)
+    if popularity is not None:
+        items["popularity"] = np.asarray(popularity, np.float32)
     files["items"] = _write_addressed(folder, "items", items)
     files["item_models"] = _write_addressed(folder, "item-models", models_arrays)
     content_hash = hashlib.sha256("".join(sha for _, sha in sorted(files.values())).encode()).hexdigest()
@@ -229,13 +235,14 @@ def load_bundle(folder: Path) -> ModelBundle:
         models = _item_models(_load_checked(folder, manifest["files"]["item_models"]), manifest["item_models"])
         catalog = CatalogBundle(items["item_ids"], items["content"], items["titles"], items.get("genres"))
         return ModelBundle(manifest, ModelConfig(**manifest["model_config"]), weights, catalog,
-                           items["item_vectors"], models, Blend.from_dict(manifest["blend"]), folder)
+                           items["item_vectors"], models, Blend.from_dict(manifest["blend"]), folder,
+                           items.get("popularity"))
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{folder / MANIFEST}: the bundle is incomplete or inconsistent ({err!r})") from None
 
 
 def write_model_bundle(folder: Path, model, catalog: CatalogBundle, *, blend: Blend = ENCODER_ALONE,
-                       fitted: dict | None = None, run: dict | None = None) -> dict:
+                       fitted: dict | None = None, popularity: np.ndarray | None = None, run: dict | None = None) -> dict:
     """`write_bundle` for a trained RecommenderModel and the blend's fitted item models (EASE,
     ItemKNN or MostPopular, by kind)."""
     import torch
@@ -245,4 +252,5 @@ def write_model_bundle(folder: Path, model, catalog: CatalogBundle, *, blend: Bl
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
                if k in dict(model.named_parameters())}
     return write_bundle(folder, model_config=model.cfg, weights=weights, item_vectors=item_vectors, catalog=catalog,
-                        blend=blend, item_models={k: ItemModel.of(k, fitted[k]) for k in blend.kinds}, run=run)
+                        blend=blend, item_models={k: ItemModel.of(k, fitted[k]) for k in blend.kinds},
+                        popularity=popularity, run=run)

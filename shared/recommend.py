@@ -197,8 +197,16 @@ class Recommender:
         return scores
 
     def scores(self, histories: list[np.ndarray]) -> np.ndarray:
-        """(B, N+1) the blend's scores of index histories (column 0 = padding, -inf)."""
-        return self.scorer(histories)
+        """(B, N+1) the blend's scores of index histories (column 0 = padding, -inf). A device with no
+        history yet is offered the most popular items, where the bundle counted them (measured:
+        `fedrec bench recommend`, new users)."""
+        scores = self.scorer(histories)
+        popularity = self.bundle.popularity
+        if popularity is not None:
+            for row in (i for i, h in enumerate(histories) if len(h) == 0):
+                scores[row] = popularity
+                scores[row, 0] = -np.inf
+        return scores
 
     # ------------------------------------------------------------------ top-k
     def top(self, scores: np.ndarray, k: int, *, exclude=(), diversity: float = 0.0) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.data.preprocess import Split, with_validation_in_train
+from shared.data.preprocess import Split, item_popularity, with_validation_in_train
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
 from shared.bundle import write_model_bundle
 from shared.data.catalog_bundle import catalog_of
@@ -131,6 +131,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
                                           prepared.dataset.catalog.frame),
         blend=scorer.blend if isinstance(scorer, FusedScorer) else ENCODER_ALONE,
         fitted=scorer.items if isinstance(scorer, FusedScorer) else None,
+        popularity=item_popularity(with_validation_in_train(prepared.split)),
         run={"dataset": prepared.dataset.name, "mode": "centralized", "metrics": test, "privacy": None})
     plot_validation_curve({"centralized": result.curve}, out / "validation_curve.png",
                           title=f"{prepared.dataset.name}: centralized")

@@ -8,7 +8,7 @@ and novelty, as a table and a plot.
   explanations   faithfulness: removing the top explaining history item lowers that recommendation's
                  score more than removing a random other history item (share of cases), and the time
                  to explain a top 10
-  new users      test users cut to their first 1 or 2 events (the test item stays the target): ours,
+  new users      test users cut to their first 0, 1 or 2 events (the test item stays the target): ours,
                  most-popular and content-kNN
   two-stage      the device sends only its (noisy) user vector for 200 candidates and re-ranks them
                  itself: NDCG@10 by noise level against the full on-device ranking
@@ -135,14 +135,14 @@ def _new_users(rec: Recommender, prepared: PreparedData, histories, targets) -> 
     item_users = _item_users(prepared)
     content = unit_rows(rec.bundle.catalog.content) if rec.bundle.catalog.content_dim else rec.similarity_space
     out = {}
-    for keep in (1, 2):
-        result = {"ours": [], "most_popular": [], "content_knn": []}
+    for keep in (0, 1, 2):
+        result = {"ours": [], "most_popular": [], "content_knn": []} if keep else {"ours": [], "most_popular": []}
         for history, target in zip(histories, targets):
             prefix = history[:keep]
             ours = rec.scores([prefix])[0]
             popular = item_users.copy()
             knn = content @ content[prefix].sum(axis=0)
-            for name, scores in (("ours", ours), ("most_popular", popular), ("content_knn", knn)):
+            for name, scores in (("ours", ours), ("most_popular", popular), ("content_knn", knn))[:len(result)]:
                 result[name].append(_list_ndcg(rec.top(scores, 10, exclude=prefix), target))
         out[f"first_{keep}"] = {name: round(float(np.mean(v)), 4) for name, v in result.items()}
     return out
@@ -193,7 +193,7 @@ def run_recommend_bench(bundle: Path, data: DataConfig, out: Path, *, users: int
              f"{e['top_beats_random']:.1%} of {e['cases']} cases; a top 10 with its explanations takes "
              f"{e['explain_top10_ms']['p50']} ms (p50), {e['explain_top10_ms']['p99']} ms (p99)",
              *(f"- new users, first {k} event(s) only, NDCG@10: " +
-               ", ".join(f"{name} {v:.4f}" for name, v in n[f"first_{k}"].items()) for k in (1, 2)),
+               ", ".join(f"{name} {v:.4f}" for name, v in n[f"first_{k}"].items()) for k in (0, 1, 2)),
              "- two-stage (only the user vector leaves the device), NDCG@10: " +
              ", ".join(f"{k} {v}" for k, v in t.items()),
              f"- a new event to a new top 10: {result['dynamic']['event_to_new_top10_ms']['p50']} ms (p50)"]

@@ -150,3 +150,10 @@ def test_the_ann_index_meets_its_recall_against_an_exact_scan():
     _, found = ivf.search(queries, 100)
     recall = np.mean([len(set(a) & set(b)) / 100 for a, b in zip(found, truth)])
     assert recall >= TARGET_RECALL - 0.02 and found.min() >= 1 and found.max() <= 5000
+
+
+def test_a_device_with_no_history_is_offered_the_most_popular(rec):
+    popularity = rec.bundle.popularity
+    assert popularity is not None
+    expected = rec.top(popularity.astype(np.float64), 5)
+    assert [r.item_id for r in rec.recommend([], 5)] == [str(rec.item_ids[i - 1]) for i in expected]
