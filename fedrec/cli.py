@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
                            help="0 ranks by relevance; up to 1 trades relevance for variety (MMR) (default: 0)")
     recommend.add_argument("--no-explain", action="store_true", help="leave out the 'because you watched' items")
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show = commands.add_parser("show", help="a finished run for a person: its NDCG@10 beside a reference run's, "
+                               "and a few test users' recent history, recommendations and reasons")
+    show.add_argument("--run", type=Path, required=True, help="a run folder (summary.json and bundle/)")
+    show.add_argument("--users", type=int, default=3, help="test users to show, picked at random (default: 3)")
+    show.add_argument("--reference", type=Path, help="another run folder to compare NDCG@10 with")
     serve = commands.add_parser("serve", help="the recommendation service: gRPC over a bundle folder, reloaded "
                                 "when a newer bundle is published there")
     serve.add_argument("--bundle", type=Path, required=True, help="bundle folder (a run's OUT/bundle)")
@@ -296,6 +301,13 @@ def _recommend(args, values: dict) -> None:
         print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")
 
 
+def _show(args, values: dict) -> None:
+    from simulation.show import show_run
+    if not (args.run / "summary.json").is_file():
+        _usage_error(f"{args.run}: no summary.json (is it a finished run's folder?)")
+    print(show_run(args.run, users=args.users, reference=args.reference))
+
+
 def _serve(args, values: dict) -> None:
     import threading
     from server.serving import start_server
@@ -317,7 +329,7 @@ def _serve(args, values: dict) -> None:
 
 
 COMMANDS = {"train": _train, "store": _store, "compare": _compare, "bench": _bench, "recommend": _recommend,
-            "serve": _serve}
+            "serve": _serve, "show": _show}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,3 +50,10 @@ def test_bench_serve_meets_its_recall_and_reports_latency(trained_run, tmp_path)
     assert report["items"] == 2000 and report["recall@100"] == 1.0     # exact below ANN_FROM_ITEMS
     for key in ("p50_ms", "p99_ms", "qps", "bundle_load_s", "rss_mb", "concurrency"):
         assert report[key] > 0
+
+
+def test_fedrec_show_prints_history_recommendations_and_the_reference(trained_run, capsys):
+    assert main(["show", "--run", str(trained_run), "--users", "2", "--reference", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    assert "centralized: test NDCG@10" in out and "this run / reference: 1.000" in out
+    assert out.count("most recent:") == 2 and out.count(" 10. ") == 2 and "because:" in out
