@@ -125,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
        run_config=True),
     _s("id-buckets", int, 4096, "rows of the item ID table; a larger catalog hashes into them", "model",
        check=at_least(1), run_config=True),
+    _s("id-dropout", float, 0.0, "training: each item's ID row is left out with this probability, so the content "
+       "projection learns to place an item alone (DropoutNet, Volkovs et al. 2017): what a new item, with no ID row "
+       "trained, relies on. Not applied in DP-SGD steps", "model", check=fraction, run_config=True),
     _s("content", bool, True, "item tower with content features (text, genres, year); --no-content: IDs only",
        "model", run_config=True),
     _s("fusion", str, "auto", "blend the encoder's scores with an item model's: ease, item-knn (both recency-"

@@ -136,6 +136,7 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
     m = job.model
     return {**run_config_defaults(), "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
             "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout, "id-buckets": m.id_buckets,
+            "id-dropout": m.id_dropout,
             "content": m.content, "min-nodes": len(prepared.split), **job.settings}
 
 

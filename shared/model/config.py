@@ -19,12 +19,13 @@ class ModelHyper:
     max_len: int = default("max-len")
     dropout: float = default("dropout")
     id_buckets: int = default("id-buckets")
+    id_dropout: float = default("id-dropout")
     content: bool = default("content")
 
     @classmethod
     def from_settings(cls, v: dict) -> "ModelHyper":
         return cls(dim=v["dim"], layers=v["layers"], heads=v["heads"], max_len=v["max-len"], dropout=v["dropout"],
-                   id_buckets=v["id-buckets"], content=v["content"])
+                   id_buckets=v["id-buckets"], id_dropout=v["id-dropout"], content=v["content"])
 
     def config(self, n_items: int, content_dim: int) -> "ModelConfig":
         fields = {k: v for k, v in asdict(self).items() if k != "content"}
@@ -45,6 +46,7 @@ class ModelConfig:
     max_len: int = default("max-len")
     dropout: float = default("dropout")
     id_buckets: int = default("id-buckets")  # rows of the ID table; a larger catalog hashes into them
+    id_dropout: float = 0.0  # training only: the chance an item's ID row is left out of its vector
 
     def to_dict(self) -> dict:
         return asdict(self)

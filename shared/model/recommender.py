@@ -75,6 +75,7 @@ class ItemTower(nn.Module):
         with torch.no_grad():
             self.id_table[0].zero_()
         self.content_dim = cfg.content_dim
+        self.id_dropout = cfg.id_dropout
         self.catalog_pass: list[torch.Tensor | None] = []
         if cfg.content_dim > 0:
             # Public catalog data, not learned: a buffer travels with the model, never in updates.
@@ -120,6 +121,10 @@ class ItemTower(nn.Module):
 
     def vectors(self, items: torch.Tensor) -> torch.Tensor:
         vectors = self.id_table[self.id_rows[items]].sum(-2)
+        if self.training and self.id_dropout > 0 and self.content_dim and not self.gradients_by_rule:
+            # An item whose ID row is left out is placed by its content alone, as a new item is.
+            kept = torch.rand(self.n_items + 1, device=vectors.device) >= self.id_dropout
+            vectors = vectors * kept[items].unsqueeze(-1)
         if self.content_dim:
             vectors = vectors + self.content_vectors(self.content[items])
         return vectors
