@@ -99,6 +99,8 @@ def _add_benches(kinds) -> None:
     _add_output(coldstart)
     coldstart.add_argument("--cold-fraction", type=float, default=0.15, help="share of items held out as new "
                            "(default: 0.15)")
+    coldstart.add_argument("--cold-id-dropout", type=float, default=0.3, help="--id-dropout of the model that meets "
+                           "the new items (the all-items reference uses --id-dropout) (default: 0.3)")
     diversity = kinds.add_parser("diversity", help="MMR re-ranking at several strengths: NDCG@10 against "
                                  "intra-list diversity, coverage and novelty (table and plot)")
     _add_settings(diversity, ("data",))
@@ -233,7 +235,7 @@ def _bench(args, values: dict) -> None:
         from simulation.centralized import CentralizedJob
         from simulation.coldstart import run_coldstart_bench
         run_coldstart_bench(CentralizedJob.from_settings(values), args.out, fraction=args.cold_fraction,
-                            progress=not args.quiet)
+                            id_dropout=args.cold_id_dropout, progress=not args.quiet)
     elif args.bench in ("diversity", "recommend"):
         from shared.data.pipeline import DataConfig
         from simulation import recommend_bench

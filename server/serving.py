@@ -4,7 +4,8 @@ newer bundle is published in its folder, with the standard gRPC health service.
   Recommend      by a user vector (what a device computed from its own history: the server
                  never sees the history) or by recent item ids (a demo path: it sees them)
   SimilarItems   nearest items by item vector
-  GetBundle      the served version, and with include_files the bundle's files in chunks
+  GetBundle      the served version, and with include_files the bundle's files in chunks (a device
+                 fetches with client/recommend.py: fetch_bundle)
 
 Errors a client causes are INVALID_ARGUMENT with a message that names the field; a model version
 that is not served is NOT_FOUND; the client never gets a stack trace (it goes to the log).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -23,7 +25,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.bundle import MANIFEST, BundleError, read_manifest
+from shared.bundle import BundleError, read_manifest
 from shared.proto import recommend_pb2 as pb
 from shared.proto import recommend_pb2_grpc as pb_grpc
 from shared.recommend import CANDIDATE_POOL, Recommender, UnknownItem
@@ -31,7 +33,34 @@ from shared.recommend import CANDIDATE_POOL, Recommender, UnknownItem
 log = logging.getLogger("fedrec.serve")
 SERVICE = "fedrec.v1.Recommend"
 MAX_K = 1000
+MAX_K_DIVERSE = CANDIDATE_POOL   # MMR's cost grows with k x pool
+MAX_RECENT = 1000        # recent_items per request
+MAX_EXCLUDE = 10_000     # exclude per request
+MAX_REQUEST_BYTES = 1 << 20
+BUNDLE_STREAMS = 2       # GetBundle streams at once: a client that stops reading holds a worker thread
 CHUNK = 1 << 20          # GetBundle's chunk: well under gRPC's 4 MB default message limit
+
+
+class ServedBundle:
+    """A loaded Recommender and open handles on its files: a GetBundle stream reads from these, so a
+    newer bundle's publication (which deletes the old files) does not cut it short."""
+
+    def __init__(self, folder: Path):
+        self.rec = Recommender.load(folder)
+        self.rec.index_for_vectors         # built before it serves, not during a request
+        self.files = {}
+        for entry in self.rec.bundle.manifest["files"].values():
+            self.files[entry["name"]] = os.open(folder / entry["name"], os.O_RDONLY)
+
+    def read(self, name: str, offset: int, size: int) -> bytes:
+        return os.pread(self.files[name], size, offset)
+
+    def size(self, name: str) -> int:
+        return os.fstat(self.files[name]).st_size
+
+    def __del__(self):
+        for fd in getattr(self, "files", {}).values():
+            os.close(fd)
 
 
 class BadRequest(ValueError):
@@ -44,7 +73,8 @@ class BundleWatcher:
 
     def __init__(self, folder: Path, interval_s: float = 1.0, on_change=None):
         self.folder, self.interval_s, self.on_change = Path(folder), interval_s, on_change
-        self.current = Recommender.load(self.folder)      # BundleError: nothing to serve
+        self.served = ServedBundle(self.folder)           # BundleError: nothing to serve
+        self._failed: str | None = None                    # a content hash that did not load
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="bundle-watcher", daemon=True)
 
@@ -55,25 +85,38 @@ class BundleWatcher:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def current(self) -> Recommender:
+        return self.served.rec
+
     def check(self) -> bool:
-        """Load the folder's bundle if it is not the one served; True when it changed."""
+        """Load the folder's bundle if it is not the one served; True when it changed. Whatever goes
+        wrong, the bundle being served keeps serving (and one that failed is not retried until the
+        manifest changes again)."""
         try:
-            if read_manifest(self.folder)["content_hash"] == self.current.bundle.content_hash:
+            content_hash = read_manifest(self.folder)["content_hash"]
+            if content_hash in (self.current.bundle.content_hash, self._failed):
                 return False
-            fresh = Recommender.load(self.folder)
-            fresh.index_for_vectors            # built before it serves
-        except (BundleError, OSError) as err:   # mid-publish, or broken: keep serving the old one
+            fresh = ServedBundle(self.folder)
+        except BundleError as err:       # mid-publish or broken
             log.warning("not reloading %s: %s", self.folder, err)
             return False
-        old, self.current = self.current.version, fresh
-        log.info("serving bundle %s (was %s)", fresh.version, old)
+        except Exception:                # anything else, e.g. weights that do not fit: logged, not fatal
+            log.exception("not reloading %s", self.folder)
+            self._failed = locals().get("content_hash")
+            return False
+        old, self.served = self.current.version, fresh
+        log.info("serving bundle %s (was %s)", fresh.rec.version, old)
         if self.on_change:
-            self.on_change(fresh)
+            self.on_change(fresh.rec)
         return True
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:            # the watcher must outlive any one bad publication
+                log.exception("bundle watcher")
 
 
 def _items(rec: Recommender, ids, field: str) -> np.ndarray:
@@ -94,6 +137,10 @@ def recommend(rec: Recommender, request: pb.RecommendRequest) -> list[tuple[int,
     k = _k(request.k)
     if not (math.isfinite(request.diversity) and 0.0 <= request.diversity <= 1.0):
         raise BadRequest(f"diversity: must be in [0, 1], got {request.diversity}")
+    if request.diversity > 0 and k > MAX_K_DIVERSE:
+        raise BadRequest(f"k: at most {MAX_K_DIVERSE} with diversity > 0, got {k}")
+    if len(request.exclude) > MAX_EXCLUDE or len(request.recent_items) > MAX_RECENT:
+        raise BadRequest(f"exclude: at most {MAX_EXCLUDE} items; recent_items: at most {MAX_RECENT}")
     exclude = _items(rec, request.exclude, "exclude")
     if bool(len(request.user_vector)) == bool(len(request.recent_items)):
         raise BadRequest("give exactly one of user_vector and recent_items")
@@ -104,6 +151,9 @@ def recommend(rec: Recommender, request: pb.RecommendRequest) -> list[tuple[int,
             raise BadRequest(f"user_vector: the model's width is {width}, got {vector.size} values")
         if not np.isfinite(vector).all():
             raise BadRequest("user_vector: NaN or infinite values")
+        norm = float(np.linalg.norm(vector.astype(np.float64)))
+        if norm > 0:   # the ranking is the same at any positive scale; unit length cannot overflow
+            vector = (vector.astype(np.float64) / norm).astype(np.float32)
         if request.diversity == 0:          # the index's top-k: exact, or IVF for a large catalog
             found, scores = rec.nearest(vector, k, exclude=exclude)
             return list(zip(found.tolist(), scores.tolist()))
@@ -121,6 +171,7 @@ def recommend(rec: Recommender, request: pb.RecommendRequest) -> list[tuple[int,
 class RecommendService(pb_grpc.RecommendServicer):
     def __init__(self, watcher: BundleWatcher):
         self.watcher = watcher
+        self.streams = threading.BoundedSemaphore(BUNDLE_STREAMS)
 
     def _served(self, version: str, context) -> Recommender:
         rec = self.watcher.current   # one bundle for the whole request, even if a reload lands
@@ -160,44 +211,30 @@ class RecommendService(pb_grpc.RecommendServicer):
         return self._guarded(context, work)
 
     def GetBundle(self, request, context):
-        rec = self._served(request.model_version, context)
+        served = self.watcher.served            # its open files outlive a newer publication
+        rec = served.rec
+        if request.model_version and request.model_version != rec.version:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model version {request.model_version!r} is not served; "
+                                                     f"this server has {rec.version!r}")
         manifest = rec.bundle.manifest
         yield pb.BundleChunk(version=rec.version, content_hash=rec.bundle.content_hash,
                              manifest_json=json.dumps(manifest))
         if not request.include_files:
             return
-        for entry in manifest["files"].values():
-            path = rec.bundle.path / entry["name"]
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:   # replaced by a newer bundle since this one was loaded
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"bundle {rec.version} was replaced while sending; "
-                                                           "ask again")
-            for offset in range(0, max(len(data), 1), CHUNK):
-                yield pb.BundleChunk(file_name=entry["name"], offset=offset, data=data[offset:offset + CHUNK],
-                                     last=offset + CHUNK >= len(data))
-
-
-def fetch_bundle(stub: pb_grpc.RecommendStub, folder: Path, version: str = "") -> dict:
-    """A device's side of GetBundle: the served bundle's files into `folder`, the manifest last
-    (so `shared.bundle.load_bundle` checks every file against it). Returns the manifest."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest, parts = None, {}
-    for chunk in stub.GetBundle(pb.GetBundleRequest(model_version=version, include_files=True)):
-        if chunk.manifest_json:
-            manifest = json.loads(chunk.manifest_json)
-            continue
-        parts.setdefault(chunk.file_name, bytearray()).extend(chunk.data)
-        if chunk.last:
-            name = Path(chunk.file_name).name            # never a path the server chose
-            (folder / name).write_bytes(bytes(parts.pop(chunk.file_name)))
-    if manifest is None:
-        raise BundleError("the server sent no manifest")
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)
-    return manifest
+        if not self.streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUNDLE_STREAMS} bundle downloads are running; "
+                                                               "try again shortly")
+        try:
+            for entry in manifest["files"].values():
+                size = served.size(entry["name"])
+                for offset in range(0, max(size, 1), CHUNK):
+                    yield pb.BundleChunk(file_name=entry["name"], offset=offset,
+                                         data=served.read(entry["name"], offset, CHUNK), last=offset + CHUNK >= size)
+        except OSError:
+            log.exception("GetBundle")
+            context.abort(grpc.StatusCode.INTERNAL, "the server failed to read the bundle; see its log")
+        finally:
+            self.streams.release()
 
 
 def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 8,
@@ -206,8 +243,8 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 0, worker
     the watcher and the port bound. BundleError when there is no usable bundle."""
     health_service = health.HealthServicer()
     watcher = BundleWatcher(bundle, reload_interval_s).start()
-    watcher.current.index_for_vectors          # built before the first request, not during it
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=16 * workers,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     pb_grpc.add_RecommendServicer_to_server(RecommendService(watcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from shared.model.fusion import ENCODER_ALONE, Blend
 
 FORMAT = "fedrec-bundle/1"
 MANIFEST = "manifest.json"
+FILE_NAME = re.compile(r"^(weights|items|item-models)-[0-9a-f]{16}\.npz$")   # the only files a bundle has
 
 
 class BundleError(Exception):
@@ -69,9 +71,13 @@ class ItemModel:
         return cls(kind, fitted.decay, matrix=np.asarray(fitted.weights, dtype=np.float32))
 
     def __call__(self, histories: list[np.ndarray]) -> np.ndarray:
+        return self.columns(histories, slice(None))
+
+    def columns(self, histories: list[np.ndarray], columns) -> np.ndarray:
+        """Scores of the items `columns` (indices, or a slice) only: (B, len(columns))."""
         if self.counts is not None:
-            return np.tile(self.counts.astype(np.float64), (len(histories), 1))
-        scores = history_matrix(histories, self.matrix.shape[0], self.decay) @ self.matrix
+            return np.tile(self.counts[columns].astype(np.float64), (len(histories), 1))
+        scores = history_matrix(histories, self.matrix.shape[0], self.decay) @ self.matrix[:, columns]
         return np.asarray(scores.toarray() if sp.issparse(scores) else scores, dtype=np.float64)
 
 
@@ -94,6 +100,16 @@ class ModelBundle:
     @property
     def content_hash(self) -> str:
         return self.manifest["content_hash"]
+
+
+DESCRIPTIVE = ("content_hash", "version", "created", "run")   # what the content hash does not cover
+
+
+def model_hash(manifest: dict) -> str:
+    """SHA-256 of everything that decides the model's scores: the files' hashes, the model's shape,
+    the blend and the item models' settings (canonical JSON of the manifest without DESCRIPTIVE)."""
+    core = {k: v for k, v in manifest.items() if k not in DESCRIPTIVE}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -158,19 +174,18 @@ def write_bundle(folder: Path, *, model_config: ModelConfig, weights: dict[str, 
         items["popularity"] = np.asarray(popularity, np.float32)
     files["items"] = _write_addressed(folder, "items", items)
     files["item_models"] = _write_addressed(folder, "item-models", models_arrays)
-    content_hash = hashlib.sha256("".join(sha for _, sha in sorted(files.values())).encode()).hexdigest()
     manifest = {
         "format": FORMAT,
-        "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + content_hash[:8],
-        "content_hash": content_hash,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {role: {"name": name, "sha256": sha} for role, (name, sha) in files.items()},
         "model_config": model_config.to_dict(),
         "blend": blend.to_dict(), "blend_label": blend.label,
         "item_models": models_info,
         "items": catalog.n_items,
-        "run": run or {},
     }
+    content_hash = model_hash(manifest)
+    manifest = {**manifest, "content_hash": content_hash,
+                "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + content_hash[:8],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": run or {}}
     tmp = folder / f".{MANIFEST}.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, indent=2) + "\n")
@@ -192,16 +207,27 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path}: not a readable manifest ({err})") from None
+    return check_manifest(manifest, str(path))
+
+
+def check_manifest(manifest, source: str) -> dict:
+    """`manifest` if it is one this fedrec reads, consistent with its content hash, naming only bundle
+    files; BundleError naming `source` otherwise."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+        raise BundleError(f"{source}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                           f"this fedrec reads {FORMAT!r}")
+    if manifest.get("content_hash") != model_hash(manifest):
+        raise BundleError(f"{source}: its content hash does not match what it describes: edited or tampered with")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {"weights", "items", "item_models"} or not all(
+            isinstance(e, dict) and FILE_NAME.match(str(e.get("name", ""))) and
+            re.fullmatch(r"[0-9a-f]{64}", str(e.get("sha256", ""))) for e in files.values()):
+        raise BundleError(f"{source}: names files a bundle does not have")
     return manifest
 
 
 def _load_checked(folder: Path, entry: dict) -> dict[str, np.ndarray]:
-    if Path(entry["name"]).name != entry["name"] or entry["name"].startswith("."):
-        raise BundleError(f"{folder / MANIFEST}: names a file outside the bundle ({entry['name']!r})")
-    path = folder / entry["name"]
+    path = folder / entry["name"]        # a bundle file name (check_manifest): never a path elsewhere
     if not path.is_file():
         raise BundleError(f"{path}: missing (the manifest names it)")
     if _sha256(path) != entry["sha256"]:

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.bundle import ModelBundle, load_bundle
+from shared.bundle import BundleError, ModelBundle, load_bundle
 from shared.model.fusion import FusedScorer
 from shared.model.recommender import RecommenderModel
+from shared.evaluation.metrics import top_k
 from shared.model.training import left_pad
 
 CANDIDATE_POOL = 200   # items MMR re-ranks (the best by relevance)
@@ -83,10 +84,8 @@ class VectorIndex:
             scores, found = self.ivf.search(vectors, k)
             return scores, found + 1          # -1 (too few found) becomes 0, the padding item
         scores = vectors @ self.vectors.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.lexsort((top, -top_scores), axis=1)
-        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1) + 1
+        top = top_k(scores, k)                                # ties to the lower index
+        return np.take_along_axis(scores, top, axis=1), top + 1
 
 
 class UnknownItem(ValueError):
@@ -119,7 +118,11 @@ class Recommender:
         cfg = bundle.model_config
         content = torch.from_numpy(bundle.catalog.content) if cfg.content_dim else None
         self.model = RecommenderModel(cfg, content)
-        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.weights.items()}, strict=False)
+        try:   # every parameter, or none: a missing one would silently stay at random values
+            self.model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.weights.items()})
+        except RuntimeError as err:
+            raise BundleError(f"{bundle.path}: the weights do not fit the model the manifest describes: "
+                              f"{str(err).splitlines()[0]}") from None
         self.model.eval()
         self.item_table = torch.from_numpy(bundle.item_vectors)
         self.item_ids = np.asarray(bundle.catalog.item_ids, dtype=str)
@@ -150,8 +153,12 @@ class Recommender:
         out: (indices, scores), best first. Exact or IVF (`index_for_vectors`)."""
         exclude = set(int(i) for i in exclude)
         asked = k + len(exclude)
-        scores, found = self.index_for_vectors.search(vector, asked)
-        keep = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i > 0 and int(i) not in exclude][:k]
+        while True:   # an IVF search may come back short of `asked`: widen until k are left or all were seen
+            scores, found = self.index_for_vectors.search(vector, asked)
+            keep = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i > 0 and int(i) not in exclude][:k]
+            if len(keep) == k or asked >= self.n_items:
+                break
+            asked = min(2 * asked, self.n_items)
         return np.asarray([i for i, _ in keep], dtype=np.int64), np.asarray([s for _, s in keep])
 
     @classmethod
@@ -196,6 +203,21 @@ class Recommender:
         scores[:, 0] = -np.inf
         return scores
 
+    def scores_of(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """The blend's scores of `candidates` only (indices), each part standardised over them: what a
+        device that cannot score the whole catalog ranks a short list with (client/recommend.py)."""
+        blend = self.bundle.blend
+
+        def z(x: np.ndarray) -> np.ndarray:
+            return (x - x.mean()) / (x.std() + 1e-12)
+        parts = {kind: z(self.bundle.item_models[kind].columns([history], candidates)[0]) for kind in blend.kinds}
+        if not blend.encoder:
+            return parts[blend.parts[0][0]]
+        out = z(self.user_vectors([history])[0].astype(np.float64) @ self.bundle.item_vectors[candidates].T)
+        for kind, weight in blend.parts:
+            out = out + weight * parts[kind]
+        return out
+
     def scores(self, histories: list[np.ndarray]) -> np.ndarray:
         """(B, N+1) the blend's scores of index histories (column 0 = padding, -inf). A device with no
         history yet is offered the most popular items, where the bundle counted them (measured:
@@ -217,6 +239,8 @@ class Recommender:
         if not 0.0 <= diversity <= 1.0:
             raise ValueError(f"diversity must be in [0, 1], got {diversity}")
         row = np.array(scores, dtype=np.float64)
+        if np.isnan(row).any() or (row == np.inf).any():
+            raise ValueError("scores are NaN or +inf: the model diverged")
         row[0] = -np.inf
         row[np.asarray(list(exclude), dtype=np.int64)] = -np.inf
         allowed = int(np.isfinite(row).sum())
@@ -224,8 +248,7 @@ class Recommender:
         if k <= 0:
             return np.zeros(0, dtype=np.int64)
         pool_size = min(allowed, max(CANDIDATE_POOL, k) if diversity > 0 else k)
-        pool = np.argpartition(-row, pool_size - 1)[:pool_size]
-        pool = pool[np.lexsort((pool, -row[pool]))]          # by score, ties to the lower index
+        pool = top_k(row[None], pool_size)[0]                 # by score, ties to the lower index
         if diversity == 0:
             return pool[:k]
         relevance = row[pool]
@@ -255,20 +278,23 @@ class Recommender:
         """For each recommended index, the `because` history items whose removal lowers its score
         most (exact leave-one-out: the blend rescored with each history item left out, one batch),
         only those whose removal does lower it."""
-        drops = self.leave_one_out(history, recommended)            # (len(history), len(recommended))
+        items, drops = self.leave_one_out(history, recommended)     # (distinct items, len(recommended))
         out = []
         for j in range(len(recommended)):
             order = np.argsort(-drops[:, j], kind="stable")[:because]
-            out.append([Because(str(self.item_ids[history[p] - 1]), self.title(history[p]), float(drops[p, j]))
+            out.append([Because(str(self.item_ids[items[p] - 1]), self.title(items[p]), float(drops[p, j]))
                         for p in order if drops[p, j] > 0])
         return out
 
-    def leave_one_out(self, history: np.ndarray, recommended: np.ndarray) -> np.ndarray:
-        """(len(history), len(recommended)): score(full history) - score(history without position p)."""
+    def leave_one_out(self, history: np.ndarray, recommended: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct history items, drops): drops[p, j] = score of recommended[j] with the full history -
+        its score with every occurrence of item p left out. The blend itself, also for a history that
+        becomes empty (not the no-history fallback: that is another scorer)."""
         history = np.asarray(history, dtype=np.int64)
-        variants = [np.delete(history, p) for p in range(len(history))]
-        full = self.scores([history])[0, recommended]
-        return full[None, :] - self.scores(variants)[:, recommended]
+        items = np.unique(history)
+        variants = [history[history != item] for item in items]
+        full = self.scorer([history])[0, recommended]
+        return items, full[None, :] - self.scorer(variants)[:, recommended]
 
     def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
         """The k items whose item vectors are closest (cosine) to `item_id`'s."""

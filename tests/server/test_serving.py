@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.recommend import CANDIDATES, service_candidates, two_stage
-from server.serving import fetch_bundle, start_server
+from client.recommend import CANDIDATES, fetch_bundle, service_candidates, two_stage
+from server.serving import start_server
 from shared.bundle import load_bundle, write_bundle
 from shared.proto import recommend_pb2 as pb
 from shared.proto import recommend_pb2_grpc as pb_grpc
@@ -70,7 +70,99 @@ def test_bad_requests_get_a_status_and_a_message_never_a_traceback(service, requ
     assert words in caught.value.details() and "Traceback" not in caught.value.details()
 
 
-def test_similar_items_errors(service):
+def test_vector_diversity_exclude_limits_and_a_huge_vector(service):
+    stub, watcher, _, _ = service
+    rec = watcher.current
+    vector = rec.user_vectors([rec.indices(rec.item_ids[:5])])[0]
+    excluded = list(rec.item_ids[:20])
+    reply = stub.Recommend(pb.RecommendRequest(user_vector=vector.tolist(), k=10, exclude=excluded, diversity=0.5))
+    assert len(reply.items) == 10 and not {i.item_id for i in reply.items} & set(excluded)
+    huge = stub.Recommend(pb.RecommendRequest(user_vector=(vector * 1e37).tolist(), k=10))
+    plain = stub.Recommend(pb.RecommendRequest(user_vector=vector.tolist(), k=10))
+    assert [i.item_id for i in huge.items] == [i.item_id for i in plain.items]
+    assert all(np.isfinite(i.score) for i in huge.items)
+    for request, words in (({"k": 300, "user_vector": vector.tolist(), "diversity": 0.3}, "with diversity"),
+                           ({"k": 5, "user_vector": vector.tolist(), "exclude": ["1"] * 10_001}, "at most")):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Recommend(pb.RecommendRequest(**request))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in caught.value.details()
+
+
+def test_the_service_searches_an_ann_index_past_its_threshold(trained_run, tmp_path, monkeypatch):
+    import shared.recommend
+    monkeypatch.setattr(shared.recommend, "ANN_FROM_ITEMS", 50)
+    server, watcher, port = start_server(trained_run / "bundle", port=0)
+    try:
+        rec = watcher.current
+        assert rec.index_for_vectors.info["kind"] == "ivf"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RecommendStub(channel)
+            vectors = rec.user_vectors([rec.indices(rec.item_ids[i:i + 5]) for i in range(0, 100, 5)])
+            recall = []
+            for v in vectors:
+                got = {i.item_id for i in stub.Recommend(pb.RecommendRequest(user_vector=v.tolist(), k=50)).items}
+                truth = {str(rec.item_ids[i - 1]) for i in rec.top(rec.by_vector(v[None])[0], 50)}
+                recall.append(len(got & truth) / 50)
+        assert np.mean(recall) >= 0.9
+    finally:
+        watcher.stop()
+        server.stop(grace=None)
+
+
+def test_a_bundle_that_does_not_load_leaves_the_old_one_serving(service, caplog):
+    stub, watcher, folder, _ = service
+    old = load_bundle(folder)
+    cfg = type(old.model_config)(**{**old.model_config.to_dict(), "dim": old.model_config.dim * 2})
+    write_bundle(folder, model_config=cfg, weights=old.weights, item_vectors=old.item_vectors, catalog=old.catalog,
+                 blend=old.blend, item_models=old.item_models)
+    assert not watcher.check() and watcher.current.version == old.version
+    assert "do not fit the model" in caplog.text
+    assert next(iter(stub.GetBundle(pb.GetBundleRequest(include_files=True)))).version == old.version
+    assert sum(1 for _ in stub.GetBundle(pb.GetBundleRequest(include_files=True))) >= 4   # its files still stream
+
+
+class _HostileServer:
+    """A service (or anyone on the channel) sending what it likes to a device fetching a bundle."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def GetBundle(self, request):
+        return iter(self.chunks)
+
+
+def test_a_device_refuses_a_hostile_bundle_download(service, tmp_path):
+    from shared.bundle import BundleError, model_hash
+    stub, watcher, _, _ = service
+    honest = list(stub.GetBundle(pb.GetBundleRequest(include_files=True)))
+    manifest = json.loads(honest[0].manifest_json)
+    device = tmp_path / "device"
+    fetch_bundle(stub, device)
+    before = (device / "manifest.json").read_text()
+
+    def renamed(name):
+        bad = json.loads(json.dumps(manifest))
+        bad["files"]["weights"]["name"] = name
+        bad["content_hash"] = model_hash(bad)
+        return [pb.BundleChunk(manifest_json=json.dumps(bad))] + honest[1:]
+    attacks = {
+        "a path": renamed("../../.bashrc"),
+        "a file a bundle does not have": renamed("sitecustomize.py"),
+        "an extra file": honest + [pb.BundleChunk(file_name="numpy.py", data=b"import os", last=True)],
+        "a file that is not what the manifest says": [honest[0]] + [
+            pb.BundleChunk(file_name=c.file_name, offset=c.offset, data=c.data[:-1] + b"x", last=c.last)
+            for c in honest[1:]],
+        "files missing": honest[:2],
+        "an edited manifest": [pb.BundleChunk(manifest_json=json.dumps(
+            {**manifest, "blend": {"parts": [["popular", 1.0]], "encoder": True}}))] + honest[1:],
+    }
+    for what, chunks in attacks.items():
+        with pytest.raises(BundleError):
+            fetch_bundle(_HostileServer(chunks), device)
+        assert (device / "manifest.json").read_text() == before, what         # the old bundle stays
+        assert sorted(p.name for p in device.iterdir() if not p.name.endswith(".npz")) == ["manifest.json"], what
+    assert not (tmp_path / ".bashrc").exists()
+    Recommender.load(device)
     stub = service[0]
     for request, words in (({"item_id": "zz", "k": 3}, "item_id: item 'zz'"), ({"item_id": "1", "k": 5000}, "k:")):
         with pytest.raises(grpc.RpcError) as caught:
@@ -134,17 +226,36 @@ def test_the_two_stage_device_path_sends_its_vector_never_its_history(service):
     recorder = _Recorder()
     watched = pb_grpc.RecommendStub(grpc.intercept_channel(channel, recorder))
     rec = watcher.current
-    for history in (list(rec.item_ids[:3]), list(rec.item_ids[20:60])):
-        got = two_stage(rec, history, 10, service_candidates(watched, rec), noise_std=0.1,
-                        rng=np.random.default_rng(0))
+    short, long = list(rec.item_ids[:3]), list(rec.item_ids[20:60])
+    for history in (short, long, short):
+        got = two_stage(rec, history, 10, service_candidates(watched, rec), noise_std=0.05, noise_key=b"device secret")
         assert len(got) == 10 and not {r.item_id for r in got} & set(history)
-    assert len(recorder.sent) == 2
+    assert two_stage(rec, [], 5, service_candidates(watched, rec))         # no history: nothing to send
+    assert len(recorder.sent) == 3
     for request in recorder.sent:
         assert list(request.recent_items) == [] and list(request.exclude) == []
         assert request.k == CANDIDATES                       # the same for a short and a long history
         assert len(request.user_vector) == rec.bundle.item_vectors.shape[1]
         fields = {f.name for f, _ in request.ListFields()}
         assert fields <= {"model_version", "user_vector", "k"}
+    exact = [np.asarray(r.user_vector) for r in recorder.sent]
+    assert exact[0].tolist() == exact[2].tolist()            # the same history, the same noise: nothing to average
+    clean = rec.user_vectors([rec.indices(short)])[0]
+    assert abs(np.linalg.norm(exact[0]) - np.linalg.norm(exact[1])) < 1.0       # lengths say little
+    assert not np.allclose(exact[0], clean / np.linalg.norm(clean), atol=1e-3)  # noised
+
+
+def test_the_two_stage_path_survives_a_new_bundle_on_the_service(service):
+    stub, watcher, folder, _ = service
+    rec = Recommender.load(folder)                        # what the device holds
+    old = load_bundle(folder)
+    new = write_bundle(folder, model_config=old.model_config, weights=old.weights,
+                       item_vectors=old.item_vectors * 2, catalog=old.catalog, blend=old.blend,
+                       item_models=old.item_models)
+    _wait_for(lambda: watcher.current.version == new["version"])
+    history = list(rec.item_ids[:5])
+    got = two_stage(rec, history, 5, service_candidates(stub, rec))      # NOT_FOUND: ranked on the device
+    assert [r.item_id for r in got] == [r.item_id for r in rec.recommend(history, 5)]
 
 
 def test_generated_grpc_code_is_in_step_with_the_proto(tmp_path):

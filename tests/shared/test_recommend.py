@@ -49,10 +49,16 @@ def test_a_torn_or_tampered_bundle_is_refused_naming_the_file(trained_run, tmp_p
     weights.unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(folder)
+    from shared.bundle import model_hash
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["weights"]["name"] = "../../etc/passwd"
+    manifest["blend"]["encoder"] = not manifest["blend"]["encoder"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="outside the bundle"):
+    with pytest.raises(BundleError, match="content hash does not match"):
+        load_bundle(folder)
+    manifest["files"]["weights"]["name"] = "../../etc/passwd"
+    manifest["content_hash"] = model_hash(manifest)          # consistent, as a hostile server would make it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="names files a bundle does not have"):
         load_bundle(folder)
     with pytest.raises(BundleError, match="no bundle here"):
         load_bundle(tmp_path / "empty")
@@ -84,15 +90,29 @@ def test_explanations_are_the_scores_own_leave_one_out(rec, prepared):
         for r in recs:
             if not r.because:
                 continue
-            top = ids.index(r.because[0].item_id)
+            top = rec.indices([r.because[0].item_id])[0]
             target = rec.indices([r.item_id])[0]
-            without_top = rec.scores([np.delete(history, top)])[0][target]
+            without_top = rec.scores([history[history != top]])[0][target]
             assert full[target] - without_top == pytest.approx(r.because[0].contribution, rel=1e-6, abs=1e-9)
-            other = rng.choice([p for p in range(len(history)) if p != top])
-            without_other = rec.scores([np.delete(history, other)])[0][target]
+            other = rng.choice([i for i in np.unique(history) if i != top])
+            without_other = rec.scores([history[history != other]])[0][target]
             wins += (full[target] - without_top) > (full[target] - without_other)
             cases += 1
     assert cases >= 100 and wins / cases >= 0.8, (wins, cases)
+
+
+def test_one_item_and_repeated_item_histories_are_explained(rec):
+    one = rec.recommend([str(rec.item_ids[0])], 5, explain=True)
+    assert all(r.because and r.because[0].item_id == str(rec.item_ids[0]) for r in one)
+    repeated = [str(rec.item_ids[0]), str(rec.item_ids[4]), str(rec.item_ids[0])]
+    for r in rec.recommend(repeated, 5, explain=True, because=3):
+        assert len({b.item_id for b in r.because}) == len(r.because)
+
+
+def test_ties_go_to_the_lower_index(rec):
+    scores = np.zeros(rec.n_items + 1)
+    scores[[3, 7, 9]] = 2.0
+    assert rec.top(scores, 6).tolist() == [3, 7, 9, 1, 2, 4]
 
 
 def test_diversity_trades_relevance_for_variety(rec, prepared):

@@ -36,7 +36,7 @@ def test_bench_coldstart_writes_each_group_and_method(tmp_path):
                  "--dim", "16", "--max-len", "20", "--quiet", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "coldstart.json").read_text())
     for group in ("cold", "warm", "all"):
-        assert set(report[group]) == {"ours", "no_content", "content_knn", "most_popular", "all_items"}
+        assert {"ours", "no_content", "content_knn", "most_popular", "all_items"} <= set(report[group])
         for scores in report[group].values():
             assert 0.0 <= scores["ndcg@10"] <= scores["hr@10"] <= 1.0
     assert report["cold"]["ours"]["users"] + report["warm"]["ours"]["users"] == report["all"]["ours"]["users"]
