@@ -177,3 +177,13 @@ def test_a_device_with_no_history_is_offered_the_most_popular(rec):
     assert popularity is not None
     expected = rec.top(popularity.astype(np.float64), 5)
     assert [r.item_id for r in rec.recommend([], 5)] == [str(rec.item_ids[i - 1]) for i in expected]
+
+
+def test_the_on_device_path_opens_no_connection(rec, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the on-device path tried to open a connection")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert len(rec.recommend(list(rec.item_ids[:5]), 10, explain=True, diversity=0.3)) == 10
