@@ -93,6 +93,11 @@ def _add_benches(kinds) -> None:
     _add_settings(temporal, TRAIN)
     _add_output(temporal)
     temporal.add_argument("--test-fraction", type=float, default=0.1, help="share of all events after the cutoff")
+    _add_recommendation_benches(kinds)
+    _add_federation_benches(kinds)
+
+
+def _add_recommendation_benches(kinds) -> None:
     coldstart = kinds.add_parser("coldstart", help="new items: the newest 15%% of items left out of training, "
                                  "then added by their content; cold, warm and all test targets")
     _add_settings(coldstart, TRAIN)
@@ -112,6 +117,18 @@ def _add_benches(kinds) -> None:
     recommend.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
     recommend.add_argument("--users", type=int, default=300, help="test users for the per-user timings (default: 300)")
     recommend.add_argument("--out", type=Path, required=True)
+    serve = kinds.add_parser("serve", help="the recommendation service under load on loopback: latency, QPS, "
+                             "ANN recall, memory, and the on-device top 10")
+    serve.add_argument("--bundle", type=Path, required=True, help="a published bundle (a run's OUT/bundle)")
+    serve.add_argument("--items", type=int, default=100_000,
+                       help="catalog size to serve, made from the bundle's items when larger; 0: the bundle as is "
+                            "(default: 100000)")
+    serve.add_argument("--requests", type=int, default=5000, help="timed requests (default: 5000)")
+    serve.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    serve.add_argument("--out", type=Path, required=True)
+
+
+def _add_federation_benches(kinds) -> None:
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True)
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
@@ -132,15 +149,6 @@ def _add_benches(kinds) -> None:
                              "sum, against most-popular, with a one-run audit")
     _add_settings(items, ("data",))
     _add_output(items)
-    serve = kinds.add_parser("serve", help="the recommendation service under load on loopback: latency, QPS, "
-                             "ANN recall, memory, and the on-device top 10")
-    serve.add_argument("--bundle", type=Path, required=True, help="a published bundle (a run's OUT/bundle)")
-    serve.add_argument("--items", type=int, default=100_000,
-                       help="catalog size to serve, made from the bundle's items when larger; 0: the bundle as is "
-                            "(default: 100000)")
-    serve.add_argument("--requests", type=int, default=5000, help="timed requests (default: 5000)")
-    serve.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
-    serve.add_argument("--out", type=Path, required=True)
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True)
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")

@@ -24,7 +24,7 @@ training log would tell a cold item by its missing counts.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,70 @@ def _train(split: Split, content: np.ndarray | None, job, *, with_content: bool,
     return model
 
 
+@dataclass
+class ColdSplit:
+    split: Split             # every user, items renumbered: warm 1..n_warm, cold after
+    warm: Split              # training without the cold items, over the warm catalog
+    content: np.ndarray      # (N+1, C) in the new numbering
+    n_warm: int
+    cold: np.ndarray         # the cold items' original indices
+    is_cold_target: np.ndarray
+
+    @property
+    def n_items(self) -> int:
+        return self.split.n_items
+
+
+def cold_split(prepared: PreparedData, fraction: float) -> ColdSplit:
+    cold = cold_items(prepared, fraction)
+    perm = permutation(prepared.split.n_items, cold)
+    n_warm = prepared.split.n_items - len(cold)
+    content = np.empty_like(prepared.features.matrix)
+    content[perm] = prepared.features.matrix
+    split = permuted(prepared.split, perm)
+    return ColdSplit(split, warm_only(split, n_warm), content, n_warm, cold,
+                     np.array([u.test > n_warm for u in split.users]))
+
+
+def _scorers(data: ColdSplit, job, id_dropout: float, out: Path, log) -> tuple[dict, dict]:
+    """Each method's scorer over the whole catalog, and content-kNN's validation figures."""
+    content, n_items, n_warm = data.content, data.n_items, data.n_warm
+    scorers = {}
+    log("training ours (warm items, with content)")
+    ours_job = replace(job, model=replace(job.model, id_dropout=id_dropout))
+    ours = extend_catalog(_train(data.warm, content, ours_job, with_content=True, save=out / "ours.pt"), n_items, content)
+    scorers["ours"] = model_scorer(ours)
+    # The same model with the cold items kept out of the ranking: what adding them costs the warm targets.
+    scorers["ours_without_cold_items"] = _without(model_scorer(ours), n_warm)
+    log("training no_content (warm items, IDs only)")
+    no_content = _train(data.warm, None, job, with_content=False, save=out / "no_content.pt")
+    scorers["no_content"] = model_scorer(extend_catalog(no_content, n_items))
+    valid = {d: evaluate(ContentKNN(content[: n_warm + 1], d), data.warm, "valid").metrics["ndcg@10"]
+             for d in KNN_DECAYS}
+    scorers["content_knn"] = ContentKNN(content, max(valid, key=valid.get))
+    scorers["most_popular"] = _popularity(data.warm, n_items)
+    log("training all_items (every item, with content: the warm targets' reference)")
+    scorers["all_items"] = model_scorer(_train(data.split, content, job, with_content=True, save=out / "all_items.pt"))
+    return scorers, valid
+
+
+def _by_group(scorers: dict, data: ColdSplit) -> dict:
+    report = {"cold": {}, "warm": {}, "all": {}}
+    groups = (("cold", data.is_cold_target), ("warm", ~data.is_cold_target), ("all", np.ones(len(data.split), bool)))
+    for name, scorer in scorers.items():
+        ranks = evaluate(scorer, data.split, "test").ranks
+        for group, mask in groups:
+            if name == "ours_without_cold_items" and group != "warm":
+                continue
+            m = subset_metrics(ranks, mask)
+            report[group][name] = {"ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"], "users": int(mask.sum())}
+    return report
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / max(b, 1e-12), 4)
+
+
 def run_coldstart_bench(job, out: Path, *, fraction: float = COLD_FRACTION, id_dropout: float = 0.3,
                         progress: bool = True) -> dict:
     """`job`: a CentralizedJob (data, model, training settings); `ours` is trained with `id_dropout` (what
@@ -139,73 +203,46 @@ def run_coldstart_bench(job, out: Path, *, fraction: float = COLD_FRACTION, id_d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(replace(job.data, activity_features=False), show_progress=progress)
-    cold = cold_items(prepared, fraction)
-    perm = permutation(prepared.split.n_items, cold)
-    n_items, n_warm = prepared.split.n_items, prepared.split.n_items - len(cold)
-    content = np.empty_like(prepared.features.matrix)
-    content[perm] = prepared.features.matrix
-    split = permuted(prepared.split, perm)
-    warm = warm_only(split, n_warm)
-    is_cold_target = np.array([u.test > n_warm for u in split.users])
+    data = cold_split(prepared, fraction)
     log = (lambda message: print(f"coldstart: {message}", flush=True)) if progress else (lambda message: None)
-    log(f"{len(cold)} cold items of {n_items}; {int(is_cold_target.sum())} of {len(split)} test targets are cold")
-
-    scorers = {}
-    log("training ours (warm items, with content)")
-    ours_job = replace(job, model=replace(job.model, id_dropout=id_dropout))
-    ours_warm = _train(warm, content, ours_job, with_content=True, save=out / "ours.pt")
-    scorers["ours"] = model_scorer(extend_catalog(ours_warm, n_items, content))
-    # The same model with the cold items kept out of the ranking: what adding them costs the warm targets.
-    scorers["ours_without_cold_items"] = _without(model_scorer(extend_catalog(ours_warm, n_items, content)), n_warm)
-    log("training no_content (warm items, IDs only)")
-    scorers["no_content"] = model_scorer(extend_catalog(_train(warm, None, job, with_content=False, save=out / "no_content.pt"), n_items))
-    valid = {d: evaluate(ContentKNN(content[: n_warm + 1], d), warm, "valid").metrics["ndcg@10"] for d in KNN_DECAYS}
-    decay = max(valid, key=valid.get)
-    scorers["content_knn"] = ContentKNN(content, decay)
-    scorers["most_popular"] = _popularity(warm, n_items)
-    log("training all_items (every item, with content: the warm targets' reference)")
-    scorers["all_items"] = model_scorer(_train(split, content, job, with_content=True,
-                                                  save=out / "all_items.pt"))
-
-    report = {"cold": {}, "warm": {}, "all": {}}
-    for name, scorer in scorers.items():
-        ranks = evaluate(scorer, split, "test").ranks
-        for group, mask in (("cold", is_cold_target), ("warm", ~is_cold_target), ("all", np.ones(len(split), bool))):
-            if name == "ours_without_cold_items" and group != "warm":
-                continue
-            m = subset_metrics(ranks, mask)
-            report[group][name] = {"ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"], "users": int(mask.sum())}
-    cold_ok = report["cold"]["ours"]["ndcg@10"] > report["cold"]["content_knn"]["ndcg@10"]
-    warm_ratio = report["warm"]["ours"]["ndcg@10"] / max(report["warm"]["all_items"]["ndcg@10"], 1e-12)
-    warm = report["warm"]
+    log(f"{len(data.cold)} cold items of {data.n_items}; {int(data.is_cold_target.sum())} of {len(data.split)} "
+        "test targets are cold")
+    scorers, knn_valid = _scorers(data, job, id_dropout, out, log)
+    report = _by_group(scorers, data)
+    cold, warm = report["cold"], report["warm"]
     result = {**report, "dataset": prepared.dataset.name, "ours_id_dropout": id_dropout,
-              "warm_cost": {"of_not_training_on_the_newest_items": round(
-                                warm["ours_without_cold_items"]["ndcg@10"] / max(warm["all_items"]["ndcg@10"], 1e-12), 4),
-                            "of_adding_them_to_the_ranking": round(
-                                warm["ours"]["ndcg@10"] / max(warm["ours_without_cold_items"]["ndcg@10"], 1e-12), 4)}, "cold_items": len(cold), "items": n_items,
-              "cold_fraction": fraction, "content_knn_decay": decay, "content_knn_valid_ndcg@10": valid,
-              "checks": {"ours_beats_content_knn_on_cold": bool(cold_ok),
-                         "warm_ours_over_all_items": round(float(warm_ratio), 4),
-                         "warm_within_2_percent": bool(warm_ratio >= 0.98),
-                         "cold_over_warm_ours": round(report["cold"]["ours"]["ndcg@10"]
-                                                      / max(report["warm"]["ours"]["ndcg@10"], 1e-12), 3)},
+              "cold_items": len(data.cold), "items": data.n_items, "cold_fraction": fraction,
+              "content_knn_decay": max(knn_valid, key=knn_valid.get), "content_knn_valid_ndcg@10": knn_valid,
+              "checks": {"ours_beats_content_knn_on_cold": bool(cold["ours"]["ndcg@10"] > cold["content_knn"]["ndcg@10"]),
+                         "warm_ours_over_all_items": _ratio(warm["ours"]["ndcg@10"], warm["all_items"]["ndcg@10"]),
+                         "cold_over_warm_ours": _ratio(cold["ours"]["ndcg@10"], warm["ours"]["ndcg@10"])},
+              "warm_cost": {"of_not_training_on_the_newest_items": _ratio(warm["ours_without_cold_items"]["ndcg@10"],
+                                                                          warm["all_items"]["ndcg@10"]),
+                            "of_adding_them_to_the_ranking": _ratio(warm["ours"]["ndcg@10"],
+                                                                    warm["ours_without_cold_items"]["ndcg@10"])},
               "protocol": __doc__.split("Methods")[0].strip(), "wall_seconds": round(time.perf_counter() - started, 1),
               "config": {"model": job.model.to_dict(), "train": job.train.to_dict(), "seed": job.train.seed}}
+    result["checks"]["warm_within_2_percent"] = result["checks"]["warm_ours_over_all_items"] >= 0.98
     write_json(out / "coldstart.json", result)
-    lines = [f"# fedrec bench coldstart: {prepared.dataset.name}, newest {fraction:.0%} of items cold "
-             f"({len(cold)} items, {int(is_cold_target.sum())} cold test targets)", "",
-             "| method | cold NDCG@10 | cold HR@10 | warm NDCG@10 | warm HR@10 | all NDCG@10 |", "|---|---|---|---|---|---|"]
-    for name in scorers:
-        if name == "ours_without_cold_items":
-            continue
-        c, w, a = report["cold"][name], report["warm"][name], report["all"][name]
-        lines.append(f"| {name} | {c['ndcg@10']:.4f} | {c['hr@10']:.4f} | {w['ndcg@10']:.4f} | {w['hr@10']:.4f} | "
-                     f"{a['ndcg@10']:.4f} |")
-    lines += ["", f"ours (id-dropout {id_dropout}) beats content-kNN on cold targets: {cold_ok}; warm, ours / all-items "
-              f"model: {warm_ratio:.4f} = {result['warm_cost']['of_not_training_on_the_newest_items']:.4f} (not training "
-              f"on the newest items' events) x {result['warm_cost']['of_adding_them_to_the_ranking']:.4f} (adding them "
-              "to the ranking)"]
-    (out / "coldstart.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = _summary(result, [name for name in scorers if name != "ours_without_cold_items"])
+    (out / "coldstart.md").write_text(text + "\n")
+    print(text)
     return result
 
+
+def _summary(result: dict, names: list[str]) -> str:
+    cold_targets = result["cold"]["ours"]["users"]
+    lines = [f"# fedrec bench coldstart: {result['dataset']}, newest {result['cold_fraction']:.0%} of items cold "
+             f"({result['cold_items']} items, {cold_targets} cold test targets)", "",
+             "| method | cold NDCG@10 | cold HR@10 | warm NDCG@10 | warm HR@10 | all NDCG@10 |", "|---|---|---|---|---|---|"]
+    for name in names:
+        c, w, a = result["cold"][name], result["warm"][name], result["all"][name]
+        lines.append(f"| {name} | {c['ndcg@10']:.4f} | {c['hr@10']:.4f} | {w['ndcg@10']:.4f} | {w['hr@10']:.4f} | "
+                     f"{a['ndcg@10']:.4f} |")
+    checks, cost = result["checks"], result["warm_cost"]
+    lines += ["", f"ours (id-dropout {result['ours_id_dropout']}) beats content-kNN on cold targets: "
+              f"{checks['ours_beats_content_knn_on_cold']}; warm, ours / all-items model: "
+              f"{checks['warm_ours_over_all_items']:.4f} = {cost['of_not_training_on_the_newest_items']:.4f} (not "
+              f"training on the newest items' events) x {cost['of_adding_them_to_the_ranking']:.4f} (adding them to "
+              "the ranking)"]
+    return "\n".join(lines)
