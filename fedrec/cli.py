@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
                                "and a few test users' recent history, recommendations and reasons")
     show.add_argument("--run", type=Path, required=True, help="a run folder (summary.json and bundle/)")
     show.add_argument("--users", type=int, default=3, help="test users to show, picked at random (default: 3)")
-    show.add_argument("--reference", type=Path, help="another run folder to compare NDCG@10 with")
+    show.add_argument("--reference", type=Path, nargs="*", default=(),
+                      help="run folders or summary JSON files to compare NDCG@10 with; the first that exists")
     serve = commands.add_parser("serve", help="the recommendation service: gRPC over a bundle folder, reloaded "
                                 "when a newer bundle is published there")
     serve.add_argument("--bundle", type=Path, required=True, help="bundle folder (a run's OUT/bundle)")
@@ -315,7 +316,7 @@ def _show(args, values: dict) -> None:
     from simulation.show import show_run
     if not (args.run / "summary.json").is_file():
         _usage_error(f"{args.run}: no summary.json (is it a finished run's folder?)")
-    print(show_run(args.run, users=args.users, reference=args.reference))
+    print(show_run(args.run, users=args.users, references=tuple(args.reference)))
 
 
 def _serve(args, values: dict) -> None:

@@ -22,15 +22,21 @@ def _headline(summary: dict) -> str:
             f"({summary['wall_seconds']:.0f} s)")
 
 
-def show_run(run: Path, *, users: int = 3, reference: Path | None = None, seed: int = 0) -> str:
+def show_run(run: Path, *, users: int = 3, references: tuple = (), seed: int = 0) -> str:
+    """`references`: run folders or summary-shaped JSON files; the first that exists is compared with."""
     run = Path(run)
     summary = json.loads((run / "summary.json").read_text())
     rec = Recommender.load(run / "bundle")
     lines = [f"{summary['dataset']} {_headline(summary)}"]
-    if reference and (Path(reference) / "summary.json").is_file():
-        ref = json.loads((Path(reference) / "summary.json").read_text())
-        ratio = summary["metrics"]["ndcg@10"] / max(ref["metrics"]["ndcg@10"], 1e-12)
-        lines.append(f"reference, {_headline(ref)}; this run / reference: {ratio:.3f}")
+    for candidate in references:
+        path = Path(candidate) / "summary.json" if Path(candidate).is_dir() else Path(candidate)
+        if path.is_file():
+            ref = json.loads(path.read_text())
+            ratio = summary["metrics"]["ndcg@10"] / max(ref["metrics"]["ndcg@10"], 1e-12)
+            lines.append(f"reference ({path}), {_headline(ref)}; this run / reference: {ratio:.3f}")
+            if ref.get("provenance"):
+                lines.append(f"  {ref['provenance']}")
+            break
     data = {k: v for k, v in summary["config"]["data"].items() if k in DataConfig.__dataclass_fields__}
     prepared = prepare_data(DataConfig(**data))
     picked = np.random.default_rng(seed).choice(len(prepared.split), size=min(users, len(prepared.split)),

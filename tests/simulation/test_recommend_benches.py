@@ -53,7 +53,12 @@ def test_bench_serve_meets_its_recall_and_reports_latency(trained_run, tmp_path)
 
 
 def test_fedrec_show_prints_history_recommendations_and_the_reference(trained_run, capsys):
-    assert main(["show", "--run", str(trained_run), "--users", "2", "--reference", str(trained_run)]) == 0
+    assert main(["show", "--run", str(trained_run), "--users", "2", "--reference", str(trained_run / "missing"),
+                 str(trained_run)]) == 0
     out = capsys.readouterr().out
     assert "centralized: test NDCG@10" in out and "this run / reference: 1.000" in out
+    from pathlib import Path
+    recorded = Path(__file__).resolve().parents[2] / "docs" / "reference" / "ml-100k-centralized.json"
+    assert main(["show", "--run", str(trained_run), "--users", "1", "--reference", str(recorded)]) == 0
+    assert "measured on the project's 2-core machine" in capsys.readouterr().out
     assert out.count("most recent:") == 2 and out.count(" 10. ") == 2 and "because:" in out
