@@ -19,6 +19,7 @@ from client.app import make_client_app
 from fedrec.cli import main
 from server.app import serve
 from shared.data.pipeline import DataConfig, prepare_data
+from shared.evaluation.ranking import evaluate
 from shared.settings import run_config_defaults
 from simulation.federated import simulate, write_store
 
@@ -62,6 +63,15 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
     assert [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert len(s["validation_curve"]) == 3 and (out / "validation_curve.png").stat().st_size > 1000
     assert "federated: NDCG@10" in capsys.readouterr().out
+    # The server published the bundle: the final weights, the chosen blend over the summed counts, and
+    # popularity from them; ranking with it gives the run's test figure.
+    from shared.recommend import Recommender
+    rec = Recommender.load(out / "bundle")
+    assert s["bundle"]["version"] == rec.version and rec.bundle.blend.label == fusion["chosen"]
+    assert rec.bundle.popularity is not None and rec.bundle.manifest["run"]["mode"] == "federated"
+    prepared = prepare_data(DataConfig(dataset="synthetic:40x30", text_encoder="none", activity_features=False))
+    again = evaluate(rec.scores, prepared.split, "test").metrics["ndcg@10"]
+    assert again == pytest.approx(s["metrics"]["ndcg@10"], abs=0.02)
 
 
 class RecordingGrid:
