@@ -105,8 +105,8 @@ def _add_recommendation_benches(kinds) -> None:
     _add_output(coldstart)
     coldstart.add_argument("--cold-fraction", type=float, default=0.15, help="share of items held out as new "
                            "(default: 0.15)")
-    coldstart.add_argument("--cold-id-dropout", type=float, default=0.3, help="--id-dropout of the model that meets "
-                           "the new items (the all-items reference uses --id-dropout) (default: 0.3)")
+    coldstart.add_argument("--cold-id-dropout", type=float, default=0.1, help="--id-dropout of the model that meets "
+                           "the new items (the all-items model uses --id-dropout; the warm reference 0) (default: 0.1)")
     diversity = kinds.add_parser("diversity", help="MMR re-ranking at several strengths: NDCG@10 against "
                                  "intra-list diversity, coverage and novelty (table and plot)")
     _add_settings(diversity, ("data",))

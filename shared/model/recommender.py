@@ -124,7 +124,8 @@ class ItemTower(nn.Module):
         if self.training and self.id_dropout > 0 and self.content_dim and not self.gradients_by_rule:
             # An item whose ID row is left out is placed by its content alone, as a new item is.
             kept = torch.rand(self.n_items + 1, device=vectors.device) >= self.id_dropout
-            vectors = vectors * kept[items].unsqueeze(-1)
+            # Inverted dropout: kept rows scaled up, so evaluation (every row kept) sees the expected value.
+            vectors = vectors * (kept[items].unsqueeze(-1) / (1.0 - self.id_dropout))
         if self.content_dim:
             vectors = vectors + self.content_vectors(self.content[items])
         return vectors

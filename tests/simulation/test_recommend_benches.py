@@ -36,7 +36,7 @@ def test_bench_coldstart_writes_each_group_and_method(tmp_path):
                  "--dim", "16", "--max-len", "20", "--quiet", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "coldstart.json").read_text())
     for group in ("cold", "warm", "all"):
-        assert {"ours", "no_content", "content_knn", "most_popular", "all_items"} <= set(report[group])
+        assert {"ours", "warm_reference", "no_content", "content_knn", "newest_release", "most_popular", "all_items"} <= set(report[group])
         for scores in report[group].values():
             assert 0.0 <= scores["ndcg@10"] <= scores["hr@10"] <= 1.0
     assert report["cold"]["ours"]["users"] + report["warm"]["ours"]["users"] == report["all"]["ours"]["users"]
@@ -62,3 +62,20 @@ def test_fedrec_show_prints_history_recommendations_and_the_reference(trained_ru
     assert main(["show", "--run", str(trained_run), "--users", "1", "--reference", str(recorded)]) == 0
     assert "measured on the project's 2-core machine" in capsys.readouterr().out
     assert out.count("most recent:") == 2 and out.count(" 10. ") == 2 and "because:" in out
+
+
+def test_coldstart_never_ranks_an_item_before_it_existed():
+    import numpy as np
+    from shared.data.pipeline import DataConfig, prepare_data
+    from simulation.coldstart import cold_split, released_ranks
+    data = cold_split(prepare_data(DataConfig(dataset="synthetic:300x200", text_encoder="none")), 0.15)
+    targets = np.array([u.test for u in data.split.users])
+
+    def unreleased_first(histories):      # every item not yet out at the user's test time first, then the target
+        rows = np.arange(len(histories))
+        scores = np.zeros((len(histories), data.n_items + 1))
+        scores[rows, targets[:len(histories)]] = 1.0
+        later = data.first_seen[None, :] > data.test_times[:len(histories), None]
+        return np.where(later, 2.0, scores)
+    assert (data.first_seen[None, :] > data.test_times[:, None]).any()
+    assert (released_ranks(unreleased_first, data, batch=10**6) == 1).all()
