@@ -35,8 +35,10 @@ from shared.model.training import left_pad
 
 CANDIDATE_POOL = 200   # items MMR re-ranks (the best by relevance)
 # Below this many items a query scans every item vector; above it, an inverted-file index (faiss
-# IVF). Measured with `fedrec bench serve` (docs/results.md, "Serving"): an exact scan costs about
-# 0.05 us per item on this machine, so at 20k items one query already takes ~1 ms of a core.
+# IVF). Measured with `fedrec bench serve` (docs/results.md, "Serving"), one thread, 64 wide: an
+# exact top 10 takes 0.06 ms at 1.7k items, 0.29 ms at 20k, 0.72 ms at 50k, 1.76 ms at 100k (7 ms
+# when another job shares the cores). A request's gRPC handling costs about 0.5 ms; past ~20k
+# items the scan starts to dominate it, and at 1,000 QPS on 2 cores a request has 2 ms in all.
 ANN_FROM_ITEMS = 20_000
 TARGET_RECALL = 0.97   # the IVF index's recall@100 against an exact scan, checked when it is built
 
