@@ -183,7 +183,9 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         "bundle": result.get("bundle"),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "rounds": len(history), "rounds_trained": len(history) - len(untrained),
-        "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]})[:5],
+        # The round's own verdict ("round skipped: ...") first, then what single nodes said.
+        "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]},
+                                 key=lambda r: (not r.startswith("round "), r))[:5],
         "clients": len(prepared.split),
         "bytes_down": int(sum(h["bytes_down"] * h["sampled"] for h in everything)),
         "bytes_up": int(sum(h["bytes_up_mean"] * h["accepted"] for h in everything)),
