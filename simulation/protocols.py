@@ -3,7 +3,8 @@
 `fedrec bench temporal`: a global temporal split (Meng et al., SIGIR 2020; Sun, RecSys 2023):
 one cutoff in time for everybody, so nothing trained on is later than any test event.
 
-`fedrec bench held-out`: the held-out-user protocol of the federated literature.
+`fedrec bench held-out`: the held-out-user protocol of the federated literature, and new devices:
+the same held-out users cut to their first k events (k = 1, 2, 5), each scored on its next event.
 
 A share of the users (15% by default, drawn with the seed) never trains: not the encoder, not the
 item models, not the baselines, not the item features (popularity and recency are counted over
@@ -67,6 +68,21 @@ def split_global_time(encoded: Encoded, fraction: float) -> tuple[Split, Split, 
     return Split(training, encoded.n_items), Split(evaluation, encoded.n_items), cutoff
 
 
+FIRST_EVENTS = (1, 2, 5)
+
+
+def first_events(split: Split, k: int) -> Split:
+    """Each user with more than k events as a new device: history = their first k events, target =
+    event k + 1 (`test`); users with fewer events are left out."""
+    users = []
+    for u in split.users:
+        events = np.append(u.history_for_test, u.test)
+        if len(events) > k:
+            users.append(UserSplit(u.user_id, events[:k - 1], int(events[k - 1]), int(events[k]),
+                                   u.train_times[:max(k - 1, 0)]))
+    return Split(users, split.n_items)
+
+
 def run_held_out_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.15, progress: bool = True) -> dict:
     prepared = prepare_data(replace(job.data, activity_features=False), show_progress=progress)
     training, held_out = split_held_out(prepared.split, fraction, job.data.seed)
@@ -75,10 +91,14 @@ def run_held_out_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.15
                 "history excluded; settings chosen on the training users' validation items; data filters (item "
                 "core, rated items only) ran before the split, and training users' events may be later than a "
                 "held-out user's test event")
-    rows = _protocol_rows(prepared, job, training, held_out, progress)
+    prefixes = {f"first_{k}": first_events(held_out, k) for k in FIRST_EVENTS}
+    rows = _protocol_rows(prepared, job, training, held_out, progress, prefixes)
     return _protocol_report(out, "held_out", f"Held-out users: {prepared.dataset.name}",
                             {"dataset": prepared.dataset.name, "protocol": protocol, "training_users": len(training),
-                             "held_out_users": len(held_out), "results": rows})
+                             "held_out_users": len(held_out), "results": rows,
+                             "new_devices": "the held-out users cut to their first k events (first_k columns): "
+                                            "target = event k + 1, NDCG@10; with no event a device gets the "
+                                            "most-popular list (that row)"})
 
 
 def run_temporal_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.1, progress: bool = True) -> dict:
@@ -94,14 +114,20 @@ def run_temporal_bench(job: CentralizedJob, out: Path, *, fraction: float = 0.1,
                              "training_users": len(training), "evaluated_users": len(evaluation), "results": rows})
 
 
-def _protocol_rows(prepared, job: CentralizedJob, training: Split, evaluation: Split, progress: bool) -> list[dict]:
+def _protocol_rows(prepared, job: CentralizedJob, training: Split, evaluation: Split, progress: bool,
+                   extra: dict[str, Split] | None = None) -> list[dict]:
     """Every tuned baseline and fedrec centralized, fit on `training` only, scored on
-    `evaluation`'s test stage."""
+    `evaluation`'s test stage (and each `extra` split's: its NDCG@10 under the split's name)."""
+    extra = extra or {}
+
+    def also(scorer) -> dict:
+        return {name: evaluate(scorer, split, "test").metrics["ndcg@10"] for name, split in extra.items()}
     rows = []
     for name in SEARCH_SPACES:
         settings, _, _ = select(name, training)
         model = fit_selected(name, settings, with_validation_in_train(training))
-        rows.append({"method": name, **evaluate(model, evaluation, "test").metrics, "settings": settings})
+        rows.append({"method": name, **evaluate(model, evaluation, "test").metrics, **also(model),
+                     "settings": settings})
         if progress:
             print(f"{name}: NDCG@10 {rows[-1]['ndcg@10']:.4f} with {settings}", flush=True)
     # Item features from the training data only.
@@ -111,7 +137,7 @@ def _protocol_rows(prepared, job: CentralizedJob, training: Split, evaluation: S
     model, result = train_centralized(replace(prepared, split=training, features=features), job, progress=progress)
     scorer, fusion = ((model_scorer(model), None) if job.fusion == "none"
                       else fuse_with_item_model(job.fusion, model, result, training))
-    rows.append({"method": "fedrec-centralized", **evaluate(scorer, evaluation, "test").metrics,
+    rows.append({"method": "fedrec-centralized", **evaluate(scorer, evaluation, "test").metrics, **also(scorer),
                  "settings": {"blend": fusion["chosen"] if fusion else "encoder alone",
                               **({"item_model": fusion["item_model"]} if fusion else {})}})
     return rows
@@ -125,6 +151,11 @@ def _protocol_report(out: Path, stem: str, title: str, report: dict) -> dict:
              "| method | " + " | ".join(COLUMNS) + " | settings |", "|---" * (len(COLUMNS) + 2) + "|"]
     lines += [f"| {r['method']} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + f" | {r['settings']} |"
               for r in report["results"]]
+    prefixes = [k for k in report["results"][0] if k.startswith("first_")]
+    if prefixes:
+        lines += ["", "New devices: " + report["new_devices"], "", "| method | " + " | ".join(prefixes) + " |",
+                  "|---" * (len(prefixes) + 1) + "|"]
+        lines += [f"| {r['method']} | " + " | ".join(f"{r[k]:.4f}" for k in prefixes) + " |" for r in report["results"]]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     return report

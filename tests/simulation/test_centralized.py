@@ -100,6 +100,13 @@ def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
     report = json.loads((tmp_path / "held_out.json").read_text())
     assert report["held_out_users"] == 30 and report["results"][-1]["method"] == "fedrec-centralized"
     assert all(0 <= r["ndcg@10"] <= 1 for r in report["results"])
+    # New devices: the same unseen users with only their first 1, 2, 5 events, scored on the next one.
+    assert all({"first_1", "first_2", "first_5"} <= set(r) for r in report["results"])
+    from simulation.protocols import first_events
+    two = first_events(held, 2)
+    user = held.users[0]
+    events = list(user.history_for_test) + [user.test]
+    assert list(two.users[0].history_for_test) == events[:2] and two.users[0].test == events[2]
 
 
 def test_global_temporal_split_trains_on_nothing_at_or_after_the_cutoff(tmp_path):
