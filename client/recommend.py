@@ -11,7 +11,9 @@ service's Recommend for a fixed number of candidates (never its history, never w
 it then scores just those candidates with the blend and re-ranks them itself. Without noise the
 server gets the exact vector of a public model: for a short history it can find the history by
 trying them (docs/recommend.md). The noise is drawn once per history (from `noise_key`), so asking
-again does not let the server average it away. Its cost in quality: `fedrec bench recommend`.
+again does not let the server average it away (a new event is a new history: a fresh draw). Its
+cost in quality, and how often the server still finds a one-item history: `fedrec bench recommend`.
+What leaves the device: that vector, the pool size, and the bundle version it holds.
 With no history there is nothing to send: the device offers its bundle's most popular items.
 """
 from __future__ import annotations
@@ -55,6 +57,9 @@ def two_stage(rec: Recommender, history: list[str], k: int, candidates: Candidat
     """Top-k from candidates fetched by the (noisy) user vector alone, re-ranked here by the blend
     scored on those candidates only. A stale bundle (the service moved on) falls back to ranking on
     the device, which holds the whole bundle."""
+    if noise_std > 0 and noise_key is None:
+        raise ValueError("noise without a noise_key is drawn afresh on every request, and the server can average "
+                         "it away: give the device's own secret")
     items = rec.indices(history)
     if not len(items):
         return rec.recommend([], k, diversity=diversity)
@@ -63,6 +68,8 @@ def two_stage(rec: Recommender, history: list[str], k: int, candidates: Candidat
     except StaleBundle:
         return rec.recommend(history, k, diversity=diversity)
     offered = np.setdiff1d(offered, items)
+    if len(offered) < k:   # a long history ate the pool: rank here rather than return a short list
+        return rec.recommend(history, k, diversity=diversity)
     scores = np.full(rec.n_items + 1, -np.inf)
     scores[offered] = rec.scores_of(items, offered)
     top = rec.top(scores, k, diversity=diversity)
@@ -149,4 +156,7 @@ def fetch_bundle(stub, folder: Path, version: str = "", *, max_file_bytes: int =
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
+    for stale in folder.glob("*.npz"):     # the previous bundle's files
+        if stale.name not in expected:
+            stale.unlink(missing_ok=True)
     return manifest

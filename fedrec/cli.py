@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     recommend.add_argument("--bundle", type=Path, required=True, help="bundle folder (a run's OUT/bundle)")
     asked = recommend.add_mutually_exclusive_group(required=True)
     asked.add_argument("--history", help="item ids the user touched, oldest first, comma-separated")
-    asked.add_argument("--similar-to", help="an item id: the items nearest to it")
+    asked.add_argument("--similar-to", help="an item id: the items nearest to it (by item vector; --diversity and "
+                       "reasons do not apply)")
     recommend.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
     recommend.add_argument("--diversity", type=float, default=0.0,
                            help="0 ranks by relevance; up to 1 trades relevance for variety (MMR) (default: 0)")
@@ -85,7 +86,7 @@ def _add_benches(kinds) -> None:
     _add_settings(quality, TRAIN)
     _add_output(quality)
     held_out = kinds.add_parser("held-out", help="the held-out-user protocol: 15%% of users never train; "
-                                "baselines and our model score their last item")
+                                "baselines and our model score their last item, and as new devices their event after the first 1, 2, 5")
     _add_settings(held_out, TRAIN)
     _add_output(held_out)
     held_out.add_argument("--held-out-fraction", type=float, default=0.15, help="share of users held out")
@@ -116,7 +117,8 @@ def _add_recommendation_benches(kinds) -> None:
                                  "path's noise cost, event-to-recommendation time")
     _add_settings(recommend, ("data",))
     recommend.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
-    recommend.add_argument("--users", type=int, default=300, help="test users for the per-user timings (default: 300)")
+    recommend.add_argument("--users", type=int, default=300, help="random test users for the explanation, two-stage "
+                           "and timing measurements (default: 300)")
     recommend.add_argument("--out", type=Path, required=True)
     serve = kinds.add_parser("serve", help="the recommendation service under load on loopback: latency, QPS, "
                              "ANN recall, memory, and the on-device top 10")
@@ -287,6 +289,8 @@ def _bench(args, values: dict) -> None:
 def _recommend(args, values: dict) -> None:
     import json
     from shared.recommend import Recommender, UnknownItem
+    if args.k < 1:
+        _usage_error(f"-k must be at least 1, got {args.k}")
     rec = Recommender.load(args.bundle)
     try:
         if args.similar_to:
@@ -302,11 +306,14 @@ def _recommend(args, values: dict) -> None:
              "because": [{"item": b.item_id, "title": b.title, "contribution": round(b.contribution, 4)}
                          for b in r.because]} for r in recs]}, indent=2))
         return
-    if history:
+    if args.similar_to:
+        print(f"items like {rec.title(int(rec.indices([args.similar_to.strip()])[0]))}:")
+    elif history:
         titles = [rec.title(i) for i in rec.indices(history[-5:])]
         print(f"recent history ({len(history)} items, newest last): " + "; ".join(titles))
     else:
-        print(f"items like {rec.title(int(rec.indices([args.similar_to.strip()])[0]))}:")
+        print("no history yet: " + ("the most popular items" if rec.bundle.popularity is not None
+                                    else "this bundle counted no popularity; the encoder's view of an empty history"))
     for n, r in enumerate(recs, 1):
         because = f"  <- because: {'; '.join(b.title for b in r.because)}" if r.because else ""
         print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")
@@ -316,6 +323,8 @@ def _show(args, values: dict) -> None:
     from simulation.show import show_run
     if not (args.run / "summary.json").is_file():
         _usage_error(f"{args.run}: no summary.json (is it a finished run's folder?)")
+    if args.users < 1:
+        _usage_error(f"--users must be at least 1, got {args.users}")
     print(show_run(args.run, users=args.users, references=tuple(args.reference)))
 
 
@@ -324,8 +333,8 @@ def _serve(args, values: dict) -> None:
     from server.serving import start_server
     try:
         server, watcher, port = start_server(args.bundle, host=args.host, port=args.port, workers=args.workers)
-    except OSError as err:
-        raise RunFailed(str(err)) from None
+    except (OSError, RuntimeError) as err:   # grpc raises RuntimeError for a port it cannot bind
+        raise RunFailed(f"cannot serve on {args.host}:{args.port}: {err}") from None
     print(f"serving bundle {watcher.current.version} on {args.host}:{port} (gRPC, fedrec.v1.Recommend and "
           f"grpc.health.v1); a newer bundle in {args.bundle} is picked up without a restart. Ctrl-C stops.",
           flush=True)

@@ -98,8 +98,9 @@ class BundleWatcher:
             if content_hash in (self.current.bundle.content_hash, self._failed):
                 return False
             fresh = ServedBundle(self.folder)
-        except BundleError as err:       # mid-publish or broken
+        except BundleError as err:       # mid-publish or broken: retried once the manifest changes
             log.warning("not reloading %s: %s", self.folder, err)
+            self._failed = locals().get("content_hash")
             return False
         except Exception:                # anything else, e.g. weights that do not fit: logged, not fatal
             log.exception("not reloading %s", self.folder)
@@ -244,13 +245,17 @@ def start_server(bundle: Path, *, host: str = "127.0.0.1", port: int = 0, worker
     health_service = health.HealthServicer()
     watcher = BundleWatcher(bundle, reload_interval_s).start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=16 * workers,
-                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                                  ("grpc.so_reuseport", 0)])   # a second server on the same port fails
     pb_grpc.add_RecommendServicer_to_server(RecommendService(watcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if not bound:
         watcher.stop()
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port} (in use?)")
     server.start()
     for name in ("", SERVICE):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)

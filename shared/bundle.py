@@ -9,8 +9,8 @@ A run (centralized or federated) ends by writing one. The service (`fedrec serve
   items-<sha>.npz            item ids, titles, genres, content features, the item vectors, and
                              where the run counted them, the items' popularity (what a device
                              with no history yet is offered)
-  item-models-<sha>.npz      the blend's item models (EASE weights, item-kNN similarities,
-                             popularity), each a matrix the recency-weighted history multiplies
+  item-models-<sha>.npz      the blend's item models: EASE weights and item-kNN similarities (a
+                             matrix the recency-weighted history multiplies), popularity (a vector)
 
 Why this shape:
 - Files are named by their content and the manifest is replaced atomically, last. A reader
@@ -220,7 +220,7 @@ def check_manifest(manifest, source: str) -> dict:
         raise BundleError(f"{source}: its content hash does not match what it describes: edited or tampered with")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {"weights", "items", "item_models"} or not all(
-            isinstance(e, dict) and FILE_NAME.match(str(e.get("name", ""))) and
+            isinstance(e, dict) and FILE_NAME.fullmatch(str(e.get("name", ""))) and
             re.fullmatch(r"[0-9a-f]{64}", str(e.get("sha256", ""))) for e in files.values()):
         raise BundleError(f"{source}: names files a bundle does not have")
     return manifest

@@ -1,7 +1,7 @@
 """Recommendations from a published bundle (shared/bundle.py): the ranker a device runs on its own
 history, and the service runs on a user vector.
 
-    rec = Recommender.load("runs/centralized/bundle")
+    rec = Recommender.load("runs/ml-100k-centralized/bundle")
     for r in rec.recommend(["50", "172", "181"], k=10, explain=True):
         print(r.title, [b.title for b in r.because])
 

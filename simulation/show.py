@@ -18,8 +18,10 @@ def _headline(summary: dict) -> str:
     if summary["mode"] == "federated":
         secure = "secure aggregation" if summary.get("secure_aggregation", {}).get("enabled") else "plain aggregation"
         extra = f", {summary['clients']} simulated devices, {summary['rounds']} rounds, {secure}"
-    return (f"{summary['mode']}{extra}: test NDCG@10 {m['ndcg@10']:.4f}, HR@10 {m['hr@10']:.4f} "
-            f"({summary['wall_seconds']:.0f} s)")
+    fusion = summary.get("fusion")
+    ranking = fusion if isinstance(fusion, str) else (fusion or {}).get("chosen", "encoder alone")
+    return (f"{summary['mode']}{extra}, ranking by {ranking}: test NDCG@10 {m['ndcg@10']:.4f}, HR@10 "
+            f"{m['hr@10']:.4f} ({summary['wall_seconds']:.0f} s)")
 
 
 def show_run(run: Path, *, users: int = 3, references: tuple = (), seed: int = 0) -> str:
@@ -36,6 +38,11 @@ def show_run(run: Path, *, users: int = 3, references: tuple = (), seed: int = 0
             lines.append(f"reference ({path}), {_headline(ref)}; this run / reference: {ratio:.3f}")
             if ref.get("provenance"):
                 lines.append(f"  {ref['provenance']}")
+            alone = (ref.get("fusion") or {}).get("encoder_alone_test", {}).get("ndcg@10") \
+                if isinstance(ref.get("fusion"), dict) else ref.get("encoder_alone_ndcg@10")
+            if alone:
+                lines.append(f"  the reference's encoder alone: NDCG@10 {alone:.4f}; this run / it: "
+                             f"{summary['metrics']['ndcg@10'] / alone:.3f}")
             break
     data = {k: v for k, v in summary["config"]["data"].items() if k in DataConfig.__dataclass_fields__}
     prepared = prepare_data(DataConfig(**data))
