@@ -202,7 +202,7 @@ def write_bundle(folder: Path, *, model_config: ModelConfig, weights: dict[str, 
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{path}: no bundle here (no {MANIFEST}); a training run writes one to OUT/bundle")
+        raise BundleError(f"{path}: no bundle here (no {MANIFEST}); a training run writes one to OUT/bundle (not yet the DP item-item model)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -5,9 +5,10 @@ re-ranked list, intra-list diversity (mean pairwise 1 - cosine of content embedd
 and novelty, as a table and a plot.
 
 `fedrec bench recommend`:
-  explanations   faithfulness: removing the top explaining history item lowers that recommendation's
-                 score more than removing a random other history item (share of cases), and the time
-                 to explain a top 10
+  explanations   counterfactual faithfulness: without the 1 or 2 history items shown as reasons, how
+                 often a recommendation leaves the top 10, against removing as many random history
+                 items (and the by-construction check: the top reason's removal costs most); the
+                 time to explain a top 10
   new users      test users cut to their first 0, 1 or 2 events (the test item stays the target): ours,
                  most-popular and content-kNN
   two-stage      the device sends only its (noisy) user vector for 200 candidates and re-ranks them

@@ -295,3 +295,32 @@ def test_fedrec_recommend_prints_titles_and_reasons(trained_run, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["recommend", "--bundle", str(trained_run / "bundle"), "--history", "1,zz"])
     assert exit_.value.code == 2 and "item 'zz' is not in the catalog" in capsys.readouterr().err
+
+
+def test_cli_edges_empty_history_busy_port_and_keyless_noise(trained_run, service, capsys):
+    from fedrec.cli import main
+    assert main(["recommend", "--bundle", str(trained_run / "bundle"), "--history", ",", "-k", "3"]) == 0
+    assert "no history yet: the most popular items" in capsys.readouterr().out
+    stub, watcher, folder, _ = service
+    server, other, port = start_server(folder, port=0)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            start_server(folder, port=port)
+    finally:
+        other.stop()
+        server.stop(grace=None)
+    rec = watcher.current
+    with pytest.raises(ValueError, match="noise_key"):
+        two_stage(rec, list(rec.item_ids[:3]), 5, service_candidates(stub, rec), noise_std=0.1)
+
+
+def test_a_device_update_removes_the_previous_bundle_files(service, tmp_path):
+    stub, watcher, folder, _ = service
+    fetch_bundle(stub, tmp_path / "device")
+    old = load_bundle(folder)
+    write_bundle(folder, model_config=old.model_config, weights=old.weights, item_vectors=old.item_vectors * 3,
+                 catalog=old.catalog, blend=old.blend, item_models=old.item_models)
+    _wait_for(lambda: watcher.current.bundle.content_hash != old.content_hash)
+    manifest = fetch_bundle(stub, tmp_path / "device")
+    kept = {p.name for p in (tmp_path / "device").iterdir()}
+    assert kept == {"manifest.json", *(f["name"] for f in manifest["files"].values())}

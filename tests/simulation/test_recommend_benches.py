@@ -56,7 +56,7 @@ def test_fedrec_show_prints_history_recommendations_and_the_reference(trained_ru
     assert main(["show", "--run", str(trained_run), "--users", "2", "--reference", str(trained_run / "missing"),
                  str(trained_run)]) == 0
     out = capsys.readouterr().out
-    assert "centralized: test NDCG@10" in out and "this run / reference: 1.000" in out
+    assert "centralized, ranking by" in out and "test NDCG@10" in out and "this run / reference: 1.000" in out
     from pathlib import Path
     recorded = Path(__file__).resolve().parents[2] / "docs" / "reference" / "ml-100k-centralized.json"
     assert main(["show", "--run", str(trained_run), "--users", "1", "--reference", str(recorded)]) == 0
