@@ -27,9 +27,12 @@ def _add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
             if s.group != group or not s.cli:
                 continue
             if s.type is bool:
-                g.add_argument(f"--{s.key}", action=argparse.BooleanOptionalAction, default=s.default, help=s.help)
+                on = f"--{s.key}" if s.default else f"--no-{s.key}"
+                g.add_argument(f"--{s.key}", action=argparse.BooleanOptionalAction, default=s.default,
+                               help=f"{s.help} (default: {on})".replace("%", "%%"))
             else:
-                g.add_argument(f"--{s.key}", type=s.type, default=s.default, choices=s.choices, help=s.help)
+                g.add_argument(f"--{s.key}", type=s.type, default=s.default, choices=s.choices,
+                               help=f"{s.help} (default: {s.default})".replace("%", "%%"))
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -39,9 +42,12 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedrec", description="Federated, private recommendations")
+    top.add_argument("--version", action="version", version=f"fedrec {_version()}")
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a recommender and write DIR/summary.json")
-    train.add_argument("--mode", choices=MODES, default="centralized")
+    train.add_argument("--mode", choices=MODES, default="centralized",
+                       help="centralized: every log in one place (the upper bound); federated: Flower's simulation, "
+                            "one device per user (default: centralized)")
     _add_settings(train, TRAIN + FEDERATED)
     _add_output(train)
     store = commands.add_parser("store", help="write the catalog bundle and one log file per user "
@@ -112,14 +118,14 @@ def _add_recommendation_benches(kinds) -> None:
                                  "intra-list diversity, coverage and novelty (table and plot)")
     _add_settings(diversity, ("data",))
     diversity.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
-    diversity.add_argument("--out", type=Path, required=True)
+    diversity.add_argument("--out", type=Path, required=True, help="output folder")
     recommend = kinds.add_parser("recommend", help="explanation faithfulness and time, new users, the two-stage "
                                  "path's noise cost, event-to-recommendation time")
     _add_settings(recommend, ("data",))
     recommend.add_argument("--bundle", type=Path, required=True, help="a bundle trained on the same data settings")
     recommend.add_argument("--users", type=int, default=300, help="random test users for the explanation, two-stage "
                            "and timing measurements (default: 300)")
-    recommend.add_argument("--out", type=Path, required=True)
+    recommend.add_argument("--out", type=Path, required=True, help="output folder")
     serve = kinds.add_parser("serve", help="the recommendation service under load on loopback: latency, QPS, "
                              "ANN recall, memory, and the on-device top 10")
     serve.add_argument("--bundle", type=Path, required=True, help="a published bundle (a run's OUT/bundle)")
@@ -128,12 +134,12 @@ def _add_recommendation_benches(kinds) -> None:
                             "(default: 100000)")
     serve.add_argument("--requests", type=int, default=5000, help="timed requests (default: 5000)")
     serve.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
-    serve.add_argument("--out", type=Path, required=True)
+    serve.add_argument("--out", type=Path, required=True, help="output folder")
 
 
 def _add_federation_benches(kinds) -> None:
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
-    payload.add_argument("--out", type=Path, required=True)
+    payload.add_argument("--out", type=Path, required=True, help="output folder")
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
                               "aggregation, side by side in one simulation")
     _add_settings(secagg, ("data", "secagg"))
@@ -153,8 +159,16 @@ def _add_federation_benches(kinds) -> None:
     _add_settings(items, ("data",))
     _add_output(items)
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
-    speed.add_argument("--out", type=Path, required=True)
+    speed.add_argument("--out", type=Path, required=True, help="output folder")
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fedrec")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def settings_of(args: argparse.Namespace) -> dict:

@@ -31,3 +31,33 @@ def test_store_writes_the_catalog_and_one_log_per_user(tmp_path, capsys):
                  "--quiet"]) == 0
     assert (tmp_path / "catalog.npz").exists() and len(list((tmp_path / "users").glob("*.npz"))) == 20
     assert "20 user logs" in capsys.readouterr().out
+
+
+def test_every_flag_has_help_and_every_setting_shows_its_default(capsys):
+    import argparse
+    from fedrec.cli import parser
+
+    def actions(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from actions(sub, f"{path} {name}")
+            else:
+                yield path, action
+    missing = [f"{path} {a.option_strings}" for path, a in actions(parser(), "fedrec") if not a.help]
+    assert not missing, missing
+    train = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    text = train.format_help()
+    for flag, default in (("--rounds", "700"), ("--epochs", "150"), ("--clients-per-round", "25")):
+        line = text[text.index(f"  {flag} "):]
+        assert f"(default: {default})" in " ".join(line.split())[:400], flag
+    assert "(default: --secure-aggregation)" in " ".join(
+        text[text.index("--secure-aggregation, --no-secure-aggregation"):].split())[:400]
+
+
+def test_version(capsys):
+    import pytest
+    from fedrec.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("fedrec ")
