@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedrec import __version__
 from shared.bundle import BundleError
 from shared.data.schema import DataError
 from shared.errors import RunFailed
@@ -42,7 +43,7 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="fedrec", description="Federated, private recommendations")
-    top.add_argument("--version", action="version", version=f"fedrec {_version()}")
+    top.add_argument("--version", action="version", version=f"fedrec {__version__}")
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a recommender and write DIR/summary.json")
     train.add_argument("--mode", choices=MODES, default="centralized",
@@ -161,14 +162,6 @@ def _add_federation_benches(kinds) -> None:
     speed = kinds.add_parser("dp-speed", help="DP-SGD vs plain local training time, 1.7k and 50k items")
     speed.add_argument("--out", type=Path, required=True, help="output folder")
     speed.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("fedrec")
-    except PackageNotFoundError:   # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def settings_of(args: argparse.Namespace) -> dict:

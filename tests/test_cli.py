@@ -60,4 +60,6 @@ def test_version(capsys):
     from fedrec.cli import main
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("fedrec ")
+    import fedrec
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedrec {fedrec.__version__}"
+    assert fedrec.__version__[0].isdigit()
