@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 from fedrec import __version__
-from shared.bundle import BundleError
 from shared.data.schema import DataError
-from shared.errors import RunFailed
+from shared.errors import BundleError, RunFailed
 from shared.settings import SETTINGS, SettingsError, check
 
 MODES = ("centralized", "federated")

@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shared.data.catalog_bundle import CatalogBundle
+from shared.errors import BundleError
 from shared.evaluation.baselines import history_matrix
 from shared.model.config import ModelConfig
 from shared.model.fusion import ENCODER_ALONE, Blend
@@ -46,10 +47,6 @@ from shared.model.fusion import ENCODER_ALONE, Blend
 FORMAT = "fedrec-bundle/1"
 MANIFEST = "manifest.json"
 FILE_NAME = re.compile(r"^(weights|items|item-models)-[0-9a-f]{16}\.npz$")   # the only files a bundle has
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used: missing, torn, tampered with, or of another format."""
 
 
 @dataclass(frozen=True)

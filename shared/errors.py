@@ -4,3 +4,8 @@ DataError (a mistake in the input, exit 2) lives with the data schema: shared/da
 
 class RunFailed(RuntimeError):
     """A run started but produced nothing usable (for example: no round trained). Exit 1."""
+
+
+class BundleError(Exception):
+    """A model bundle that cannot be used: missing, torn, tampered with, or of another format
+    (shared/bundle.py). Exit 2."""
