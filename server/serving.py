@@ -174,12 +174,12 @@ class RecommendService(pb_grpc.RecommendServicer):
         self.watcher = watcher
         self.streams = threading.BoundedSemaphore(BUNDLE_STREAMS)
 
-    def _served(self, version: str, context) -> Recommender:
-        rec = self.watcher.current   # one bundle for the whole request, even if a reload lands
-        if version and version != rec.version:
+    def _served(self, version: str, context) -> ServedBundle:
+        served = self.watcher.served   # one bundle for the whole request, even if a reload lands
+        if version and version != served.rec.version:
             context.abort(grpc.StatusCode.NOT_FOUND, f"model version {version!r} is not served; "
-                                                     f"this server has {rec.version!r}")
-        return rec
+                                                     f"this server has {served.rec.version!r}")
+        return served
 
     def _reply(self, rec: Recommender, scored) -> pb.RecommendReply:
         return pb.RecommendReply(model_version=rec.version, items=[
@@ -197,11 +197,11 @@ class RecommendService(pb_grpc.RecommendServicer):
             context.abort(grpc.StatusCode.INTERNAL, "the server failed on this request; see its log")
 
     def Recommend(self, request, context):
-        rec = self._served(request.model_version, context)
+        rec = self._served(request.model_version, context).rec
         return self._guarded(context, lambda: self._reply(rec, recommend(rec, request)))
 
     def SimilarItems(self, request, context):
-        rec = self._served(request.model_version, context)
+        rec = self._served(request.model_version, context).rec
 
         def work():
             _k(request.k)
@@ -212,11 +212,8 @@ class RecommendService(pb_grpc.RecommendServicer):
         return self._guarded(context, work)
 
     def GetBundle(self, request, context):
-        served = self.watcher.served            # its open files outlive a newer publication
+        served = self._served(request.model_version, context)   # its open files outlive a newer publication
         rec = served.rec
-        if request.model_version and request.model_version != rec.version:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model version {request.model_version!r} is not served; "
-                                                     f"this server has {rec.version!r}")
         manifest = rec.bundle.manifest
         yield pb.BundleChunk(version=rec.version, content_hash=rec.bundle.content_hash,
                              manifest_json=json.dumps(manifest))

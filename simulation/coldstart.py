@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from shared.data.pipeline import PreparedData, prepare_data
-from shared.data.preprocess import Split, UserSplit
-from shared.evaluation.baselines import history_matrix
+from shared.data.preprocess import Split, UserSplit, with_validation_in_train
+from shared.evaluation.baselines import MostPopular, history_matrix
 from shared.evaluation.ranking import evaluate, subset_metrics
 from shared.model.recommender import RecommenderModel, build_recommender
 from shared.model.training import fit, model_scorer
@@ -49,9 +49,8 @@ COLD_FRACTION = 0.15
 KNN_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.5)
 
 
-def cold_items(prepared: PreparedData, fraction: float = COLD_FRACTION) -> np.ndarray:
-    """Indices of the newest `fraction` of items by first interaction (every event counts)."""
-    first = first_seen(prepared)
+def cold_items(first: np.ndarray, fraction: float = COLD_FRACTION) -> np.ndarray:
+    """Indices of the newest `fraction` of items by first interaction (`first_seen`)."""
     seen = np.flatnonzero(np.isfinite(first[1:])) + 1           # never seen: not cold (and never ranked)
     order = seen[np.argsort(first[seen], kind="stable")]        # oldest first
     return np.sort(order[len(order) - int(round(fraction * len(order))):])
@@ -119,17 +118,18 @@ def _without(scorer, n_warm: int):
     return score
 
 
+def _padded(scorer, n_items: int):
+    """A scorer over the warm catalog widened to every item (the new ones score 0)."""
+    def score(histories):
+        scores = scorer(histories)
+        return np.pad(scores, ((0, 0), (0, n_items + 1 - scores.shape[1])))
+    return score
+
+
 def _newest_release(years: np.ndarray):
     """(N+1,) release years (NaN unknown) -> the same scores for everyone: newer first."""
     scores = np.where(np.isnan(years), np.nanmin(years) - 1 if np.isfinite(years).any() else 0.0, years)
     return lambda histories: np.tile(scores, (len(histories), 1))
-
-
-def _popularity(split: Split, n_items: int):
-    counts = np.zeros(n_items + 1)
-    for u in split.users:
-        np.add.at(counts, u.history_for_test, 1.0)
-    return lambda histories: np.tile(counts, (len(histories), 1))
 
 
 def _train(split: Split, content: np.ndarray | None, job, *, with_content: bool, save: Path):
@@ -168,13 +168,14 @@ def first_seen(prepared: PreparedData) -> np.ndarray:
 
 def cold_split(prepared: PreparedData, fraction: float) -> ColdSplit:
     from shared.data.features import MINILM, TEXT_DIM
-    cold = cold_items(prepared, fraction)
+    seen = first_seen(prepared)
+    cold = cold_items(seen, fraction)
     perm = permutation(prepared.split.n_items, cold)
     n_warm = prepared.split.n_items - len(cold)
     content = np.empty_like(prepared.features.matrix)
     content[perm] = prepared.features.matrix
     first, years = np.empty(len(perm)), np.full(len(perm), np.nan)
-    first[perm] = first_seen(prepared)
+    first[perm] = seen
     years[perm[1:]] = prepared.dataset.catalog.frame["year"].to_numpy(dtype=float, na_value=np.nan)
     split = permuted(prepared.split, perm)
     text = content[:, :TEXT_DIM] if prepared.features.text_encoder == MINILM else content
@@ -205,7 +206,7 @@ def _scorers(data: ColdSplit, job, id_dropout: float, out: Path, log) -> tuple[d
              for d in KNN_DECAYS}
     scorers["content_knn"] = ContentKNN(data.text, max(valid, key=valid.get))
     scorers["newest_release"] = _newest_release(data.years)
-    scorers["most_popular"] = _popularity(data.warm, n_items)
+    scorers["most_popular"] = _padded(MostPopular().fit(with_validation_in_train(data.warm)), n_items)
     log("training all_items (every item, with content: the warm targets' reference)")
     scorers["all_items"] = model_scorer(_train(data.split, content, job, with_content=True, save=out / "all_items.pt"))
     return scorers, {"content_knn": valid}
