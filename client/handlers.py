@@ -16,7 +16,8 @@ from flwr.app import Context, Message
 from client import secure
 from client.local import LocalStep, local_metrics, local_update
 from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
-from client.store import UserLog, client_paths, ledger_path
+from client.sealed import SealedFileError
+from client.store import DeviceFiles, TooFewEvents, UserLog, device_files
 from shared.data.catalog_bundle import load_catalog
 from shared.model import fusion
 from shared.model.config import ModelHyper
@@ -43,9 +44,18 @@ def _model(catalog_path: str, hyper: ModelHyper) -> RecommenderModel:
 def _setup(msg: Message, context: Context, settings: dict,
            config: RoundConfig) -> tuple[RecommenderModel, UserLog, Weights]:
     torch.set_num_threads(1)  # one core per virtual client: several run side by side
-    log_path, catalog_path = client_paths(context.node_config, {**settings, **context.run_config})
-    model = _model(str(catalog_path), config.model)
-    return model, UserLog.load(log_path), from_record(msg.content["arrays"], model_layout(model))
+    files = _files(context, settings)
+    model = _model(str(files.catalog), config.model)
+    return model, files.user_log(), from_record(msg.content["arrays"], model_layout(model))
+
+
+def _files(context: Context, settings: dict) -> DeviceFiles:
+    return device_files(context.node_config, {**settings, **context.run_config})
+
+
+# A device whose own files cannot be used (a wrong key, a changed or torn file, too short a log)
+# answers with the reason, and touches nothing.
+STORE_PROBLEMS = (SealedFileError, TooFewEvents, FileNotFoundError)
 
 
 def privacy_problem(config: RoundConfig, context: Context, settings: dict) -> str | None:
@@ -56,8 +66,9 @@ def privacy_problem(config: RoundConfig, context: Context, settings: dict) -> st
         if problems:
             return "the round asks more than this device allows: " + "; ".join(problems)
         if config.privacy.record or config.stage == cooccurrence.STAGE:   # a round that spends needs the ledger
-            PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
-    except (ValueError, PrivacyRefusal) as err:
+            PrivacyLedger(_files(context, settings).ledger)
+        _files(context, settings).user_log()   # a device with no usable log says so before the round
+    except (ValueError, PrivacyRefusal, FileNotFoundError) as err:
         return str(err)
     return None
 
@@ -92,7 +103,7 @@ def train_update(model: RecommenderModel, global_weights: Weights, user: UserLog
         delta, metrics = local_update(model, global_weights, user, config.local, rng, LocalStep())
         return delta, released(metrics, config.privacy)
     privacy = DevicePolicy.of(context.node_config, settings).record_privacy(config.privacy)
-    ledger = PrivacyLedger(ledger_path(context.node_config, {**settings, **context.run_config}))
+    ledger = PrivacyLedger(_files(context, settings).ledger)
     step = DPStep(privacy, ledger, config.local.local_epochs, config.local.optimizer)
     try:
         delta, metrics = local_update(model, global_weights, user, config.local, rng, step)
@@ -141,7 +152,10 @@ def handle_evaluate(msg: Message, context: Context, settings: dict) -> Message:
         return _refuse(msg, context, "this device requires differential privacy, and evaluation replies are "
                                      "not noised")
     config = unpack_round_config(msg.content["config"])
-    model, log_, weights = _setup(msg, context, settings, config)
+    try:
+        model, log_, weights = _setup(msg, context, settings, config)
+    except STORE_PROBLEMS as err:
+        return _refuse(msg, context, str(err))
     load_weights(model, weights)
     return Message(content=pack_eval_reply(local_metrics(model, log_, config.stage)), reply_to=msg)
 
@@ -178,16 +192,15 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
       depends on how many items it holds, and tag its coordinates in the sum."""
     if config.privacy.mode != "none":
         return secure.refuse_round(msg, context, "exact co-occurrence counts are not sent in a DP run")
-    paths = {**settings, **context.run_config}
-    log_path, catalog_path = client_paths(context.node_config, paths)
-    n_items = load_catalog(catalog_path).n_items
+    files = _files(context, settings)
+    n_items = load_catalog(files.catalog).n_items
     floor = exact_sum_floor(context, settings)
-    marker = ledger_path(context.node_config, paths).with_suffix(".counts-given")
+    marker = files.ledger.path.with_suffix(".counts-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
         _give_once(marker, "its co-occurrence counts", config, context)   # the blend round checks the run
         # Never the test item: the history a test-time recommendation would start from.
-        items = UserLog.load(log_path).history("test")
+        items = files.user_log().history("test")
         return {"counts": cooccurrence.counts_contribution(items, n_items)}, TrainMetrics(1.0)
 
     return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
@@ -204,10 +217,9 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
     of devices, with uniform weights, at the clip its vector was made for. Never the test item."""
     if config.privacy.mode != "none":
         return secure.refuse_round(msg, context, "validation statistics are not sent in a DP run")
-    paths = {**settings, **context.run_config}
-    log_path, catalog_path = client_paths(context.node_config, paths)
-    n_items = load_catalog(catalog_path).n_items
-    ledger = ledger_path(context.node_config, paths)
+    files = _files(context, settings)
+    n_items = load_catalog(files.catalog).n_items
+    ledger = files.ledger.path
     try:
         counts, kinds, wire = unpack_blend_request(msg.content, cooccurrence.counts_size(n_items), fusion.BLEND_KINDS)
     except MalformedRecord as err:
@@ -264,9 +276,8 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
     """This user's contribution to the DP item-item release: its normalised co-occurrence (norm <=
     cooccurrence.SENSITIVITY), accounted in the ledger as one Gaussian step before it leaves, plus
     its share of the noise. A device whose budget is spent contributes weight 0 and its noise."""
-    paths = {**settings, **context.run_config}
-    log_path, catalog_path = client_paths(context.node_config, paths)
-    n_items = load_catalog(catalog_path).n_items
+    files = _files(context, settings)
+    n_items = load_catalog(files.catalog).n_items
     p = config.privacy
     multiplier = max(p.record_noise, p.user_noise)   # the one in force; the policy checked its floor
     policy = DevicePolicy.of(context.node_config, settings)
@@ -276,7 +287,7 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
         return secure.refuse_round(msg, context, f"an item-item release needs a DP mode, noise shares >= 1 and a "
                                                  f"finite noise multiplier (got mode {p.mode!r}, {p.noise_shares} "
                                                  f"shares, multiplier {multiplier!r})")
-    ledger = PrivacyLedger(ledger_path(context.node_config, paths))   # its presence: privacy_problem
+    ledger = PrivacyLedger(files.ledger)   # its presence: privacy_problem
     event = (multiplier, 1.0, 1)
 
     def contribute() -> tuple[Weights, TrainMetrics]:
@@ -285,7 +296,7 @@ def _item_item_masked(msg: Message, context: Context, settings: dict, config: Ro
         except PrivacyBudgetExceeded as refusal:
             log.warning("node %d sits the release out: %s", context.node_id, refusal)
             return {"pairs": np.zeros(cooccurrence.pair_count(n_items))}, TrainMetrics(0.0, privacy_refused=True)
-        return {"pairs": cooccurrence.user_contribution(UserLog.load(log_path).train, n_items)}, TrainMetrics(1.0)
+        return {"pairs": cooccurrence.user_contribution(files.user_log().train, n_items)}, TrainMetrics(1.0)
 
     std = multiplier * cooccurrence.unit_sensitivity(p.mode, p.record_window) / np.sqrt(p.noise_shares)
     return secure.handle_masked(msg, context, contribute, config, noise_std=std)

@@ -48,7 +48,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from client.local import LocalStep
-from client.store import LedgerMissing, read_ledger, write_ledger
+from client.store import LedgerFile, LedgerMissing
 from shared.model.training import left_pad, per_example_loss
 from shared.privacy.accounting import ACCOUNTANTS, MODES, Event, epsilon
 from shared.privacy.dp_grad import per_example_gradients
@@ -180,10 +180,11 @@ class PrivacyLedger:
     written (`spend`) before the data is used. A crash after the write counts a round that was
     not used. That errs on the side of privacy."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, ledger: Path | LedgerFile):
+        self.file = ledger if isinstance(ledger, LedgerFile) else LedgerFile(Path(ledger))
+        self.path = self.file.path
         try:
-            self.history: list[Event] = read_ledger(self.path)
+            self.history: list[Event] = self.file.read()
         except LedgerMissing as err:
             raise PrivacyRefusal(str(err)) from None
 
@@ -202,7 +203,7 @@ class PrivacyLedger:
 
     def record(self, event: Event) -> None:
         self.history = _compose(self.history, event)
-        write_ledger(self.path, self.history)
+        self.file.write(self.history)
 
     def spend(self, event: Event, budget: float, delta: float, accountant: str = "rdp") -> float:
         """Check and record `event` as one step under an exclusive lock on the ledger (re-read
@@ -211,7 +212,7 @@ class PrivacyLedger:
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                self.history = read_ledger(self.path)
+                self.history = self.file.read()
                 after = self.check(event, budget, delta, accountant)
                 self.record(event)
                 return after

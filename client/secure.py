@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.store import credentials_path, read_credentials
+from client.store import device_files
 from shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
                              pack_masked_reply, pack_refusal, pack_register_reply, pack_shares_reply,
                              pack_unmask_reply, unit_weight, unpack_confirm_request, unpack_masked_request,
@@ -88,7 +88,7 @@ def _identity(context: Context) -> bytes | None:
 
 
 def _credentials(context: Context, settings: dict) -> DeviceCredentials:
-    return read_credentials(credentials_path(context.node_config, {**settings, **context.run_config}))
+    return device_files(context.node_config, {**settings, **context.run_config}).read_credentials()
 
 
 def handle_register(msg: Message, context: Context, settings: dict) -> Message:

@@ -1,9 +1,14 @@
-"""The device's own files: its behaviour log, its privacy ledger, and where each lives.
+"""The device's own files: its behaviour log, its privacy ledger, its enrolment credentials,
+and where each lives.
 
-One home for everything a device keeps on disk, so an encrypted store has one place to go
-(docs/threat-model.md). Where the files are:
-  * on a device (a SuperNode), node config `user-log=PATH` (its own log, `UserLog` .npz),
-    `catalog=PATH` (the public catalog bundle) and optionally `privacy-ledger=PATH`;
+One home for everything a device keeps on disk (docs/threat-model.md). Where the files are:
+  * on a device (a SuperNode run by `fedrec device run`), node config `device-store=DIR`: a
+    sealed store (`DeviceStore`: AES-256-GCM at rest, client/sealed.py) holding the log as
+    events (item id, time), the ledger and the credentials, with the public catalog beside
+    them; its key from node config `store-key-file=PATH`, or a passphrase in the SuperNode's
+    environment (FEDREC_STORE_PASSPHRASE);
+  * on a device with plain files, node config `user-log=PATH` (`UserLog` .npz), `catalog=PATH`
+    and optionally `privacy-ledger=PATH`, `device-credentials=PATH`;
   * in simulation, run config `store=DIR` plus node config `partition-id`: the log is
     DIR/users/<partition-id>.npz and the catalog DIR/catalog.npz.
 Every write is atomic (temporary file, fsync, rename): a crash leaves the old file or the new.
@@ -12,12 +17,17 @@ Light on purpose (numpy only): the ClientApp module imports it without torch.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from client.sealed import PASSPHRASE_ENV, SCRYPT, SealedFileError, StoreKey, read_sealed, seal, unseal, write_sealed
 
 
 @dataclass(frozen=True)
@@ -97,16 +107,42 @@ def read_ledger(path: Path) -> list[tuple]:
         raise ValueError(f"{path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
 
 
+def _ledger_document(history: list[tuple]) -> dict:
+    return {"history": history, "unit": LEDGER_UNIT, "accountant_history_format": "[noise multiplier, sample rate, steps]"}
+
+
 def write_ledger(path: Path, history: list[tuple]) -> None:
     """Replace the ledger atomically and durably (synced before the rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"history": history, "unit": LEDGER_UNIT,
-                   "accountant_history_format": "[noise multiplier, sample rate, steps]"}, f)
+        json.dump(_ledger_document(history), f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class LedgerFile:
+    """Where a device's privacy ledger lives: a plain JSON file, or sealed in its DeviceStore."""
+    path: Path
+    key: StoreKey | None = None
+
+    def read(self) -> list[tuple]:
+        if self.key is None:
+            return read_ledger(self.path)
+        if not self.path.exists():
+            read_ledger(self.path)   # the same refusal as a missing plain ledger
+        try:
+            return [tuple(e) for e in read_sealed(self.path, self.key, "ledger")["history"]]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
+
+    def write(self, history: list[tuple]) -> None:
+        if self.key is None:
+            write_ledger(self.path, history)
+        else:
+            write_sealed(self.path, self.key, "ledger", _ledger_document(history))
 
 
 def credentials_path(node_config: dict, run_config: dict) -> Path:
@@ -137,3 +173,180 @@ def write_credentials(path: Path, credentials) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+class TooFewEvents(ValueError):
+    """A device's log is too short to train or be evaluated on (it needs a history, a validation
+    and a test interaction)."""
+
+
+class DeviceStore:
+    """A device's private state, sealed at rest in one folder (client/sealed.py):
+      store.json     plain: format, how the key is made (key file, or scrypt's salt), a key check
+      log.sealed     the behaviour log: events [item id, time], in the order they were added
+      ledger.sealed  the privacy ledger (client/privacy.py: PrivacyLedger)
+      device.sealed  the secure-aggregation enrolment credentials (shared/secagg/identity.py)
+      catalog.npz    the public catalog (item ids, content), not secret
+    A wrong key is told apart from a changed file by the key check in store.json."""
+
+    HEADER, LOG, LEDGER, CREDENTIALS, CATALOG = "store.json", "log.sealed", "ledger.sealed", "device.sealed", "catalog.npz"
+    FORMAT = "fedrec-device-store-v1"
+
+    def __init__(self, folder: Path, key: StoreKey):
+        self.folder, self.key = Path(folder), key
+
+    @classmethod
+    def create(cls, folder: Path, catalog: Path, *, key_file: Path | None = None,
+               passphrase: str | None = None) -> "DeviceStore":
+        """A new, empty store: an empty log and ledger (nothing spent), the catalog copied in.
+        The key: a new key file (`key_file`, written 0600) or a passphrase through scrypt."""
+        from client.sealed import write_atomic
+        folder = Path(folder)
+        if (folder / cls.HEADER).exists():
+            raise SealedFileError(f"{folder}: a device store is already there; refusing to overwrite it")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        header: dict = {"format": cls.FORMAT}
+        if passphrase is not None:
+            salt = os.urandom(16)
+            key = StoreKey.from_passphrase(passphrase, salt)
+            header["kdf"] = {"scrypt": SCRYPT, "salt": salt.hex()}
+        elif key_file is not None:
+            key = StoreKey.new_file(Path(key_file)) if not Path(key_file).exists() else StoreKey.from_file(key_file)
+            header["kdf"] = "key-file"
+        else:
+            raise SealedFileError("a device store needs a key file or a passphrase")
+        header["check"] = seal(key, "check", cls.FORMAT.encode()).hex()
+        write_atomic(folder / cls.CATALOG, Path(catalog).read_bytes(), mode=0o644)
+        store = cls(folder, key)
+        write_sealed(folder / cls.LOG, key, "log", {"events": []})
+        store.ledger.write([])
+        write_atomic(folder / cls.HEADER, json.dumps(header, indent=1).encode())   # last: the store is whole
+        return store
+
+    @classmethod
+    def open(cls, folder: Path, *, key_file: Path | None = None, passphrase: str | None = None) -> "DeviceStore":
+        folder = Path(folder)
+        try:
+            header = json.loads((folder / cls.HEADER).read_text())
+        except FileNotFoundError:
+            raise SealedFileError(f"{folder}: not a device store (no {cls.HEADER}; create one with "
+                                  "`fedrec device init`)") from None
+        except ValueError as err:
+            raise SealedFileError(f"{folder / cls.HEADER}: unreadable ({err})") from None
+        if header.get("format") != cls.FORMAT:
+            raise SealedFileError(f"{folder / cls.HEADER}: format {header.get('format')!r}, expected {cls.FORMAT!r}")
+        key = cls._key(folder, header, key_file, passphrase)
+        try:
+            unseal(key, "check", bytes.fromhex(header["check"]), folder / cls.HEADER)
+        except (SealedFileError, KeyError, ValueError):
+            raise SealedFileError(f"{folder}: wrong key or passphrase for this device store") from None
+        return cls(folder, key)
+
+    @staticmethod
+    def _key(folder: Path, header: dict, key_file: Path | None, passphrase: str | None) -> StoreKey:
+        kdf = header.get("kdf")
+        if isinstance(kdf, dict):
+            passphrase = passphrase if passphrase is not None else os.environ.get(PASSPHRASE_ENV)
+            if passphrase is None:
+                raise SealedFileError(f"{folder}: this store is sealed with a passphrase; give it in "
+                                      f"{PASSPHRASE_ENV}")
+            return StoreKey.from_passphrase(passphrase, bytes.fromhex(kdf["salt"]), kdf["scrypt"])
+        if key_file is None:
+            raise SealedFileError(f"{folder}: this store is sealed with a key file; give its path "
+                                  "(--key-file, or node config store-key-file)")
+        return StoreKey.from_file(Path(key_file))
+
+    @property
+    def ledger(self) -> LedgerFile:
+        return LedgerFile(self.folder / self.LEDGER, self.key)
+
+    @property
+    def catalog(self) -> Path:
+        return self.folder / self.CATALOG
+
+    def events(self) -> list[tuple[str, float]]:
+        try:
+            return [(str(i), float(t)) for i, t in read_sealed(self.folder / self.LOG, self.key, "log")["events"]]
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, SealedFileError):
+                raise
+            raise SealedFileError(f"{self.folder / self.LOG}: unreadable log ({err})") from None
+
+    @contextmanager
+    def _locked(self):
+        """One writer at a time (two `add-event` calls must not lose each other's event)."""
+        with open(self.folder / "log.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def add_events(self, events: list[tuple[str, float | None]]) -> int:
+        """Append events (item id, time; None: now). Each id must be in the catalog. Durable on
+        return: a crash before then loses these events and nothing else. Returns the log's length."""
+        from shared.data.catalog_bundle import load_catalog
+        known = set(load_catalog(self.catalog).item_ids.tolist())
+        unknown = [str(i) for i, _ in events if str(i) not in known]
+        if unknown:
+            raise SealedFileError(f"item(s) {', '.join(unknown[:5])} are not in this store's catalog ({self.catalog})")
+        now = time.time()
+        with self._locked():
+            log_ = self.events() + [(str(i), now if t is None else float(t)) for i, t in events]
+            write_sealed(self.folder / self.LOG, self.key, "log", {"events": log_})
+        return len(log_)
+
+    def user_log(self) -> UserLog:
+        """The log as the model reads it: catalog indices by time (ties keep the order added), an
+        item's repeats dropped after its first time (as the data preparation does), items no longer
+        in the catalog left out; the second-last item is the validation target, the last the test's."""
+        from shared.data.catalog_bundle import load_catalog
+        index = {item: i + 1 for i, item in enumerate(load_catalog(self.catalog).item_ids.tolist())}
+        seen, items = set(), []
+        for item, _ in sorted(self.events(), key=lambda e: e[1]):
+            if item in index and item not in seen:
+                seen.add(item)
+                items.append(index[item])
+        if len(items) < 3:
+            raise TooFewEvents(f"{self.folder}: {len(items)} distinct catalog item(s) in the log; training needs at least 3")
+        return UserLog(np.asarray(items[:-2], dtype=np.int64), items[-2], items[-1])
+
+    def read_credentials(self):
+        import base64
+        from shared.secagg.identity import DeviceCredentials
+        path = self.folder / self.CREDENTIALS
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "
+                                    "(`fedrec device init --credentials FILE` seals them in)")
+        return DeviceCredentials.from_bytes(base64.b64decode(read_sealed(path, self.key, "credentials")))
+
+    def write_credentials(self, credentials) -> None:
+        import base64
+        write_sealed(self.folder / self.CREDENTIALS, self.key, "credentials", base64.b64encode(credentials.to_bytes()).decode())
+
+
+@dataclass(frozen=True)
+class DeviceFiles:
+    """Everything a handler reads or writes of this device, resolved once from its configs."""
+    catalog: Path
+    ledger: LedgerFile
+    log: Path | None = None          # a plain UserLog file
+    credentials: Path | None = None  # a plain credentials file
+    store: DeviceStore | None = None
+
+    def user_log(self) -> UserLog:
+        return self.store.user_log() if self.store else UserLog.load(self.log)
+
+    def read_credentials(self):
+        return self.store.read_credentials() if self.store else read_credentials(self.credentials)
+
+
+def device_files(node_config: dict, run_config: dict) -> DeviceFiles:
+    if "device-store" in node_config:
+        key_file = node_config.get("store-key-file")
+        store = DeviceStore.open(Path(str(node_config["device-store"])),
+                                 key_file=Path(str(key_file)) if key_file else None)
+        return DeviceFiles(Path(str(node_config.get("catalog", store.catalog))), store.ledger, store=store)
+    log_path, catalog = client_paths(node_config, run_config)
+    return DeviceFiles(catalog, LedgerFile(ledger_path(node_config, run_config)), log=log_path,
+                       credentials=credentials_path(node_config, run_config))
