@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from shared.errors import UserFileError
+
 MAGIC = b"fedrec-sealed-v1\n"
 NONCE = 12
 KEY_BYTES = 32
@@ -32,7 +34,7 @@ PASSPHRASE_ENV = "FEDREC_STORE_PASSPHRASE"
 SCRYPT = {"n": 2 ** 15, "r": 8, "p": 1}
 
 
-class SealedFileError(ValueError):
+class SealedFileError(UserFileError):
     """A sealed file or key that cannot be used; the message names the file and what to do."""
 
 

@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedrec import __version__
+from fedrec import __version__, deploy_cli
 from shared.data.schema import DataError
-from shared.errors import BundleError, RunFailed
+from shared.errors import BundleError, RunFailed, UserFileError
 from shared.settings import SETTINGS, SettingsError, check
 
 MODES = ("centralized", "federated")
@@ -84,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50061, help="port (default: 50061)")
     serve.add_argument("--workers", type=int, default=8, help="request threads (default: 8)")
     _add_benches(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
+    deploy_cli.add_parsers(commands)
     return top
 
 
@@ -355,7 +356,8 @@ def _serve(args, values: dict) -> None:
 
 
 COMMANDS = {"train": _train, "store": _store, "compare": _compare, "bench": _bench, "recommend": _recommend,
-            "serve": _serve, "show": _show}
+            "serve": _serve, "show": _show, "certs": deploy_cli.certs, "server": deploy_cli.server,
+            "device": deploy_cli.device}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         COMMANDS[args.command](args, values)
-    except (DataError, BundleError) as err:
+    except (DataError, BundleError, UserFileError) as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:

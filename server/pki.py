@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.errors import UserFileError
+
 CURVE = ec.SECP384R1()
 
 
-class CertificateError(ValueError):
+class CertificateError(UserFileError):
     """A certificate or key that cannot be used; the message names the file and the fix."""
 
 

@@ -9,3 +9,8 @@ class RunFailed(RuntimeError):
 class BundleError(Exception):
     """A model bundle that cannot be used: missing, torn, tampered with, or of another format
     (shared/bundle.py). Exit 2."""
+
+
+class UserFileError(ValueError):
+    """A file the user gave (a certificate, a key, a device store) that cannot be used; the message
+    names the file and what to do. The CLI prints it as one line, exit 2."""

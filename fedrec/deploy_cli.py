@@ -1,0 +1,172 @@
+"""`fedrec certs`, `fedrec server` and `fedrec device`: the deployment commands (docs/deployment.md).
+
+Flags and their help here; the work in server/pki.py, server/deploy.py, client/store.py and
+client/device.py. A mistake the user can fix is one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+DEVICE_STORE_HELP = "the device's sealed store folder (made by `fedrec device init`)"
+KEY_FILE_HELP = ("the store's key file (32 bytes, owner-only); without it the store's passphrase is read from "
+                 "FEDREC_STORE_PASSPHRASE")
+
+
+def add_parsers(commands) -> None:
+    certs = commands.add_parser("certs", help="the operator's TLS CA, the server's certificate, device kits")
+    kinds = certs.add_subparsers(dest="certs", required=True)
+    ca = kinds.add_parser("ca", help="a new TLS CA and secure-aggregation enrolment CA in a folder (files 0600)")
+    ca.add_argument("--out", type=Path, required=True, help="the CA folder")
+    ca.add_argument("--days", type=int, default=3650, help="validity (default: 3650)")
+    server = kinds.add_parser("server", help="the SuperLink's TLS certificate, signed by the CA")
+    server.add_argument("--ca", type=Path, required=True, help="the CA folder")
+    server.add_argument("--host", action="append", default=[],
+                        help="a DNS name or IP address devices dial (repeat; localhost and 127.0.0.1 are always added)")
+    server.add_argument("--days", type=int, default=825, help="validity (default: 825)")
+    device = kinds.add_parser("device", help="one device's kit: SuperNode auth key pair, enrolment, CA certificate")
+    device.add_argument("name", help="the device's name (letters, digits, - or _)")
+    device.add_argument("--ca", type=Path, required=True, help="the CA folder")
+    check = kinds.add_parser("check", help="is a certificate usable: validity, issuer, host name, key pair")
+    check.add_argument("cert", type=Path, help="the certificate (PEM)")
+    check.add_argument("--ca", type=Path, required=True, help="the CA folder (its ca.crt)")
+    check.add_argument("--host", help="a name or address devices dial, which the certificate must name")
+    check.add_argument("--key", type=Path, help="the private key that must pair with the certificate")
+    _add_server(commands)
+    _add_device(commands)
+
+
+def _add_server(commands) -> None:
+    from fedrec.cli import FEDERATED, TRAIN, _add_settings
+    server = commands.add_parser("server", help="the aggregation server: a SuperLink with TLS, SuperNode "
+                                 "authentication and a database, and our ServerApp submitted to it")
+    kinds = server.add_subparsers(dest="server", required=True)
+    start = kinds.add_parser("start", help="run the SuperLink until Ctrl-C (its state survives a restart)")
+    start.add_argument("--state", type=Path, required=True, help="the server's state folder")
+    start.add_argument("--ca", type=Path, required=True, help="the CA folder (ca.crt, server.crt/.key, enrolment-ca.pub)")
+    start.add_argument("--catalog", type=Path, required=True, help="the public catalog (catalog.npz from `fedrec store`)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1; 0.0.0.0 for devices on other machines)")
+    start.add_argument("--port", type=int, default=8000, help="port for devices and the flwr CLI (default: 8000)")
+    register = kinds.add_parser("register", help="allow a device to connect: register its kit's auth.pub")
+    register.add_argument("--state", type=Path, required=True, help="the server's state folder")
+    register.add_argument("public_key", type=Path, nargs="+", help="devices' auth.pub files")
+    run = kinds.add_parser("run", help="submit a federated training run to the started SuperLink and follow it")
+    run.add_argument("--state", type=Path, required=True, help="the server's state folder")
+    _add_settings(run, TRAIN + FEDERATED)
+    run.add_argument("--out", type=Path, required=True, help="output folder, on the server (result.json, bundle/)")
+
+
+def _add_device(commands) -> None:
+    device = commands.add_parser("device", help="a device: its sealed store, its events, its SuperNode, "
+                                 "its recommendations")
+    kinds = device.add_subparsers(dest="device", required=True)
+    init = kinds.add_parser("init", help="a new sealed store (AES-256-GCM) with an empty log and ledger")
+    _store_args(init)
+    init.add_argument("--catalog", type=Path, required=True, help="the public catalog (catalog.npz)")
+    init.add_argument("--credentials", type=Path, help="the kit's credentials.device, sealed into the store")
+    init.add_argument("--passphrase", action="store_true",
+                      help="seal with the passphrase in FEDREC_STORE_PASSPHRASE (scrypt) instead of a key file")
+    add = kinds.add_parser("add-event", help="append an interaction to the device's log")
+    _store_args(add)
+    add.add_argument("item", help="the item's id, as in the catalog")
+    add.add_argument("--time", type=float, help="when, in seconds since 1970 (default: now)")
+    show = kinds.add_parser("show", help="what the store holds: events, privacy spent, enrolment")
+    _store_args(show)
+    recommend = kinds.add_parser("recommend", help="this device's recommendations, computed here from its own log")
+    _store_args(recommend)
+    recommend.add_argument("--bundle", type=Path, required=True, help="the published bundle folder")
+    recommend.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
+    run = kinds.add_parser("run", help="run this device's SuperNode (until Ctrl-C)")
+    _store_args(run)
+    run.add_argument("--kit", type=Path, required=True, help="the device's kit folder (auth.key, ca.crt)")
+    run.add_argument("--superlink", required=True, help="the server's HOST:PORT")
+    run.add_argument("--port", type=int, default=9094,
+                     help="local port for the SuperNode's app runtime; one per SuperNode on a machine (default: 9094)")
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, required=True, help=DEVICE_STORE_HELP)
+    p.add_argument("--key-file", type=Path, help=KEY_FILE_HELP)
+
+
+def certs(args, values: dict) -> None:
+    from server import pki
+    if args.certs == "ca":
+        pki.make_ca(args.out, days=args.days)
+        print(f"CA -> {args.out} (ca.crt goes to every device; keep ca.key and enrolment-ca.key offline)")
+    elif args.certs == "server":
+        hosts = list(dict.fromkeys(args.host + ["localhost", "127.0.0.1"]))
+        pki.server_certificate(args.ca, hosts, days=args.days)
+        print(f"server certificate for {', '.join(hosts)} -> {args.ca}/server.crt, server.key")
+    elif args.certs == "device":
+        kit = pki.device_kit(args.ca, args.name)
+        print(f"device kit -> {kit} (copy it to the device; register it with "
+              f"`fedrec server register --state DIR {kit}/auth.pub`)")
+    else:
+        cert = pki.check_certificate(args.cert, args.ca / "ca.crt", host=args.host, key_path=args.key)
+        print(f"{args.cert}: valid until {cert.not_valid_after_utc:%Y-%m-%d}, issued by {args.ca}/ca.crt"
+              + (f", names {args.host}" if args.host else "") + (", pairs with the key" if args.key else ""))
+
+
+def server(args, values: dict) -> None:
+    from server import deploy
+    from shared.processes import stop_group
+    if args.server == "start":
+        proc = deploy.start_superlink(args.state, args.ca, args.catalog, host=args.host, port=args.port)
+        print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state {args.state}); "
+              f"log {args.state}/superlink.log. Ctrl-C stops it.", flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_group(proc)
+    elif args.server == "register":
+        for key in args.public_key:
+            print(f"{key}: registered as node {deploy.register(args.state, key)}")
+    else:
+        _server_run(args, values)
+
+
+def _server_run(args, values: dict) -> None:
+    import json
+    from server import deploy
+    from shared.errors import RunFailed
+    from shared.settings import RUN_CONFIG
+    info_file = args.state / "server.json"
+    if not info_file.is_file():
+        raise RunFailed(f"{info_file}: missing; start the SuperLink first with `fedrec server start --state {args.state}`")
+    info = json.loads(info_file.read_text())
+    run_config = {s.key: values[s.key] for s in RUN_CONFIG if s.key in values}
+    run_config.update(store=info["store"], out=str(args.out.resolve()))
+    code = subprocess.call(deploy.submit_argv(args.state, run_config), env=deploy.flower_env(args.state),
+                           cwd=deploy.PROJECT)
+    if code:
+        raise RunFailed(f"flwr run exited with code {code}")
+    print(f"run finished -> {args.out}/result.json, {args.out}/bundle")
+
+
+def device(args, values: dict) -> None:
+    import os
+    from client import device as dev
+    if args.device == "init":
+        passphrase = os.environ.get("FEDREC_STORE_PASSPHRASE") if args.passphrase else None
+        if args.passphrase and not passphrase:
+            raise dev.DeviceError("--passphrase: set FEDREC_STORE_PASSPHRASE to the passphrase first")
+        print(dev.init(args.store, args.catalog, key_file=args.key_file, passphrase=passphrase,
+                       credentials=args.credentials))
+        return
+    store = dev.open_store(args.store, args.key_file)
+    if args.device == "add-event":
+        print(f"{store.add_events([(args.item, args.time)])} events in {args.store}")
+    elif args.device == "show":
+        print(dev.describe(store))
+    elif args.device == "recommend":
+        dev.print_recommendations(store, args.bundle, args.k)
+    else:
+        argv = dev.supernode_argv(store, args.key_file, args.kit, args.superlink, args.port)
+        from shared.processes import flower_env
+        sys.exit(subprocess.call(argv, env=flower_env()))

@@ -1,0 +1,99 @@
+"""The aggregation server as an operator runs it (`fedrec server`): Flower's SuperLink with TLS,
+SuperNode authentication and a persistent database, and our ServerApp submitted to it with
+`flwr run`. Plain functions that build Flower's command lines and files; Flower does the work.
+
+The server's state folder (`--state DIR`) holds everything that must outlive a restart:
+  superlink.db      the SuperLink's database (registered SuperNodes, runs); a restarted
+                    SuperLink keeps its registered devices
+  superlink.log     the SuperLink's log
+  flwr/config.toml  the `flwr` CLI's connection to it (FLWR_HOME): address and CA certificate
+  store/            what the ServerApp reads: the public catalog and the enrolment CA's public key
+  server.json       where it listens, written by `start`, read by `register` and `run`
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from server.pki import check_certificate
+from shared.errors import RunFailed
+from shared.processes import flower_env, tool, wait_listening
+
+CONNECTION = "fedrec"
+PROJECT = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml's [tool.flwr.app]
+
+
+def prepare_state(state: Path, ca: Path, catalog: Path, host: str, port: int) -> dict:
+    """Check the TLS files, copy what the ServerApp reads into state/store, and point the `flwr`
+    CLI at the SuperLink (it dials loopback: the certificate must name 127.0.0.1)."""
+    state, ca = Path(state).resolve(), Path(ca).resolve()
+    check_certificate(ca / "server.crt", ca / "ca.crt", host="127.0.0.1", key_path=ca / "server.key")
+    store = state / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(catalog, store / "catalog.npz")
+    shutil.copyfile(ca / "enrolment-ca.pub", store / "enrolment-ca.pub")
+    (state / "flwr").mkdir(exist_ok=True)
+    (state / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca / "ca.crt"}"\n')
+    info = {"host": host, "port": port, "ca": str(ca), "store": str(store)}
+    (state / "server.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def superlink_argv(state: Path, ca: Path, host: str, port: int) -> list[str]:
+    state, ca = Path(state).resolve(), Path(ca).resolve()
+    return [tool("flower-superlink"), "--ssl-ca-certfile", str(ca / "ca.crt"), "--ssl-certfile", str(ca / "server.crt"),
+            "--ssl-keyfile", str(ca / "server.key"), "--enable-supernode-auth", "--database", str(state / "superlink.db"),
+            "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+
+
+def start_superlink(state: Path, ca: Path, catalog: Path, host: str = "127.0.0.1", port: int = 8000,
+                    timeout: float = 120.0) -> subprocess.Popen:
+    """The SuperLink in its own process group (stop it with stop_group), once it accepts
+    connections; its output goes to state/superlink.log."""
+    prepare_state(state, ca, catalog, host, port)
+    log = open(Path(state) / "superlink.log", "ab")
+    proc = subprocess.Popen(superlink_argv(state, ca, host, port), stdout=log, stderr=subprocess.STDOUT,
+                            env=flower_env(state), start_new_session=True)
+    wait_listening(port, proc, timeout, Path(state) / "superlink.log")
+    return proc
+
+
+def _flwr(state: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("flwr"), *args], capture_output=True, text=True, env=flower_env(state),
+                          timeout=timeout, cwd=PROJECT)
+
+
+def register(state: Path, public_key: Path) -> int:
+    """Register a device's SuperNode authentication key (its kit's auth.pub); returns its node id.
+    Only registered keys may connect while --enable-supernode-auth is on."""
+    out = _flwr(state, "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json",
+                timeout=120)
+    try:
+        reply = json.loads(out.stdout[out.stdout.index("{"):])
+        return int(reply["node-id"])
+    except (ValueError, KeyError):
+        raise RunFailed(f"registering {public_key} failed: {(out.stdout + out.stderr).strip()[-500:]}") from None
+
+
+def run_config_file(state: Path, values: dict) -> Path:
+    """The ServerApp's settings as a TOML file for `flwr run --run-config` (no shell quoting)."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value))}")
+    path = Path(state) / "run-config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def submit_argv(state: Path, values: dict) -> list[str]:
+    return [tool("flwr"), "run", str(PROJECT), CONNECTION, "--run-config", str(run_config_file(state, values)),
+            "--stream"]
