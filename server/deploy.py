@@ -56,8 +56,9 @@ def start_superlink(state: Path, ca: Path, catalog: Path, host: str = "127.0.0.1
     connections; its output goes to state/superlink.log."""
     prepare_state(state, ca, catalog, host, port)
     log = open(Path(state) / "superlink.log", "ab")
+    env = {**flower_env(state), "PYTHONUNBUFFERED": "1"}   # its log is read as it runs
     proc = subprocess.Popen(superlink_argv(state, ca, host, port), stdout=log, stderr=subprocess.STDOUT,
-                            env=flower_env(state), start_new_session=True)
+                            env=env, start_new_session=True)
     wait_listening(port, proc, timeout, Path(state) / "superlink.log")
     return proc
 

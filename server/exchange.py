@@ -31,6 +31,17 @@ class Exchange:
     refusals: dict[int, RecordDict] = field(default_factory=dict)  # node -> its refusal
 
 
+def _answering_node(reply: Message, messages: list[Message]) -> int:
+    """The node a reply answers for. In deployment, when a node is gone, the SuperLink answers in its
+    place with an error from its own id: such a reply is matched to its message (ids are set when
+    the grid pushed the messages)."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        node = sent.get(reply.metadata.reply_to_message_id, node)
+    return node
+
+
 def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], timeout: float,
              fail_on_error: bool) -> Exchange:
     """Send `contents[node]` to each node as `message_type`; collect what comes back in `timeout`.
@@ -38,7 +49,7 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
     messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
     out = Exchange(bytes_down=sum(record_bytes(m.content) for m in messages))
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = _answering_node(reply, messages)
         if node not in contents or node in out.replies:
             out.failed.append(f"node {node}: {'unasked' if node not in contents else 'duplicate'} reply to "
                               f"{message_type!r}; dropped")
