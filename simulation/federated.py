@@ -81,13 +81,21 @@ def write_store(prepared: PreparedData, store: Path) -> Path:
     return store
 
 
+def ray_init_args() -> dict:
+    """A local Ray on this machine's cores; or, with RAY_ADDRESS set (Ray's own variable, e.g.
+    127.0.0.1:6379 or "auto"), the running Ray cluster there: a head and workers started with
+    `ray start` (docs/federated.md). Ray refuses a CPU count when joining a cluster."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return {"address": address, "log_to_driver": False}
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False}
+
+
 def simulate(server_app, client_app, num_clients: int) -> None:
     """Flower's simulation engine, one virtual SuperNode per client, one CPU per ClientApp
     (two at a time on two cores; asking for more CPUs than exist makes Ray hang)."""
     from flwr.simulation import run_simulation
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                             "log_to_driver": False}}
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_init_args()}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                    backend_config=backend)
 
