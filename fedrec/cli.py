@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50061, help="port (default: 50061)")
     serve.add_argument("--workers", type=int, default=8, help="request threads (default: 8)")
     _add_benches(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
-    deploy_cli.add_parsers(commands)
+    deploy_cli.add_parsers(commands, lambda p: _add_settings(p, ("model",) + FEDERATED))
     return top
 
 

@@ -15,7 +15,8 @@ KEY_FILE_HELP = ("the store's key file (32 bytes, owner-only); without it the st
                  "FEDREC_STORE_PASSPHRASE")
 
 
-def add_parsers(commands) -> None:
+def add_parsers(commands, add_training_flags) -> None:
+    """`add_training_flags(parser)` adds `fedrec train`'s federated flags (from the settings table)."""
     certs = commands.add_parser("certs", help="the operator's TLS CA, the server's certificate, device kits")
     kinds = certs.add_subparsers(dest="certs", required=True)
     ca = kinds.add_parser("ca", help="a new TLS CA and secure-aggregation enrolment CA in a folder (files 0600)")
@@ -34,12 +35,11 @@ def add_parsers(commands) -> None:
     check.add_argument("--ca", type=Path, required=True, help="the CA folder (its ca.crt)")
     check.add_argument("--host", help="a name or address devices dial, which the certificate must name")
     check.add_argument("--key", type=Path, help="the private key that must pair with the certificate")
-    _add_server(commands)
+    _add_server(commands, add_training_flags)
     _add_device(commands)
 
 
-def _add_server(commands) -> None:
-    from fedrec.cli import FEDERATED, TRAIN, _add_settings
+def _add_server(commands, add_training_flags) -> None:
     server = commands.add_parser("server", help="the aggregation server: a SuperLink with TLS, SuperNode "
                                  "authentication and a database, and our ServerApp submitted to it")
     kinds = server.add_subparsers(dest="server", required=True)
@@ -55,7 +55,7 @@ def _add_server(commands) -> None:
     register.add_argument("public_key", type=Path, nargs="+", help="devices' auth.pub files")
     run = kinds.add_parser("run", help="submit a federated training run to the started SuperLink and follow it")
     run.add_argument("--state", type=Path, required=True, help="the server's state folder")
-    _add_settings(run, TRAIN + FEDERATED)
+    add_training_flags(run)
     run.add_argument("--out", type=Path, required=True, help="output folder, on the server (result.json, bundle/)")
 
 
