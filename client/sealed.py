@@ -103,7 +103,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync of the folder (so the rename itself survives a power cut)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)   # a stale one from a killed process of the same pid
+    # Exclusive and not through a link: a planted symlink cannot redirect the write.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

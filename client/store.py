@@ -250,7 +250,11 @@ class DeviceStore:
             if passphrase is None:
                 raise SealedFileError(f"{folder}: this store is sealed with a passphrase; give it in "
                                       f"{PASSPHRASE_ENV}")
-            return StoreKey.from_passphrase(passphrase, bytes.fromhex(kdf["salt"]), kdf["scrypt"])
+            params = kdf.get("scrypt")
+            if params != SCRYPT:   # the header is not authenticated: never let it choose the cost
+                raise SealedFileError(f"{folder / DeviceStore.HEADER}: scrypt parameters {params!r} are not "
+                                      f"fedrec's {SCRYPT!r}; refusing them")
+            return StoreKey.from_passphrase(passphrase, bytes.fromhex(kdf["salt"]), params)
         if key_file is None:
             raise SealedFileError(f"{folder}: this store is sealed with a key file; give its path "
                                   "(--key-file, or node config store-key-file)")

@@ -1,5 +1,6 @@
 """The sealed device store, attacked as someone who copies or edits the device's folder would,
 and crashed as a phone's process is (kill -9 in the middle of a write)."""
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,13 @@ def test_a_passphrase_store_and_its_errors(tmp_path, catalog, monkeypatch):
         DeviceStore.open(tmp_path / "dev", passphrase="battery staple")
     monkeypatch.setenv("FEDREC_STORE_PASSPHRASE", "correct horse")
     assert DeviceStore.open(tmp_path / "dev").events() == []
+    # The header is plain: whoever edits it must not choose scrypt's cost (2^30 would exhaust memory).
+    header = tmp_path / "dev" / "store.json"
+    edited = json.loads(header.read_text())
+    edited["kdf"]["scrypt"]["n"] = 2 ** 30
+    header.write_text(json.dumps(edited))
+    with pytest.raises(SealedFileError, match="scrypt parameters .* refusing them"):
+        DeviceStore.open(tmp_path / "dev")
 
 
 def test_unknown_items_and_short_logs_are_clear_errors(store):
