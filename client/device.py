@@ -16,18 +16,25 @@ class DeviceError(SealedFileError):
 
 def init(folder: Path, catalog: Path, *, key_file: Path | None, passphrase: str | None,
          credentials: Path | None) -> str:
+    from shared.data.catalog_bundle import load_catalog
     from shared.secagg.identity import DeviceCredentials
     if (key_file is None) == (passphrase is None):
         raise DeviceError("give either --key-file (a new one is made if missing) or --passphrase")
-    if not Path(catalog).is_file():
-        raise DeviceError(f"{catalog}: no such catalog file")
-    store = DeviceStore.create(folder, catalog, key_file=key_file, passphrase=passphrase)
-    said = f"sealed store -> {folder} (AES-256-GCM; key {'from the passphrase' if passphrase else key_file})"
+    # Everything read and checked before anything is written: a mistake leaves no half-made store.
+    try:
+        load_catalog(Path(catalog))
+    except (OSError, ValueError, KeyError) as err:
+        raise DeviceError(f"{catalog}: not a catalog file ({err}); use the catalog.npz the server uses") from None
+    enrolment = None
     if credentials is not None:
         try:
-            store.write_credentials(DeviceCredentials.from_bytes(Path(credentials).read_bytes()))
+            enrolment = DeviceCredentials.from_bytes(Path(credentials).read_bytes())
         except (OSError, ValueError) as err:
             raise DeviceError(f"{credentials}: cannot read the device's credentials ({err})") from None
+    store = DeviceStore.create(folder, catalog, key_file=key_file, passphrase=passphrase)
+    said = f"sealed store -> {folder} (AES-256-GCM; key {'from the passphrase' if passphrase else key_file})"
+    if enrolment is not None:
+        store.write_credentials(enrolment)
         said += f"; enrolment sealed in (delete the plain copy {credentials} once the device runs)"
     return said
 
@@ -79,8 +86,10 @@ def supernode_argv(store: DeviceStore, key_file: Path | None, kit: Path, superli
     for name in ("ca.crt", "auth.key"):
         if not (kit / name).is_file():
             raise DeviceError(f"{kit / name}: missing (a kit from `fedrec certs device` holds it)")
-    config = f"device-store='{store.folder.resolve()}'"
-    if key_file is not None:
-        config += f" store-key-file='{Path(key_file).resolve()}'"
+    paths = [store.folder.resolve()] + ([Path(key_file).resolve()] if key_file is not None else [])
+    if any("'" in str(p) or '"' in str(p) for p in paths):
+        raise DeviceError(f"{', '.join(map(str, paths))}: a quote in the path would break the SuperNode's node config; "
+                          "move the store or key file")
+    config = f"device-store='{paths[0]}'" + (f" store-key-file='{paths[1]}'" if key_file is not None else "")
     return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(kit / "ca.crt"),
             "--auth-supernode-private-key", str(kit / "auth.key"), "--port", str(port), "--node-config", config]

@@ -57,6 +57,9 @@ def _add_server(commands, add_training_flags) -> None:
     run.add_argument("--state", type=Path, required=True, help="the server's state folder")
     add_training_flags(run)
     run.add_argument("--out", type=Path, required=True, help="output folder, on the server (result.json, bundle/)")
+    run.add_argument("--min-nodes", type=int, default=0,
+                     help="wait until this many devices are connected before round 1, at most --wait-for-nodes "
+                          "seconds (default: 0, a round's clients)")
 
 
 def _add_device(commands) -> None:
@@ -113,17 +116,20 @@ def certs(args, values: dict) -> None:
 
 def server(args, values: dict) -> None:
     from server import deploy
+    from shared.errors import RunFailed
     from shared.processes import stop_group
     if args.server == "start":
         proc = deploy.start_superlink(args.state, args.ca, args.catalog, host=args.host, port=args.port)
         print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state {args.state}); "
               f"log {args.state}/superlink.log. Ctrl-C stops it.", flush=True)
         try:
-            proc.wait()
+            code = proc.wait()
         except KeyboardInterrupt:
-            pass
+            code = 0
         finally:
             stop_group(proc)
+        if code:
+            raise RunFailed(f"the SuperLink exited with code {code}; see {args.state}/superlink.log")
     elif args.server == "register":
         for key in args.public_key:
             print(f"{key}: registered as node {deploy.register(args.state, key)}")
@@ -132,21 +138,26 @@ def server(args, values: dict) -> None:
 
 
 def _server_run(args, values: dict) -> None:
-    import json
+    import time
     from server import deploy
     from shared.errors import RunFailed
+    from shared.processes import flower_env
     from shared.settings import RUN_CONFIG
-    info_file = args.state / "server.json"
-    if not info_file.is_file():
-        raise RunFailed(f"{info_file}: missing; start the SuperLink first with `fedrec server start --state {args.state}`")
-    info = json.loads(info_file.read_text())
+    info = deploy.server_info(args.state)
     run_config = {s.key: values[s.key] for s in RUN_CONFIG if s.key in values}
-    run_config.update(store=info["store"], out=str(args.out.resolve()))
-    code = subprocess.call(deploy.submit_argv(args.state, run_config), env=deploy.flower_env(args.state),
-                           cwd=deploy.PROJECT)
-    if code:
-        raise RunFailed(f"flwr run exited with code {code}")
-    print(f"run finished -> {args.out}/result.json, {args.out}/bundle")
+    run_config.update(store=info["store"], out=str(args.out.resolve()), **{"min-nodes": args.min_nodes})
+    started, result = time.time(), args.out / "result.json"
+    try:
+        code = subprocess.call(deploy.submit_argv(args.state, run_config), env=flower_env(args.state),
+                               cwd=deploy.PROJECT)
+    except KeyboardInterrupt:
+        raise RunFailed("stopped following the run; it goes on on the SuperLink (`flwr ls` and `flwr stop RUN_ID` "
+                        f"with FLWR_HOME={args.state.resolve() / 'flwr'})") from None
+    # `flwr run --stream` exits 0 whatever the ServerApp did: the result file is the proof.
+    if code or not result.is_file() or result.stat().st_mtime < started:
+        raise RunFailed(f"the run did not finish (flwr run exit {code}; no new {result}); see the log above and "
+                        f"{args.state}/superlink.log")
+    print(f"run finished -> {result}, {args.out}/bundle")
 
 
 def device(args, values: dict) -> None:
@@ -169,4 +180,8 @@ def device(args, values: dict) -> None:
     else:
         argv = dev.supernode_argv(store, args.key_file, args.kit, args.superlink, args.port)
         from shared.processes import flower_env
-        sys.exit(subprocess.call(argv, env=flower_env()))
+        try:
+            code = subprocess.call(argv, env=flower_env())
+        except KeyboardInterrupt:
+            code = 0
+        sys.exit(code)

@@ -18,18 +18,30 @@ import subprocess
 from pathlib import Path
 
 from server.pki import check_certificate
-from shared.errors import RunFailed
-from shared.processes import flower_env, tool, wait_listening
+from shared.errors import RunFailed, UserFileError
+from shared.processes import flower_env, stop_group, tool, wait_listening
 
 CONNECTION = "fedrec"
 PROJECT = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml's [tool.flwr.app]
 
 
+def local_address(host: str) -> str:
+    """Where the `flwr` CLI on the server itself dials the SuperLink: loopback when it listens on
+    every address (or loopback), else the one address it listens on."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") else host
+
+
 def prepare_state(state: Path, ca: Path, catalog: Path, host: str, port: int) -> dict:
     """Check the TLS files, copy what the ServerApp reads into state/store, and point the `flwr`
-    CLI at the SuperLink (it dials loopback: the certificate must name 127.0.0.1)."""
+    CLI at the SuperLink (the certificate must name the address it dials)."""
     state, ca = Path(state).resolve(), Path(ca).resolve()
-    check_certificate(ca / "server.crt", ca / "ca.crt", host="127.0.0.1", key_path=ca / "server.key")
+    for needed in (Path(catalog), ca / "enrolment-ca.pub"):
+        if not needed.is_file():
+            raise UserFileError(f"{needed}: no such file (the catalog comes from `fedrec store`, the enrolment "
+                                "CA's public key from `fedrec certs ca`)")
+    dial = local_address(host)
+    check_certificate(ca / "server.crt", ca / "ca.crt", host=dial, key_path=ca / "server.key")
+    _check_port_free(host, port)
     store = state / "store"
     store.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(catalog, store / "catalog.npz")
@@ -37,8 +49,8 @@ def prepare_state(state: Path, ca: Path, catalog: Path, host: str, port: int) ->
     (state / "flwr").mkdir(exist_ok=True)
     (state / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca / "ca.crt"}"\n')
-    info = {"host": host, "port": port, "ca": str(ca), "store": str(store)}
+        f'address = "{dial}:{port}"\nroot-certificates = "{ca / "ca.crt"}"\n')
+    info = {"host": host, "port": port, "dial": dial, "ca": str(ca), "store": str(store)}
     (state / "server.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -54,13 +66,34 @@ def start_superlink(state: Path, ca: Path, catalog: Path, host: str = "127.0.0.1
                     timeout: float = 120.0) -> subprocess.Popen:
     """The SuperLink in its own process group (stop it with stop_group), once it accepts
     connections; its output goes to state/superlink.log."""
-    prepare_state(state, ca, catalog, host, port)
+    info = prepare_state(state, ca, catalog, host, port)
     log = open(Path(state) / "superlink.log", "ab")
     env = {**flower_env(state), "PYTHONUNBUFFERED": "1"}   # its log is read as it runs
     proc = subprocess.Popen(superlink_argv(state, ca, host, port), stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
-    wait_listening(port, proc, timeout, Path(state) / "superlink.log")
+    try:
+        wait_listening(port, proc, timeout, Path(state) / "superlink.log", host=info["dial"])
+    except BaseException:   # Ctrl-C or a failed start: never leave it running in its own session
+        stop_group(proc)
+        raise
     return proc
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Something already listening there would pass the readiness check while ours dies."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise RunFailed(f"cannot listen on {host}:{port}: {err.strerror} (another SuperLink running?)") from None
+
+
+def server_info(state: Path) -> dict:
+    info = Path(state) / "server.json"
+    if not info.is_file():
+        raise RunFailed(f"{info}: missing; start the SuperLink first with `fedrec server start --state {state} ...`")
+    return json.loads(info.read_text())
 
 
 def _flwr(state: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -71,8 +104,14 @@ def _flwr(state: Path, *args: str, timeout: float | None = None) -> subprocess.C
 def register(state: Path, public_key: Path) -> int:
     """Register a device's SuperNode authentication key (its kit's auth.pub); returns its node id.
     Only registered keys may connect while --enable-supernode-auth is on."""
-    out = _flwr(state, "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json",
-                timeout=120)
+    server_info(state)
+    if not Path(public_key).is_file():
+        raise UserFileError(f"{public_key}: no such file (a device kit's auth.pub, from `fedrec certs device`)")
+    try:
+        out = _flwr(state, "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json",
+                    timeout=120)
+    except subprocess.TimeoutExpired:
+        raise RunFailed("the SuperLink did not answer in 120 s (is `fedrec server start` running?)") from None
     try:
         reply = json.loads(out.stdout[out.stdout.index("{"):])
         return int(reply["node-id"])
@@ -90,7 +129,7 @@ def run_config_file(state: Path, values: dict) -> Path:
             lines.append(f"{key} = {value!r}")
         else:
             lines.append(f"{key} = {json.dumps(str(value))}")
-    path = Path(state) / "run-config.toml"
+    path = Path(state).resolve() / "run-config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -129,7 +130,7 @@ def device_kit(folder: Path, name: str) -> Path:
     """One device's keys: its SuperNode authentication key pair, its enrolment credentials, and
     the CA certificate it checks the server against. Returns the kit's folder."""
     from shared.secagg.identity import EnrolmentCA
-    if not name or "/" in name or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name or ""):
         raise CertificateError(f"device name {name!r}: use letters, digits, '-' or '_'")
     folder = Path(folder)
     kit = folder / "devices" / name

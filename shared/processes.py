@@ -23,18 +23,18 @@ def flower_env(state: Path | None = None) -> dict:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}   # else Flower re-installs torch for every run
     if state is not None:
-        env["FLWR_HOME"] = str(Path(state) / "flwr")
+        env["FLWR_HOME"] = str(Path(state).resolve() / "flwr")
     return env
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    """Until something accepts on 127.0.0.1:port; RunFailed if the process exits first or the time runs out."""
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float, log: Path, host: str = "127.0.0.1") -> None:
+    """Until something accepts on host:port; RunFailed if the process exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RunFailed(f"the SuperLink exited with code {proc.returncode}; see {log}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.2)
