@@ -14,29 +14,68 @@ class DeviceError(SealedFileError):
     """A device command that cannot go on; the message says why and what to do."""
 
 
-def init(folder: Path, catalog: Path, *, key_file: Path | None, passphrase: str | None,
-         credentials: Path | None) -> str:
+AUTH_KEY, AUTH_PUBLIC, REQUEST, TLS_CA = "auth.key", "auth.pub", "request.json", "ca.crt"
+
+
+def init(folder: Path, catalog: Path, *, key_file: Path | None, passphrase: str | None, name: str) -> str:
+    """A new sealed store, and this device's own keys, made here: its SuperNode authentication key
+    (auth.key, 0600, beside the store: Flower reads it as a file) and its enrolment signing key
+    (sealed in the store). Writes request.json: the public halves, for the operator to enrol."""
+    import json
+    import re
     from shared.data.catalog_bundle import load_catalog
-    from shared.secagg.identity import DeviceCredentials
+    from shared.secagg.identity import new_device_key
     if (key_file is None) == (passphrase is None):
         raise DeviceError("give either --key-file (a new one is made if missing) or --passphrase")
-    # Everything read and checked before anything is written: a mistake leaves no half-made store.
-    try:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise DeviceError(f"device name {name!r}: use letters, digits, '-' or '_'")
+    try:   # checked before anything is written: a mistake leaves no half-made store
         load_catalog(Path(catalog))
     except (OSError, ValueError, KeyError) as err:
         raise DeviceError(f"{catalog}: not a catalog file ({err}); use the catalog.npz the server uses") from None
-    enrolment = None
-    if credentials is not None:
-        try:
-            enrolment = DeviceCredentials.from_bytes(Path(credentials).read_bytes())
-        except (OSError, ValueError) as err:
-            raise DeviceError(f"{credentials}: cannot read the device's credentials ({err})") from None
     store = DeviceStore.create(folder, catalog, key_file=key_file, passphrase=passphrase)
-    said = f"sealed store -> {folder} (AES-256-GCM; key {'from the passphrase' if passphrase else key_file})"
-    if enrolment is not None:
-        store.write_credentials(enrolment)
-        said += f"; enrolment sealed in (delete the plain copy {credentials} once the device runs)"
-    return said
+    signing, device_public = new_device_key()
+    store.write_signing_key(signing)
+    auth_public = _new_auth_key(store.folder / AUTH_KEY)
+    (store.folder / AUTH_PUBLIC).write_bytes(auth_public)
+    request = {"format": "fedrec-enrolment-request-v1", "name": name, "auth_public": auth_public.decode(),
+               "device_public": device_public.hex()}
+    (store.folder / REQUEST).write_text(json.dumps(request, indent=1))
+    return (f"sealed store -> {folder} (AES-256-GCM; key {'from the passphrase' if passphrase else key_file}); "
+            f"send {store.folder / REQUEST} (public keys only) to the operator for `fedrec certs enrol`")
+
+
+def _new_auth_key(path: Path) -> bytes:
+    """The SuperNode's authentication key pair (ECDSA P-384, OpenSSH): private half written owner-only."""
+    import os
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP384R1())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+
+
+def enrol(store: DeviceStore, grant: Path) -> str:
+    """Take the operator's grant: its certificate must be of this device's own key, by the enrolment
+    CA it names; the credentials are sealed in, the TLS CA certificate kept beside the store."""
+    import json
+    from shared.secagg.identity import DeviceCredentials, certificate_valid
+    try:
+        given = json.loads(Path(grant).read_text())
+        certificate, ca_public = bytes.fromhex(given["certificate"]), bytes.fromhex(given["enrolment_ca_public"])
+        tls_ca = given["tls_ca"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DeviceError(f"{grant}: not an enrolment grant ({err})") from None
+    signing = store.signing_key()
+    credentials = DeviceCredentials(signing, certificate, ca_public)
+    if not certificate_valid(ca_public, credentials.device_public, certificate):
+        raise DeviceError(f"{grant}: its certificate is not of this device's key (a grant for another device?)")
+    store.write_credentials(credentials)
+    (store.folder / TLS_CA).write_text(tls_ca)
+    return f"enrolled: credentials sealed in {store.folder}, the server's CA certificate in {store.folder / TLS_CA}"
 
 
 def open_store(folder: Path, key_file: Path | None) -> DeviceStore:
@@ -78,18 +117,19 @@ def print_recommendations(store: DeviceStore, bundle: Path, k: int) -> None:
         print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")
 
 
-def supernode_argv(store: DeviceStore, key_file: Path | None, kit: Path, superlink: str, port: int) -> list[str]:
-    """flower-supernode with TLS (the kit's CA certificate), node authentication (the kit's key) and
-    the sealed store as its node config."""
+def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, port: int) -> list[str]:
+    """flower-supernode with TLS (the operator's CA certificate from the grant), node authentication
+    (the device's own key) and the sealed store as its node config."""
     from shared.processes import tool
-    kit = Path(kit).resolve()
-    for name in ("ca.crt", "auth.key"):
-        if not (kit / name).is_file():
-            raise DeviceError(f"{kit / name}: missing (a kit from `fedrec certs device` holds it)")
-    paths = [store.folder.resolve()] + ([Path(key_file).resolve()] if key_file is not None else [])
+    folder = store.folder.resolve()
+    for name, why in ((TLS_CA, "run `fedrec device enrol --grant FILE` first"),
+                      (AUTH_KEY, "made by `fedrec device init`")):
+        if not (folder / name).is_file():
+            raise DeviceError(f"{folder / name}: missing ({why})")
+    paths = [folder] + ([Path(key_file).resolve()] if key_file is not None else [])
     if any("'" in str(p) or '"' in str(p) for p in paths):
         raise DeviceError(f"{', '.join(map(str, paths))}: a quote in the path would break the SuperNode's node config; "
                           "move the store or key file")
     config = f"device-store='{paths[0]}'" + (f" store-key-file='{paths[1]}'" if key_file is not None else "")
-    return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(kit / "ca.crt"),
-            "--auth-supernode-private-key", str(kit / "auth.key"), "--port", str(port), "--node-config", config]
+    return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(folder / TLS_CA),
+            "--auth-supernode-private-key", str(folder / AUTH_KEY), "--port", str(port), "--node-config", config]

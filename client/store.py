@@ -185,11 +185,15 @@ class DeviceStore:
       store.json     plain: format, how the key is made (key file, or scrypt's salt), a key check
       log.sealed     the behaviour log: events [item id, time], in the order they were added
       ledger.sealed  the privacy ledger (client/privacy.py: PrivacyLedger)
-      device.sealed  the secure-aggregation enrolment credentials (shared/secagg/identity.py)
+      signing-key.sealed  the device's enrolment signing key, made here (client/device.py)
+      device.sealed  the secure-aggregation enrolment credentials, once the operator's grant came
+      auth.key/.pub, request.json, ca.crt  not sealed (client/device.py): Flower reads auth.key and
+                     ca.crt as files; auth.key is owner-only
       catalog.npz    the public catalog (item ids, content), not secret
     A wrong key is told apart from a changed file by the key check in store.json."""
 
     HEADER, LOG, LEDGER, CREDENTIALS, CATALOG = "store.json", "log.sealed", "ledger.sealed", "device.sealed", "catalog.npz"
+    SIGNING_KEY = "signing-key.sealed"
     FORMAT = "fedrec-device-store-v1"
 
     def __init__(self, folder: Path, key: StoreKey):
@@ -323,6 +327,15 @@ class DeviceStore:
             raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "
                                     "(`fedrec device init --credentials FILE` seals them in)")
         return DeviceCredentials.from_bytes(base64.b64decode(read_sealed(path, self.key, "credentials")))
+
+    def write_signing_key(self, key: bytes) -> None:
+        """The device's enrolment signing key, made on the device, sealed until its certificate comes."""
+        write_sealed(self.folder / self.SIGNING_KEY, self.key, "signing-key", key.hex())
+
+    def signing_key(self) -> bytes:
+        if not (self.folder / self.SIGNING_KEY).exists():
+            raise SealedFileError(f"{self.folder / self.SIGNING_KEY}: missing (made by `fedrec device init`)")
+        return bytes.fromhex(read_sealed(self.folder / self.SIGNING_KEY, self.key, "signing-key"))
 
     def write_credentials(self, credentials) -> None:
         import base64

@@ -27,9 +27,11 @@ def add_parsers(commands, add_training_flags) -> None:
     server.add_argument("--host", action="append", default=[],
                         help="a DNS name or IP address devices dial (repeat; localhost and 127.0.0.1 are always added)")
     server.add_argument("--days", type=int, default=825, help="validity (default: 825)")
-    device = kinds.add_parser("device", help="one device's kit: SuperNode auth key pair, enrolment, CA certificate")
-    device.add_argument("name", help="the device's name (letters, digits, - or _)")
-    device.add_argument("--ca", type=Path, required=True, help="the CA folder")
+    enrol = kinds.add_parser("enrol", help="enrol a device from its request.json (public keys only): writes the "
+                             "grant it needs and keeps its SuperNode key as CA/devices/NAME.pub, to register")
+    enrol.add_argument("request", type=Path, help="the device's request.json (from `fedrec device init`)")
+    enrol.add_argument("--ca", type=Path, required=True, help="the CA folder")
+    enrol.add_argument("--out", type=Path, required=True, help="the grant file to send back to the device")
     check = kinds.add_parser("check", help="is a certificate usable: validity, issuer, host name, key pair")
     check.add_argument("cert", type=Path, help="the certificate (PEM)")
     check.add_argument("--ca", type=Path, required=True, help="the CA folder (its ca.crt)")
@@ -69,9 +71,13 @@ def _add_device(commands) -> None:
     init = kinds.add_parser("init", help="a new sealed store (AES-256-GCM) with an empty log and ledger")
     _store_args(init)
     init.add_argument("--catalog", type=Path, required=True, help="the public catalog (catalog.npz)")
-    init.add_argument("--credentials", type=Path, help="the kit's credentials.device, sealed into the store")
+    init.add_argument("--name", required=True, help="this device's name for the operator (letters, digits, - or _)")
     init.add_argument("--passphrase", action="store_true",
                       help="seal with the passphrase in FEDREC_STORE_PASSPHRASE (scrypt) instead of a key file")
+    enrol = kinds.add_parser("enrol", help="take the operator's grant (from `fedrec certs enrol`): seals the "
+                             "enrolment in, keeps the server's CA certificate")
+    _store_args(enrol)
+    enrol.add_argument("--grant", type=Path, required=True, help="the grant file")
     add = kinds.add_parser("add-event", help="append an interaction to the device's log")
     _store_args(add)
     add.add_argument("item", help="the item's id, as in the catalog")
@@ -84,7 +90,6 @@ def _add_device(commands) -> None:
     recommend.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
     run = kinds.add_parser("run", help="run this device's SuperNode (until Ctrl-C)")
     _store_args(run)
-    run.add_argument("--kit", type=Path, required=True, help="the device's kit folder (auth.key, ca.crt)")
     run.add_argument("--superlink", required=True, help="the server's HOST:PORT")
     run.add_argument("--port", type=int, default=9094,
                      help="local port for the SuperNode's app runtime; one per SuperNode on a machine (default: 9094)")
@@ -104,10 +109,10 @@ def certs(args, values: dict) -> None:
         hosts = list(dict.fromkeys(args.host + ["localhost", "127.0.0.1"]))
         pki.server_certificate(args.ca, hosts, days=args.days)
         print(f"server certificate for {', '.join(hosts)} -> {args.ca}/server.crt, server.key")
-    elif args.certs == "device":
-        kit = pki.device_kit(args.ca, args.name)
-        print(f"device kit -> {kit} (copy it to the device; register it with "
-              f"`fedrec server register --state DIR {kit}/auth.pub`)")
+    elif args.certs == "enrol":
+        name = pki.enrol_device(args.ca, args.request, args.out)["name"]
+        print(f"enrolled {name}: grant -> {args.out} (send it to the device); register its SuperNode key with "
+              f"`fedrec server register --state DIR {args.ca}/devices/{name}.pub`")
     else:
         cert = pki.check_certificate(args.cert, args.ca / "ca.crt", host=args.host, key_path=args.key)
         print(f"{args.cert}: valid until {cert.not_valid_after_utc:%Y-%m-%d}, issued by {args.ca}/ca.crt"
@@ -167,18 +172,19 @@ def device(args, values: dict) -> None:
         passphrase = os.environ.get("FEDREC_STORE_PASSPHRASE") if args.passphrase else None
         if args.passphrase and not passphrase:
             raise dev.DeviceError("--passphrase: set FEDREC_STORE_PASSPHRASE to the passphrase first")
-        print(dev.init(args.store, args.catalog, key_file=args.key_file, passphrase=passphrase,
-                       credentials=args.credentials))
+        print(dev.init(args.store, args.catalog, key_file=args.key_file, passphrase=passphrase, name=args.name))
         return
     store = dev.open_store(args.store, args.key_file)
-    if args.device == "add-event":
+    if args.device == "enrol":
+        print(dev.enrol(store, args.grant))
+    elif args.device == "add-event":
         print(f"{store.add_events([(args.item, args.time)])} events in {args.store}")
     elif args.device == "show":
         print(dev.describe(store))
     elif args.device == "recommend":
         dev.print_recommendations(store, args.bundle, args.k)
     else:
-        argv = dev.supernode_argv(store, args.key_file, args.kit, args.superlink, args.port)
+        argv = dev.supernode_argv(store, args.key_file, args.superlink, args.port)
         from shared.processes import flower_env
         try:
             code = subprocess.call(argv, env=flower_env())

@@ -7,9 +7,11 @@ One folder (the CA folder) holds, all written owner-only (0600):
   enrolment-ca.key/.pub       the secure-aggregation enrolment CA (ed25519; shared/secagg/identity.py):
                               keep its private half away from the aggregation server, which
                               could otherwise enrol devices of its own
-  devices/NAME/               one device's kit: auth.key/.pub (its SuperNode authentication key,
-                              ECDSA P-384 in OpenSSH format, as Flower 1.41 requires; the server
-                              registers auth.pub), credentials.device (its enrolment), ca.crt
+  devices/NAME.pub            each enrolled device's SuperNode key (public; the server registers it)
+A device makes its own keys (`fedrec device init`: its SuperNode key, ECDSA P-384 in OpenSSH
+format as Flower 1.41 requires, and its ed25519 enrolment key) and sends only the public halves
+in a request; `enrol_device` answers with a grant (the enrolment CA's certificate of its key and
+the TLS CA certificate). No private key of a device is ever made or held here.
 Checks (`check_certificate`) say in one line what is wrong: expired, not yet valid, issued by
 another CA, a host it does not name, a key that is not its own.
 """
@@ -126,29 +128,53 @@ def server_certificate(folder: Path, hosts: list[str], days: int = 825) -> None:
     write_private(Path(folder) / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def device_kit(folder: Path, name: str) -> Path:
-    """One device's keys: its SuperNode authentication key pair, its enrolment credentials, and
-    the CA certificate it checks the server against. Returns the kit's folder."""
+REQUEST = "fedrec-enrolment-request-v1"
+GRANT = "fedrec-enrolment-grant-v1"
+
+
+def enrol_device(folder: Path, request: Path, grant: Path) -> dict:
+    """Enrol a device from its request (`fedrec device init` writes it, with public keys only: the
+    device made its keys and keeps the private halves). Writes the grant for the device (the
+    enrolment CA's certificate of its key, the enrolment CA's public key, the TLS CA certificate)
+    and keeps the device's SuperNode key as devices/NAME.pub, to register. Returns the request."""
+    import json
     from shared.secagg.identity import EnrolmentCA
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name or ""):
-        raise CertificateError(f"device name {name!r}: use letters, digits, '-' or '_'")
     folder = Path(folder)
-    kit = folder / "devices" / name
-    if kit.exists():
-        raise CertificateError(f"{kit}: a device of that name already has keys")
+    try:
+        asked = json.loads(Path(request).read_text())
+        name, auth_public, device_public = asked["name"], asked["auth_public"], bytes.fromhex(asked["device_public"])
+        if asked.get("format") != REQUEST:
+            raise ValueError(f"format {asked.get('format')!r}")
+    except FileNotFoundError:
+        raise CertificateError(f"{request}: no such file (a device's request.json, from `fedrec device init`)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CertificateError(f"{request}: not an enrolment request ({err})") from None
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(name)):
+        raise CertificateError(f"{request}: device name {name!r}: use letters, digits, '-' or '_'")
+    _check_auth_key(auth_public.encode(), request)
     _load_ca(folder)
     try:
         enrolment = EnrolmentCA((folder / "enrolment-ca.key").read_bytes(), (folder / "enrolment-ca.pub").read_bytes())
+        certificate = enrolment.certify(device_public)
     except FileNotFoundError as err:
         raise CertificateError(f"{err.filename}: missing (the enrolment CA is made by `fedrec certs ca`)") from None
-    key = ec.generate_private_key(CURVE)
-    write_private(kit / "auth.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                      serialization.NoEncryption()))
-    write_private(kit / "auth.pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                  serialization.PublicFormat.OpenSSH) + b"\n")
-    write_private(kit / "credentials.device", enrolment.enrol().to_bytes())
-    write_private(kit / "ca.crt", (folder / "ca.crt").read_bytes())
-    return kit
+    except ValueError as err:
+        raise CertificateError(f"{request}: the device's public key is malformed ({err})") from None
+    write_private(folder / "devices" / f"{name}.pub", auth_public.encode())   # refuses a name already enrolled
+    write_private(Path(grant), json.dumps({
+        "format": GRANT, "name": name, "device_public": device_public.hex(), "certificate": certificate.hex(),
+        "enrolment_ca_public": enrolment.public.hex(), "tls_ca": (folder / "ca.crt").read_text()}, indent=1).encode())
+    return asked
+
+
+def _check_auth_key(auth_public: bytes, source: Path) -> None:
+    """What Flower 1.41 accepts for SuperNode authentication: an EC key on a NIST curve, OpenSSH format."""
+    try:
+        key = serialization.load_ssh_public_key(auth_public)
+    except (ValueError, TypeError) as err:
+        raise CertificateError(f"{source}: the SuperNode key is not an OpenSSH public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CertificateError(f"{source}: the SuperNode key must be an EC (P-384) key, as Flower 1.41 requires")
 
 
 def check_certificate(cert_path: Path, ca_path: Path, host: str | None = None, key_path: Path | None = None,

@@ -59,10 +59,26 @@ class EnrolmentCA:
         return cls(_private(key), _public(key))
 
     def enrol(self) -> "DeviceCredentials":
-        """A new device: its signing key and this CA's certificate of it."""
+        """A new device, its key made here (simulation, where the harness plays every device): its
+        signing key and this CA's certificate of it. A real device makes its own key
+        (`new_device_key`) and sends only the public half to `certify`."""
         device = Ed25519PrivateKey.generate()
-        certificate = Ed25519PrivateKey.from_private_bytes(self.private).sign(ENROLMENT + _public(device))
-        return DeviceCredentials(_private(device), certificate, self.public)
+        return DeviceCredentials(_private(device), self.certify(_public(device)), self.public)
+
+    def certify(self, device_public: bytes) -> bytes:
+        """This CA's certificate of a device's public key (which the CA never sees the private half of)."""
+        Ed25519PublicKey.from_public_bytes(device_public)   # a malformed key is refused here, not at use
+        return Ed25519PrivateKey.from_private_bytes(self.private).sign(ENROLMENT + device_public)
+
+
+def new_device_key() -> tuple[bytes, bytes]:
+    """(private, public) raw ed25519: a device's long-term signing key, made on the device."""
+    key = Ed25519PrivateKey.generate()
+    return _private(key), _public(key)
+
+
+def certificate_valid(ca_public: bytes, device_public: bytes, certificate: bytes) -> bool:
+    return _verify(ca_public, certificate, ENROLMENT + device_public)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ import pytest
 
 from client.store import DeviceStore, UserLog
 from server import deploy
-from server.pki import device_kit, make_ca, server_certificate
+from client import device
+from server.pki import enrol_device, make_ca, server_certificate
 from shared.data.catalog_bundle import load_catalog
-from shared.processes import flower_env, stop_group, tool
-from shared.secagg.identity import DeviceCredentials
+from shared.processes import flower_env, stop_group
 
 NODES = 5
 WAIT = 420            # seconds: the most any one condition may take on a loaded 2-core machine
@@ -60,10 +60,20 @@ def _count(path: Path, pattern: str) -> int:
     return len(re.findall(pattern, path.read_text(errors="replace"))) if path.exists() else 0
 
 
-def _supernode(root: Path, name: str, kit: Path, store: Path | None, link: str, port: int) -> subprocess.Popen:
-    config = f"device-store='{store}' store-key-file='{store}.key'" if store else "partition-id=0"
-    argv = [tool("flower-supernode"), "--superlink", link, "--root-certificates", str(kit / "ca.crt"),
-            "--auth-supernode-private-key", str(kit / "auth.key"), "--port", str(port), "--node-config", config]
+def _device(root: Path, name: str, catalog: Path, ca: Path) -> DeviceStore:
+    """A device as `fedrec device init` and `enrol` make it: its keys made on the device, the
+    operator's CA (`ca`) certifying the public half."""
+    folder = root / name
+    device.init(folder, catalog, key_file=Path(f"{folder}.key"), passphrase=None, name=name)
+    store = DeviceStore.open(folder, key_file=Path(f"{folder}.key"))
+    enrol_device(ca, folder / "request.json", root / f"{name}.grant")
+    device.enrol(store, root / f"{name}.grant")
+    return store
+
+
+def _supernode(root: Path, name: str, link: str, port: int) -> subprocess.Popen:
+    store = DeviceStore.open(root / name, key_file=root / f"{name}.key")
+    argv = device.supernode_argv(store, root / f"{name}.key", link, port)
     env = {**flower_env(root / f"{name}-home"), "PYTHONUNBUFFERED": "1"}   # its log is what the test waits on
     return subprocess.Popen(argv, stdout=open(root / f"{name}.log", "wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
@@ -84,11 +94,11 @@ def _serverapp_pids(port: int) -> list[int]:
 
 
 def _stores(root: Path, sim: Path, catalog) -> list[tuple[Path, int]]:
-    """Five sealed stores from five users' logs (events with times), each with a ledger entry."""
+    """Five enrolled devices holding five users' logs (events with times), each with a ledger entry."""
     made = []
     for i in range(NODES):
-        folder = root / f"dev{i}"
-        store = DeviceStore.create(folder, sim / "catalog.npz", key_file=Path(f"{folder}.key"))
+        folder = root / f"node{i}"
+        store = _device(root, f"node{i}", sim / "catalog.npz", root / "ca")
         log = UserLog.load(sim / "users" / f"{i}.npz")
         items = [*log.train.tolist(), log.valid, log.test]
         store.add_events([(str(catalog.item_ids[j - 1]), float(t)) for t, j in enumerate(items)])
@@ -108,6 +118,8 @@ def deployment(tmp_path_factory):
     server_certificate(root / "ca", ["localhost", "127.0.0.1"])
     make_ca(root / "other-ca")
     stores = _stores(root, sim, catalog)
+    _device(root, "stranger", sim / "catalog.npz", root / "ca")       # enrolled, never registered
+    _device(root, "foreign", sim / "catalog.npz", root / "other-ca")  # trusts another CA: cannot check the server
     port = _port()
     link = deploy.start_superlink(root / "state", root / "ca", sim / "catalog.npz", port=port)
     procs = {"link": link}
@@ -120,17 +132,12 @@ def deployment(tmp_path_factory):
 
 def _scenario(root: Path, stores, link, port: int, procs: dict) -> dict:
     address = f"127.0.0.1:{port}"
-    for i, (folder, _) in enumerate(stores):
-        kit = device_kit(root / "ca", f"dev{i}")
-        DeviceStore.open(folder, key_file=Path(f"{folder}.key")).write_credentials(
-            DeviceCredentials.from_bytes((kit / "credentials.device").read_bytes()))
-        deploy.register(root / "state", kit / "auth.pub")
-        procs[f"node{i}"] = _supernode(root, f"node{i}", kit, folder, address, _port())
-    stranger = device_kit(root / "ca", "stranger")                  # a kit from the CA, never registered
-    procs["stranger"] = _supernode(root, "stranger", stranger, None, address, _port())
-    foreign = device_kit(root / "other-ca", "foreign")              # trusts another CA: cannot check the server
-    deploy.register(root / "state", foreign / "auth.pub")           # even registered, TLS stops it
-    procs["foreign"] = _supernode(root, "foreign", foreign, None, address, _port())
+    for i in range(NODES):
+        deploy.register(root / "state", root / "ca" / "devices" / f"node{i}.pub")
+        procs[f"node{i}"] = _supernode(root, f"node{i}", address, _port())
+    procs["stranger"] = _supernode(root, "stranger", address, _port())
+    deploy.register(root / "state", root / "other-ca" / "devices" / "foreign.pub")   # even registered, TLS stops it
+    procs["foreign"] = _supernode(root, "foreign", address, _port())
     nodes = [procs[f"node{i}"] for i in range(NODES)]
     _wait("five SuperNodes connected", lambda: all(_count(root / f"node{i}.log", r"SuperNode ID:") for i in range(NODES)),
           nodes)
@@ -145,10 +152,10 @@ def _scenario(root: Path, stores, link, port: int, procs: dict) -> dict:
     # The next masked message any node receives is round 2's: kill that node before it answers
     # (its reply waits for torch to load, seconds), after it gave its key shares.
     masked = [_count(root / f"node{i}.log", r"Receiving: train\.secagg_masked") for i in range(NODES)]
-    victim = _wait("round 2's masked step", lambda: next(
-        (i for i in range(NODES) if _count(root / f"node{i}.log", r"Receiving: train\.secagg_masked") > masked[i]),
-        None), nodes)
-    os.killpg(procs[f"node{victim}"].pid, signal.SIGKILL)   # a crash, not a shutdown: nothing finishes
+    victim = _wait("round 2's masked step", lambda: next(   # a name: node 0 must not read as "not yet"
+        (f"node{i}" for i in range(NODES) if _count(root / f"node{i}.log", r"Receiving: train\.secagg_masked")
+         > masked[i]), None), nodes)
+    os.killpg(procs[victim].pid, signal.SIGKILL)   # a crash, not a shutdown: nothing finishes
     _wait("round 2 recorded", lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, [link])
     for pid in _wait("the ServerApp process", lambda: _serverapp_pids(port), [link]):
         os.kill(pid, 9)
