@@ -127,6 +127,7 @@ class LedgerFile:
     """Where a device's privacy ledger lives: a plain JSON file, or sealed in its DeviceStore."""
     path: Path
     key: StoreKey | None = None
+    role: str = "ledger"   # a sealed store's: bound to that store (DeviceStore.role)
 
     def read(self) -> list[tuple]:
         if self.key is None:
@@ -134,7 +135,7 @@ class LedgerFile:
         if not self.path.exists():
             read_ledger(self.path)   # the same refusal as a missing plain ledger
         try:
-            return [tuple(e) for e in read_sealed(self.path, self.key, "ledger")["history"]]
+            return [tuple(e) for e in read_sealed(self.path, self.key, self.role)["history"]]
         except (KeyError, TypeError) as err:
             raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
 
@@ -142,7 +143,7 @@ class LedgerFile:
         if self.key is None:
             write_ledger(self.path, history)
         else:
-            write_sealed(self.path, self.key, "ledger", _ledger_document(history))
+            write_sealed(self.path, self.key, self.role, _ledger_document(history))
 
 
 def credentials_path(node_config: dict, run_config: dict) -> Path:
@@ -196,8 +197,13 @@ class DeviceStore:
     SIGNING_KEY = "signing-key.sealed"
     FORMAT = "fedrec-device-store-v1"
 
-    def __init__(self, folder: Path, key: StoreKey):
-        self.folder, self.key = Path(folder), key
+    def __init__(self, folder: Path, key: StoreKey, store_id: str):
+        self.folder, self.key, self.id = Path(folder), key, store_id
+
+    def role(self, name: str) -> str:
+        """A sealed file's role, bound to this store: a file of another store sealed with the same
+        key (or passphrase) does not open here."""
+        return f"{self.id}/{name}"
 
     @classmethod
     def create(cls, folder: Path, catalog: Path, *, key_file: Path | None = None,
@@ -206,8 +212,10 @@ class DeviceStore:
         The key: a new key file (`key_file`, written 0600) or a passphrase through scrypt."""
         from client.sealed import write_atomic
         folder = Path(folder)
-        if (folder / cls.HEADER).exists():
-            raise SealedFileError(f"{folder}: a device store is already there; refusing to overwrite it")
+        if folder.exists() and any(folder.iterdir()):
+            # Never over what is there: a store that lost its header must not become a fresh one
+            # (an empty ledger: a fresh privacy budget) by following an error's advice.
+            raise SealedFileError(f"{folder}: not empty; a device store is made in a new folder")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         header: dict = {"format": cls.FORMAT}
         if passphrase is not None:
@@ -219,10 +227,11 @@ class DeviceStore:
             header["kdf"] = "key-file"
         else:
             raise SealedFileError("a device store needs a key file or a passphrase")
-        header["check"] = seal(key, "check", cls.FORMAT.encode()).hex()
+        header["id"] = os.urandom(16).hex()
+        store = cls(folder, key, header["id"])
+        header["check"] = seal(key, store.role("check"), cls.FORMAT.encode()).hex()
         write_atomic(folder / cls.CATALOG, Path(catalog).read_bytes(), mode=0o644)
-        store = cls(folder, key)
-        write_sealed(folder / cls.LOG, key, "log", {"events": []})
+        write_sealed(folder / cls.LOG, key, store.role("log"), {"events": []})
         store.ledger.write([])
         write_atomic(folder / cls.HEADER, json.dumps(header, indent=1).encode())   # last: the store is whole
         return store
@@ -233,7 +242,10 @@ class DeviceStore:
         try:
             header = json.loads((folder / cls.HEADER).read_text())
         except FileNotFoundError:
-            raise SealedFileError(f"{folder}: not a device store (no {cls.HEADER}; create one with "
+            if (folder / cls.LEDGER).exists():
+                raise SealedFileError(f"{folder / cls.HEADER}: missing beside sealed files: the store is damaged; "
+                                      "restore it from a backup (a new store would start a fresh privacy ledger)") from None
+            raise SealedFileError(f"{folder}: not a device store (no {cls.HEADER}; create one in a new folder with "
                                   "`fedrec device init`)") from None
         except ValueError as err:
             raise SealedFileError(f"{folder / cls.HEADER}: unreadable ({err})") from None
@@ -241,10 +253,10 @@ class DeviceStore:
             raise SealedFileError(f"{folder / cls.HEADER}: format {header.get('format')!r}, expected {cls.FORMAT!r}")
         key = cls._key(folder, header, key_file, passphrase)
         try:
-            unseal(key, "check", bytes.fromhex(header["check"]), folder / cls.HEADER)
+            unseal(key, f"{header['id']}/check", bytes.fromhex(header["check"]), folder / cls.HEADER)
         except (SealedFileError, KeyError, ValueError):
             raise SealedFileError(f"{folder}: wrong key or passphrase for this device store") from None
-        return cls(folder, key)
+        return cls(folder, key, header["id"])
 
     @staticmethod
     def _key(folder: Path, header: dict, key_file: Path | None, passphrase: str | None) -> StoreKey:
@@ -266,7 +278,7 @@ class DeviceStore:
 
     @property
     def ledger(self) -> LedgerFile:
-        return LedgerFile(self.folder / self.LEDGER, self.key)
+        return LedgerFile(self.folder / self.LEDGER, self.key, self.role("ledger"))
 
     @property
     def catalog(self) -> Path:
@@ -274,7 +286,7 @@ class DeviceStore:
 
     def events(self) -> list[tuple[str, float]]:
         try:
-            return [(str(i), float(t)) for i, t in read_sealed(self.folder / self.LOG, self.key, "log")["events"]]
+            return [(str(i), float(t)) for i, t in read_sealed(self.folder / self.LOG, self.key, self.role("log"))["events"]]
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, SealedFileError):
                 raise
@@ -301,7 +313,7 @@ class DeviceStore:
         now = time.time()
         with self._locked():
             log_ = self.events() + [(str(i), now if t is None else float(t)) for i, t in events]
-            write_sealed(self.folder / self.LOG, self.key, "log", {"events": log_})
+            write_sealed(self.folder / self.LOG, self.key, self.role("log"), {"events": log_})
         return len(log_)
 
     def user_log(self) -> UserLog:
@@ -326,20 +338,20 @@ class DeviceStore:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "
                                     "(`fedrec device init --credentials FILE` seals them in)")
-        return DeviceCredentials.from_bytes(base64.b64decode(read_sealed(path, self.key, "credentials")))
+        return DeviceCredentials.from_bytes(base64.b64decode(read_sealed(path, self.key, self.role("credentials"))))
 
     def write_signing_key(self, key: bytes) -> None:
         """The device's enrolment signing key, made on the device, sealed until its certificate comes."""
-        write_sealed(self.folder / self.SIGNING_KEY, self.key, "signing-key", key.hex())
+        write_sealed(self.folder / self.SIGNING_KEY, self.key, self.role("signing-key"), key.hex())
 
     def signing_key(self) -> bytes:
         if not (self.folder / self.SIGNING_KEY).exists():
             raise SealedFileError(f"{self.folder / self.SIGNING_KEY}: missing (made by `fedrec device init`)")
-        return bytes.fromhex(read_sealed(self.folder / self.SIGNING_KEY, self.key, "signing-key"))
+        return bytes.fromhex(read_sealed(self.folder / self.SIGNING_KEY, self.key, self.role("signing-key")))
 
     def write_credentials(self, credentials) -> None:
         import base64
-        write_sealed(self.folder / self.CREDENTIALS, self.key, "credentials", base64.b64encode(credentials.to_bytes()).decode())
+        write_sealed(self.folder / self.CREDENTIALS, self.key, self.role("credentials"), base64.b64encode(credentials.to_bytes()).decode())
 
 
 @dataclass(frozen=True)

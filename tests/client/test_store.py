@@ -15,6 +15,7 @@ from client.store import DeviceStore, TooFewEvents, device_files
 from shared.data.catalog_bundle import CatalogBundle, save_catalog
 
 ITEMS = [str(i) for i in range(100, 120)]
+LEDGER_SPENT = [(1.5, 0.25, 2)]
 
 
 @pytest.fixture
@@ -56,8 +57,7 @@ def test_nothing_readable_or_changeable_without_the_key(store, tmp_path, catalog
 
 
 def test_a_file_swapped_for_another_of_the_store_is_refused(store, tmp_path):
-    """The ledger cannot be replaced by another sealed file of the same key (role in the AAD): an
-    empty log's ciphertext in the ledger's place would otherwise read as a fresh budget."""
+    """The ledger cannot be replaced by another sealed file of the store (its role is in the AAD)."""
     folder = tmp_path / "dev"
     (folder / "ledger.sealed").write_bytes((folder / "log.sealed").read_bytes())
     with pytest.raises(SealedFileError, match="ledger.sealed: fails its integrity check"):
@@ -132,3 +132,34 @@ def test_kill_9_during_add_event_loses_at_most_that_event(store, tmp_path, after
     kept = len(DeviceStore.open(tmp_path / "dev", key_file=tmp_path / "dev.key").events())
     # Every acknowledged event is kept; the one being added when the kill came may or may not be.
     assert acknowledged <= kept <= acknowledged + 1
+
+
+def test_a_store_that_lost_its_header_is_never_made_afresh(store, tmp_path, catalog):
+    """Deleting store.json (no key needed) and then following the error's advice must not hand the
+    device an empty ledger: a fresh privacy budget."""
+    store.ledger.write(LEDGER_SPENT)
+    (tmp_path / "dev" / "store.json").unlink()
+    with pytest.raises(SealedFileError, match="damaged; restore it from a backup"):
+        DeviceStore.open(tmp_path / "dev", key_file=tmp_path / "dev.key")
+    with pytest.raises(SealedFileError, match="not empty"):
+        DeviceStore.create(tmp_path / "dev", catalog, key_file=tmp_path / "dev.key")
+
+
+def test_a_file_of_another_store_with_the_same_key_is_refused(store, tmp_path, catalog):
+    """Two stores sealed with one key file: the empty ledger of the second is not accepted in the first."""
+    other = DeviceStore.create(tmp_path / "other", catalog, key_file=tmp_path / "dev.key")
+    store.ledger.write(LEDGER_SPENT)
+    (tmp_path / "dev" / "ledger.sealed").write_bytes((tmp_path / "other" / "ledger.sealed").read_bytes())
+    with pytest.raises(SealedFileError, match="fails its integrity check"):
+        store.ledger.read()
+    assert other.ledger.read() == []
+
+
+def test_the_dp_ledger_spends_through_the_sealed_store_and_refuses_without_it(store, tmp_path):
+    from client.privacy import PrivacyLedger, PrivacyRefusal
+    ledger = PrivacyLedger(store.ledger)
+    ledger.spend((1.0, 0.5, 3), budget=100.0, delta=1e-5)
+    assert DeviceStore.open(tmp_path / "dev", key_file=tmp_path / "dev.key").ledger.read() == [(1.0, 0.5, 3)]
+    (tmp_path / "dev" / "ledger.sealed").unlink()
+    with pytest.raises(PrivacyRefusal, match="ledger is missing"):
+        PrivacyLedger(store.ledger)
