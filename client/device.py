@@ -117,9 +117,16 @@ def print_recommendations(store: DeviceStore, bundle: Path, k: int) -> None:
         print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")
 
 
-def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, port: int) -> list[str]:
+# The device's own rules, which no round config can lower (client/privacy.py: DevicePolicy; the
+# exact-sum and neighbour floors in client/handlers.py and client/secure.py): node config keys.
+POLICY_KEYS = ("privacy-unit", "privacy-budget", "privacy-delta", "privacy-record-window", "privacy-min-noise",
+               "counts-min-devices", "secagg-min-neighbours")
+
+
+def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, port: int,
+                   policy: dict | None = None) -> list[str]:
     """flower-supernode with TLS (the operator's CA certificate from the grant), node authentication
-    (the device's own key) and the sealed store as its node config."""
+    (the device's own key), the sealed store and the device's own policy (POLICY_KEYS) as its node config."""
     from shared.processes import tool
     folder = store.folder.resolve()
     for name, why in ((TLS_CA, "run `fedrec device enrol --grant FILE` first"),
@@ -131,5 +138,9 @@ def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, po
         raise DeviceError(f"{', '.join(map(str, paths))}: a quote in the path would break the SuperNode's node config; "
                           "move the store or key file")
     config = f"device-store='{paths[0]}'" + (f" store-key-file='{paths[1]}'" if key_file is not None else "")
+    for key, value in (policy or {}).items():
+        if key not in POLICY_KEYS:
+            raise DeviceError(f"{key}: not a device policy setting ({', '.join(POLICY_KEYS)})")
+        config += f" {key}='{value}'" if isinstance(value, str) else f" {key}={value!r}"
     return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(folder / TLS_CA),
             "--auth-supernode-private-key", str(folder / AUTH_KEY), "--port", str(port), "--node-config", config]

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.sealed import PASSPHRASE_ENV, SCRYPT, SealedFileError, StoreKey, read_sealed, seal, unseal, write_sealed
+from client.sealed import (PASSPHRASE_ENV, SCRYPT, SealedFileError, StoreKey, read_sealed, seal, unseal, write_atomic,
+                           write_sealed)
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,7 @@ def _ledger_document(history: list[tuple]) -> dict:
 
 def write_ledger(path: Path, history: list[tuple]) -> None:
     """Replace the ledger atomically and durably (synced before the rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_ledger_document(history), f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(Path(path), json.dumps(_ledger_document(history)).encode())
 
 
 @dataclass(frozen=True)
@@ -166,14 +161,7 @@ def read_credentials(path: Path):
 
 def write_credentials(path: Path, credentials) -> None:
     """Owner-only, atomic: the device's signing key is in it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(credentials.to_bytes())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(Path(path), credentials.to_bytes())
 
 
 class TooFewEvents(ValueError):
@@ -210,7 +198,6 @@ class DeviceStore:
                passphrase: str | None = None) -> "DeviceStore":
         """A new, empty store: an empty log and ledger (nothing spent), the catalog copied in.
         The key: a new key file (`key_file`, written 0600) or a passphrase through scrypt."""
-        from client.sealed import write_atomic
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()):
             # Never over what is there: a store that lost its header must not become a fresh one
@@ -357,8 +344,8 @@ class DeviceStore:
 @dataclass(frozen=True)
 class DeviceFiles:
     """Everything a handler reads or writes of this device, resolved once from its configs."""
-    catalog: Path
-    ledger: LedgerFile
+    catalog: Path | None
+    ledger: LedgerFile | None
     log: Path | None = None          # a plain UserLog file
     credentials: Path | None = None  # a plain credentials file
     store: DeviceStore | None = None
@@ -376,6 +363,10 @@ def device_files(node_config: dict, run_config: dict) -> DeviceFiles:
         store = DeviceStore.open(Path(str(node_config["device-store"])),
                                  key_file=Path(str(key_file)) if key_file else None)
         return DeviceFiles(Path(str(node_config.get("catalog", store.catalog))), store.ledger, store=store)
-    log_path, catalog = client_paths(node_config, run_config)
-    return DeviceFiles(catalog, LedgerFile(ledger_path(node_config, run_config)), log=log_path,
+    try:
+        log_path, catalog = client_paths(node_config, run_config)
+    except KeyError:   # a node config that names some files only (the secure key steps read only credentials)
+        log_path = catalog = None
+    named = "privacy-ledger" in node_config or log_path is not None
+    return DeviceFiles(catalog, LedgerFile(ledger_path(node_config, run_config)) if named else None, log=log_path,
                        credentials=credentials_path(node_config, run_config))

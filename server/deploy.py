@@ -49,10 +49,15 @@ def prepare_state(state: Path, ca: Path, catalog: Path, host: str, port: int) ->
     (state / "flwr").mkdir(exist_ok=True)
     (state / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{dial}:{port}"\nroot-certificates = "{ca / "ca.crt"}"\n')
+        f'address = {_toml_string(f"{dial}:{port}")}\nroot-certificates = {_toml_string(str(ca / "ca.crt"))}\n')
     info = {"host": host, "port": port, "dial": dial, "ca": str(ca), "store": str(store)}
     (state / "server.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: JSON's escaping, without turning non-ASCII into surrogate escapes TOML refuses."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def superlink_argv(state: Path, ca: Path, host: str, port: int) -> list[str]:
@@ -128,7 +133,7 @@ def run_config_file(state: Path, values: dict) -> Path:
         elif isinstance(value, (int, float)):
             lines.append(f"{key} = {value!r}")
         else:
-            lines.append(f"{key} = {json.dumps(str(value))}")
+            lines.append(f"{key} = {_toml_string(str(value))}")
     path = Path(state).resolve() / "run-config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

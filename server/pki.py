@@ -195,6 +195,7 @@ def check_certificate(cert_path: Path, ca_path: Path, host: str | None = None, k
     if now < cert.not_valid_before_utc:
         raise CertificateError(f"{cert_path}: not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
                                "(is this machine's clock right?)")
+    _check_ca(ca, Path(ca_path), now)
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -205,6 +206,18 @@ def check_certificate(cert_path: Path, ca_path: Path, host: str | None = None, k
     if key_path is not None:
         _check_key(cert, cert_path, Path(key_path))
     return cert
+
+
+def _check_ca(ca: x509.Certificate, ca_path: Path, now: dt.datetime) -> None:
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CertificateError(f"{ca_path}: not a CA certificate (no CA basic constraint)")
+    if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        raise CertificateError(f"{ca_path}: the CA certificate is outside its validity "
+                               f"({ca.not_valid_before_utc:%Y-%m-%d} to {ca.not_valid_after_utc:%Y-%m-%d})")
 
 
 def _check_host(cert: x509.Certificate, cert_path: Path, host: str) -> None:
