@@ -17,7 +17,7 @@ from client import secure
 from client.local import LocalStep, local_metrics, local_update
 from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
 from client.sealed import SealedFileError
-from client.store import DeviceFiles, TooFewEvents, UserLog, device_files
+from client.store import DeviceFiles, LedgerFile, TooFewEvents, UserLog, device_files
 from shared.data.catalog_bundle import load_catalog
 from shared.model import fusion
 from shared.model.config import ModelHyper
@@ -184,7 +184,7 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
     for the item model fused with the encoder: only inside a secure sum (this handler is secure
     aggregation's masked step), only without DP (a DP device refused above, on its policy), and
     against a server that may not follow the protocol:
-    - once per device, ever (a marker beside its ledger, written before anything leaves): two sums
+    - once per device, ever (recorded in its ledger before anything leaves): two sums
       that differ by one device would show that device's items;
     - unmasked only in a sum of at least `counts-min-devices` witnessed devices (its node config's
       floor, else the app's): a thin sum would show its few contributors' items;
@@ -195,10 +195,9 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
     files = _files(context, settings)
     n_items = load_catalog(files.catalog).n_items
     floor = exact_sum_floor(context, settings)
-    marker = files.ledger.path.with_suffix(".counts-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
-        _give_once(marker, "its co-occurrence counts", config, context)   # the blend round checks the run
+        _give_once(files.ledger, "counts", "its co-occurrence counts", config, context)   # the blend round checks the run
         # Never the test item: the history a test-time recommendation would start from.
         items = files.user_log().history("test")
         return {"counts": cooccurrence.counts_contribution(items, n_items)}, TrainMetrics(1.0)
@@ -213,24 +212,22 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
     device's validation item taken back out), with their products, for the server to choose the blend
     from their sum. Only inside a secure sum, only without DP, only from a device whose counts are in
     the sum (it gave them in this run), and against a server that may not follow the protocol, as the
-    counts: once per device (a marker beside its ledger), unmasked only in a sum of at least its floor
+    counts: once per device (recorded in its ledger), unmasked only in a sum of at least its floor
     of devices, with uniform weights, at the clip its vector was made for. Never the test item."""
     if config.privacy.mode != "none":
         return secure.refuse_round(msg, context, "validation statistics are not sent in a DP run")
     files = _files(context, settings)
     n_items = load_catalog(files.catalog).n_items
-    ledger = files.ledger.path
     try:
         counts, kinds, wire = unpack_blend_request(msg.content, cooccurrence.counts_size(n_items), fusion.BLEND_KINDS)
     except MalformedRecord as err:
         return secure.refuse_round(msg, context, str(err))
-    counted = ledger.with_suffix(".counts-given")
-    if not counted.exists() or f"run {context.run_id}\n" not in counted.read_text():
+    counted = files.ledger.given("counts") if files.ledger else None
+    if not counted or f"run {context.run_id}\n" not in counted:
         # Its own part must be in the counts to be taken back out; else the item models would be wrong.
         return secure.refuse_round(msg, context, "this device's counts are not in this run's sum")
     kinds = tuple(k for k in fusion.BLEND_KINDS if k in kinds)   # one order for every device
     candidates = fusion.blends(kinds)
-    marker = ledger.with_suffix(".blend-given")
 
     def contribute() -> tuple[Weights, TrainMetrics]:
         model, log_, weights = _setup(msg, context, settings, config)
@@ -243,7 +240,7 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
                                               kinds, fusion.FusionConfig(**wire))
         except (ValueError, np.linalg.LinAlgError) as err:   # counts no honest sum gives
             raise secure.ProtocolViolation(f"the item models cannot be fit from these counts: {err}") from None
-        _give_once(marker, "its validation statistics", config, context)   # after computing, before it leaves
+        _give_once(files.ledger, "blend", "its validation statistics", config, context)   # after computing, before it leaves
         return {"statistics": fusion.blend_statistics(values[None, :])}, TrainMetrics(1.0)
 
     return secure.handle_masked(msg, context, contribute, config, noise_std=0.0,
@@ -251,16 +248,15 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
                                 exact_clip=fusion.statistics_clip(len(candidates)))
 
 
-def _give_once(marker: Path, what: str, config: RoundConfig, context: Context) -> None:
-    """Mark, before anything leaves, that this device gives `what` (once, ever: two sums that differ
-    by one device would show its part); ProtocolViolation when it already has. The marker names the
-    round and the run."""
-    try:
-        with open(marker, "x") as f:   # exclusive create: a second round finds it
-            f.write(f"round {config.server_round} run {context.run_id}\n")
-    except FileExistsError:
-        raise secure.ProtocolViolation(f"this device gave {what} once already ({marker}); "
-                                       "it gives them at most once") from None
+def _give_once(ledger: LedgerFile | None, name: str, what: str, config: RoundConfig, context: Context) -> None:
+    """Record in the device's ledger, before anything leaves, that this device gives `what` (once,
+    ever: two sums that differ by one device would show its part); ProtocolViolation when it already
+    has, or has no ledger to record it in. The record names the round and the run."""
+    if ledger is None:
+        raise secure.ProtocolViolation(f"this device has no ledger to record that it gave {what}")
+    if not ledger.give_once(name, f"round {config.server_round} run {context.run_id}\n"):
+        raise secure.ProtocolViolation(f"this device gave {what} once already ({ledger.path}: {ledger.given(name).strip()}); "
+                                       "it gives them at most once")
 
 
 def exact_sum_floor(context: Context, settings: dict) -> int:

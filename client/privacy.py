@@ -35,7 +35,6 @@ chooses that seed, and with it the server could subtract the noise.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import secrets
 import warnings
@@ -180,7 +179,9 @@ class PrivacyLedger:
     written (`spend`) before the data is used. A crash after the write counts a round that was
     not used. That errs on the side of privacy."""
 
-    def __init__(self, ledger: Path | LedgerFile):
+    def __init__(self, ledger: Path | LedgerFile | None):
+        if ledger is None:
+            raise PrivacyRefusal("this device's node config names no privacy ledger; refusing to spend without one")
         self.file = ledger if isinstance(ledger, LedgerFile) else LedgerFile(Path(ledger))
         self.path = self.file.path
         try:
@@ -209,15 +210,11 @@ class PrivacyLedger:
         """Check and record `event` as one step under an exclusive lock on the ledger (re-read
         inside it), so two processes answering for one device cannot both spend the last of its
         budget. Returns the epsilon after it; raises PrivacyBudgetExceeded with nothing written."""
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self.history = self.file.read()
-                after = self.check(event, budget, delta, accountant)
-                self.record(event)
-                return after
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with self.file.locked():
+            self.history = self.file.read()
+            after = self.check(event, budget, delta, accountant)
+            self.record(event)
+            return after
 
 
 def _compose(history: list[Event], event: Event) -> list[Event]:

@@ -119,26 +119,62 @@ def write_ledger(path: Path, history: list[tuple]) -> None:
 
 @dataclass(frozen=True)
 class LedgerFile:
-    """Where a device's privacy ledger lives: a plain JSON file, or sealed in its DeviceStore."""
+    """Where a device's privacy ledger lives: a plain JSON file, or sealed in its DeviceStore. It
+    holds what the device spent (`history`) and what it gave once ever (`given`: the exact
+    co-occurrence counts, the blend's validation statistics), so deleting a marker file cannot let
+    it give them twice: a missing ledger is a refusal, never a fresh start."""
     path: Path
     key: StoreKey | None = None
     role: str = "ledger"   # a sealed store's: bound to that store (DeviceStore.role)
 
-    def read(self) -> list[tuple]:
-        if self.key is None:
-            return read_ledger(self.path)
-        if not self.path.exists():
-            read_ledger(self.path)   # the same refusal as a missing plain ledger
+    def _load(self) -> dict:
+        if self.key is None or not self.path.exists():
+            read_ledger(self.path)   # the refusals of a missing or unreadable ledger
         try:
-            return [tuple(e) for e in read_sealed(self.path, self.key, self.role)["history"]]
+            document = json.loads(self.path.read_text()) if self.key is None else \
+                read_sealed(self.path, self.key, self.role)
+            document["history"] = [tuple(e) for e in document["history"]]
+            return document
         except (KeyError, TypeError) as err:
             raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
 
-    def write(self, history: list[tuple]) -> None:
+    def _save(self, document: dict) -> None:
         if self.key is None:
-            write_ledger(self.path, history)
+            write_atomic(self.path, json.dumps(document).encode())
         else:
-            write_sealed(self.path, self.key, self.role, _ledger_document(history))
+            write_sealed(self.path, self.key, self.role, document)
+
+    def read(self) -> list[tuple]:
+        return self._load()["history"]
+
+    def write(self, history: list[tuple]) -> None:
+        """Replace the spending history, keeping what was given once."""
+        given = self._load().get("given", {}) if self.path.exists() else {}
+        self._save({**_ledger_document(history), "given": given})
+
+    @contextmanager
+    def locked(self):
+        """One process at a time reads and changes the ledger (two answering for one device must
+        not both spend the last of its budget, or both give once)."""
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def given(self, name: str) -> str | None:
+        return self._load().get("given", {}).get(name)
+
+    def give_once(self, name: str, note: str) -> bool:
+        """Record, durably and before anything leaves, that `name` is given; False if it was before."""
+        with self.locked():
+            document = self._load()
+            if name in document.get("given", {}):
+                return False
+            document["given"] = {**document.get("given", {}), name: note}
+            self._save(document)
+            return True
 
 
 def credentials_path(node_config: dict, run_config: dict) -> Path:

@@ -163,3 +163,14 @@ def test_the_dp_ledger_spends_through_the_sealed_store_and_refuses_without_it(st
     (tmp_path / "dev" / "ledger.sealed").unlink()
     with pytest.raises(PrivacyRefusal, match="ledger is missing"):
         PrivacyLedger(store.ledger)
+
+
+def test_given_once_lives_in_the_ledger_and_survives_spending(store):
+    """The once-only record of the exact counts sits in the sealed ledger: no file to delete to give
+    them twice, and spending (which rewrites the ledger) keeps it."""
+    from client.privacy import PrivacyLedger
+    assert store.ledger.give_once("counts", "round 3 run 7\n")
+    PrivacyLedger(store.ledger).spend((1.0, 0.5, 1), budget=100.0, delta=1e-5)
+    assert not store.ledger.give_once("counts", "round 4 run 8\n")
+    assert store.ledger.given("counts") == "round 3 run 7\n"
+    assert sorted(p.name for p in store.folder.iterdir() if "given" in p.name) == []
