@@ -200,6 +200,12 @@ def write_credentials(path: Path, credentials) -> None:
     write_atomic(Path(path), credentials.to_bytes())
 
 
+def _digest(path: Path) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 class TooFewEvents(ValueError):
     """A device's log is too short to train or be evaluated on (it needs a history, a validation
     and a test interaction)."""
@@ -218,7 +224,7 @@ class DeviceStore:
     A wrong key is told apart from a changed file by the key check in store.json."""
 
     HEADER, LOG, LEDGER, CREDENTIALS, CATALOG = "store.json", "log.sealed", "ledger.sealed", "device.sealed", "catalog.npz"
-    SIGNING_KEY = "signing-key.sealed"
+    SIGNING_KEY, CATALOG_DIGEST = "signing-key.sealed", "catalog.sha256.sealed"
     FORMAT = "fedrec-device-store-v1"
 
     def __init__(self, folder: Path, key: StoreKey, store_id: str):
@@ -253,7 +259,7 @@ class DeviceStore:
         header["id"] = os.urandom(16).hex()
         store = cls(folder, key, header["id"])
         header["check"] = seal(key, store.role("check"), cls.FORMAT.encode()).hex()
-        write_atomic(folder / cls.CATALOG, Path(catalog).read_bytes(), mode=0o644)
+        store.update_catalog(catalog)
         write_sealed(folder / cls.LOG, key, store.role("log"), {"events": []})
         store.ledger.write([])
         write_atomic(folder / cls.HEADER, json.dumps(header, indent=1).encode())   # last: the store is whole
@@ -305,7 +311,21 @@ class DeviceStore:
 
     @property
     def catalog(self) -> Path:
-        return self.folder / self.CATALOG
+        """The store's catalog, checked against the digest sealed with it: a changed item order would
+        map the log to other items, and the device would train on what someone else chose."""
+        path = self.folder / self.CATALOG
+        sealed = read_sealed(self.folder / self.CATALOG_DIGEST, self.key, self.role("catalog"))
+        if _digest(path) != sealed:
+            raise SealedFileError(f"{path}: not the catalog this store was made or last updated with; if it is a "
+                                  "new catalog from the operator, take it with `fedrec device update-catalog`")
+        return path
+
+    def update_catalog(self, catalog: Path) -> None:
+        """Take a new catalog (new items); the log keeps item ids, so it maps onto the new one."""
+        from shared.data.catalog_bundle import load_catalog
+        load_catalog(Path(catalog))   # a file that is not a catalog is refused before anything changes
+        write_atomic(self.folder / self.CATALOG, Path(catalog).read_bytes(), mode=0o644)
+        write_sealed(self.folder / self.CATALOG_DIGEST, self.key, self.role("catalog"), _digest(self.folder / self.CATALOG))
 
     def events(self) -> list[tuple[str, float]]:
         try:

@@ -82,6 +82,9 @@ def _add_device(commands) -> None:
     _store_args(add)
     add.add_argument("item", help="the item's id, as in the catalog")
     add.add_argument("--time", type=float, help="when, in seconds since 1970 (default: now)")
+    update = kinds.add_parser("update-catalog", help="take a new catalog from the operator (new items)")
+    _store_args(update)
+    update.add_argument("--catalog", type=Path, required=True, help="the new catalog.npz (the server's)")
     show = kinds.add_parser("show", help="what the store holds: events, privacy spent, enrolment")
     _store_args(show)
     recommend = kinds.add_parser("recommend", help="this device's recommendations, computed here from its own log")
@@ -189,6 +192,9 @@ def device(args, values: dict) -> None:
         print(dev.enrol(store, args.grant))
     elif args.device == "add-event":
         print(f"{store.add_events([(args.item, args.time)])} events in {args.store}")
+    elif args.device == "update-catalog":
+        store.update_catalog(args.catalog)
+        print(f"{args.store}: catalog updated from {args.catalog}")
     elif args.device == "show":
         print(dev.describe(store))
     elif args.device == "recommend":

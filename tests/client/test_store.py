@@ -174,3 +174,15 @@ def test_given_once_lives_in_the_ledger_and_survives_spending(store):
     assert not store.ledger.give_once("counts", "round 4 run 8\n")
     assert store.ledger.given("counts") == "round 3 run 7\n"
     assert sorted(p.name for p in store.folder.iterdir() if "given" in p.name) == []
+
+
+def test_a_changed_catalog_is_refused_until_taken_on_purpose(store, tmp_path):
+    """Reordering the catalog's ids (no key needed) would map the log to items someone else chose."""
+    store.add_events([(i, float(n)) for n, i in enumerate(ITEMS[:5])])
+    swapped = tmp_path / "swapped.npz"
+    save_catalog(CatalogBundle(np.asarray(ITEMS[::-1]), np.zeros((len(ITEMS), 0), np.float32)), swapped)
+    (tmp_path / "dev" / "catalog.npz").write_bytes(swapped.read_bytes())
+    with pytest.raises(SealedFileError, match="not the catalog this store was made"):
+        store.user_log()
+    store.update_catalog(swapped)                    # the owner takes a new catalog on purpose
+    assert store.user_log().test == len(ITEMS) - 4   # item 104 is at position 16 of the reversed ids
