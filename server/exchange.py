@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from shared.protocol import refusal_of
@@ -29,6 +30,11 @@ class Exchange:
     bytes_up: int = 0
     failed: list[str] = field(default_factory=list)              # why nodes gave no usable reply
     refusals: dict[int, RecordDict] = field(default_factory=dict)  # node -> its refusal
+
+
+# Errors the SuperLink writes for a node that went away (killed, offline, its reply lost): a
+# dropout the protocol recovers from, never a bug in the ClientApp to stop the run for.
+GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def _answering_node(reply: Message, messages: list[Message]) -> int:
@@ -56,7 +62,9 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
             continue
         if reply.has_error():
             reason = f"node {node}: client error in {message_type!r}: {reply.error.reason}"
-            if fail_on_error:
+            if reply.error.code in GONE:
+                reason = f"node {node}: gone during {message_type!r} (dropped): {reply.error.reason}"
+            elif fail_on_error:
                 raise ClientFailure(reason)
             out.failed.append(reason)
             continue
