@@ -75,7 +75,15 @@ def enrol(store: DeviceStore, grant: Path) -> str:
         raise DeviceError(f"{grant}: its certificate is not of this device's key (a grant for another device?)")
     store.write_credentials(credentials)
     (store.folder / TLS_CA).write_text(tls_ca)
-    return f"enrolled: credentials sealed in {store.folder}, the server's CA certificate in {store.folder / TLS_CA}"
+    store.seal_digest(store.folder / TLS_CA, "tls-ca")   # an edited ca.crt would let another server in
+    return (f"enrolled: credentials sealed in {store.folder}, the server's CA certificate in {store.folder / TLS_CA}.\n"
+            f"Compare with the operator, over another channel, before running: TLS CA sha256 "
+            f"{_fingerprint(tls_ca.encode())}, enrolment CA sha256 {_fingerprint(ca_public)}")
+
+
+def _fingerprint(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def open_store(folder: Path, key_file: Path | None) -> DeviceStore:
@@ -133,6 +141,7 @@ def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, po
                       (AUTH_KEY, "made by `fedrec device init`")):
         if not (folder / name).is_file():
             raise DeviceError(f"{folder / name}: missing ({why})")
+    store.check_digest(folder / TLS_CA, "tls-ca")
     paths = [folder] + ([Path(key_file).resolve()] if key_file is not None else [])
     if any("'" in str(p) or '"' in str(p) for p in paths):
         raise DeviceError(f"{', '.join(map(str, paths))}: a quote in the path would break the SuperNode's node config; "

@@ -17,7 +17,7 @@ from client import secure
 from client.local import LocalStep, local_metrics, local_update
 from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
 from client.sealed import SealedFileError
-from client.store import DeviceFiles, LedgerFile, TooFewEvents, UserLog, device_files
+from client.store import DeviceFiles, LedgerFile, LedgerMissing, TooFewEvents, UserLog, device_files
 from shared.data.catalog_bundle import load_catalog
 from shared.model import fusion
 from shared.model.config import ModelHyper
@@ -222,7 +222,10 @@ def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundC
         counts, kinds, wire = unpack_blend_request(msg.content, cooccurrence.counts_size(n_items), fusion.BLEND_KINDS)
     except MalformedRecord as err:
         return secure.refuse_round(msg, context, str(err))
-    counted = files.ledger.given("counts") if files.ledger else None
+    try:
+        counted = files.ledger.given("counts") if files.ledger else None
+    except (LedgerMissing, ValueError) as err:   # a missing or damaged ledger: refuse, never crash the round
+        return secure.refuse_round(msg, context, str(err))
     if not counted or f"run {context.run_id}\n" not in counted:
         # Its own part must be in the counts to be taken back out; else the item models would be wrong.
         return secure.refuse_round(msg, context, "this device's counts are not in this run's sum")
@@ -254,7 +257,11 @@ def _give_once(ledger: LedgerFile | None, name: str, what: str, config: RoundCon
     has, or has no ledger to record it in. The record names the round and the run."""
     if ledger is None:
         raise secure.ProtocolViolation(f"this device has no ledger to record that it gave {what}")
-    if not ledger.give_once(name, f"round {config.server_round} run {context.run_id}\n"):
+    try:
+        first = ledger.give_once(name, f"round {config.server_round} run {context.run_id}\n")
+    except (LedgerMissing, ValueError) as err:   # a missing or damaged ledger: refuse, never crash the round
+        raise secure.ProtocolViolation(str(err)) from None
+    if not first:
         raise secure.ProtocolViolation(f"this device gave {what} once already ({ledger.path}: {ledger.given(name).strip()}); "
                                        "it gives them at most once")
 

@@ -172,6 +172,10 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
                                 f"{client.params.max_clients}")
     # The server will ask for unmask shares only with at least this many inputs alive (checked then).
     client.min_alive = max(shares if noise_std > 0 else 0, min_alive)
+    inbox = {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox}
+    # Before train(): a short or forged inbox is refused before the ledger is charged or a
+    # once-only contribution is recorded (a peer must not make this device spend for nothing).
+    client.open_inbox(inbox)
     delta, metrics = train()
     weight = (unit_weight(metrics.num_examples, request.weighting, request.weight_cap)
               if metrics.num_examples > 0 else 0.0)
@@ -191,8 +195,7 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
     # Stochastic rounding draws from the OS, never from the run's seed (the server's): a server
     # that knew the draws could undo the rounding's randomness.
-    masked = client.masked_input(vector, {u: (request.inbox[u], request.mask_keys[u]) for u in request.inbox},
-                                 np.random.default_rng(secrets.randbits(128)))
+    masked = client.masked_input(vector, inbox, np.random.default_rng(secrets.randbits(128)))
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
     return _reply(msg, pack_masked_reply(masked))

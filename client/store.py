@@ -224,7 +224,7 @@ class DeviceStore:
     A wrong key is told apart from a changed file by the key check in store.json."""
 
     HEADER, LOG, LEDGER, CREDENTIALS, CATALOG = "store.json", "log.sealed", "ledger.sealed", "device.sealed", "catalog.npz"
-    SIGNING_KEY, CATALOG_DIGEST = "signing-key.sealed", "catalog.sha256.sealed"
+    SIGNING_KEY = "signing-key.sealed"
     FORMAT = "fedrec-device-store-v1"
 
     def __init__(self, folder: Path, key: StoreKey, store_id: str):
@@ -278,13 +278,15 @@ class DeviceStore:
                                   "`fedrec device init`)") from None
         except ValueError as err:
             raise SealedFileError(f"{folder / cls.HEADER}: unreadable ({err})") from None
-        if header.get("format") != cls.FORMAT:
-            raise SealedFileError(f"{folder / cls.HEADER}: format {header.get('format')!r}, expected {cls.FORMAT!r}")
+        found = header.get("format") if isinstance(header, dict) else None
+        if found != cls.FORMAT:
+            raise SealedFileError(f"{folder / cls.HEADER}: format {found!r}, expected {cls.FORMAT!r}")
         key = cls._key(folder, header, key_file, passphrase)
         try:
             unseal(key, f"{header['id']}/check", bytes.fromhex(header["check"]), folder / cls.HEADER)
-        except (SealedFileError, KeyError, ValueError):
-            raise SealedFileError(f"{folder}: wrong key or passphrase for this device store") from None
+        except (SealedFileError, KeyError, ValueError, TypeError, AttributeError):
+            raise SealedFileError(f"{folder}: wrong key or passphrase for this device store, or its store.json "
+                                  "was changed") from None
         return cls(folder, key, header["id"])
 
     @staticmethod
@@ -309,23 +311,29 @@ class DeviceStore:
     def ledger(self) -> LedgerFile:
         return LedgerFile(self.folder / self.LEDGER, self.key, self.role("ledger"))
 
+    def seal_digest(self, path: Path, name: str) -> None:
+        """Seal the SHA-256 of a plain file the store keeps (public, but not to be changed unseen)."""
+        write_sealed(self.folder / f"{name}.sha256.sealed", self.key, self.role(name), _digest(path))
+
+    def check_digest(self, path: Path, name: str) -> None:
+        if _digest(path) != read_sealed(self.folder / f"{name}.sha256.sealed", self.key, self.role(name)):
+            raise SealedFileError(f"{path}: not the file this store sealed; it was changed"
+                                  + (" (a new catalog from the operator is taken with `fedrec device update-catalog`)"
+                                     if name == "catalog" else ""))
+
     @property
     def catalog(self) -> Path:
         """The store's catalog, checked against the digest sealed with it: a changed item order would
         map the log to other items, and the device would train on what someone else chose."""
-        path = self.folder / self.CATALOG
-        sealed = read_sealed(self.folder / self.CATALOG_DIGEST, self.key, self.role("catalog"))
-        if _digest(path) != sealed:
-            raise SealedFileError(f"{path}: not the catalog this store was made or last updated with; if it is a "
-                                  "new catalog from the operator, take it with `fedrec device update-catalog`")
-        return path
+        self.check_digest(self.folder / self.CATALOG, "catalog")
+        return self.folder / self.CATALOG
 
     def update_catalog(self, catalog: Path) -> None:
         """Take a new catalog (new items); the log keeps item ids, so it maps onto the new one."""
         from shared.data.catalog_bundle import load_catalog
         load_catalog(Path(catalog))   # a file that is not a catalog is refused before anything changes
         write_atomic(self.folder / self.CATALOG, Path(catalog).read_bytes(), mode=0o644)
-        write_sealed(self.folder / self.CATALOG_DIGEST, self.key, self.role("catalog"), _digest(self.folder / self.CATALOG))
+        self.seal_digest(self.folder / self.CATALOG, "catalog")
 
     def events(self) -> list[tuple[str, float]]:
         try:
@@ -418,7 +426,7 @@ def device_files(node_config: dict, run_config: dict) -> DeviceFiles:
         key_file = node_config.get("store-key-file")
         store = DeviceStore.open(Path(str(node_config["device-store"])),
                                  key_file=Path(str(key_file)) if key_file else None)
-        return DeviceFiles(Path(str(node_config.get("catalog", store.catalog))), store.ledger, store=store)
+        return DeviceFiles(store.catalog, store.ledger, store=store)   # the sealed store's catalog, checked
     try:
         log_path, catalog = client_paths(node_config, run_config)
     except KeyError:   # a node config that names some files only (the secure key steps read only credentials)

@@ -17,7 +17,7 @@ KEY_FILE_HELP = ("the store's key file (32 bytes, owner-only); without it the st
 
 def add_parsers(commands, add_training_flags) -> None:
     """`add_training_flags(parser)` adds `fedrec train`'s federated flags (from the settings table)."""
-    certs = commands.add_parser("certs", help="the operator's TLS CA, the server's certificate, device kits")
+    certs = commands.add_parser("certs", help="the operator's TLS CA, the server's certificate, devices' enrolment")
     kinds = certs.add_subparsers(dest="certs", required=True)
     ca = kinds.add_parser("ca", help="a new TLS CA and secure-aggregation enrolment CA in a folder (files 0600)")
     ca.add_argument("--out", type=Path, required=True, help="the CA folder")
@@ -52,9 +52,9 @@ def _add_server(commands, add_training_flags) -> None:
     start.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for devices on other machines)")
     start.add_argument("--port", type=int, default=8000, help="port for devices and the flwr CLI (default: 8000)")
-    register = kinds.add_parser("register", help="allow a device to connect: register its kit's auth.pub")
+    register = kinds.add_parser("register", help="allow a device to connect: register its SuperNode key (CA/devices/NAME.pub)")
     register.add_argument("--state", type=Path, required=True, help="the server's state folder")
-    register.add_argument("public_key", type=Path, nargs="+", help="devices' auth.pub files")
+    register.add_argument("public_key", type=Path, nargs="+", help="devices' SuperNode keys (CA/devices/NAME.pub)")
     run = kinds.add_parser("run", help="submit a federated training run to the started SuperLink and follow it")
     run.add_argument("--state", type=Path, required=True, help="the server's state folder")
     add_training_flags(run)

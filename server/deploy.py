@@ -107,11 +107,11 @@ def _flwr(state: Path, *args: str, timeout: float | None = None) -> subprocess.C
 
 
 def register(state: Path, public_key: Path) -> int:
-    """Register a device's SuperNode authentication key (its kit's auth.pub); returns its node id.
+    """Register a device's SuperNode authentication key (CA/devices/NAME.pub, kept by `fedrec certs enrol`); returns its node id.
     Only registered keys may connect while --enable-supernode-auth is on."""
     server_info(state)
     if not Path(public_key).is_file():
-        raise UserFileError(f"{public_key}: no such file (a device kit's auth.pub, from `fedrec certs device`)")
+        raise UserFileError(f"{public_key}: no such file (a device's NAME.pub, kept by `fedrec certs enrol`)")
     try:
         out = _flwr(state, "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json",
                     timeout=120)

@@ -149,8 +149,12 @@ def enrol_device(folder: Path, request: Path, grant: Path) -> dict:
         raise CertificateError(f"{request}: no such file (a device's request.json, from `fedrec device init`)") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CertificateError(f"{request}: not an enrolment request ({err})") from None
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(name)):
-        raise CertificateError(f"{request}: device name {name!r}: use letters, digits, '-' or '_'")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(name)) or not isinstance(auth_public, str):
+        raise CertificateError(f"{request}: device name {name!r} (letters, digits, '-' or '_') or its SuperNode key "
+                               "is malformed")
+    for taken in (folder / "devices" / f"{name}.pub", Path(grant)):   # both checked before either is written
+        if taken.exists():
+            raise CertificateError(f"{taken}: already there; refusing to replace it (a device of that name is enrolled)")
     _check_auth_key(auth_public.encode(), request)
     _load_ca(folder)
     try:

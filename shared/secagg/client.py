@@ -126,16 +126,11 @@ class SecAggClient:
         return s_public, commit_seed(self.self_seed, self.round_id, self.index), sealed
 
     # step 2
-    def masked_input(self, vector: np.ndarray, inbox: dict[int, tuple[bytes, bytes]],
-                     rng: np.random.Generator) -> np.ndarray:
-        """inbox: neighbour -> (its shares sealed for me, its s public key), for the
-        neighbours that shared. Decrypt the shares (which authenticate the s key), then mask
-        the clipped, quantised `vector` with the self mask and a pairwise mask per sender.
-        Senders this client did not accept as neighbours are ignored (it sealed nothing to them,
-        so they do not mask with it either). Refuses a second masked input in a round, and an
-        inbox with fewer than t - 1 senders: then the vector would carry too few pairwise masks
-        (none, for an empty inbox) and a server that tells the holders this client is alive
-        would read it from its self mask."""
+    def open_inbox(self, inbox: dict[int, tuple[bytes, bytes]]) -> dict[int, tuple[bytes, bytes]]:
+        """Check and open the inbox of step 2 (neighbour -> its shares sealed for me, its s public
+        key) before anything of this user's data is used: refuses an inbox with fewer than t - 1
+        senders, and shares that fail authentication. Senders this client did not accept as
+        neighbours are ignored. Returns the inbox it accepted; calling it again is harmless."""
         if self.masked:
             raise ProtocolViolation("a masked input is sent once per round")
         inbox = {u: entry for u, entry in inbox.items() if u in self.c_publics}
@@ -149,6 +144,15 @@ class SecAggClient:
                 raise ProtocolViolation(f"shares or mask key from client {u} fail authentication",
                                         blame=(u,)) from None
             self.s_publics[u] = s_public
+        return inbox
+
+    def masked_input(self, vector: np.ndarray, inbox: dict[int, tuple[bytes, bytes]],
+                     rng: np.random.Generator) -> np.ndarray:
+        """Mask the clipped, quantised `vector` with the self mask and a pairwise mask per sender of
+        the inbox (opened by `open_inbox`: too few senders would leave the vector with too few
+        pairwise masks (none, for an empty inbox), and a server that tells the holders this client
+        is alive would read it from its self mask). Refuses a second masked input in a round."""
+        inbox = self.open_inbox(inbox)
         y = quantise(vector, self.params, rng)
         y += prg(self.self_seed, len(y))
         self.masked = True

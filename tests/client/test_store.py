@@ -182,7 +182,27 @@ def test_a_changed_catalog_is_refused_until_taken_on_purpose(store, tmp_path):
     swapped = tmp_path / "swapped.npz"
     save_catalog(CatalogBundle(np.asarray(ITEMS[::-1]), np.zeros((len(ITEMS), 0), np.float32)), swapped)
     (tmp_path / "dev" / "catalog.npz").write_bytes(swapped.read_bytes())
-    with pytest.raises(SealedFileError, match="not the catalog this store was made"):
+    with pytest.raises(SealedFileError, match="not the file this store sealed.*update-catalog"):
         store.user_log()
     store.update_catalog(swapped)                    # the owner takes a new catalog on purpose
     assert store.user_log().test == len(ITEMS) - 4   # item 104 is at position 16 of the reversed ids
+
+
+def test_an_edited_server_ca_certificate_stops_the_supernode_start(tmp_path, catalog):
+    """Someone who can write the store folder swaps in their own CA certificate (with a network
+    position, their server would then be trusted): the device refuses to start."""
+    import json
+    from client import device
+    from server.pki import enrol_device, make_ca
+    make_ca(tmp_path / "ca")
+    device.init(tmp_path / "d", catalog, key_file=tmp_path / "d.key", passphrase=None, name="d")
+    store = DeviceStore.open(tmp_path / "d", key_file=tmp_path / "d.key")
+    enrol_device(tmp_path / "ca", tmp_path / "d" / "request.json", tmp_path / "d.grant")
+    said = device.enrol(store, tmp_path / "d.grant")
+    assert "TLS CA sha256" in said
+    device.supernode_argv(store, tmp_path / "d.key", "h:1", 9094)          # as enrolled: fine
+    make_ca(tmp_path / "evil")
+    (tmp_path / "d" / "ca.crt").write_text((tmp_path / "evil" / "ca.crt").read_text())
+    with pytest.raises(SealedFileError, match=r"ca\.crt: not the file this store sealed"):
+        device.supernode_argv(store, tmp_path / "d.key", "h:1", 9094)
+    assert json.loads((tmp_path / "d.grant").read_text())["name"] == "d"
