@@ -272,3 +272,21 @@ def test_an_alive_list_padded_or_cut_does_not_thin_the_noise():
     middle = int(order[5])
     with pytest.raises(ProtocolViolation, match="in this client's part of the round"):
         clients[middle].unmask_shares(*view, signed, {u: server.identities[u] + signed[u] for u in view[0]})
+
+
+def test_a_short_inbox_is_refused_before_the_device_trains_or_spends(node):
+    """A server (or a peer whose shares never arrive) that gives a device too few senders gets a
+    refusal, and the device's training step (which charges its ledger and records once-only
+    contributions) never runs: nobody can make it spend for a round that cannot go through."""
+    from flwr.app import ArrayRecord
+    from shared.model.config import ModelHyper
+    from shared.protocol import LocalConfig, MaskedRequest, PrivacyRound, RoundConfig, pack_masked_request, \
+        pack_round_config
+    round_id = secrets.token_bytes(24)
+    assert refusal_of(secure.handle_shares(_shares_request(node, round_id), node, {}).content) is None
+    config = RoundConfig(1, 0, LocalConfig(), ModelHyper(), PrivacyRound())
+    trained = []
+    request = pack_masked_request(ArrayRecord(), pack_round_config(config),
+                                  MaskedRequest(round_id, "uniform", 1.0, {}, {}))
+    reply = secure.handle_masked(_message(request, "masked"), node, lambda: trained.append(1), config)
+    assert "fewer than threshold" in refusal_of(reply.content) and trained == []
