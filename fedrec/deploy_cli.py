@@ -97,15 +97,15 @@ def _add_device(commands) -> None:
     run.add_argument("--port", type=int, default=9094,
                      help="local port for the SuperNode's app runtime; one per SuperNode on a machine (default: 9094)")
     own = run.add_argument_group("this device's own rules (no server can lower them; default: the app's)")
-    own.add_argument("--privacy-unit", choices=("none", "record", "user", "both"),
+    own.add_argument("--privacy-unit", dest="own_privacy_unit", choices=("none", "record", "user", "both"),
                      help="the differential privacy this device requires before it trains or answers")
-    own.add_argument("--privacy-budget", type=float, help="this device's epsilon budget over all rounds, ever")
-    own.add_argument("--privacy-delta", type=float, help="the delta its budget is counted at")
-    own.add_argument("--privacy-record-window", type=int, help="the smallest record (interactions) it accepts as the unit")
-    own.add_argument("--privacy-min-noise", type=float, help="the smallest noise multiplier it accepts")
-    own.add_argument("--counts-min-devices", type=int,
+    own.add_argument("--privacy-budget", dest="own_privacy_budget", type=float, help="this device's epsilon budget over all rounds, ever")
+    own.add_argument("--privacy-delta", dest="own_privacy_delta", type=float, help="the delta its budget is counted at")
+    own.add_argument("--privacy-record-window", dest="own_privacy_record_window", type=int, help="the smallest record (interactions) it accepts as the unit")
+    own.add_argument("--privacy-min-noise", dest="own_privacy_min_noise", type=float, help="the smallest noise multiplier it accepts")
+    own.add_argument("--counts-min-devices", dest="own_counts_min_devices", type=int,
                      help="the fewest devices an exact sum of its data may be unmasked in (at least 2)")
-    own.add_argument("--secagg-min-neighbours", type=int, help="the fewest neighbours it shares its keys with")
+    own.add_argument("--secagg-min-neighbours", dest="own_secagg_min_neighbours", type=int, help="the fewest neighbours it shares its keys with")
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -200,8 +200,9 @@ def device(args, values: dict) -> None:
     elif args.device == "recommend":
         dev.print_recommendations(store, args.bundle, args.k)
     else:
-        policy = {key: getattr(args, key.replace("-", "_")) for key in dev.POLICY_KEYS
-                  if getattr(args, key.replace("-", "_")) is not None}
+        # dest "own_*": the settings table has keys of the same names, read from the app's settings
+        policy = {key: getattr(args, "own_" + key.replace("-", "_")) for key in dev.POLICY_KEYS
+                  if getattr(args, "own_" + key.replace("-", "_")) is not None}
         argv = dev.supernode_argv(store, args.key_file, args.superlink, args.port, policy)
         from shared.processes import flower_env
         try:

@@ -63,3 +63,13 @@ def test_version(capsys):
     import fedrec
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedrec {fedrec.__version__}"
     assert fedrec.__version__[0].isdigit()
+
+
+def test_device_run_takes_the_devices_own_rules_beside_the_settings_of_the_same_names():
+    """`--counts-min-devices` is also a setting of the app: the device's flag must not be read as
+    that setting (it was: 'a value is required' before the device could start)."""
+    from fedrec.cli import parser, settings_of
+    args = parser().parse_args(["device", "run", "--store", "d", "--superlink", "h:1", "--privacy-budget", "8",
+                                "--counts-min-devices", "20"])
+    settings_of(args)
+    assert (args.own_privacy_budget, args.own_counts_min_devices) == (8.0, 20)
