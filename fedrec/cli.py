@@ -211,6 +211,9 @@ def _train(args, values: dict) -> None:
     else:
         from simulation.centralized import CentralizedJob, run_centralized
         summary = run_centralized(CentralizedJob.from_settings(values), args.out, progress=not args.quiet)
+    if not args.quiet and summary.get("data_report"):
+        from shared.data.preprocess import describe_report
+        print(describe_report(summary["data_report"]))
     m = summary["metrics"]
     print(f"{summary['dataset']} {summary['mode']}: NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}  "
           f"MRR@10 {m['mrr@10']:.4f}  coverage@10 {m['coverage@10']:.3f}  ({summary['wall_seconds']:.0f} s) "
@@ -222,6 +225,9 @@ def _store(args, values: dict) -> None:
     from simulation.federated import write_store
     prepared = prepare_data(DataConfig.from_settings(values, activity_features=False), show_progress=not args.quiet)
     write_store(prepared, args.out)
+    if not args.quiet:
+        from shared.data.preprocess import describe_report
+        print(describe_report(prepared.report))
     print(f"{len(prepared.split)} user logs and the catalog bundle -> {args.out}")
 
 

@@ -138,6 +138,7 @@ def run_centralized(job: CentralizedJob, out: Path, *, progress: bool = True) ->
     summary = {
         "dataset": prepared.dataset.name,
         "mode": "centralized",
+        "data_report": prepared.report,
         "metrics": {k: v for k, v in test.items() if not k.startswith("sampled")},
         "sampled_metrics": {"protocol": f"held-out item vs {job.sampled_negatives} uniformly "
                             "sampled unseen items (for comparison with papers; not our headline)",

@@ -185,6 +185,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         fusion = {**fusion, "encoder_alone_test": evaluate(scorer.encoder, prepared.split, "test").metrics}
     return {
         "dataset": prepared.dataset.name, "mode": "federated", "metrics": evaluation.metrics,
+        "data_report": prepared.report,
         "federated_test_metrics": result["test"],   # each client's own figures, the encoder alone
         "tie_free_users": subset_metrics(evaluation.ranks, tie_free_users(prepared.encoded.timestamps)),
         "fusion": fusion,

@@ -11,7 +11,7 @@ The dataset argument is one of
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -61,6 +61,7 @@ class PreparedData:
     encoded: Encoded
     split: Split
     features: ContentFeatures
+    report: dict = field(default_factory=dict)   # what was done to the data (preprocess.data_report)
 
 
 _SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)(?::(\d+(?:\.\d+)?))?$")
@@ -115,9 +116,11 @@ def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedDat
     dataset = load_any(cfg)
     if cfg.rated_items_only:
         dataset = replace(dataset, catalog=items_in_log(dataset.catalog, dataset.interactions))
+    report: dict = {}
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
-                             user_core=cfg.user_core, item_core=cfg.item_core, last_events=cfg.last_events)
+                             user_core=cfg.user_core, item_core=cfg.item_core, last_events=cfg.last_events,
+                             report=report)
     activity = item_activity(split) if cfg.activity_features else None
     features = build_features(dataset.catalog, activity, text_encoder=cfg.text_encoder,
                               cache_dir=cache_dir() / "features", show_progress=show_progress)
-    return PreparedData(dataset, encoded, split, features)
+    return PreparedData(dataset, encoded, split, features, report)

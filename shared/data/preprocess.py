@@ -190,11 +190,54 @@ def items_in_log(catalog: Catalog, interactions: Interactions) -> Catalog:
 
 def prepare(interactions: Interactions, catalog: Catalog, *, min_rating: float | None = None,
             user_core: int = MIN_EVENTS_FOR_SPLIT, item_core: int = 0,
-            last_events: int = 0) -> tuple[Encoded, Split]:
-    """The standard pipeline: implicit -> (each user's newest events) -> k-core -> encode -> leave-one-out."""
-    events = implicit(interactions, min_rating)
+            last_events: int = 0, report: dict | None = None) -> tuple[Encoded, Split]:
+    """The standard pipeline: implicit -> (each user's newest events) -> k-core -> encode -> leave-one-out.
+    `report`, when given, is filled with what each step did to the data (data_report)."""
+    rated = interactions
+    if min_rating is not None:
+        rated = Interactions(interactions.frame[interactions.frame["rating"] >= min_rating], interactions.source)
+    events = implicit(rated)
     if events.frame.empty:
         raise DataError(f"no interactions with rating >= {min_rating}", file=interactions.source)
-    events = k_core(newest(events, last_events), user_core, item_core)
-    encoded = encode(events, catalog)
+    trimmed = newest(events, last_events)
+    cored = k_core(trimmed, user_core, item_core)
+    encoded = encode(cored, catalog)
+    if report is not None:
+        report.update(data_report(interactions, rated, events, trimmed, cored, catalog, min_rating=min_rating,
+                                  user_core=user_core, item_core=item_core, last_events=last_events))
     return encoded, leave_one_out(encoded)
+
+
+def data_report(read: Interactions, rated: Interactions, events: Interactions, trimmed: Interactions,
+                cored: Interactions, catalog: Catalog, **settings) -> dict:
+    """What was done to the data, step by step, in counts a person can check against their file."""
+    def shape(x: Interactions) -> dict:
+        f = x.frame
+        return {"events": int(len(f)), "users": int(f["user"].nunique()), "items": int(f["item"].nunique())}
+    steps = {"read": shape(read), "rated": shape(rated), "implicit": shape(events), "newest": shape(trimmed),
+             "core": shape(cored)}
+    return {
+        "settings": settings, "steps": steps,
+        "below_min_rating": steps["read"]["events"] - steps["rated"]["events"],
+        "repeats_collapsed": steps["rated"]["events"] - steps["implicit"]["events"],
+        "older_than_last_events": steps["implicit"]["events"] - steps["newest"]["events"],
+        "core_dropped": {k: steps["newest"][k] - steps["core"][k] for k in ("events", "users", "items")},
+        "catalog_items": int(len(catalog.frame)),
+        "catalog_items_without_events": int(len(catalog.frame)) - steps["core"]["items"],
+    }
+
+
+def describe_report(r: dict) -> str:
+    """One line for a person: what came in, what went, what is left."""
+    s, cut = r["steps"], r["core_dropped"]
+    parts = [f"{s['read']['events']:,} events read ({s['read']['users']:,} users, {s['read']['items']:,} items)"]
+    if r["below_min_rating"]:
+        parts.append(f"{r['below_min_rating']:,} below --min-rating {r['settings']['min_rating']}")
+    parts.append(f"{r['repeats_collapsed']:,} repeated user-item events collapsed to the earliest")
+    if r["older_than_last_events"]:
+        parts.append(f"{r['older_than_last_events']:,} older than each user's newest {r['settings']['last_events']}")
+    parts.append(f"{cut['users']:,} users and {cut['items']:,} items ({cut['events']:,} events) dropped by "
+                 f"--user-core {r['settings']['user_core']} / --item-core {r['settings']['item_core']}")
+    core = s["core"]
+    return "data: " + "; ".join(parts) + f"; kept {core['events']:,} events of {core['users']:,} users on " \
+        f"{core['items']:,} items (catalog {r['catalog_items']:,})"

@@ -101,3 +101,18 @@ def test_rated_items_only_drops_catalog_items_nobody_touched(tmp_path):
     assert every.split.n_items == 4 and rated.split.n_items == 3
     assert list(rated.encoded.item_ids) == ["a", "b", "c"]
     assert rated.features.matrix.shape[0] == every.features.matrix.shape[0] - 1   # one content row per item
+
+
+def test_the_data_report_says_what_each_step_did():
+    """Issue 19: 514 events became 388 and nothing said so. The report counts every step."""
+    from shared.data.preprocess import describe_report
+    ev = events([("u", "a", 1, 5), ("u", "a", 2, 5), ("u", "b", 3, 1), ("u", "c", 4, 5), ("u", "d", 5, 5),
+                 ("v", "a", 6, 5), ("w", "a", 1, 5), ("w", "c", 2, 5), ("w", "d", 3, 5)])
+    report = {}
+    prepare(ev, catalog(["a", "b", "c", "d", "e"]), min_rating=2, user_core=3, report=report)
+    assert report["below_min_rating"] == 1 and report["repeats_collapsed"] == 1
+    assert report["core_dropped"] == {"events": 1, "users": 1, "items": 0}      # v: one event
+    assert report["steps"]["core"] == {"events": 6, "users": 2, "items": 3}
+    assert report["catalog_items_without_events"] == 2                           # b (rated 1) and e
+    line = describe_report(report)
+    assert "9 events read" in line and "1 below --min-rating 2" in line and "1 users and 0 items (1 events)" in line
