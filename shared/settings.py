@@ -27,6 +27,17 @@ def at_least(low: float) -> Check:
     return lambda v: None if v >= low else f"must be >= {low:g}"
 
 
+def column_problem(spec: str | None) -> str | None:
+    """None if `spec` reads as FIELD=COLUMN pairs for user, item, timestamp and rating."""
+    if spec is None:
+        return None
+    for pair in spec.split(","):
+        field, _, column = pair.partition("=")
+        if field.strip() not in ("user", "item", "timestamp", "rating") or not column.strip():
+            return f"{pair.strip()!r}: use FIELD=COLUMN with FIELD one of user, item, timestamp, rating"
+    return None
+
+
 def positive(v) -> str | None:
     return None if v > 0 else "must be > 0"
 
@@ -95,6 +106,10 @@ SETTINGS: tuple[Setting, ...] = (
        "a folder | a CSV/Parquet file with columns user,item,timestamp[,rating]", "data"),
     _s("data-dir", str, None, "folder holding the dataset (or <name>/ inside it)", "data", optional=True),
     _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
+    _s("columns", str, None, "a generic file's column names, e.g. user=user_id,item=movie,timestamp=ts,rating=stars "
+       "(default: user,item,timestamp[,rating])", "data", optional=True, check=lambda v: column_problem(v)),
+    _s("drop-unknown-items", bool, False, "drop (and count) events whose item is not in the catalog instead of "
+       "stopping at the first", "data"),
     _s("download", bool, True, "download a registered dataset when it is not found locally "
        "(sha256-checked); --no-download fails instead", "data"),
     _s("activity-features", bool, False, "centralized: item popularity and recency features counted over every "

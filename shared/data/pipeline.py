@@ -21,7 +21,7 @@ from shared.data.features import ContentFeatures, build_features
 from shared.data.preprocess import Encoded, Split, item_activity, items_in_log, prepare
 from shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
-from shared.data.schema import DataError, Dataset, check_items_known, make_catalog
+from shared.data.schema import DataError, Dataset, Interactions, check_items_known, make_catalog
 from shared.data.synthetic import generate
 from shared.settings import default
 
@@ -31,6 +31,8 @@ class DataConfig:
     dataset: str = default("dataset")
     data_dir: str | None = None
     catalog: str | None = None          # catalog CSV for a generic interactions file
+    columns: str | None = None          # a generic file's column names: "user=uid,item=iid,timestamp=ts"
+    drop_unknown_items: bool = False    # drop (count) events whose item the catalog lacks, instead of an error
     min_rating: float | None = None     # None: every interaction is a positive
     user_core: int = default("user-core")
     item_core: int = default("item-core")
@@ -52,7 +54,8 @@ class DataConfig:
                    user_core=v["user-core"], item_core=v["item-core"], text_encoder=v["text-encoder"],
                    activity_features=v["activity-features"] if activity_features is None else activity_features,
                    allow_download=v["download"], seed=v["seed"],
-                   rated_items_only=v["rated-items-only"], last_events=v["last-events"])
+                   rated_items_only=v["rated-items-only"], last_events=v["last-events"],
+                   columns=v.get("columns"), drop_unknown_items=v.get("drop-unknown-items", False))
 
 
 @dataclass
@@ -79,7 +82,7 @@ def load_any(cfg: DataConfig) -> Dataset:
     if path.is_dir():
         interactions, catalog = _read_folder(path)
     elif path.is_file():
-        interactions = read_table(path, ColumnMap())
+        interactions = read_table(path, column_map(cfg.columns))
         if cfg.catalog:
             catalog = read_catalog_table(Path(cfg.catalog))
         else:
@@ -87,8 +90,20 @@ def load_any(cfg: DataConfig) -> Dataset:
     else:
         raise DataError(f"not a known dataset ({', '.join(REGISTRY)}, synthetic:UxI) and no such "
                         f"file or folder", file=name)
+    if cfg.drop_unknown_items:
+        known = interactions.frame["item"].isin(catalog.frame.index)
+        unknown_items_dropped = int((~known).sum())
+        interactions = Interactions(interactions.frame[known].reset_index(drop=True), interactions.source)
     check_items_known(interactions, catalog)
-    return Dataset(path.name, interactions, catalog)
+    return Dataset(path.name, interactions, catalog, unknown_items_dropped if cfg.drop_unknown_items else 0)
+
+
+def column_map(spec: str | None) -> ColumnMap:
+    """--columns user=uid,item=iid,timestamp=ts[,rating=stars] (checked by the settings table)."""
+    if not spec:
+        return ColumnMap()
+    pairs = dict(pair.split("=", 1) for pair in spec.split(","))
+    return ColumnMap(**{k.strip(): v.strip() for k, v in pairs.items()})
 
 
 def _catalog_of_seen_items(interactions):
@@ -120,6 +135,7 @@ def prepare_data(cfg: DataConfig, *, show_progress: bool = False) -> PreparedDat
     encoded, split = prepare(dataset.interactions, dataset.catalog, min_rating=cfg.min_rating,
                              user_core=cfg.user_core, item_core=cfg.item_core, last_events=cfg.last_events,
                              report=report)
+    report["unknown_items_dropped"] = dataset.unknown_items_dropped
     activity = item_activity(split) if cfg.activity_features else None
     features = build_features(dataset.catalog, activity, text_encoder=cfg.text_encoder,
                               cache_dir=cache_dir() / "features", show_progress=show_progress)

@@ -231,6 +231,8 @@ def describe_report(r: dict) -> str:
     """One line for a person: what came in, what went, what is left."""
     s, cut = r["steps"], r["core_dropped"]
     parts = [f"{s['read']['events']:,} events read ({s['read']['users']:,} users, {s['read']['items']:,} items)"]
+    if r.get("unknown_items_dropped"):
+        parts.append(f"{r['unknown_items_dropped']:,} more dropped before: their item is not in the catalog")
     if r["below_min_rating"]:
         parts.append(f"{r['below_min_rating']:,} below --min-rating {r['settings']['min_rating']}")
     parts.append(f"{r['repeats_collapsed']:,} repeated user-item events collapsed to the earliest")

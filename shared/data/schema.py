@@ -65,6 +65,7 @@ class Dataset:
     name: str
     interactions: Interactions
     catalog: Catalog
+    unknown_items_dropped: int = 0   # events dropped because the catalog lacks their item (--drop-unknown-items)
 
 
 def make_interactions(frame: pd.DataFrame, source: str) -> Interactions:

@@ -116,3 +116,23 @@ def test_the_data_report_says_what_each_step_did():
     assert report["catalog_items_without_events"] == 2                           # b (rated 1) and e
     line = describe_report(report)
     assert "9 events read" in line and "1 below --min-rating 2" in line and "1 users and 0 items (1 events)" in line
+
+
+def test_own_column_names_and_dropping_unknown_items_counted(tmp_path):
+    """Issue 19: column names are a flag, and an item missing from the catalog can be dropped
+    (counted) instead of stopping the run."""
+    from shared.data.pipeline import DataConfig, prepare_data
+    from shared.data.preprocess import describe_report
+    from shared.settings import check
+    rows = [(u, i, t) for u in ("u1", "u2") for t, i in enumerate(("a", "b", "c", "d"))] + [("u1", "zz", 9)]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"item": list("abcd"), "title": list("ABCD")}).to_csv(tmp_path / "items.csv", index=False)
+    cfg = DataConfig(dataset=str(tmp_path / "log.csv"), catalog=str(tmp_path / "items.csv"), text_encoder="none",
+                     columns="user=user_id,item=item_id,timestamp=ts")
+    with pytest.raises(DataError, match="unknown item 'zz'"):
+        prepare_data(cfg)
+    prepared = prepare_data(DataConfig(**{**cfg.to_dict(), "drop_unknown_items": True}))
+    assert prepared.report["unknown_items_dropped"] == 1 and len(prepared.split) == 2
+    assert "1 more dropped before: their item is not in the catalog" in describe_report(prepared.report)
+    with pytest.raises(Exception, match="use FIELD=COLUMN"):
+        check({"columns": "user=uid,who=x"})
