@@ -29,6 +29,7 @@ from server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_m
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.exchange import ClientFailure, exchange, record_bytes
 from server.secure import SecureConfig, SecureRound, SecureTask
+from shared.errors import RunMismatch
 from shared.model.config import ModelHyper
 from shared.model.fusion import FusionConfig
 from shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp_probability, noise_share_std, resolve, user_epsilon,
@@ -315,14 +316,30 @@ def last_round_before_refit(cfg: FederationConfig) -> int:
     return cfg.rounds - round(cfg.refit_fraction * cfg.rounds)
 
 
+def check_resumable(out: Path, cfg: FederationConfig) -> dict | None:
+    """The checkpoint in `out` (None: a new run), if `cfg` may continue it; RunMismatch naming the
+    settings that differ if not."""
+    checkpoint = load_checkpoint(Path(out) / "checkpoint.pt")
+    if checkpoint is None or checkpoint["config"] == cfg.identity():
+        return checkpoint
+    old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(changed[:6])}); "
+                      "use a new --out, or the same settings to resume it")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
 def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tuple[list[dict], int]:
     """(history, first round to run): from the checkpoint in `out`, if there is one."""
-    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    checkpoint = check_resumable(out, cfg)
     if checkpoint is None:
         return [], 1
-    if checkpoint["config"] != cfg.identity():
-        raise ValueError(f"{out / 'checkpoint.pt'} was written by a run with another "
-                         "configuration; use a new output folder or the same flags")
     optimizer.load_state_dict(checkpoint["optimizer"])
     log.info("resuming from round %d", checkpoint["round"])
     return checkpoint["history"], checkpoint["round"] + 1

@@ -14,3 +14,7 @@ class BundleError(Exception):
 class UserFileError(ValueError):
     """A file the user gave (a certificate, a key, a device store) that cannot be used; the message
     names the file and what to do. The CLI prints it as one line, exit 2."""
+
+
+class RunMismatch(UserFileError):
+    """An output folder holds a run with another configuration: resuming it would mix two runs."""

@@ -113,6 +113,9 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     out = Path(out)
     prepared = prepared or prepare_data(job.data, show_progress=progress)
     settings = _prepare_run(job, prepared, out)
+    from server.app import federation_config
+    from server.federation import check_resumable
+    check_resumable(out, federation_config(settings))   # before Flower starts: a one-line usage error
     harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, int(settings["rounds"]), progress)
     try:
         simulate(make_server_app(settings, on_round=harness.on_round, progress=harness.on_progress),
