@@ -38,6 +38,8 @@ def _add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Flower's and Ray's own log lines (INFO, DEBUG, deprecation notices)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -206,6 +208,8 @@ def _log_to_stderr() -> None:
 
 def _train(args, values: dict) -> None:
     if args.mode == "federated":
+        from shared.console import tame_library_output
+        tame_library_output(args.verbose)
         from simulation.federated import FederatedJob, run_federated
         summary = run_federated(FederatedJob.from_settings(values), args.out, progress=not args.quiet)
     else:
@@ -241,6 +245,9 @@ def _compare(args, values: dict) -> None:
 
 
 def _bench(args, values: dict) -> None:
+    if args.bench in ("secagg", "privacy", "dp-items", "payload"):   # the ones that run Flower
+        from shared.console import tame_library_output
+        tame_library_output(getattr(args, "verbose", False))
     if args.bench == "quality":
         from simulation.bench import run_quality_bench
         from simulation.centralized import CentralizedJob

@@ -107,8 +107,8 @@ def _flwr(state: Path, *args: str, timeout: float | None = None) -> subprocess.C
 
 
 def register(state: Path, public_key: Path) -> int:
-    """Register a device's SuperNode authentication key (CA/devices/NAME.pub, kept by `fedrec certs enrol`); returns its node id.
-    Only registered keys may connect while --enable-supernode-auth is on."""
+    """Register a device's SuperNode authentication key (CA/devices/NAME.pub, kept by `fedrec certs
+    enrol`); returns its node id. Only registered keys may connect while --enable-supernode-auth is on."""
     server_info(state)
     if not Path(public_key).is_file():
         raise UserFileError(f"{public_key}: no such file (a device's NAME.pub, kept by `fedrec certs enrol`)")

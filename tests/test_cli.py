@@ -73,3 +73,27 @@ def test_device_run_takes_the_devices_own_rules_beside_the_settings_of_the_same_
                                 "--counts-min-devices", "20"])
     settings_of(args)
     assert (args.own_privacy_budget, args.own_counts_min_devices) == (8.0, 20)
+
+
+def test_library_chatter_is_quiet_unless_verbose(capsys):
+    """Issue 19: a federated run printed Flower's deprecations twice, DEBUG lines (a second copy of
+    each record through the root handler Opacus installs) and ANSI colours into files."""
+    import logging
+    from flwr.supercore.logger import FLOWER_LOGGER
+    from shared.console import tame_library_output
+    root = logging.StreamHandler()   # what opacus's basicConfig adds
+    logging.getLogger().addHandler(root)
+    try:
+        tame_library_output(verbose=False)
+        FLOWER_LOGGER.info("an INFO line")
+        FLOWER_LOGGER.warning("run_simulation is deprecated")
+        FLOWER_LOGGER.warning("a real warning")
+        err = capsys.readouterr().err
+        assert err.count("a real warning") == 1 and "INFO line" not in err and "deprecated" not in err
+        assert "\x1b[" not in err   # not a terminal: no colour codes
+    finally:   # the rest of the session sees Flower as it was
+        from flwr.supercore.logger import update_console_handler
+        logging.getLogger().removeHandler(root)
+        FLOWER_LOGGER.propagate = True
+        FLOWER_LOGGER.filters.clear()
+        update_console_handler(level=logging.INFO, colored=True)
