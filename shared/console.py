@@ -31,3 +31,36 @@ def tame_library_output(verbose: bool = False) -> None:
     if not any(isinstance(f, _DropDeprecations) for f in FLOWER_LOGGER.filters):
         FLOWER_LOGGER.addFilter(_DropDeprecations())
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
+
+
+class Progress:
+    """Progress a person can read wherever the output goes: a tqdm bar on a terminal; into a file
+    or a pipe (a log, CI) one plain line every `every` steps and at the last, never `\\r` frames.
+    Fields are named in full, and a figure is shown only once it exists."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every: int | None = None):
+        from tqdm import tqdm
+        self.total, self.desc, self.unit, self.enabled, self.n = total, desc, unit, enabled, 0
+        self.every = every or max(1, total // 20)
+        terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if enabled and terminal else None
+
+    def update(self, **fields) -> None:
+        self.n += 1
+        self.shown = {k: v for k, v in fields.items() if v is not None}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(self.shown)
+        elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
+            self._line()
+
+    def _line(self) -> None:
+        said = ", ".join(f"{k} {v}" for k, v in self.shown.items())
+        print(f"{self.desc}: {self.unit} {self.n}/{self.total}" + (f": {said}" if said else ""), file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.n and self.n % self.every and self.n != self.total:
+            self._line()   # stopped early: the last step still gets its line

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from shared.data.preprocess import Split, item_popularity, with_validation_in_train
 from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
@@ -30,6 +29,7 @@ from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, FusedScorer, Scorer
 from shared.model.config import ModelHyper
 from shared.settings import default
 from shared.model.recommender import RecommenderModel, build_recommender
+from shared.console import Progress
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
 from shared.model.training import FitResult, TrainConfig, fit, model_scorer
@@ -59,14 +59,14 @@ def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: 
     """Fit on the training split; returns (model, FitResult)."""
     torch.manual_seed(job.train.seed)
     model = build_model(prepared, job.model)
-    bar = tqdm(total=job.train.epochs, desc="train", unit="epoch", disable=not progress,
-               dynamic_ncols=True)
-    best = [0.0]
+    bar = Progress(job.train.epochs, "train", "epoch", enabled=progress)
+    best: list[float] = []
 
     def on_epoch(point: dict) -> None:
-        best[0] = max(best[0], point.get("ndcg@10", 0.0))
-        bar.update(1)
-        bar.set_postfix(loss=f"{point['loss']:.3f}", best_val_ndcg10=f"{best[0]:.4f}")
+        if "ndcg@10" in point:   # validated this epoch
+            best.append(max(best + [point["ndcg@10"]]))
+        bar.update(**{"loss": f"{point['loss']:.3f}",
+                      "best validation NDCG@10": f"{best[-1]:.4f}" if best else None})
 
     result = fit(model, prepared.split, job.train, progress=on_epoch)
     bar.close()

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from client.store import UserLog, write_credentials, write_ledger
 from shared.data.catalog_bundle import catalog_of, save_catalog
 from shared.errors import RunFailed
 from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
+from shared.console import Progress
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
 from shared.report import plot_validation_curve, write_json
 from shared.secagg.identity import EnrolmentCA
@@ -117,6 +118,9 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     from server.federation import check_resumable
     check_resumable(out, federation_config(settings))   # before Flower starts: a one-line usage error
     harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, int(settings["rounds"]), progress)
+    if progress:
+        print(f"federated: starting Flower's simulation engine (Ray) with {len(prepared.split)} virtual clients; "
+              "round 1 waits until they are up", file=sys.stderr, flush=True)
     try:
         simulate(make_server_app(settings, on_round=harness.on_round, progress=harness.on_progress),
                  make_client_app(settings), len(prepared.split))
@@ -158,7 +162,7 @@ class _Harness:
     def __init__(self, model, prepared: PreparedData, eval_rounds: int, rounds: int, progress: bool):
         self.model, self.prepared, self.eval_rounds, self.rounds = model, prepared, eval_rounds, rounds
         self.curve: list[dict] = []
-        self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True)
+        self.bar = Progress(rounds, "federated", "round", enabled=progress)
 
     def on_round(self, server_round: int, weights: dict) -> dict:
         if server_round % self.eval_rounds and server_round != self.rounds:
@@ -169,9 +173,8 @@ class _Harness:
         return {"valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]}
 
     def on_progress(self, record) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(s=f"{record.seconds:.1f}", ok=record.accepted,
-                             val=f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else "-")
+        self.bar.update(**{"seconds": f"{record.seconds:.1f}", "clients accepted": record.accepted,
+                           "validation NDCG@10": f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else None})
 
 
 def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: Path, harness: _Harness,

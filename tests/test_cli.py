@@ -97,3 +97,16 @@ def test_library_chatter_is_quiet_unless_verbose(capsys):
         FLOWER_LOGGER.propagate = True
         FLOWER_LOGGER.filters.clear()
         update_console_handler(level=logging.INFO, colored=True)
+
+
+def test_progress_into_a_file_is_plain_lines_with_named_fields(capsys):
+    """Not a terminal: no tqdm frames, a line every few steps and for the last, fields in full,
+    and a figure only once it exists."""
+    from shared.console import Progress
+    bar = Progress(10, "train", "epoch", every=5)
+    for epoch in range(10):
+        bar.update(loss=f"{1 / (epoch + 1):.3f}", **{"best validation NDCG@10": "0.1000" if epoch >= 7 else None})
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [
+        "train: epoch 5/10: loss 0.200", "train: epoch 10/10: loss 0.100, best validation NDCG@10 0.1000"]
