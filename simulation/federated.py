@@ -174,7 +174,7 @@ class _Harness:
 
     def on_progress(self, record) -> None:
         self.bar.update(**{"seconds": f"{record.seconds:.1f}", "clients accepted": record.accepted,
-                           "validation NDCG@10": f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else None})
+                           "last validation NDCG@10": f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else None})
 
 
 def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: Path, harness: _Harness,
