@@ -37,9 +37,9 @@ def _add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress and no data report: the final line (and warnings)")
     p.add_argument("--verbose", action="store_true",
-                   help="also Flower's and Ray's own log lines (INFO, DEBUG, deprecation notices)")
+                   help="also Flower's INFO lines, its deprecation notices and Ray's warnings")
 
 
 def parser() -> argparse.ArgumentParser:

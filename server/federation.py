@@ -323,9 +323,17 @@ def check_resumable(out: Path, cfg: FederationConfig) -> dict | None:
     if checkpoint is None or checkpoint["config"] == cfg.identity():
         return checkpoint
     old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(changed[:6])}); "
-                      "use a new --out, or the same settings to resume it")
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
+    if not changed:
+        return checkpoint
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(changed[:6])}"
+                      f"{more}); use a new --out, or the same settings to resume it")
+
+
+# Where a file is, not what the run does: a moved folder still resumes.
+WHERE_NOT_WHAT = ("secure.enrolment_ca",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -45,11 +45,12 @@ class Progress:
         terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if enabled and terminal else None
 
-    def update(self, **fields) -> None:
-        self.n += 1
+    def update(self, at: int | None = None, **fields) -> None:
+        """One more step done (`at`: the step's own number, e.g. a resumed run's round)."""
+        self.n = self.n + 1 if at is None else at
         self.shown = {k: v for k, v in fields.items() if v is not None}
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(self.n - self.bar.n)
             self.bar.set_postfix(self.shown)
         elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
             self._line()

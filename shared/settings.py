@@ -107,7 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("data-dir", str, None, "folder holding the dataset (or <name>/ inside it)", "data", optional=True),
     _s("catalog", str, None, "item catalog CSV for a generic interactions file", "data", optional=True),
     _s("columns", str, None, "a generic file's column names, e.g. user=user_id,item=movie,timestamp=ts,rating=stars "
-       "(default: user,item,timestamp[,rating])", "data", optional=True, check=lambda v: column_problem(v)),
+       "(unset: user, item, timestamp and, when there is one, rating)", "data", optional=True,
+       check=lambda v: column_problem(v)),
     _s("drop-unknown-items", bool, False, "drop (and count) events whose item is not in the catalog instead of "
        "stopping at the first", "data"),
     _s("download", bool, True, "download a registered dataset when it is not found locally "

@@ -25,7 +25,7 @@ import torch
 
 from client.store import UserLog, write_credentials, write_ledger
 from shared.data.catalog_bundle import catalog_of, save_catalog
-from shared.errors import RunFailed
+from shared.errors import RunFailed, RunMismatch
 from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
 from shared.console import Progress
 from shared.data.pipeline import DataConfig, PreparedData, prepare_data
@@ -56,16 +56,20 @@ class FederatedJob:
                    eval_rounds=v["eval-rounds"], compare_with=v["compare-with"])
 
 
+def store_stamp(prepared: PreparedData) -> dict:
+    """What identifies the data a store was written from (a resumed run must see the same)."""
+    return {"version": 3, "users": len(prepared.split), "items": prepared.split.n_items,
+            "content_dim": prepared.features.dim, "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
+            "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
+
+
 def write_store(prepared: PreparedData, store: Path) -> Path:
     """The catalog bundle and one log per user (partition i = user i), and each simulated
     device's enrolment credentials (the harness plays the operator: it makes an enrolment CA,
     enrols every device, and keeps only the CA's public key). Rewritten only when the data it
     came from changed."""
     store = Path(store)
-    stamp = {"version": 3, "users": len(prepared.split), "items": prepared.split.n_items,
-             "content_dim": prepared.features.dim,
-             "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
-             "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
+    stamp = store_stamp(prepared)
     manifest = store / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()) == stamp:
         return store
@@ -113,10 +117,8 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     torch.set_num_threads(job.threads)
     out = Path(out)
     prepared = prepared or prepare_data(job.data, show_progress=progress)
+    _check_resumable(prepared, _settings(job, prepared, out), out)   # before anything in `out` changes
     settings = _prepare_run(job, prepared, out)
-    from server.app import federation_config
-    from server.federation import check_resumable
-    check_resumable(out, federation_config(settings))   # before Flower starts: a one-line usage error
     harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, int(settings["rounds"]), progress)
     if progress:
         print(f"federated: starting Flower's simulation engine (Ray) with {len(prepared.split)} virtual clients; "
@@ -141,14 +143,34 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("error.txt", "result.json"):
         (out / stale).unlink(missing_ok=True)
-    store = write_store(prepared, out / "store")
+    write_store(prepared, out / "store")
+    store = out / "store"
     if not (out / "checkpoint.pt").exists():
         (out / "selected.pt").unlink(missing_ok=True)   # a previous run's encoder before its refit
         # A new run (not a resume): new simulated devices, with unspent privacy budgets. Runs in other
         # --out folders over the same users are not composed (docs/privacy.md).
         for i in range(len(prepared.split)):
             write_ledger(store / "users" / f"{i}.privacy.json", [])
+    return _settings(job, prepared, out)
+
+
+def _check_resumable(prepared: PreparedData, settings: dict, out: Path) -> None:
+    """A checkpoint in `out` is continued only with the same settings and the same data; else a
+    one-line usage error, before Flower starts and before anything in `out` is touched."""
+    from server.app import federation_config
+    from server.federation import check_resumable
+    if check_resumable(out, federation_config(settings)) is None:
+        return
+    manifest = out / "store" / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()) != store_stamp(prepared):
+        raise RunMismatch(f"{out}: its run was trained on other data ({manifest} differs: users, items, events or "
+                          "content); use a new --out, or the same data settings to resume it")
+
+
+def _settings(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
+    """The run config the apps run with (no side effects)."""
     m = job.model
+    store = out / "store"
     return {**run_config_defaults(), "store": str(store), "out": str(out), "dim": m.dim, "layers": m.layers,
             "heads": m.heads, "max-len": m.max_len, "dropout": m.dropout, "id-buckets": m.id_buckets,
             "id-dropout": m.id_dropout,
@@ -173,7 +195,7 @@ class _Harness:
         return {"valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]}
 
     def on_progress(self, record) -> None:
-        self.bar.update(**{"seconds": f"{record.seconds:.1f}", "clients accepted": record.accepted,
+        self.bar.update(record.round, **{"seconds": f"{record.seconds:.1f}", "clients accepted": record.accepted,
                            "last validation NDCG@10": f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else None})
 
 

@@ -73,6 +73,9 @@ _SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)(?::(\d+(?:\.\d+)?))?$")
 def load_any(cfg: DataConfig) -> Dataset:
     name = cfg.dataset
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    if (cfg.columns or cfg.drop_unknown_items) and not Path(name).is_file():
+        raise DataError("--columns and --drop-unknown-items apply to a CSV or Parquet file of your own, "
+                        "not to a registered, synthetic or folder dataset", file=name)
     if name in REGISTRY:
         return load_dataset(name, data_dir, allow_download=cfg.allow_download)
     if match := _SYNTHETIC.match(name):
@@ -94,6 +97,9 @@ def load_any(cfg: DataConfig) -> Dataset:
         known = interactions.frame["item"].isin(catalog.frame.index)
         unknown_items_dropped = int((~known).sum())
         interactions = Interactions(interactions.frame[known].reset_index(drop=True), interactions.source)
+        if interactions.frame.empty:
+            raise DataError(f"every one of its {unknown_items_dropped} events names an item the catalog "
+                            f"({cfg.catalog}) lacks", file=name)
     check_items_known(interactions, catalog)
     return Dataset(path.name, interactions, catalog, unknown_items_dropped if cfg.drop_unknown_items else 0)
 

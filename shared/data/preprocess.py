@@ -230,11 +230,15 @@ def data_report(read: Interactions, rated: Interactions, events: Interactions, t
 def describe_report(r: dict) -> str:
     """One line for a person: what came in, what went, what is left."""
     s, cut = r["steps"], r["core_dropped"]
-    parts = [f"{s['read']['events']:,} events read ({s['read']['users']:,} users, {s['read']['items']:,} items)"]
-    if r.get("unknown_items_dropped"):
-        parts.append(f"{r['unknown_items_dropped']:,} more dropped before: their item is not in the catalog")
+    unknown = r.get("unknown_items_dropped", 0)
+    parts = [f"{s['read']['events'] + unknown:,} events read"]
+    if unknown:
+        parts.append(f"{unknown:,} dropped: their item is not in the catalog")
+    parts[0] += f" ({s['read']['users']:,} users, {s['read']['items']:,} items)"
     if r["below_min_rating"]:
-        parts.append(f"{r['below_min_rating']:,} below --min-rating {r['settings']['min_rating']}")
+        lost = s["read"]["users"] - s["rated"]["users"]
+        parts.append(f"{r['below_min_rating']:,} below --min-rating {r['settings']['min_rating']}"
+                     + (f" ({lost:,} users with none left)" if lost else ""))
     parts.append(f"{r['repeats_collapsed']:,} repeated user-item events collapsed to the earliest")
     if r["older_than_last_events"]:
         parts.append(f"{r['older_than_last_events']:,} older than each user's newest {r['settings']['last_events']}")

@@ -309,12 +309,15 @@ def read_table(path: Path, columns: ColumnMap = ColumnMap()) -> Interactions:
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise DataError(f"lacks column(s) {missing}; it has {list(frame.columns)}", file=path)
-        frame = frame[needed].astype(str)
+        rating = columns.rating or ("rating" if "rating" in frame.columns else None)
+        frame = frame[needed + ([rating] if rating and rating not in needed else [])].astype(str)
         # Parquet has no lines: report the 1-based row number instead.
         frame["line"] = np.arange(len(frame), dtype=np.int64) + 1
     else:
         frame = read_delimited(path, sep=",", header=True, required=needed)
-    return _interactions(frame, path, columns.user, columns.item, columns.timestamp, columns.rating)
+    # A column named "rating" is read when there is one (the documented user,item,timestamp[,rating]).
+    rating = columns.rating or ("rating" if "rating" in frame.columns else None)
+    return _interactions(frame, path, columns.user, columns.item, columns.timestamp, rating)
 
 
 def read_catalog_table(path: Path, item: str = "item", title: str = "title",

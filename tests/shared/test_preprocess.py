@@ -133,6 +133,6 @@ def test_own_column_names_and_dropping_unknown_items_counted(tmp_path):
         prepare_data(cfg)
     prepared = prepare_data(DataConfig(**{**cfg.to_dict(), "drop_unknown_items": True}))
     assert prepared.report["unknown_items_dropped"] == 1 and len(prepared.split) == 2
-    assert "1 more dropped before: their item is not in the catalog" in describe_report(prepared.report)
+    assert "1 dropped: their item is not in the catalog" in describe_report(prepared.report)
     with pytest.raises(Exception, match="use FIELD=COLUMN"):
         check({"columns": "user=uid,who=x"})
