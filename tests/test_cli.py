@@ -75,25 +75,32 @@ def test_device_run_takes_the_devices_own_rules_beside_the_settings_of_the_same_
     assert (args.own_privacy_budget, args.own_counts_min_devices) == (8.0, 20)
 
 
-def test_library_chatter_is_quiet_unless_verbose(capsys):
+def test_library_chatter_is_quiet_unless_verbose():
     """Issue 19: a federated run printed Flower's deprecations twice, DEBUG lines (a second copy of
     each record through the root handler Opacus installs) and ANSI colours into files."""
+    import io
     import logging
-    from flwr.supercore.logger import FLOWER_LOGGER
+    from flwr.supercore.logger import FLOWER_LOGGER, ConsoleHandler, update_console_handler
     from shared.console import tame_library_output
-    root = logging.StreamHandler()   # what opacus's basicConfig adds
+    seen = io.StringIO()   # where Flower's own handler and a root handler (as opacus adds) both write
+    flower = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
+    streams = [h.stream for h in flower]   # (not setStream: it flushes the old one, maybe a closed capture)
+    for h in flower:
+        h.stream = seen
+    root = logging.StreamHandler(seen)
     logging.getLogger().addHandler(root)
     try:
         tame_library_output(verbose=False)
         FLOWER_LOGGER.info("an INFO line")
         FLOWER_LOGGER.warning("run_simulation is deprecated")
         FLOWER_LOGGER.warning("a real warning")
-        err = capsys.readouterr().err
+        err = seen.getvalue()
         assert err.count("a real warning") == 1 and "INFO line" not in err and "deprecated" not in err
         assert "\x1b[" not in err   # not a terminal: no colour codes
     finally:   # the rest of the session sees Flower as it was
-        from flwr.supercore.logger import update_console_handler
         logging.getLogger().removeHandler(root)
+        for handler, stream in zip(flower, streams):
+            handler.stream = stream
         FLOWER_LOGGER.propagate = True
         FLOWER_LOGGER.filters.clear()
         update_console_handler(level=logging.INFO, colored=True)
