@@ -105,21 +105,11 @@ def describe(store: DeviceStore) -> str:
     return f"{store.folder}: {len(events)} events{last}; {spent}; {enrolled}"
 
 
-def history(store: DeviceStore) -> list[str]:
-    """Item ids by time, each once (its first time), as the model reads a log."""
-    seen, items = set(), []
-    for item, _ in sorted(store.events(), key=lambda e: e[1]):
-        if item not in seen:
-            seen.add(item)
-            items.append(item)
-    return items
-
-
 def print_recommendations(store: DeviceStore, bundle: Path, k: int) -> None:
     from shared.recommend import Recommender
     rec = Recommender.load(bundle)
     known = set(rec.item_ids.tolist())
-    items = [i for i in history(store) if i in known]
+    items = [i for i in store.history() if i in known]
     for n, r in enumerate(rec.recommend(items, k, explain=True), 1):
         because = f"  <- because: {'; '.join(b.title for b in r.because)}" if r.because else ""
         print(f"{n:3d}. {r.title}  [{r.item_id}]{because}")

@@ -18,6 +18,7 @@ Light on purpose (numpy only): the ClientApp module imports it without torch.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import time
@@ -93,21 +94,6 @@ def start_ledger(path: Path) -> None:
         write_ledger(path, [])
 
 
-def read_ledger(path: Path) -> list[tuple]:
-    """The privacy events a ledger file holds. A missing or unreadable file is an error, never an
-    empty history: that would hand the device a fresh budget. (What this cannot catch: a device
-    owner restoring an older copy of the file; docs/privacy.md.)"""
-    path = Path(path)
-    if not path.exists():
-        raise LedgerMissing(f"{path}: this device's privacy ledger is missing; refusing to train, since "
-                            "starting a new one would reset its privacy budget (restore the file, or enrol "
-                            "the device afresh with `fedrec store`)")
-    try:
-        return [tuple(e) for e in json.loads(path.read_text())["history"]]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
-
-
 def _ledger_document(history: list[tuple]) -> dict:
     return {"history": history, "unit": LEDGER_UNIT, "accountant_history_format": "[noise multiplier, sample rate, steps]"}
 
@@ -128,14 +114,21 @@ class LedgerFile:
     role: str = "ledger"   # a sealed store's: bound to that store (DeviceStore.role)
 
     def _load(self) -> dict:
-        if self.key is None or not self.path.exists():
-            read_ledger(self.path)   # the refusals of a missing or unreadable ledger
+        """The ledger document. A missing or unreadable file is an error, never an empty history: that
+        would hand the device a fresh budget. (What this cannot catch: an older copy of the file put
+        back; docs/threat-model.md.)"""
+        if not self.path.exists():
+            raise LedgerMissing(f"{self.path}: this device's privacy ledger is missing; refusing to train, since "
+                                "starting a new one would reset its privacy budget (restore the file, or enrol "
+                                "the device afresh)")
         try:
             document = json.loads(self.path.read_text()) if self.key is None else \
                 read_sealed(self.path, self.key, self.role)
             document["history"] = [tuple(e) for e in document["history"]]
             return document
-        except (KeyError, TypeError) as err:
+        except SealedFileError:
+            raise   # names the file and what failed already
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to guess what was spent") from None
 
     def _save(self, document: dict) -> None:
@@ -367,17 +360,17 @@ class DeviceStore:
             write_sealed(self.folder / self.LOG, self.key, self.role("log"), {"events": log_})
         return len(log_)
 
+    def history(self) -> list[str]:
+        """Item ids by time (ties keep the order added), each once, at its first time: a log as the
+        data preparation reads one."""
+        return list(dict.fromkeys(item for item, _ in sorted(self.events(), key=lambda e: e[1])))
+
     def user_log(self) -> UserLog:
-        """The log as the model reads it: catalog indices by time (ties keep the order added), an
-        item's repeats dropped after its first time (as the data preparation does), items no longer
-        in the catalog left out; the second-last item is the validation target, the last the test's."""
+        """The log as the model reads it: `history` in catalog indices, items no longer in the catalog
+        left out; the second-last item is the validation target, the last the test's."""
         from shared.data.catalog_bundle import load_catalog
         index = {item: i + 1 for i, item in enumerate(load_catalog(self.catalog).item_ids.tolist())}
-        seen, items = set(), []
-        for item, _ in sorted(self.events(), key=lambda e: e[1]):
-            if item in index and item not in seen:
-                seen.add(item)
-                items.append(index[item])
+        items = [index[item] for item in self.history() if item in index]
         if len(items) < 3:
             raise TooFewEvents(f"{self.folder}: {len(items)} distinct catalog item(s) in the log; training needs at least 3")
         return UserLog(np.asarray(items[:-2], dtype=np.int64), items[-2], items[-1])
@@ -421,11 +414,17 @@ class DeviceFiles:
         return self.store.read_credentials() if self.store else read_credentials(self.credentials)
 
 
+@functools.lru_cache(maxsize=8)
+def _open_store(folder: str, key_file: str | None) -> DeviceStore:
+    """A handler resolves the device's files several times a message; opening derives the key (scrypt,
+    about 0.1 s and 32 MB, with a passphrase) and checks it: once per process is enough."""
+    return DeviceStore.open(Path(folder), key_file=Path(key_file) if key_file else None)
+
+
 def device_files(node_config: dict, run_config: dict) -> DeviceFiles:
     if "device-store" in node_config:
         key_file = node_config.get("store-key-file")
-        store = DeviceStore.open(Path(str(node_config["device-store"])),
-                                 key_file=Path(str(key_file)) if key_file else None)
+        store = _open_store(str(node_config["device-store"]), str(key_file) if key_file else None)
         return DeviceFiles(store.catalog, store.ledger, store=store)   # the sealed store's catalog, checked
     try:
         log_path, catalog = client_paths(node_config, run_config)
