@@ -16,7 +16,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import secure
+from fedrec.client import secure
 
 
 class FedRecClientApp(ClientApp):
@@ -40,12 +40,12 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from client import handlers
+        from fedrec.client import handlers
         return handlers.handle_train(msg, context, settings)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        from client import handlers
+        from fedrec.client import handlers
         return handlers.handle_evaluate(msg, context, settings)
 
     # Secure aggregation: registration once, then three steps a round (client/secure.py).
@@ -59,7 +59,7 @@ def make_client_app(settings: dict | None = None, mods: list | None = None) -> C
 
     @app.train("secagg_masked")
     def secagg_masked(msg: Message, context: Context) -> Message:
-        from client import handlers
+        from fedrec.client import handlers
         return handlers.handle_masked(msg, context, settings)
 
     @app.train("secagg_confirm")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.sealed import SealedFileError
-from client.store import DeviceStore
+from fedrec.client.sealed import SealedFileError
+from fedrec.client.store import DeviceStore
 
 
 class DeviceError(SealedFileError):
@@ -23,8 +23,8 @@ def init(folder: Path, catalog: Path, *, key_file: Path | None, passphrase: str 
     (sealed in the store). Writes request.json: the public halves, for the operator to enrol."""
     import json
     import re
-    from shared.data.catalog_bundle import load_catalog
-    from shared.secagg.identity import new_device_key
+    from fedrec.shared.data.catalog_bundle import load_catalog
+    from fedrec.shared.secagg.identity import new_device_key
     if (key_file is None) == (passphrase is None):
         raise DeviceError("give either --key-file (a new one is made if missing) or --passphrase")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
@@ -62,7 +62,7 @@ def enrol(store: DeviceStore, grant: Path) -> str:
     """Take the operator's grant: its certificate must be of this device's own key, by the enrolment
     CA it names; the credentials are sealed in, the TLS CA certificate kept beside the store."""
     import json
-    from shared.secagg.identity import DeviceCredentials, certificate_valid
+    from fedrec.shared.secagg.identity import DeviceCredentials, certificate_valid
     try:
         given = json.loads(Path(grant).read_text())
         certificate, ca_public = bytes.fromhex(given["certificate"]), bytes.fromhex(given["enrolment_ca_public"])
@@ -91,7 +91,7 @@ def open_store(folder: Path, key_file: Path | None) -> DeviceStore:
 
 
 def describe(store: DeviceStore) -> str:
-    from shared.privacy.accounting import epsilon
+    from fedrec.shared.privacy.accounting import epsilon
     events = store.events()
     ledger = store.ledger.read()
     try:
@@ -106,7 +106,7 @@ def describe(store: DeviceStore) -> str:
 
 
 def print_recommendations(store: DeviceStore, bundle: Path, k: int) -> None:
-    from shared.recommend import Recommender
+    from fedrec.shared.recommend import Recommender
     rec = Recommender.load(bundle)
     known = set(rec.item_ids.tolist())
     items = [i for i in store.history() if i in known]
@@ -125,7 +125,7 @@ def supernode_argv(store: DeviceStore, key_file: Path | None, superlink: str, po
                    policy: dict | None = None) -> list[str]:
     """flower-supernode with TLS (the operator's CA certificate from the grant), node authentication
     (the device's own key), the sealed store and the device's own policy (POLICY_KEYS) as its node config."""
-    from shared.processes import tool
+    from fedrec.shared.processes import tool
     folder = store.folder.resolve()
     for name, why in ((TLS_CA, "run `fedrec device enrol --grant FILE` first"),
                       (AUTH_KEY, "made by `fedrec device init`")):

@@ -13,20 +13,20 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from client import secure
-from client.local import LocalStep, local_metrics, local_update
-from client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
-from client.sealed import SealedFileError
-from client.store import DeviceFiles, LedgerFile, LedgerMissing, TooFewEvents, UserLog, device_files
-from shared.data.catalog_bundle import load_catalog
-from shared.model import fusion
-from shared.model.config import ModelHyper
-from shared.model.recommender import RecommenderModel, build_recommender, load_weights, model_layout
-from shared.privacy import cooccurrence
-from shared.privacy.accounting import noise_share_std
-from shared.settings import default
-from shared.model.training import model_scorer
-from shared.protocol import (MalformedRecord, PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record,
+from fedrec.client import secure
+from fedrec.client.local import LocalStep, local_metrics, local_update
+from fedrec.client.privacy import DevicePolicy, DPStep, PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefusal
+from fedrec.client.sealed import SealedFileError
+from fedrec.client.store import DeviceFiles, LedgerFile, LedgerMissing, TooFewEvents, UserLog, device_files
+from fedrec.shared.data.catalog_bundle import load_catalog
+from fedrec.shared.model import fusion
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.model.recommender import RecommenderModel, build_recommender, load_weights, model_layout
+from fedrec.shared.privacy import cooccurrence
+from fedrec.shared.privacy.accounting import noise_share_std
+from fedrec.shared.settings import default
+from fedrec.shared.model.training import model_scorer
+from fedrec.shared.protocol import (MalformedRecord, PrivacyRound, RoundConfig, TrainMetrics, Weights, from_record,
                              pack_eval_reply, pack_refusal, pack_train_reply, unpack_blend_request,
                              unpack_round_config, zero_update)
 

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from client.store import UserLog
-from shared.evaluation.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
-from shared.model.recommender import RecommenderModel, load_weights, shared_weights
-from shared.model.training import left_pad, train_steps
-from shared.protocol import LocalConfig, TrainMetrics, Weights, clip_update, zero_update
+from fedrec.client.store import UserLog
+from fedrec.shared.evaluation.metrics import exclude_seen, hit_rate, mrr, ndcg, target_ranks
+from fedrec.shared.model.recommender import RecommenderModel, load_weights, shared_weights
+from fedrec.shared.model.training import left_pad, train_steps
+from fedrec.shared.protocol import LocalConfig, TrainMetrics, Weights, clip_update, zero_update
 
 
 def user_windows(history: np.ndarray, max_len: int) -> list[np.ndarray]:

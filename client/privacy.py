@@ -46,13 +46,13 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
-from client.local import LocalStep
-from client.store import LedgerFile, LedgerMissing
-from shared.model.training import left_pad, per_example_loss
-from shared.privacy.accounting import ACCOUNTANTS, MODES, Event, epsilon
-from shared.privacy.dp_grad import per_example_gradients
-from shared.protocol import PrivacyRound, TrainMetrics
-from shared.settings import default, distributed_record_step_problems
+from fedrec.client.local import LocalStep
+from fedrec.client.store import LedgerFile, LedgerMissing
+from fedrec.shared.model.training import left_pad, per_example_loss
+from fedrec.shared.privacy.accounting import ACCOUNTANTS, MODES, Event, epsilon
+from fedrec.shared.privacy.dp_grad import per_example_gradients
+from fedrec.shared.protocol import PrivacyRound, TrainMetrics
+from fedrec.shared.settings import default, distributed_record_step_problems
 
 # The item tower's input is item ids (data, not differentiable): Opacus's hook still fires, as
 # it must, and torch warns about exactly that on every step.

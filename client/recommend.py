@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared.recommend import Recommendation, Recommender
+from fedrec.shared.recommend import Recommendation, Recommender
 
 CANDIDATES = 200   # the pool the two-stage path asks for: fixed, so its size says nothing of the history
 
@@ -79,7 +79,7 @@ def two_stage(rec: Recommender, history: list[str], k: int, candidates: Candidat
 def service_candidates(stub, rec: Recommender) -> CandidateSource:
     """The Recommend RPC as a candidate source: it sends the vector, the pool size and the bundle
     version the device holds, nothing else."""
-    from shared.proto import recommend_pb2 as pb
+    from fedrec.shared.proto import recommend_pb2 as pb
 
     def ask(vector: np.ndarray, pool: int) -> np.ndarray:
         import grpc
@@ -107,8 +107,8 @@ def fetch_bundle(stub, folder: Path, version: str = "", *, max_file_bytes: int =
     files it names are written (bundle file names only, never a path), each to a temporary file,
     checked against its SHA-256 and size cap, then renamed; the manifest goes in last, so until every
     file checks out the device keeps the bundle it had. BundleError otherwise. Returns the manifest."""
-    from shared.bundle import MANIFEST, BundleError, check_manifest
-    from shared.proto import recommend_pb2 as pb
+    from fedrec.shared.bundle import MANIFEST, BundleError, check_manifest
+    from fedrec.shared.proto import recommend_pb2 as pb
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest, expected, open_file, received = None, {}, None, set()

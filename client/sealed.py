@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from shared.errors import UserFileError
+from fedrec.shared.errors import UserFileError
 
 MAGIC = b"fedrec-sealed-v1\n"
 NONCE = 12

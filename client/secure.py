@@ -20,15 +20,15 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.store import device_files
-from shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
+from fedrec.client.store import device_files
+from fedrec.shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
                              pack_masked_reply, pack_refusal, pack_register_reply, pack_shares_reply,
                              pack_unmask_reply, unit_weight, unpack_confirm_request, unpack_masked_request,
                              unpack_shares_request, unpack_unmask_request)
-from shared.secagg.client import SecAggClient, identity_public, new_identity_key
-from shared.secagg.fixed_point import encode_contribution
-from shared.secagg.identity import DeviceCredentials, identity_record
-from shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, SecAggParams
+from fedrec.shared.secagg.client import SecAggClient, identity_public, new_identity_key
+from fedrec.shared.secagg.fixed_point import encode_contribution
+from fedrec.shared.secagg.identity import DeviceCredentials, identity_record
+from fedrec.shared.secagg.params import MIN_NEIGHBOURS, ProtocolViolation, SecAggParams
 
 STATE_KEY = "secagg"
 IDENTITY_KEY = "secagg-identity"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.sealed import (PASSPHRASE_ENV, SCRYPT, SealedFileError, StoreKey, read_sealed, seal, unseal, write_atomic,
+from fedrec.client.sealed import (PASSPHRASE_ENV, SCRYPT, SealedFileError, StoreKey, read_sealed, seal, unseal, write_atomic,
                            write_sealed)
 
 
@@ -180,7 +180,7 @@ def credentials_path(node_config: dict, run_config: dict) -> Path:
 
 
 def read_credentials(path: Path):
-    from shared.secagg.identity import DeviceCredentials
+    from fedrec.shared.secagg.identity import DeviceCredentials
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "
@@ -323,7 +323,7 @@ class DeviceStore:
 
     def update_catalog(self, catalog: Path) -> None:
         """Take a new catalog (new items); the log keeps item ids, so it maps onto the new one."""
-        from shared.data.catalog_bundle import load_catalog
+        from fedrec.shared.data.catalog_bundle import load_catalog
         load_catalog(Path(catalog))   # a file that is not a catalog is refused before anything changes
         write_atomic(self.folder / self.CATALOG, Path(catalog).read_bytes(), mode=0o644)
         self.seal_digest(self.folder / self.CATALOG, "catalog")
@@ -349,7 +349,7 @@ class DeviceStore:
     def add_events(self, events: list[tuple[str, float | None]]) -> int:
         """Append events (item id, time; None: now). Each id must be in the catalog. Durable on
         return: a crash before then loses these events and nothing else. Returns the log's length."""
-        from shared.data.catalog_bundle import load_catalog
+        from fedrec.shared.data.catalog_bundle import load_catalog
         known = set(load_catalog(self.catalog).item_ids.tolist())
         unknown = [str(i) for i, _ in events if str(i) not in known]
         if unknown:
@@ -368,7 +368,7 @@ class DeviceStore:
     def user_log(self) -> UserLog:
         """The log as the model reads it: `history` in catalog indices, items no longer in the catalog
         left out; the second-last item is the validation target, the last the test's."""
-        from shared.data.catalog_bundle import load_catalog
+        from fedrec.shared.data.catalog_bundle import load_catalog
         index = {item: i + 1 for i, item in enumerate(load_catalog(self.catalog).item_ids.tolist())}
         items = [index[item] for item in self.history() if item in index]
         if len(items) < 3:
@@ -377,7 +377,7 @@ class DeviceStore:
 
     def read_credentials(self):
         import base64
-        from shared.secagg.identity import DeviceCredentials
+        from fedrec.shared.secagg.identity import DeviceCredentials
         path = self.folder / self.CREDENTIALS
         if not path.exists():
             raise FileNotFoundError(f"{path}: no device credentials; secure aggregation needs an enrolled device "

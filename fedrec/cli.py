@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from fedrec import __version__, deploy_cli
-from shared.data.schema import DataError
-from shared.errors import BundleError, RunFailed, UserFileError
-from shared.settings import SETTINGS, SettingsError, check
+from fedrec.shared.data.schema import DataError
+from fedrec.shared.errors import BundleError, RunFailed, UserFileError
+from fedrec.shared.settings import SETTINGS, SettingsError, check
 
 MODES = ("centralized", "federated")
 TRAIN = ("data", "model", "train")
@@ -208,15 +208,15 @@ def _log_to_stderr() -> None:
 
 def _train(args, values: dict) -> None:
     if args.mode == "federated":
-        from shared.console import tame_library_output
+        from fedrec.shared.console import tame_library_output
         tame_library_output(args.verbose)
-        from simulation.federated import FederatedJob, run_federated
+        from fedrec.simulation.federated import FederatedJob, run_federated
         summary = run_federated(FederatedJob.from_settings(values), args.out, progress=not args.quiet)
     else:
-        from simulation.centralized import CentralizedJob, run_centralized
+        from fedrec.simulation.centralized import CentralizedJob, run_centralized
         summary = run_centralized(CentralizedJob.from_settings(values), args.out, progress=not args.quiet)
     if not args.quiet and summary.get("data_report"):
-        from shared.data.preprocess import describe_report
+        from fedrec.shared.data.preprocess import describe_report
         print(describe_report(summary["data_report"]))
     m = summary["metrics"]
     print(f"{summary['dataset']} {summary['mode']}: NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}  "
@@ -225,18 +225,18 @@ def _train(args, values: dict) -> None:
 
 
 def _store(args, values: dict) -> None:
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.federated import write_store
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.federated import write_store
     prepared = prepare_data(DataConfig.from_settings(values, activity_features=False), show_progress=not args.quiet)
     write_store(prepared, args.out)
     if not args.quiet:
-        from shared.data.preprocess import describe_report
+        from fedrec.shared.data.preprocess import describe_report
         print(describe_report(prepared.report))
     print(f"{len(prepared.split)} user logs and the catalog bundle -> {args.out}")
 
 
 def _compare(args, values: dict) -> None:
-    from shared.evaluation.compare import compare_folders
+    from fedrec.shared.evaluation.compare import compare_folders
     report = compare_folders(args.baseline, args.candidate, args.out)
     low, high = report["ratio_ci95"]
     print(f"NDCG@10 baseline {report['baseline_ndcg@10']:.4f} ({report['baseline_runs']} runs), candidate "
@@ -246,30 +246,30 @@ def _compare(args, values: dict) -> None:
 
 def _bench(args, values: dict) -> None:
     if args.bench in ("secagg", "privacy", "dp-items", "payload"):   # the ones that run Flower
-        from shared.console import tame_library_output
+        from fedrec.shared.console import tame_library_output
         tame_library_output(getattr(args, "verbose", False))
     if args.bench == "quality":
-        from simulation.bench import run_quality_bench
-        from simulation.centralized import CentralizedJob
+        from fedrec.simulation.bench import run_quality_bench
+        from fedrec.simulation.centralized import CentralizedJob
         run_quality_bench(CentralizedJob.from_settings(values), args.out, progress=not args.quiet)
     elif args.bench == "held-out":
-        from simulation.protocols import run_held_out_bench
-        from simulation.centralized import CentralizedJob
+        from fedrec.simulation.protocols import run_held_out_bench
+        from fedrec.simulation.centralized import CentralizedJob
         run_held_out_bench(CentralizedJob.from_settings(values), args.out, fraction=args.held_out_fraction,
                            progress=not args.quiet)
     elif args.bench == "temporal":
-        from simulation.centralized import CentralizedJob
-        from simulation.protocols import run_temporal_bench
+        from fedrec.simulation.centralized import CentralizedJob
+        from fedrec.simulation.protocols import run_temporal_bench
         run_temporal_bench(CentralizedJob.from_settings(values), args.out, fraction=args.test_fraction,
                            progress=not args.quiet)
     elif args.bench == "coldstart":
-        from simulation.centralized import CentralizedJob
-        from simulation.coldstart import run_coldstart_bench
+        from fedrec.simulation.centralized import CentralizedJob
+        from fedrec.simulation.coldstart import run_coldstart_bench
         run_coldstart_bench(CentralizedJob.from_settings(values), args.out, fraction=args.cold_fraction,
                             id_dropout=args.cold_id_dropout, progress=not args.quiet)
     elif args.bench in ("diversity", "recommend"):
-        from shared.data.pipeline import DataConfig
-        from simulation import recommend_bench
+        from fedrec.shared.data.pipeline import DataConfig
+        from fedrec.simulation import recommend_bench
         data = DataConfig.from_settings(values)
         try:
             if args.bench == "diversity":
@@ -279,36 +279,36 @@ def _bench(args, values: dict) -> None:
         except recommend_bench.BundleMismatch as err:
             _usage_error(str(err))
     elif args.bench == "payload":
-        from simulation.bench import run_payload_bench
+        from fedrec.simulation.bench import run_payload_bench
         run_payload_bench(args.out)
     elif args.bench == "secagg":
-        from shared.data.pipeline import DataConfig
-        from simulation.bench import run_secagg_bench
+        from fedrec.shared.data.pipeline import DataConfig
+        from fedrec.simulation.bench import run_secagg_bench
         sizing = {s.key: values[s.key] for s in SETTINGS if s.group == "secagg" and s.key in values}
         run_secagg_bench(DataConfig.from_settings(values, activity_features=False), args.out,
                          clients_per_round=args.clients_per_round, rounds=args.rounds, settings=sizing)
     elif args.bench == "privacy":
-        from simulation.dp_bench import run_privacy_sweep
-        from simulation.federated import FederatedJob
+        from fedrec.simulation.dp_bench import run_privacy_sweep
+        from fedrec.simulation.federated import FederatedJob
         run_privacy_sweep(FederatedJob.from_settings(values), args.out,
                           epsilons=tuple(float(e) for e in args.epsilons.split(",")),
                           modes=tuple(m.strip() for m in args.modes.split(",")),
                           canaries=args.canaries, progress=not args.quiet)
     elif args.bench == "dp-items":
-        from shared.data.pipeline import DataConfig
-        from simulation.dp_bench import run_dp_items_bench
+        from fedrec.shared.data.pipeline import DataConfig
+        from fedrec.simulation.dp_bench import run_dp_items_bench
         run_dp_items_bench(DataConfig.from_settings(values, activity_features=False), args.out, progress=not args.quiet)
     elif args.bench == "serve":
-        from simulation.serve_bench import run_serve_bench
+        from fedrec.simulation.serve_bench import run_serve_bench
         run_serve_bench(args.bundle, args.out, items=args.items, requests=args.requests, concurrency=args.concurrency)
     elif args.bench == "dp-speed":
-        from simulation.dp_bench import run_dp_speed_bench
+        from fedrec.simulation.dp_bench import run_dp_speed_bench
         run_dp_speed_bench(args.out, repeats=args.repeats)
 
 
 def _recommend(args, values: dict) -> None:
     import json
-    from shared.recommend import Recommender, UnknownItem
+    from fedrec.shared.recommend import Recommender, UnknownItem
     if args.k < 1:
         _usage_error(f"-k must be at least 1, got {args.k}")
     rec = Recommender.load(args.bundle)
@@ -340,7 +340,7 @@ def _recommend(args, values: dict) -> None:
 
 
 def _show(args, values: dict) -> None:
-    from simulation.show import show_run
+    from fedrec.simulation.show import show_run
     if not (args.run / "summary.json").is_file():
         _usage_error(f"{args.run}: no summary.json (is it a finished run's folder?)")
     if args.users < 1:
@@ -350,7 +350,7 @@ def _show(args, values: dict) -> None:
 
 def _serve(args, values: dict) -> None:
     import threading
-    from server.serving import start_server
+    from fedrec.server.serving import start_server
     try:
         server, watcher, port = start_server(args.bundle, host=args.host, port=args.port, workers=args.workers)
     except (OSError, RuntimeError) as err:   # grpc raises RuntimeError for a port it cannot bind

@@ -114,7 +114,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def certs(args, values: dict) -> None:
-    from server import pki
+    from fedrec.server import pki
     if args.certs == "ca":
         pki.make_ca(args.out, days=args.days)
         print(f"CA -> {args.out} (ca.crt goes to every device; keep ca.key and enrolment-ca.key offline)")
@@ -133,9 +133,9 @@ def certs(args, values: dict) -> None:
 
 
 def server(args, values: dict) -> None:
-    from server import deploy
-    from shared.errors import RunFailed
-    from shared.processes import stop_group
+    from fedrec.server import deploy
+    from fedrec.shared.errors import RunFailed
+    from fedrec.shared.processes import stop_group
     if args.server == "start":
         proc = deploy.start_superlink(args.state, args.ca, args.catalog, host=args.host, port=args.port)
         print(f"SuperLink on {args.host}:{args.port} (TLS, SuperNode authentication, state {args.state}); "
@@ -157,10 +157,10 @@ def server(args, values: dict) -> None:
 
 def _server_run(args, values: dict) -> None:
     import time
-    from server import deploy
-    from shared.errors import RunFailed
-    from shared.processes import flower_env
-    from shared.settings import RUN_CONFIG
+    from fedrec.server import deploy
+    from fedrec.shared.errors import RunFailed
+    from fedrec.shared.processes import flower_env
+    from fedrec.shared.settings import RUN_CONFIG
     info = deploy.server_info(args.state)
     run_config = {s.key: values[s.key] for s in RUN_CONFIG if s.key in values}
     run_config.update(store=info["store"], out=str(args.out.resolve()), **{"min-nodes": args.min_nodes})
@@ -180,7 +180,7 @@ def _server_run(args, values: dict) -> None:
 
 def device(args, values: dict) -> None:
     import os
-    from client import device as dev
+    from fedrec.client import device as dev
     if args.device == "init":
         passphrase = os.environ.get("FEDREC_STORE_PASSPHRASE") if args.passphrase else None
         if args.passphrase and not passphrase:
@@ -204,7 +204,7 @@ def device(args, values: dict) -> None:
         policy = {key: getattr(args, "own_" + key.replace("-", "_")) for key in dev.POLICY_KEYS
                   if getattr(args, "own_" + key.replace("-", "_")) is not None}
         argv = dev.supernode_argv(store, args.key_file, args.superlink, args.port, policy)
-        from shared.processes import flower_env
+        from fedrec.shared.processes import flower_env
         try:
             code = subprocess.call(argv, env=flower_env())
         except KeyboardInterrupt:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from shared.protocol import Weights, client_weight
-from shared.settings import default
+from fedrec.shared.protocol import Weights, client_weight
+from fedrec.shared.settings import default
 
 
 

@@ -17,20 +17,20 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.aggregation import ServerConfig
-from server.federation import FederationConfig, RoundHook, run_federation
-from server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
-from server.secure import SecureConfig
-from shared.data.catalog_bundle import load_catalog
-from shared.model.config import ModelHyper
-from shared.bundle import write_model_bundle
-from shared.model.fusion import ENCODER_ALONE, Blend, FusionConfig
-from shared.model.recommender import build_recommender, load_weights, shared_weights
-from shared.privacy.accounting import PrivacyConfig
-from shared.privacy.cooccurrence import cooccurrence_from_counts
-from shared.protocol import LocalConfig
-from shared.report import write_json
-from shared.settings import default, read_run_config
+from fedrec.server.aggregation import ServerConfig
+from fedrec.server.federation import FederationConfig, RoundHook, run_federation
+from fedrec.server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
+from fedrec.server.secure import SecureConfig
+from fedrec.shared.data.catalog_bundle import load_catalog
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.bundle import write_model_bundle
+from fedrec.shared.model.fusion import ENCODER_ALONE, Blend, FusionConfig
+from fedrec.shared.model.recommender import build_recommender, load_weights, shared_weights
+from fedrec.shared.privacy.accounting import PrivacyConfig
+from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts
+from fedrec.shared.protocol import LocalConfig
+from fedrec.shared.report import write_json
+from fedrec.shared.settings import default, read_run_config
 
 log = logging.getLogger("fedrec.server")
 

@@ -17,9 +17,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.pki import check_certificate
-from shared.errors import RunFailed, UserFileError
-from shared.processes import flower_env, stop_group, tool, wait_listening
+from fedrec.server.pki import check_certificate
+from fedrec.shared.errors import RunFailed, UserFileError
+from fedrec.shared.processes import flower_env, stop_group, tool, wait_listening
 
 CONNECTION = "fedrec"
 PROJECT = Path(__file__).resolve().parents[1]   # the Flower app: pyproject.toml's [tool.flwr.app]

@@ -11,7 +11,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from shared.protocol import refusal_of
+from fedrec.shared.protocol import refusal_of
 
 
 class ClientFailure(RuntimeError):

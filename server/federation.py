@@ -25,19 +25,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_mean, mean_delta
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.exchange import ClientFailure, exchange, record_bytes
-from server.secure import SecureConfig, SecureRound, SecureTask
-from shared.errors import RunMismatch
-from shared.model.config import ModelHyper
-from shared.model.fusion import FusionConfig
-from shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp_probability, noise_share_std, resolve, user_epsilon,
+from fedrec.server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_mean, mean_delta
+from fedrec.server.checkpoint import load_checkpoint, save_checkpoint
+from fedrec.server.exchange import ClientFailure, exchange, record_bytes
+from fedrec.server.secure import SecureConfig, SecureRound, SecureTask
+from fedrec.shared.errors import RunMismatch
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.model.fusion import FusionConfig
+from fedrec.shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp_probability, noise_share_std, resolve, user_epsilon,
                                       user_epsilon_against_server)
-from shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
+from fedrec.shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
                              layout_of, pack_round_config, to_record, unflatten, unpack_eval_reply,
                              unpack_train_reply)
-from shared.settings import default
+from fedrec.shared.settings import default
 
 log = logging.getLogger("fedrec.server")
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.errors import UserFileError
+from fedrec.shared.errors import UserFileError
 
 CURVE = ec.SECP384R1()
 
@@ -67,7 +67,7 @@ def _now() -> dt.datetime:
 
 def make_ca(folder: Path, days: int = 3650, name: str = "fedrec CA") -> None:
     """The TLS CA and the enrolment CA."""
-    from shared.secagg.identity import EnrolmentCA
+    from fedrec.shared.secagg.identity import EnrolmentCA
     folder = Path(folder)
     key = ec.generate_private_key(CURVE)
     start = _now() - dt.timedelta(minutes=5)   # a device clock a little behind still accepts it
@@ -138,7 +138,7 @@ def enrol_device(folder: Path, request: Path, grant: Path) -> dict:
     enrolment CA's certificate of its key, the enrolment CA's public key, the TLS CA certificate)
     and keeps the device's SuperNode key as devices/NAME.pub, to register. Returns the request."""
     import json
-    from shared.secagg.identity import EnrolmentCA
+    from fedrec.shared.secagg.identity import EnrolmentCA
     folder = Path(folder)
     try:
         asked = json.loads(Path(request).read_text())

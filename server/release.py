@@ -23,16 +23,16 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
-from server.secure import SecureRound, SecureTask
-from shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
-from shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE,
+from fedrec.server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
+from fedrec.server.secure import SecureRound, SecureTask
+from fedrec.shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
+from fedrec.shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE,
                                          counts_size, ease_weights, pair_count, popularity, popularity_weight,
                                          ridge_for, symmetric, unit_sensitivity)
-from shared.model.fusion import BLEND_STAGE, Blend, blends, choose_from_statistics, statistics_clip, statistics_size
-from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
-from shared.secagg.fixed_point import quantisation_error_bound
-from shared.secagg.params import SecAggParams
+from fedrec.shared.model.fusion import BLEND_STAGE, Blend, blends, choose_from_statistics, statistics_clip, statistics_size
+from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
+from fedrec.shared.secagg.fixed_point import quantisation_error_bound
+from fedrec.shared.secagg.params import SecAggParams
 
 log = logging.getLogger("fedrec.server")
 

@@ -33,16 +33,16 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from server.exchange import Exchange, exchange
-from shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
+from fedrec.server.exchange import Exchange, exchange
+from fedrec.shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
                              pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
                              pack_shares_request, pack_unmask_request, secagg_message_type, unpack_confirm_reply,
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
-from shared.secagg.fixed_point import decode_mean
-from shared.secagg.identity import IdentityRecord, verify_view, view_message
-from shared.secagg.params import RoundAborted, SecAggParams, default_params, min_threshold
-from shared.secagg.server import SecAggServer
-from shared.settings import MIN_SECURE_CLIENTS, default
+from fedrec.shared.secagg.fixed_point import decode_mean
+from fedrec.shared.secagg.identity import IdentityRecord, verify_view, view_message
+from fedrec.shared.secagg.params import RoundAborted, SecAggParams, default_params, min_threshold
+from fedrec.shared.secagg.server import SecAggServer
+from fedrec.shared.settings import MIN_SECURE_CLIENTS, default
 
 log = logging.getLogger("fedrec.server")
 

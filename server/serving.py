@@ -25,10 +25,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.bundle import BundleError, read_manifest
-from shared.proto import recommend_pb2 as pb
-from shared.proto import recommend_pb2_grpc as pb_grpc
-from shared.recommend import CANDIDATE_POOL, Recommender, UnknownItem
+from fedrec.shared.bundle import BundleError, read_manifest
+from fedrec.shared.proto import recommend_pb2 as pb
+from fedrec.shared.proto import recommend_pb2_grpc as pb_grpc
+from fedrec.shared.recommend import CANDIDATE_POOL, Recommender, UnknownItem
 
 log = logging.getLogger("fedrec.serve")
 SERVICE = "fedrec.v1.Recommend"

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from shared.data.catalog_bundle import CatalogBundle
-from shared.errors import BundleError
-from shared.evaluation.baselines import history_matrix
-from shared.model.config import ModelConfig
-from shared.model.fusion import ENCODER_ALONE, Blend
+from fedrec.shared.data.catalog_bundle import CatalogBundle
+from fedrec.shared.errors import BundleError
+from fedrec.shared.evaluation.baselines import history_matrix
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.fusion import ENCODER_ALONE, Blend
 
 FORMAT = "fedrec-bundle/1"
 MANIFEST = "manifest.json"

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.errors import RunFailed
+from fedrec.shared.errors import RunFailed
 
 
 def tool(name: str) -> str:

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from shared.model.config import ModelHyper
-from shared.secagg.identity import RECORD_BYTES
-from shared.settings import PrivacyUnits, default
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.secagg.identity import RECORD_BYTES
+from fedrec.shared.settings import PrivacyUnits, default
 
 Weights = dict[str, np.ndarray]
 Layout = dict[str, tuple[int, ...]]

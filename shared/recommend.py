@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.bundle import BundleError, ModelBundle, load_bundle
-from shared.model.fusion import FusedScorer
-from shared.model.recommender import RecommenderModel
-from shared.evaluation.metrics import top_k
-from shared.model.training import left_pad
+from fedrec.shared.bundle import BundleError, ModelBundle, load_bundle
+from fedrec.shared.model.fusion import FusedScorer
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.evaluation.metrics import top_k
+from fedrec.shared.model.training import left_pad
 
 CANDIDATE_POOL = 200   # items MMR re-ranks (the best by relevance)
 # Below this many items a query scans every item vector; above it, an inverted-file index (faiss

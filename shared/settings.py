@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from shared.secagg.params import MIN_CLIENTS as MIN_SECURE_CLIENTS
+from fedrec.shared.secagg.params import MIN_CLIENTS as MIN_SECURE_CLIENTS
 
 Check = Callable[[Any], "str | None"]
 

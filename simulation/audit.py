@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from shared.model.recommender import RecommenderModel
-from shared.model.training import left_pad, per_example_loss
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.model.training import left_pad, per_example_loss
 
 
 @dataclass(frozen=True)

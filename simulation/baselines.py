@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.preprocess import Split, with_validation_in_train
-from shared.evaluation.baselines import EASE, ItemKNN, MostPopular, SessionKNN
-from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics
-from shared.model.fusion import Blend, FusedScorer, choose_weight
-from shared.report import write_json
+from fedrec.shared.data.preprocess import Split, with_validation_in_train
+from fedrec.shared.evaluation.baselines import EASE, ItemKNN, MostPopular, SessionKNN
+from fedrec.shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics
+from fedrec.shared.model.fusion import Blend, FusedScorer, choose_weight
+from fedrec.shared.report import write_json
 
 SEARCH_SPACES: dict[str, dict[str, list]] = {
     "most-popular": {},

@@ -10,11 +10,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.evaluation.ranking import tie_free_users
-from shared.report import write_json
-from simulation.baselines import fused_baselines, tune_all
-from simulation.centralized import CentralizedJob, run_centralized
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.evaluation.ranking import tie_free_users
+from fedrec.shared.report import write_json
+from fedrec.simulation.baselines import fused_baselines, tune_all
+from fedrec.simulation.centralized import CentralizedJob, run_centralized
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "novelty@10")
 SAMPLED = 99   # negatives per user in the sampled protocol (PFedRec, FedNCF); reported beside, never instead
@@ -74,7 +74,7 @@ def _paired_ratios(rows: list[dict], out: Path) -> None:
     `fedrec compare` (shared/evaluation/compare.py), into each row as `fedrec_ratio`."""
     import numpy as np
 
-    from shared.evaluation.compare import compare_runs
+    from fedrec.shared.evaluation.compare import compare_runs
     ours = np.load(out / "fedrec-centralized" / "test_ranks.npy")
     for row in rows:
         if row["method"] != "fedrec-centralized":
@@ -119,9 +119,9 @@ def run_payload_bench(out: Path, *, catalog_sizes=(1_682, 10_000, 100_000), cont
     would cost, i.e. what the bounded (hashed) ID table saves."""
     import torch
 
-    from shared.model.config import ModelConfig
-    from shared.model.recommender import RecommenderModel, shared_weights
-    from shared.protocol import to_record
+    from fedrec.shared.model.config import ModelConfig
+    from fedrec.shared.model.recommender import RecommenderModel, shared_weights
+    from fedrec.shared.protocol import to_record
 
     rows = []
     for n_items in catalog_sizes:
@@ -156,12 +156,12 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
     same round number, so the same sample and the same local training)."""
     from flwr.serverapp import ServerApp
 
-    from client.app import make_client_app
-    from server.aggregation import ServerOptimizer
-    from server.app import federation_config, initial_weights
-    from server.federation import FedRecStrategy, train_round, wait_for_nodes
-    from shared.settings import run_config_defaults
-    from simulation.federated import simulate, write_store
+    from fedrec.client.app import make_client_app
+    from fedrec.server.aggregation import ServerOptimizer
+    from fedrec.server.app import federation_config, initial_weights
+    from fedrec.server.federation import FedRecStrategy, train_round, wait_for_nodes
+    from fedrec.shared.settings import run_config_defaults
+    from fedrec.simulation.federated import simulate, write_store
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

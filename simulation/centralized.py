@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.data.preprocess import Split, item_popularity, with_validation_in_train
-from shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
-from shared.bundle import write_model_bundle
-from shared.data.catalog_bundle import catalog_of
-from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, FusedScorer, Scorer, blend_ndcg, blend_statistics, blends,
+from fedrec.shared.data.preprocess import Split, item_popularity, with_validation_in_train
+from fedrec.shared.evaluation.ranking import evaluate, histories_and_targets, subset_metrics, tie_free_users
+from fedrec.shared.bundle import write_model_bundle
+from fedrec.shared.data.catalog_bundle import catalog_of
+from fedrec.shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, FusedScorer, Scorer, blend_ndcg, blend_statistics, blends,
                                  choose_from_statistics)
-from shared.model.config import ModelHyper
-from shared.settings import default
-from shared.model.recommender import RecommenderModel, build_recommender
-from shared.console import Progress
-from shared.data.pipeline import DataConfig, PreparedData, prepare_data
-from shared.report import plot_validation_curve, write_json
-from shared.model.training import FitResult, TrainConfig, fit, model_scorer
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.settings import default
+from fedrec.shared.model.recommender import RecommenderModel, build_recommender
+from fedrec.shared.console import Progress
+from fedrec.shared.data.pipeline import DataConfig, PreparedData, prepare_data
+from fedrec.shared.report import plot_validation_curve, write_json
+from fedrec.shared.model.training import FitResult, TrainConfig, fit, model_scorer
 
 
 @dataclass
@@ -82,7 +82,7 @@ def fuse_with_item_model(kind: str, model: RecommenderModel, result: FitResult, 
     alone. Every choice is made on validation with what had not seen the validation items: each item
     model's settings (fit on the training items), then the blend, with the encoder as selected before
     its refit. For test the chosen item model is refit on train + validation, as the encoder was."""
-    from simulation.baselines import SEARCH_SPACES, fit_selected, select
+    from fedrec.simulation.baselines import SEARCH_SPACES, fit_selected, select
     selected = copy.deepcopy(model)
     selected.load_state_dict(result.selected_state)
     histories, targets = histories_and_targets(split, "valid")

@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.data.pipeline import PreparedData, prepare_data
-from shared.data.preprocess import Split, UserSplit, with_validation_in_train
-from shared.evaluation.baselines import MostPopular, history_matrix
-from shared.evaluation.ranking import evaluate, subset_metrics
-from shared.model.recommender import RecommenderModel, build_recommender
-from shared.model.training import fit, model_scorer
-from shared.recommend import unit_rows
-from shared.report import write_json
+from fedrec.shared.data.pipeline import PreparedData, prepare_data
+from fedrec.shared.data.preprocess import Split, UserSplit, with_validation_in_train
+from fedrec.shared.evaluation.baselines import MostPopular, history_matrix
+from fedrec.shared.evaluation.ranking import evaluate, subset_metrics
+from fedrec.shared.model.recommender import RecommenderModel, build_recommender
+from fedrec.shared.model.training import fit, model_scorer
+from fedrec.shared.recommend import unit_rows
+from fedrec.shared.report import write_json
 
 COLD_FRACTION = 0.15
 KNN_DECAYS = (1.0, 0.95, 0.9, 0.8, 0.5)
@@ -167,7 +167,7 @@ def first_seen(prepared: PreparedData) -> np.ndarray:
 
 
 def cold_split(prepared: PreparedData, fraction: float) -> ColdSplit:
-    from shared.data.features import MINILM, TEXT_DIM
+    from fedrec.shared.data.features import MINILM, TEXT_DIM
     seen = first_seen(prepared)
     cold = cold_items(seen, fraction)
     perm = permutation(prepared.split.n_items, cold)
@@ -243,8 +243,8 @@ def cold_bias_curve(scorer, data: "ColdSplit") -> list[dict]:
 def released_ranks(scorer, data: ColdSplit, stage: str = "test", batch: int = 256) -> np.ndarray:
     """(users, 2) rank spans of each user's target, the history excluded and every item first seen
     after the user's test event left out (it did not exist yet)."""
-    from shared.evaluation.metrics import exclude_seen, target_ranks
-    from shared.evaluation.ranking import histories_and_targets
+    from fedrec.shared.evaluation.metrics import exclude_seen, target_ranks
+    from fedrec.shared.evaluation.ranking import histories_and_targets
     histories, targets = histories_and_targets(data.split, stage)
     out = []
     for start in range(0, len(histories), batch):
@@ -264,7 +264,7 @@ def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int = 4000, seed: i
 
 
 def _by_group(scorers: dict, data: ColdSplit) -> tuple[dict, dict]:
-    from shared.evaluation.metrics import ndcg
+    from fedrec.shared.evaluation.metrics import ndcg
     report = {"cold": {}, "warm": {}, "all": {}}
     groups = (("cold", data.is_cold_target), ("warm", ~data.is_cold_target), ("all", np.ones(len(data.split), bool)))
     per_user = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.report import write_json
+from fedrec.shared.report import write_json
 
 
 def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim: int = 405,
@@ -23,13 +23,13 @@ def run_dp_speed_bench(out: Path, *, catalog_sizes=(1_682, 50_000), content_dim:
                        progress: bool = True) -> dict:
     import torch
 
-    from client.local import local_update
-    from client.privacy import DPStep, PrivacyLedger, RecordPrivacy
-    from client.store import UserLog, start_ledger
-    from shared.model.config import ModelConfig
-    from shared.model.recommender import RecommenderModel, shared_weights
-    from shared.protocol import LocalConfig
-    from shared.settings import default
+    from fedrec.client.local import local_update
+    from fedrec.client.privacy import DPStep, PrivacyLedger, RecordPrivacy
+    from fedrec.client.store import UserLog, start_ledger
+    from fedrec.shared.model.config import ModelConfig
+    from fedrec.shared.model.recommender import RecommenderModel, shared_weights
+    from fedrec.shared.protocol import LocalConfig
+    from fedrec.shared.settings import default
 
     torch.set_num_threads(1)
     local = LocalConfig()   # the shipped defaults
@@ -104,10 +104,10 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
     import json
     from dataclasses import replace
 
-    from shared.data.pipeline import prepare_data
-    from shared.settings import default
-    from simulation.audit import insert_canaries, make_canaries
-    from simulation.federated import run_federated
+    from fedrec.shared.data.pipeline import prepare_data
+    from fedrec.shared.settings import default
+    from fedrec.simulation.audit import insert_canaries, make_canaries
+    from fedrec.simulation.federated import run_federated
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,9 +141,9 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
 def _canary_losses(final: dict, marks, prepared, job) -> np.ndarray:
     """The attack's score per canary (lower: more likely trained on): the encoder's next-item loss,
     or for the DP item-item model minus the weight of the canary's pair."""
-    from shared.model.recommender import load_weights
-    from simulation.audit import canary_losses
-    from simulation.centralized import build_model
+    from fedrec.shared.model.recommender import load_weights
+    from fedrec.simulation.audit import canary_losses
+    from fedrec.simulation.centralized import build_model
     if "item_item" in final:
         weights, a, b = np.asarray(final["item_item"]), marks.sequences[:, 0], marks.sequences[:, 1]
         return -(weights[a, b] + weights[b, a])
@@ -153,7 +153,7 @@ def _canary_losses(final: dict, marks, prepared, job) -> np.ndarray:
 
 
 def _sweep_row(mode: str, eps: float, summary: dict, losses: np.ndarray, member: np.ndarray, delta: float) -> dict:
-    from simulation.audit import attack_auc, auc_bound, epsilon_lower_bound
+    from fedrec.simulation.audit import attack_auc, auc_bound, epsilon_lower_bound
     audit = epsilon_lower_bound(losses, member, delta)
     spent = summary["privacy"].get("epsilon")
     if isinstance(spent, dict):
@@ -245,12 +245,12 @@ def run_dp_items_bench(data, out: Path, *, epsilons=(1.0, 4.0, 8.0, math.inf), s
     per epsilon with canaries in the logs (each in with probability 1/2). The noise is calibrated
     by the PRV accountant for one Gaussian mechanism (sampling rate 1, one step)."""
 
-    from shared.data.pipeline import prepare_data
-    from shared.evaluation.baselines import MostPopular
-    from shared.evaluation.ranking import evaluate
-    from shared.privacy.accounting import noise_for
-    from shared.privacy.cooccurrence import SENSITIVITY, ease_weights, release, symmetric
-    from simulation.audit import epsilon_lower_bound, insert_canaries, make_canaries
+    from fedrec.shared.data.pipeline import prepare_data
+    from fedrec.shared.evaluation.baselines import MostPopular
+    from fedrec.shared.evaluation.ranking import evaluate
+    from fedrec.shared.privacy.accounting import noise_for
+    from fedrec.shared.privacy.cooccurrence import SENSITIVITY, ease_weights, release, symmetric
+    from fedrec.simulation.audit import epsilon_lower_bound, insert_canaries, make_canaries
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,8 +282,8 @@ def run_dp_items_bench(data, out: Path, *, epsilons=(1.0, 4.0, 8.0, math.inf), s
 def _tuned_item_item(G: np.ndarray, split, noise_std: float) -> dict:
     """EASE on G with the ridge and the recency decay that score best on validation, blended with
     the release's popularity as shipped (popularity_weight); test metrics."""
-    from shared.evaluation.ranking import evaluate
-    from shared.privacy.cooccurrence import ItemItemScorer, ease_weights, popularity, popularity_weight
+    from fedrec.shared.evaluation.ranking import evaluate
+    from fedrec.shared.privacy.cooccurrence import ItemItemScorer, ease_weights, popularity, popularity_weight
     best, counts, blend = None, popularity(G), popularity_weight(noise_std)
     for l2 in (30.0, 100.0, 300.0, 1000.0, 3000.0):
         weights = ease_weights(G, l2)

@@ -23,20 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.store import UserLog, write_credentials, write_ledger
-from shared.data.catalog_bundle import catalog_of, save_catalog
-from shared.errors import RunFailed, RunMismatch
-from shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
-from shared.console import Progress
-from shared.data.pipeline import DataConfig, PreparedData, prepare_data
-from shared.report import plot_validation_curve, write_json
-from shared.secagg.identity import EnrolmentCA
-from shared.model.fusion import Blend, FusedScorer, FusionConfig
-from shared.model.training import model_scorer
-from shared.model.config import ModelHyper
-from shared.model.recommender import load_weights
-from shared.settings import RUN_CONFIG, default, run_config_defaults
-from simulation.centralized import build_model
+from fedrec.client.store import UserLog, write_credentials, write_ledger
+from fedrec.shared.data.catalog_bundle import catalog_of, save_catalog
+from fedrec.shared.errors import RunFailed, RunMismatch
+from fedrec.shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
+from fedrec.shared.console import Progress
+from fedrec.shared.data.pipeline import DataConfig, PreparedData, prepare_data
+from fedrec.shared.report import plot_validation_curve, write_json
+from fedrec.shared.secagg.identity import EnrolmentCA
+from fedrec.shared.model.fusion import Blend, FusedScorer, FusionConfig
+from fedrec.shared.model.training import model_scorer
+from fedrec.shared.model.config import ModelHyper
+from fedrec.shared.model.recommender import load_weights
+from fedrec.shared.settings import RUN_CONFIG, default, run_config_defaults
+from fedrec.simulation.centralized import build_model
 
 
 @dataclass
@@ -110,8 +110,8 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     """Train federated in Flower's simulation; writes DIR/summary.json. `prepared` replaces
     the data `job.data` describes (the privacy audit passes data with canaries in it).
     Raises RunFailed (after writing the summary) when no round trained."""
-    from client.app import make_client_app
-    from server.app import NoRoundTrained, make_server_app
+    from fedrec.client.app import make_client_app
+    from fedrec.server.app import NoRoundTrained, make_server_app
 
     started = time.perf_counter()
     torch.set_num_threads(job.threads)
@@ -157,8 +157,8 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
 def _check_resumable(prepared: PreparedData, settings: dict, out: Path) -> None:
     """A checkpoint in `out` is continued only with the same settings and the same data; else a
     one-line usage error, before Flower starts and before anything in `out` is touched."""
-    from server.app import federation_config
-    from server.federation import check_resumable
+    from fedrec.server.app import federation_config
+    from fedrec.server.federation import check_resumable
     if check_resumable(out, federation_config(settings)) is None:
         return
     manifest = out / "store" / "manifest.json"
@@ -243,7 +243,7 @@ def _final_scorer(path: Path, model):
     """The shipped model as a scorer: the DP item-item weights (scored as a device would, recency
     weighted), or the encoder's weights in `model`, fused with the item model when the run summed the
     co-occurrence counts (the item model). No file (nothing trained): a scorer of zeros."""
-    from shared.privacy.cooccurrence import ItemItemScorer
+    from fedrec.shared.privacy.cooccurrence import ItemItemScorer
     if not path.exists():
         return lambda histories: np.zeros((len(histories), model.cfg.n_items + 1))
     final = torch.load(path, weights_only=False)

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.datasets import cache_dir
-from shared.data.features import build_features
-from shared.data.pipeline import prepare_data
-from shared.data.preprocess import Encoded, Split, UserSplit, item_activity, with_validation_in_train
-from shared.evaluation.ranking import evaluate
-from shared.model.training import model_scorer
-from shared.report import write_json
-from simulation.baselines import SEARCH_SPACES, fit_selected, select
-from simulation.centralized import CentralizedJob, fuse_with_item_model, train_centralized
+from fedrec.shared.data.datasets import cache_dir
+from fedrec.shared.data.features import build_features
+from fedrec.shared.data.pipeline import prepare_data
+from fedrec.shared.data.preprocess import Encoded, Split, UserSplit, item_activity, with_validation_in_train
+from fedrec.shared.evaluation.ranking import evaluate
+from fedrec.shared.model.training import model_scorer
+from fedrec.shared.report import write_json
+from fedrec.simulation.baselines import SEARCH_SPACES, fit_selected, select
+from fedrec.simulation.centralized import CentralizedJob, fuse_with_item_model, train_centralized
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10")
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client.recommend import local_candidates, two_stage
-from shared.data.pipeline import DataConfig, PreparedData, prepare_data
-from shared.evaluation.metrics import coverage, novelty
-from shared.evaluation.ranking import histories_and_targets
-from shared.recommend import Recommender, intra_list_diversity, unit_rows
-from shared.report import write_json
+from fedrec.client.recommend import local_candidates, two_stage
+from fedrec.shared.data.pipeline import DataConfig, PreparedData, prepare_data
+from fedrec.shared.evaluation.metrics import coverage, novelty
+from fedrec.shared.evaluation.ranking import histories_and_targets
+from fedrec.shared.recommend import Recommender, intra_list_diversity, unit_rows
+from fedrec.shared.report import write_json
 
 DIVERSITY_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 NOISE_LEVELS = (0.0, 0.02, 0.05, 0.1, 0.2)   # per coordinate, on a unit-length vector
@@ -182,7 +182,7 @@ def _new_users(rec: Recommender, prepared: PreparedData, histories, targets) -> 
 def _reidentified(rec: Recommender, noise: float, trials: int = 300) -> float:
     """Share of one-item histories the server finds from the vector a device sends (two-stage), by the
     nearest of the vectors of every one-item history (it holds the public encoder)."""
-    from client.recommend import query_vector
+    from fedrec.client.recommend import query_vector
     singles = np.stack([query_vector(rec, np.array([i]), 0.0, None) for i in range(1, rec.n_items + 1)])
     items = np.random.default_rng(1).integers(1, rec.n_items + 1, trials)
     found = [int(np.argmax(singles @ query_vector(rec, np.array([i]), noise, f"trial {t}".encode()))) + 1 == i

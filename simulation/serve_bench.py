@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.bundle import load_bundle, write_bundle
-from shared.data.catalog_bundle import CatalogBundle
-from shared.model.config import ModelConfig
-from shared.model.fusion import ENCODER_ALONE
-from shared.recommend import Recommender, VectorIndex
-from shared.report import write_json
+from fedrec.shared.bundle import load_bundle, write_bundle
+from fedrec.shared.data.catalog_bundle import CatalogBundle
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.fusion import ENCODER_ALONE
+from fedrec.shared.recommend import Recommender, VectorIndex
+from fedrec.shared.report import write_json
 
 EXACT_SIZES = (1_682, 10_000, 20_000, 50_000, 100_000)
 
@@ -36,7 +36,7 @@ EXACT_SIZES = (1_682, 10_000, 20_000, 50_000, 100_000)
 def expanded_bundle(source: Path, items: int, out: Path, seed: int = 0) -> Path:
     """A bundle of `items` items made from `source`'s (see the module's docstring); the encoder alone."""
     import torch
-    from shared.model.recommender import RecommenderModel
+    from fedrec.shared.model.recommender import RecommenderModel
     bundle = load_bundle(source)
     rng = np.random.default_rng(seed)
     base = rng.integers(1, bundle.catalog.n_items + 1, items)
@@ -83,8 +83,8 @@ def _rss_mb(pid: int) -> float:
 
 async def _load(port: int, vectors: np.ndarray, requests: int, concurrency: int) -> tuple[list[float], float]:
     import grpc
-    from shared.proto import recommend_pb2 as pb
-    from shared.proto import recommend_pb2_grpc as pb_grpc
+    from fedrec.shared.proto import recommend_pb2 as pb
+    from fedrec.shared.proto import recommend_pb2_grpc as pb_grpc
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RecommendStub(channel)
@@ -103,8 +103,8 @@ async def _load(port: int, vectors: np.ndarray, requests: int, concurrency: int)
 
 def _service_recall(port: int, rec: Recommender, vectors: np.ndarray) -> float:
     import grpc
-    from shared.proto import recommend_pb2 as pb
-    from shared.proto import recommend_pb2_grpc as pb_grpc
+    from fedrec.shared.proto import recommend_pb2 as pb
+    from fedrec.shared.proto import recommend_pb2_grpc as pb_grpc
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RecommendStub(channel)
         recalls = []

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.recommend import Recommender
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.recommend import Recommender
 
 
 def _headline(summary: dict) -> str:

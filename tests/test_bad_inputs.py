@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedrec.cli import main
-from shared.settings import SettingsError, read_run_config
+from fedrec.shared.settings import SettingsError, read_run_config
 
 TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
         "--max-len", "10", "--quiet"]
@@ -59,9 +59,9 @@ def _registration_fails(msg, context, call_next):
 
 
 def test_a_run_in_which_no_round_trained_fails_and_says_why(tmp_path, capsys, monkeypatch):
-    import client.app
-    original = client.app.make_client_app
-    monkeypatch.setattr(client.app, "make_client_app",
+    from fedrec.client import app as client_app
+    original = client_app.make_client_app
+    monkeypatch.setattr(client_app, "make_client_app",
                         lambda settings=None, mods=None: original(settings, [_registration_fails]))
     code = main([*FEDERATED, "--rounds", "2", "--clients-per-round", "6", "--eval-rounds", "2",
                  "--out", str(tmp_path / "run")])

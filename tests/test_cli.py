@@ -3,9 +3,9 @@ settings table), and `fedrec store` writes what `flwr run .` and SuperNodes read
 import pytest
 
 from fedrec.cli import main, parser, settings_of
-from shared.data.pipeline import DataConfig
-from simulation.centralized import CentralizedJob
-from simulation.federated import FederatedJob
+from fedrec.shared.data.pipeline import DataConfig
+from fedrec.simulation.centralized import CentralizedJob
+from fedrec.simulation.federated import FederatedJob
 
 BUILDERS = {
     ("train", "--mode", "centralized"): CentralizedJob.from_settings,
@@ -81,7 +81,7 @@ def test_library_chatter_is_quiet_unless_verbose():
     import io
     import logging
     from flwr.supercore.logger import FLOWER_LOGGER, ConsoleHandler, update_console_handler
-    from shared.console import tame_library_output
+    from fedrec.shared.console import tame_library_output
     seen = io.StringIO()   # where Flower's own handler and a root handler (as opacus adds) both write
     flower = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
     streams = [h.stream for h in flower]   # (not setStream: it flushes the old one, maybe a closed capture)
@@ -109,7 +109,7 @@ def test_library_chatter_is_quiet_unless_verbose():
 def test_progress_into_a_file_is_plain_lines_with_named_fields(capsys):
     """Not a terminal: no tqdm frames, a line every few steps and for the last, fields in full,
     and a figure only once it exists."""
-    from shared.console import Progress
+    from fedrec.shared.console import Progress
     bar = Progress(10, "train", "epoch", every=5)
     for epoch in range(10):
         bar.update(loss=f"{1 / (epoch + 1):.3f}", **{"best validation NDCG@10": "0.1000" if epoch >= 7 else None})

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shared.data.readers import read_ml100k, read_ml1m, read_movielens_csv, read_recbole
-from shared.data.schema import Catalog, DataError, Dataset, Interactions, check_items_known
+from fedrec.shared.data.readers import read_ml100k, read_ml1m, read_movielens_csv, read_recbole
+from fedrec.shared.data.schema import Catalog, DataError, Dataset, Interactions, check_items_known
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 

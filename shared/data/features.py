@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.preprocess import ItemActivity
-from shared.data.schema import Catalog
+from fedrec.shared.data.preprocess import ItemActivity
+from fedrec.shared.data.schema import Catalog
 
 MINILM = "all-MiniLM-L6-v2"
 TEXT_DIM = 384

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.data.datasets import REGISTRY, cache_dir, load_dataset
-from shared.data.features import ContentFeatures, build_features
-from shared.data.preprocess import Encoded, Split, item_activity, items_in_log, prepare
-from shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
+from fedrec.shared.data.datasets import REGISTRY, cache_dir, load_dataset
+from fedrec.shared.data.features import ContentFeatures, build_features
+from fedrec.shared.data.preprocess import Encoded, Split, item_activity, items_in_log, prepare
+from fedrec.shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
-from shared.data.schema import DataError, Dataset, Interactions, check_items_known, make_catalog
-from shared.data.synthetic import generate
-from shared.settings import default
+from fedrec.shared.data.schema import DataError, Dataset, Interactions, check_items_known, make_catalog
+from fedrec.shared.data.synthetic import generate
+from fedrec.shared.settings import default
 
 
 @dataclass

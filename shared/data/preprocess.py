@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from shared.data.schema import Catalog, DataError, Interactions
+from fedrec.shared.data.schema import Catalog, DataError, Interactions
 
 MIN_EVENTS_FOR_SPLIT = 3  # one train item at least, one validation, one test
 

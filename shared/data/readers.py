@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.data.schema import Catalog, DataError, Interactions, make_catalog, make_interactions
+from fedrec.shared.data.schema import Catalog, DataError, Interactions, make_catalog, make_interactions
 
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",

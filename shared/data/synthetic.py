@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from shared.data.schema import Dataset, make_catalog, make_interactions
+from fedrec.shared.data.schema import Dataset, make_catalog, make_interactions
 
 _SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "ve", "zu", "bre", "dra", "fin",
               "gor", "hal", "jun", "kel", "mor", "nix", "oth", "pra", "quo", "sel", "tir"]

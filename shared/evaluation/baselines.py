@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from shared.data.preprocess import Split, item_popularity
+from fedrec.shared.data.preprocess import Split, item_popularity
 
 
 def interaction_matrix(split: Split) -> sp.csr_matrix:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.evaluation.metrics import ndcg
+from fedrec.shared.evaluation.metrics import ndcg
 
 
 def compare_runs(baseline: list[np.ndarray], candidate: list[np.ndarray], *, k: int = 10,
@@ -49,8 +49,8 @@ def compare_runs(baseline: list[np.ndarray], candidate: list[np.ndarray], *, k: 
 def compare_folders(baseline: list[Path], candidate: list[Path], out: Path | None = None) -> dict:
     """`compare_runs` over run folders (their test_ranks.npy); writes OUT/compare.json when given.
     Raises DataError for a folder without ranks or runs that cannot be paired."""
-    from shared.data.schema import DataError
-    from shared.report import write_json
+    from fedrec.shared.data.schema import DataError
+    from fedrec.shared.report import write_json
 
     def ranks(folder: Path) -> np.ndarray:
         path = Path(folder) / "test_ranks.npy"

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from shared.evaluation.metrics import (NEG_INF, coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
+from fedrec.shared.evaluation.metrics import (NEG_INF, coverage, exclude_seen, hit_rate, mrr, ndcg, novelty, target_ranks,
                             top_k)
-from shared.data.preprocess import Split, item_popularity
+from fedrec.shared.data.preprocess import Split, item_popularity
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]
 

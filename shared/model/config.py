@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from shared.settings import default
+from fedrec.shared.settings import default
 
 
 @dataclass(frozen=True)

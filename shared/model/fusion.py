@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from shared.evaluation.baselines import EASE, ItemKNN, MostPopular
-from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
-from shared.settings import default
+from fedrec.shared.evaluation.baselines import EASE, ItemKNN, MostPopular
+from fedrec.shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
+from fedrec.shared.settings import default
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]
 WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)   # the item model's weights tried (the encoder's is 1)

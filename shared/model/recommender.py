@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.model.config import ModelConfig, ModelHyper
+from fedrec.shared.model.config import ModelConfig, ModelHyper
 
 if TYPE_CHECKING:  # the wire format's names only: the model itself needs no Flower
-    from shared.protocol import Layout, Weights
+    from fedrec.shared.protocol import Layout, Weights
 
 
 def id_rows(n_items: int, buckets: int) -> torch.Tensor:

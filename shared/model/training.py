@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from shared.evaluation.ranking import evaluate
-from shared.model.recommender import RecommenderModel
-from shared.data.preprocess import Split, with_validation_in_train
-from shared.settings import default
+from fedrec.shared.evaluation.ranking import evaluate
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.data.preprocess import Split, with_validation_in_train
+from fedrec.shared.settings import default
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from shared.settings import PrivacyUnits, default
+from fedrec.shared.settings import PrivacyUnits, default
 
 MODES = ("none", "record", "user", "both")
 ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}

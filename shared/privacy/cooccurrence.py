@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from shared.model.fusion import standardised
+from fedrec.shared.model.fusion import standardised
 
 SENSITIVITY = 1 / math.sqrt(2)   # L2 norm bound of one user's contribution
 DECAY = 0.9                      # the device weighs an item decay^age (newest 1): chosen on ML-100K validation

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from opacus.grad_sample import register_grad_sampler
 
-from shared.model.recommender import ItemTower
+from fedrec.shared.model.recommender import ItemTower
 
 if TYPE_CHECKING:
     from opacus import GradSampleModule

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shared.proto import recommend_pb2 as shared_dot_proto_dot_recommend__pb2
+from fedrec.shared.proto import recommend_pb2 as shared_dot_proto_dot_recommend__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

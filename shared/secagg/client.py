@@ -15,12 +15,12 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from shared.secagg.fixed_point import quantise
-from shared.secagg.identity import (RECORD_BYTES, DeviceCredentials, IdentityRecord, record_digest, verify_view,
+from fedrec.shared.secagg.fixed_point import quantise
+from fedrec.shared.secagg.identity import (RECORD_BYTES, DeviceCredentials, IdentityRecord, record_digest, verify_view,
                                     view_message)
-from shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
+from fedrec.shared.secagg.params import (MIN_NEIGHBOURS, ProtocolViolation, SecAggParams, client_floor_problem,
                                   holders_problem, neighbour_graph)
-from shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, load_private, open_sealed, pair_mask_seed,
+from fedrec.shared.secagg.primitives import (SHARE_BYTES, agree, commit_seed, kdf, load_private, open_sealed, pair_mask_seed,
                                       prg, private_bytes, public_bytes, seal, shamir_split)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.secagg.params import HALF_RING, RING_BITS, RoundAborted, SecAggParams
+from fedrec.shared.secagg.params import HALF_RING, RING_BITS, RoundAborted, SecAggParams
 
 
 def quantise(vector: np.ndarray, params: SecAggParams, rng: np.random.Generator) -> np.ndarray:

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from shared.secagg.fixed_point import dequantise
-from shared.secagg.params import RoundAborted, SecAggParams, neighbour_graph
-from shared.secagg.primitives import (SEALED_BYTES, SHARE_BYTES, commit_seed, load_private, pair_mask_seed, prg,
+from fedrec.shared.secagg.fixed_point import dequantise
+from fedrec.shared.secagg.params import RoundAborted, SecAggParams, neighbour_graph
+from fedrec.shared.secagg.primitives import (SEALED_BYTES, SHARE_BYTES, commit_seed, load_private, pair_mask_seed, prg,
                                       public_bytes, shamir_combine, shamir_interpolate)
 
 MAX_SUBSETS = 64   # subsets of t shares tried per secret before the round is given up

@@ -1,7 +1,7 @@
 """The device's own rules for exact (un-noised) sums."""
 from flwr.app import Context, RecordDict
 
-from client.handlers import exact_sum_floor
+from fedrec.client.handlers import exact_sum_floor
 
 
 def test_the_exact_sums_floor_is_the_devices_own_never_the_run_configs():

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.local import local_metrics, local_update, user_windows
-from client.store import UserLog
-from shared.data.preprocess import Split, UserSplit
-from shared.evaluation.ranking import evaluate
-from shared.model.config import ModelConfig
-from shared.model.recommender import RecommenderModel, shared_weights
-from shared.protocol import LocalConfig
+from fedrec.client.local import local_metrics, local_update, user_windows
+from fedrec.client.store import UserLog
+from fedrec.shared.data.preprocess import Split, UserSplit
+from fedrec.shared.evaluation.ranking import evaluate
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.recommender import RecommenderModel, shared_weights
+from fedrec.shared.protocol import LocalConfig
 
 
 def tiny_model(n_items=40, content_dim=6, seed=0):
@@ -60,7 +60,7 @@ def test_local_metrics_match_the_central_evaluator():
     model = tiny_model()
     users = [UserSplit(str(i), np.array([1 + i, 4 + i, 9 + i]), 20 + i, 30 + i, np.zeros(3)) for i in range(5)]
     split = Split(users, 40)
-    from shared.model.training import model_scorer
+    from fedrec.shared.model.training import model_scorer
     central = evaluate(model_scorer(model), split, "test")
     per_user = [local_metrics(model, UserLog(u.train, u.valid, u.test), "test") for u in users]
     for key in ("hr@10", "ndcg@10", "mrr@10"):

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from client.sealed import SealedFileError, StoreKey
-from client.store import DeviceStore, TooFewEvents, device_files
-from shared.data.catalog_bundle import CatalogBundle, save_catalog
+from fedrec.client.sealed import SealedFileError, StoreKey
+from fedrec.client.store import DeviceStore, TooFewEvents, device_files
+from fedrec.shared.data.catalog_bundle import CatalogBundle, save_catalog
 
 ITEMS = [str(i) for i in range(100, 120)]
 LEDGER_SPENT = [(1.5, 0.25, 2)]
@@ -106,7 +106,7 @@ def test_the_handlers_read_the_sealed_store_from_node_config(store, tmp_path):
 
 KILLER = textwrap.dedent("""
     import sys
-    from client.store import DeviceStore
+    from fedrec.client.store import DeviceStore
     store = DeviceStore.open(sys.argv[1], key_file=sys.argv[2])
     for n in range(100000):
         total = store.add_events([(str(100 + n % 20), float(n))])
@@ -156,7 +156,7 @@ def test_a_file_of_another_store_with_the_same_key_is_refused(store, tmp_path, c
 
 
 def test_the_dp_ledger_spends_through_the_sealed_store_and_refuses_without_it(store, tmp_path):
-    from client.privacy import PrivacyLedger, PrivacyRefusal
+    from fedrec.client.privacy import PrivacyLedger, PrivacyRefusal
     ledger = PrivacyLedger(store.ledger)
     ledger.spend((1.0, 0.5, 3), budget=100.0, delta=1e-5)
     assert DeviceStore.open(tmp_path / "dev", key_file=tmp_path / "dev.key").ledger.read() == [(1.0, 0.5, 3)]
@@ -168,7 +168,7 @@ def test_the_dp_ledger_spends_through_the_sealed_store_and_refuses_without_it(st
 def test_given_once_lives_in_the_ledger_and_survives_spending(store):
     """The once-only record of the exact counts sits in the sealed ledger: no file to delete to give
     them twice, and spending (which rewrites the ledger) keeps it."""
-    from client.privacy import PrivacyLedger
+    from fedrec.client.privacy import PrivacyLedger
     assert store.ledger.give_once("counts", "round 3 run 7\n")
     PrivacyLedger(store.ledger).spend((1.0, 0.5, 1), budget=100.0, delta=1e-5)
     assert not store.ledger.give_once("counts", "round 4 run 8\n")
@@ -192,8 +192,8 @@ def test_an_edited_server_ca_certificate_stops_the_supernode_start(tmp_path, cat
     """Someone who can write the store folder swaps in their own CA certificate (with a network
     position, their server would then be trusted): the device refuses to start."""
     import json
-    from client import device
-    from server.pki import enrol_device, make_ca
+    from fedrec.client import device
+    from fedrec.server.pki import enrol_device, make_ca
     make_ca(tmp_path / "ca")
     device.init(tmp_path / "d", catalog, key_file=tmp_path / "d.key", passphrase=None, name="d")
     store = DeviceStore.open(tmp_path / "d", key_file=tmp_path / "d.key")

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from client import device
-from client.store import DeviceStore, UserLog
-from server import deploy
-from server.pki import enrol_device, make_ca, server_certificate
-from shared.data.catalog_bundle import load_catalog
-from shared.processes import flower_env, stop_group
+from fedrec.client import device
+from fedrec.client.store import DeviceStore, UserLog
+from fedrec.server import deploy
+from fedrec.server.pki import enrol_device, make_ca, server_certificate
+from fedrec.shared.data.catalog_bundle import load_catalog
+from fedrec.shared.processes import flower_env, stop_group
 
 NODES = 5
 WAIT = 420            # seconds: the most any one condition may take on a loaded 2-core machine
@@ -110,8 +110,8 @@ def _stores(root: Path, sim: Path, catalog) -> list[tuple[Path, int]]:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.federated import write_store
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.federated import write_store
     root = tmp_path_factory.mktemp("deploy")
     sim = write_store(prepare_data(DataConfig(dataset="synthetic:40x30", text_encoder="none")), root / "sim")
     catalog = load_catalog(sim / "catalog.npz")

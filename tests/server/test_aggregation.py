@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
+from fedrec.server.aggregation import ServerConfig, ServerOptimizer, check_update, mean_delta
 
 SHAPES = {"a": (2, 3), "b": (4,)}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.app import federation_config
-from shared.settings import RUN_CONFIG, SettingsError, read_run_config, run_config_defaults
+from fedrec.server.app import federation_config
+from fedrec.shared.settings import RUN_CONFIG, SettingsError, read_run_config, run_config_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 

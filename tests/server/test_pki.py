@@ -7,10 +7,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from client import device
-from client.store import DeviceStore
-from server.pki import CertificateError, check_certificate, enrol_device, make_ca, server_certificate
-from shared.data.catalog_bundle import CatalogBundle, save_catalog
+from fedrec.client import device
+from fedrec.client.store import DeviceStore
+from fedrec.server.pki import CertificateError, check_certificate, enrol_device, make_ca, server_certificate
+from fedrec.shared.data.catalog_bundle import CatalogBundle, save_catalog
 
 
 @pytest.fixture

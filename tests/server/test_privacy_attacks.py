@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import make_client_app
-from server.aggregation import ServerOptimizer
-from server.app import federation_config, initial_weights
-from server.federation import FedRecStrategy, privacy_summary, secure_round, train_round
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.privacy.accounting import clamp_probability, epsilon, user_epsilon
-from shared.protocol import refusal_of
-from shared.settings import run_config_defaults
-from simulation.federated import write_store
+from fedrec.client.app import make_client_app
+from fedrec.server.aggregation import ServerOptimizer
+from fedrec.server.app import federation_config, initial_weights
+from fedrec.server.federation import FedRecStrategy, privacy_summary, secure_round, train_round
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.privacy.accounting import clamp_probability, epsilon, user_epsilon
+from fedrec.shared.protocol import refusal_of
+from fedrec.shared.settings import run_config_defaults
+from fedrec.simulation.federated import write_store
 from tests.server.test_secure_fuzz import SETTINGS, LoopbackGrid
 
 # The devices' own settings: record-level DP, records of 11 interactions (the tiny model's max).
@@ -82,11 +82,11 @@ def test_dp_replies_carry_no_count_loss_or_timing(store):
 def test_the_secure_sum_carries_fixed_weights_and_no_loss_under_dp(store, monkeypatch):
     """What each client feeds into the masked sum: weight 1 and loss 0 under DP, whatever its data
     (the server decodes only sums, but a sum of data-dependent weights is itself unnoised)."""
-    import client.secure
+    from fedrec.client import secure as client_secure
     store, users = store
     fed = []
-    honest = client.secure.encode_contribution
-    monkeypatch.setattr(client.secure, "encode_contribution",
+    honest = client_secure.encode_contribution
+    monkeypatch.setattr(client_secure, "encode_contribution",
                         lambda flat, weight, loss: fed.append((weight, loss)) or honest(flat, weight, loss))
     grid = Spy(store, users)
     record = train_round(grid, _strategy(store, grid), 1, secure=True)
@@ -100,8 +100,8 @@ def test_a_log_without_a_record_still_sends_a_noised_update(tmp_path):
     update would tell the server so), with the same weight as everyone's."""
     import torch
 
-    from client.handlers import train_update
-    from client.store import UserLog
+    from fedrec.client.handlers import train_update
+    from fedrec.client.store import UserLog
     from tests.shared.test_privacy import round_config, tiny_client
     model, weights = tiny_client(tmp_path)
     UserLog(np.array([5]), 3, 4).save(tmp_path / "users" / "0.npz")
@@ -164,20 +164,20 @@ def test_clients_refuse_to_unmask_a_sum_with_fewer_noise_shares_than_accounted(s
     """Distributed noise, m = 8 shares counted on, one of 8 clients drops after masking. A server
     that skips its own check (below) asks for the unmask shares anyway: the clients refuse, and
     the round ends with nothing decoded."""
-    import server.secure
+    from fedrec.server import secure as server_secure
     store, users = store
     grid = Spy(store, users, {**DEVICE, "distributed-noise": True})
     strategy = _strategy(store, grid, **{"distributed-noise": True})
     strategy.privacy.noise_shares = 8
     grid.bad_step, grid.kind = "masked", "missing"     # one masked input lost
-    original = server.secure.SecureTask
+    original = server_secure.SecureTask
 
     def no_server_check(*args, **kwargs):              # the malicious server's version of the task
         task = original(*args, **kwargs)
         task.min_contributions = 0
         return task
 
-    monkeypatch.setattr("server.federation.SecureTask", no_server_check)
+    monkeypatch.setattr("fedrec.server.federation.SecureTask", no_server_check)
     start = strategy.optimizer.weights()
     outcome = secure_round(grid, strategy, 1)
     assert outcome.update is None and _unchanged(strategy, start)
@@ -222,7 +222,7 @@ def test_distributed_noise_delta_includes_the_clamp(store):
 def test_the_record_unit_holds_for_changing_an_interaction_and_not_for_deleting_one():
     """What docs/privacy.md states: records are aligned chunks, so changing one interaction
     changes one record, while deleting one shifts every later chunk."""
-    from client.privacy import record_chunks
+    from fedrec.client.privacy import record_chunks
     log = np.arange(1, 40)
     changed = log.copy()
     changed[15] = 99
@@ -236,9 +236,9 @@ def _release_round(store, grid, **privacy):
     """The item-item release's secure round, with what a malicious server puts in its request."""
     from flwr.app import ArrayRecord
 
-    from server.secure import SecureRound, SecureTask
-    from shared.privacy.cooccurrence import STAGE, pair_count
-    from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+    from fedrec.server.secure import SecureRound, SecureTask
+    from fedrec.shared.privacy.cooccurrence import STAGE, pair_count
+    from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_round_config
     strategy = _strategy(store, grid)
     n_items = 25
     request = PrivacyRound(**{"mode": "user", "budget": 8.0, "delta": 1e-5, "user_noise": 0.64,
@@ -268,8 +268,8 @@ def test_an_item_item_release_without_noise_is_refused(store, privacy, why):
 
 
 def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path):
-    from client.privacy import PrivacyBudgetExceeded, PrivacyLedger
-    from client.store import start_ledger
+    from fedrec.client.privacy import PrivacyBudgetExceeded, PrivacyLedger
+    from fedrec.client.store import start_ledger
     start_ledger(tmp_path / "ledger.json")
     first, second = PrivacyLedger(tmp_path / "ledger.json"), PrivacyLedger(tmp_path / "ledger.json")
     one = epsilon([(1.0, 1.0, 1)], 1e-5)
@@ -283,7 +283,7 @@ def test_two_processes_cannot_both_spend_the_last_of_a_budget(tmp_path):
 def test_one_record_moves_a_contribution_by_at_most_the_record_sensitivity(window):
     """Removing a record renormalises what is left, so it can move a user's contribution by more
     than the user bound 1/sqrt(2); the noise for the record unit is calibrated to the maximum."""
-    from shared.privacy.cooccurrence import SENSITIVITY, record_sensitivity, user_contribution
+    from fedrec.shared.privacy.cooccurrence import SENSITIVITY, record_sensitivity, user_contribution
     rng = np.random.default_rng(window)
     worst = 0.0
     for _ in range(300):
@@ -298,7 +298,7 @@ def test_a_device_policy_without_a_budget_limit_is_its_own_choice():
     """A simulation's reference run without DP (target epsilon inf) must still train: an unlimited
     budget is the device's own setting (the session-8 sweep aborted every round on it); a delta
     above 1e-3 stays refused."""
-    from client.privacy import DevicePolicy
+    from fedrec.client.privacy import DevicePolicy
     assert DevicePolicy.of({}, {"privacy": "none", "target-epsilon": math.inf}).budget == math.inf
     with pytest.raises(ValueError, match="privacy delta"):
         DevicePolicy.of({"privacy-delta": 0.01}, {})

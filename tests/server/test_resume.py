@@ -3,9 +3,9 @@ from dataclasses import replace
 
 import pytest
 
-from server.checkpoint import save_checkpoint
-from server.federation import FederationConfig, check_resumable
-from shared.errors import RunMismatch, UserFileError
+from fedrec.server.checkpoint import save_checkpoint
+from fedrec.server.federation import FederationConfig, check_resumable
+from fedrec.shared.errors import RunMismatch, UserFileError
 
 
 def test_a_checkpoint_of_other_settings_names_them(tmp_path):
@@ -24,9 +24,9 @@ def test_a_checkpoint_of_other_settings_names_them(tmp_path):
 def test_a_resume_on_other_data_is_refused_before_anything_in_the_folder_changes(tmp_path):
     import json
 
-    from server.app import federation_config
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.federated import FederatedJob, _check_resumable, _settings, store_stamp
+    from fedrec.server.app import federation_config
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.federated import FederatedJob, _check_resumable, _settings, store_stamp
     prepared = prepare_data(DataConfig(dataset="synthetic:30x20", text_encoder="none", activity_features=False))
     job = FederatedJob(data=DataConfig(dataset="synthetic:30x20", text_encoder="none", activity_features=False))
     settings = _settings(job, prepared, tmp_path)

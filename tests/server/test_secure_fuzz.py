@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.app import make_client_app
-from server.aggregation import ServerOptimizer
-from server.app import federation_config, initial_weights
-from server.federation import FedRecStrategy, train_round
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.settings import run_config_defaults
-from simulation.federated import write_store
+from fedrec.client.app import make_client_app
+from fedrec.server.aggregation import ServerOptimizer
+from fedrec.server.app import federation_config, initial_weights
+from fedrec.server.federation import FedRecStrategy, train_round
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.settings import run_config_defaults
+from fedrec.simulation.federated import write_store
 
 SETTINGS = {"dim": 8, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "clients-per-round": 8,
             "secure-aggregation": True, "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0}
@@ -120,7 +120,7 @@ def test_a_sum_with_fewer_noise_shares_than_counted_on_is_never_unmasked(store):
     """Distributed DP noise: the guarantee counts on m clients' shares in every sum. With fewer
     alive, the honest server aborts before it asks anyone for an unmask share (at 4b8af3e it
     unmasked first and checked after)."""
-    from server.federation import secure_round
+    from fedrec.server.federation import secure_round
     store, users = store
     strategy, start = _strategy(store)
     strategy.privacy.distributed_noise, strategy.privacy.noise_shares = True, 9   # 8 clients a round
@@ -136,9 +136,9 @@ def test_a_client_that_skips_its_clip_aborts_the_round_not_the_model(store, monk
     """A malicious client masks an update far past the clip (every coordinate 0.5, norm ~25 on
     this tiny model against a clip of 5; each coordinate inside the ring's bound, so masking hides it):
     no set of honest clients could make that mean, and the round aborts, the model untouched."""
-    import client.secure
+    from fedrec.client import secure as client_secure
     store, users = store
-    honest = client.secure.encode_contribution
+    honest = client_secure.encode_contribution
     calls = []
 
     def unclipped(flat, weight, loss):
@@ -148,7 +148,7 @@ def test_a_client_that_skips_its_clip_aborts_the_round_not_the_model(store, monk
         calls.append(1)
         return vector
 
-    monkeypatch.setattr(client.secure, "encode_contribution", unclipped)
+    monkeypatch.setattr(client_secure, "encode_contribution", unclipped)
     strategy, start = _strategy(store)
     record = train_round(LoopbackGrid(store, users, None, None), strategy, 1, secure=True)
     assert not record.trained and any("implausible sum" in r for r in record.rejected), record.rejected

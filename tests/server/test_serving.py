@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.recommend import CANDIDATES, fetch_bundle, service_candidates, two_stage
-from server.serving import start_server
-from shared.bundle import load_bundle, write_bundle
-from shared.proto import recommend_pb2 as pb
-from shared.proto import recommend_pb2_grpc as pb_grpc
-from shared.recommend import Recommender
+from fedrec.client.recommend import CANDIDATES, fetch_bundle, service_candidates, two_stage
+from fedrec.server.serving import start_server
+from fedrec.shared.bundle import load_bundle, write_bundle
+from fedrec.shared.proto import recommend_pb2 as pb
+from fedrec.shared.proto import recommend_pb2_grpc as pb_grpc
+from fedrec.shared.recommend import Recommender
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,8 +89,8 @@ def test_vector_diversity_exclude_limits_and_a_huge_vector(service):
 
 
 def test_the_service_searches_an_ann_index_past_its_threshold(trained_run, tmp_path, monkeypatch):
-    import shared.recommend
-    monkeypatch.setattr(shared.recommend, "ANN_FROM_ITEMS", 50)
+    from fedrec.shared import recommend as shared_recommend
+    monkeypatch.setattr(shared_recommend, "ANN_FROM_ITEMS", 50)
     server, watcher, port = start_server(trained_run / "bundle", port=0)
     try:
         rec = watcher.current
@@ -132,7 +132,7 @@ class _HostileServer:
 
 
 def test_a_device_refuses_a_hostile_bundle_download(service, tmp_path):
-    from shared.bundle import BundleError, model_hash
+    from fedrec.shared.bundle import BundleError, model_hash
     stub, watcher, _, _ = service
     honest = list(stub.GetBundle(pb.GetBundleRequest(include_files=True)))
     manifest = json.loads(honest[0].manifest_json)

@@ -1,8 +1,8 @@
 """FedRecStrategy's messages: who is sampled and what they are told."""
 import numpy as np
 
-from server.aggregation import ServerConfig, ServerOptimizer
-from server.federation import FederationConfig, FedRecStrategy
+from fedrec.server.aggregation import ServerConfig, ServerOptimizer
+from fedrec.server.federation import FederationConfig, FedRecStrategy
 
 
 class Nodes:
@@ -36,7 +36,7 @@ def test_clients_train_on_their_validation_item_only_in_the_refit_rounds():
 
 def test_the_server_refuses_distributed_noise_that_its_guarantee_does_not_cover():
     import pytest
-    from server.app import federation_config
+    from fedrec.server.app import federation_config
     base = {"privacy": "record", "distributed-noise": True}
     federation_config(base)
     for extra, message in [({"secure-aggregation": False}, "needs secure aggregation"),
@@ -48,7 +48,7 @@ def test_the_server_refuses_distributed_noise_that_its_guarantee_does_not_cover(
 
 
 def test_distributed_user_noise_is_left_to_the_clients_and_divided_by_the_expected_count():
-    from shared.privacy.accounting import PrivacyConfig
+    from fedrec.shared.privacy.accounting import PrivacyConfig
     s = strategy(privacy=PrivacyConfig(mode="user", distributed_noise=True))
     s.resolve_privacy(Nodes(list(range(30))))
     assert s.privacy.user_noise > 0 and s.privacy.noise_shares >= 1

@@ -3,8 +3,8 @@ that never reads the test items."""
 import numpy as np
 import pytest
 
-from shared.data.preprocess import Split, UserSplit
-from shared.evaluation.baselines import EASE, ItemKNN, SessionKNN, history_matrix
+from fedrec.shared.data.preprocess import Split, UserSplit
+from fedrec.shared.evaluation.baselines import EASE, ItemKNN, SessionKNN, history_matrix
 
 
 def split_of(logs: list[list[int]], n_items: int) -> Split:
@@ -40,7 +40,7 @@ def test_session_knn_votes_with_the_most_similar_logs():
 
 
 def test_tuning_never_reads_the_test_items(monkeypatch):
-    import simulation.baselines as tuning
+    from fedrec.simulation import baselines as tuning
     seen = []
     real = tuning.evaluate
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shared.evaluation.compare import compare_runs
+from fedrec.shared.evaluation.compare import compare_runs
 
 
 def _ranks(rng, n, hit_rate):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.privacy.cooccurrence import (DECAY, SENSITIVITY, ItemItemScorer, ease_weights, pair_count, pair_index,
+from fedrec.shared.privacy.cooccurrence import (DECAY, SENSITIVITY, ItemItemScorer, ease_weights, pair_count, pair_index,
                                          popularity, popularity_weight, release, symmetric, user_contribution)
 
 
@@ -74,7 +74,7 @@ def test_at_high_noise_the_blend_recommends_what_most_users_hold():
 
 
 def test_counts_are_the_users_newest_items_and_their_pairs_within_the_clip():
-    from shared.privacy.cooccurrence import (COUNTS_CLIP, MAX_COUNTED_ITEMS, cooccurrence_from_counts,
+    from fedrec.shared.privacy.cooccurrence import (COUNTS_CLIP, MAX_COUNTED_ITEMS, cooccurrence_from_counts,
                                              counts_contribution)
     v = counts_contribution(np.array([2, 4, 2, 3]), 4)
     G = cooccurrence_from_counts(v, 4)

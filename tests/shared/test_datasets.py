@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from shared.data import datasets
-from shared.data.datasets import REGISTRY, download, load_dataset, locate
-from shared.data.schema import DataError
+from fedrec.shared.data import datasets
+from fedrec.shared.data.datasets import REGISTRY, download, load_dataset, locate
+from fedrec.shared.data.schema import DataError
 from tests.test_readers_data import U_DATA, U_ITEM
 
 

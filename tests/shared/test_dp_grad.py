@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared.privacy.dp_grad import per_example_gradients
-from shared.model.config import ModelConfig
-from shared.model.recommender import RecommenderModel
-from shared.model.training import left_pad, per_example_loss
+from fedrec.shared.privacy.dp_grad import per_example_gradients
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.model.training import left_pad, per_example_loss
 
 
 def recommender(n_items: int, buckets: int, content_dim: int) -> RecommenderModel:

@@ -1,10 +1,10 @@
 import numpy as np
 import pandas as pd
 
-from shared.data import features
-from shared.data.features import MINILM, build_features, embed_texts, item_texts
-from shared.data.preprocess import encode, item_activity, leave_one_out
-from shared.data.schema import make_catalog, make_interactions
+from fedrec.shared.data import features
+from fedrec.shared.data.features import MINILM, build_features, embed_texts, item_texts
+from fedrec.shared.data.preprocess import encode, item_activity, leave_one_out
+from fedrec.shared.data.schema import make_catalog, make_interactions
 
 
 def small_world():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, blend_ndcg,
+from fedrec.shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, blend_ndcg,
                                  blend_statistics, blends, choose_from_statistics, choose_weight, device_blend_ndcg,
                                  standardised)
 
@@ -43,9 +43,9 @@ def test_weight_zero_is_the_encoder_alone():
 
 @pytest.mark.parametrize("kind", BLEND_KINDS)
 def test_the_item_model_from_summed_counts_is_the_one_fit_on_the_logs(kind):
-    from shared.data.pipeline import DataConfig, prepare_data
-    from shared.evaluation.baselines import EASE, ItemKNN, MostPopular
-    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.shared.evaluation.baselines import EASE, ItemKNN, MostPopular
+    from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution
     split = prepare_data(DataConfig(dataset="synthetic:60x40", text_encoder="none", activity_features=False)).split
     total = sum(counts_contribution(u.train, split.n_items) for u in split.users)
     config = FusionConfig(kind=kind)
@@ -60,10 +60,10 @@ def test_the_fusion_weight_is_chosen_with_the_encoder_from_before_its_refit():
     trained on the validation items: validation NDCG@10 0.146 against 0.106 for the encoder that
     had not, and a weight that favoured the encoder."""
     import torch
-    from shared.data.pipeline import DataConfig, prepare_data
-    from shared.model.config import ModelHyper
-    from shared.model.recommender import build_recommender
-    from shared.model.training import TrainConfig, fit
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.shared.model.config import ModelHyper
+    from fedrec.shared.model.recommender import build_recommender
+    from fedrec.shared.model.training import TrainConfig, fit
     split = prepare_data(DataConfig(dataset="synthetic:80x40", text_encoder="none", activity_features=False)).split
     model = build_recommender(ModelHyper(dim=8, layers=1, heads=1, max_len=10), split.n_items, None)
     result = fit(model, split, TrainConfig(epochs=4, eval_every=2, refit_fraction=0.5, epoch_averaging=0.0))
@@ -120,8 +120,8 @@ def test_a_device_judges_item_models_that_never_counted_its_validation_item():
     validation item must take its own part back out, or the item models would find the item through
     its own history (a leak that makes the item models look better than they are). Items 5 and 6 are
     seen only by this device, together: counted, item-kNN ranks 5 first after 6; taken out, it cannot."""
-    from shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
-    from shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution, without_own_validation
+    from fedrec.shared.evaluation.metrics import exclude_seen, ndcg, target_ranks
+    from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts, counts_contribution, without_own_validation
     n_items = 6
     others = [np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([2, 3, 4])] * 3
     train, valid = np.array([6]), 5
@@ -139,7 +139,7 @@ def test_a_device_judges_item_models_that_never_counted_its_validation_item():
 def test_a_blend_request_outside_what_a_device_accepts_is_malformed():
     from flwr.app import RecordDict
 
-    from shared.protocol import MalformedRecord, pack_blend_request, unpack_blend_request
+    from fedrec.shared.protocol import MalformedRecord, pack_blend_request, unpack_blend_request
     good = FusionConfig().wire_settings()
     counts = np.zeros(10)
     assert unpack_blend_request(RecordDict(pack_blend_request(counts, ("ease",), good)), 10, BLEND_KINDS)[1] == ("ease",)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
-from shared.evaluation.metrics import (coverage, exclude_seen, expected_rank, hit_rate, mrr, ndcg, novelty,
+from fedrec.shared.evaluation.metrics import (coverage, exclude_seen, expected_rank, hit_rate, mrr, ndcg, novelty,
                                        target_ranks, top_k)
 
 
@@ -103,8 +103,8 @@ def test_coverage_counts_only_items_actually_recommended():
     30-item synthetic catalog before)."""
     import numpy as np
 
-    from shared.data.preprocess import Split, UserSplit
-    from shared.evaluation.ranking import evaluate
+    from fedrec.shared.data.preprocess import Split, UserSplit
+    from fedrec.shared.evaluation.ranking import evaluate
     users = [UserSplit("u", np.array([1, 2, 3]), 4, 5, np.arange(3))]
     split = Split(users, 5)
     result = evaluate(lambda histories: np.ones((len(histories), 6)), split, "valid")
@@ -112,7 +112,7 @@ def test_coverage_counts_only_items_actually_recommended():
 
 
 def test_tie_free_users_are_those_whose_last_event_is_strictly_the_latest():
-    from shared.evaluation.ranking import subset_metrics, tie_free_users
+    from fedrec.shared.evaluation.ranking import subset_metrics, tie_free_users
     mask = tie_free_users([np.array([1, 2, 3]), np.array([1, 5, 5]), np.array([4, 4, 9])])
     assert list(mask) == [True, False, True]
     out = subset_metrics(np.array([[1.0, 1.0], [1.0, 1.0], [20.0, 20.0]]), mask)

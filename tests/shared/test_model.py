@@ -5,10 +5,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from shared.model.config import ModelConfig
+from fedrec.shared.model.config import ModelConfig
 
-from shared.model.recommender import RecommenderModel
-from shared.model.training import left_pad, next_item_loss
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.model.training import left_pad, next_item_loss
 
 N_ITEMS, CONTENT = 30, 8
 
@@ -86,7 +86,7 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_id_table_is_bounded_and_hashing_is_deterministic():
-    from shared.model.recommender import id_rows
+    from fedrec.shared.model.recommender import id_rows
     small = id_rows(10, 16)
     assert small.shape == (11, 1) and small[:, 0].tolist() == list(range(11))
     big = id_rows(1000, 256)

@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from shared.data.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out, newest,
+from fedrec.shared.data.preprocess import (encode, implicit, item_popularity, k_core, leave_one_out, newest,
                                     partition_by_user, prepare)
-from shared.data.schema import DataError, make_catalog, make_interactions
+from fedrec.shared.data.schema import DataError, make_catalog, make_interactions
 
 
 def events(rows):
@@ -71,7 +71,7 @@ def test_prepare_drops_short_users_by_default_and_partitions_one_per_user():
 
 
 def test_ml100k_split_matches_recbole_protocol():
-    from shared.data.datasets import load_dataset
+    from fedrec.shared.data.datasets import load_dataset
     ds = load_dataset("ml-100k", allow_download=False)   # the copy the project installs
     enc, split = prepare(ds.interactions, ds.catalog)
     assert len(split) == 943 and split.n_items == 1682
@@ -79,7 +79,7 @@ def test_ml100k_split_matches_recbole_protocol():
 
 
 def test_validation_joins_training_for_the_test_stage_but_test_never_does():
-    from shared.data.preprocess import with_validation_in_train
+    from fedrec.shared.data.preprocess import with_validation_in_train
     ev = events([("u", "a", 1, 1), ("u", "b", 2, 1), ("u", "c", 3, 1), ("u", "d", 4, 1)])
     split = leave_one_out(encode(ev, catalog(["a", "b", "c", "d"])))
     test_stage = with_validation_in_train(split)
@@ -90,7 +90,7 @@ def test_validation_joins_training_for_the_test_stage_but_test_never_does():
 
 
 def test_rated_items_only_drops_catalog_items_nobody_touched(tmp_path):
-    from shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
     (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "".join(
         f"u{u},{item},{t}\n" for u in range(4) for t, item in enumerate(["a", "b", "c"])))
     (tmp_path / "items.csv").write_text("item,title\na,A\nb,B\nunrated,U\nc,C\n")
@@ -105,7 +105,7 @@ def test_rated_items_only_drops_catalog_items_nobody_touched(tmp_path):
 
 def test_the_data_report_says_what_each_step_did():
     """Issue 19: 514 events became 388 and nothing said so. The report counts every step."""
-    from shared.data.preprocess import describe_report
+    from fedrec.shared.data.preprocess import describe_report
     ev = events([("u", "a", 1, 5), ("u", "a", 2, 5), ("u", "b", 3, 1), ("u", "c", 4, 5), ("u", "d", 5, 5),
                  ("v", "a", 6, 5), ("w", "a", 1, 5), ("w", "c", 2, 5), ("w", "d", 3, 5)])
     report = {}
@@ -121,9 +121,9 @@ def test_the_data_report_says_what_each_step_did():
 def test_own_column_names_and_dropping_unknown_items_counted(tmp_path):
     """Issue 19: column names are a flag, and an item missing from the catalog can be dropped
     (counted) instead of stopping the run."""
-    from shared.data.pipeline import DataConfig, prepare_data
-    from shared.data.preprocess import describe_report
-    from shared.settings import check
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.shared.data.preprocess import describe_report
+    from fedrec.shared.settings import check
     rows = [(u, i, t) for u in ("u1", "u2") for t, i in enumerate(("a", "b", "c", "d"))] + [("u1", "zz", 9)]
     pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).to_csv(tmp_path / "log.csv", index=False)
     pd.DataFrame({"item": list("abcd"), "title": list("ABCD")}).to_csv(tmp_path / "items.csv", index=False)

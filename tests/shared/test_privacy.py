@@ -7,13 +7,13 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.handlers import train_update
-from client.privacy import PrivacyLedger, record_chunks
-from client.store import UserLog, start_ledger
-from shared.model.config import ModelConfig, ModelHyper
-from shared.model.recommender import RecommenderModel, shared_weights
-from shared.protocol import LocalConfig, PrivacyRound, RoundConfig
-from shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
+from fedrec.client.handlers import train_update
+from fedrec.client.privacy import PrivacyLedger, record_chunks
+from fedrec.client.store import UserLog, start_ledger
+from fedrec.shared.model.config import ModelConfig, ModelHyper
+from fedrec.shared.model.recommender import RecommenderModel, shared_weights
+from fedrec.shared.protocol import LocalConfig, PrivacyRound, RoundConfig
+from fedrec.shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -138,7 +138,7 @@ def test_a_client_refuses_distributed_noise_over_more_than_one_sgd_step(tmp_path
     """Distributed record-level noise is calibrated to one plain SGD step; a server that asks for
     two local epochs (or Adam) would get updates with less noise than the ledger accounts. The
     client checks the round it is sent itself, whatever the server validated."""
-    from client.privacy import DPStep, RecordPrivacy
+    from fedrec.client.privacy import DPStep, RecordPrivacy
     privacy = RecordPrivacy(2.0, 1.0, 11, budget=8.0, delta=1e-5, noise_shares=9)
     start_ledger(tmp_path / "ledger.json")
     ledger = PrivacyLedger(tmp_path / "ledger.json")

@@ -2,9 +2,9 @@
 import pandas as pd
 import pytest
 
-from shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
+from fedrec.shared.data.readers import (ColumnMap, read_catalog_table, read_ml100k, read_ml1m,
                             read_movielens_csv, read_recbole, read_table)
-from shared.data.schema import DataError, check_items_known
+from fedrec.shared.data.schema import DataError, check_items_known
 from tests.conftest import write
 
 U_ITEM = ("1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n"

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from shared.bundle import BundleError, load_bundle, write_bundle
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.evaluation.ranking import evaluate, histories_and_targets
-from shared.recommend import Recommender, UnknownItem, intra_list_diversity
+from fedrec.shared.bundle import BundleError, load_bundle, write_bundle
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.evaluation.ranking import evaluate, histories_and_targets
+from fedrec.shared.recommend import Recommender, UnknownItem, intra_list_diversity
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_a_torn_or_tampered_bundle_is_refused_naming_the_file(trained_run, tmp_p
     weights.unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(folder)
-    from shared.bundle import model_hash
+    from fedrec.shared.bundle import model_hash
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["blend"]["encoder"] = not manifest["blend"]["encoder"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -158,7 +158,7 @@ def test_unknown_items_and_bad_diversity_are_clear_errors(rec):
 
 
 def test_the_ann_index_meets_its_recall_against_an_exact_scan():
-    from shared.recommend import TARGET_RECALL, VectorIndex
+    from fedrec.shared.recommend import TARGET_RECALL, VectorIndex
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 16))
     items = np.vstack([np.zeros((1, 16)), centres[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 16))])

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.secagg.client import SecAggClient, identity_public, new_identity_key
-from shared.secagg.fixed_point import quantisation_error_bound
-from shared.secagg.identity import EnrolmentCA, identity_record
-from shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams, default_params, neighbour_graph
-from shared.secagg.primitives import PRIME, SHARE_BYTES, prg, shamir_combine, shamir_split
-from shared.secagg.server import SecAggServer
+from fedrec.shared.secagg.client import SecAggClient, identity_public, new_identity_key
+from fedrec.shared.secagg.fixed_point import quantisation_error_bound
+from fedrec.shared.secagg.identity import EnrolmentCA, identity_record
+from fedrec.shared.secagg.params import ProtocolViolation, RoundAborted, SecAggParams, default_params, neighbour_graph
+from fedrec.shared.secagg.primitives import PRIME, SHARE_BYTES, prg, shamir_combine, shamir_split
+from fedrec.shared.secagg.server import SecAggServer
 
 
 class Transcript:
@@ -261,7 +261,7 @@ def test_prg_is_deterministic_per_seed_and_differs_across_seeds():
 def test_distributed_noise_shares_survive_masking_and_sum_to_the_full_noise():
     """Ten of twelve clients reach the sum, each with a zero update plus its noise share
     (m = 10): the unmasked sum carries the full noise std, as the privacy guarantee needs."""
-    from client.secure import add_noise_share
+    from fedrec.client.secure import add_noise_share
     n, m, full, d = 12, 10, 0.5, 20_000
     share = full / np.sqrt(m)
     params = default_params(n, clip=1.0 + 10 * share)

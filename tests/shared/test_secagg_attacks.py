@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import secure
-from client.store import write_credentials
-from server.secure import SecureConfig
-from shared.protocol import (SharesRequest, pack_abort_request, pack_register_request, pack_shares_request,
+from fedrec.client import secure
+from fedrec.client.store import write_credentials
+from fedrec.server.secure import SecureConfig
+from fedrec.shared.protocol import (SharesRequest, pack_abort_request, pack_register_request, pack_shares_request,
                              refusal_of)
-from shared.secagg.client import SecAggClient, identity_public, new_identity_key
-from shared.secagg.fixed_point import quantisation_error_bound
-from shared.secagg.identity import EnrolmentCA, IdentityRecord, identity_record, view_message
-from shared.secagg.params import ProtocolViolation, SecAggParams, default_params
+from fedrec.shared.secagg.client import SecAggClient, identity_public, new_identity_key
+from fedrec.shared.secagg.fixed_point import quantisation_error_bound
+from fedrec.shared.secagg.identity import EnrolmentCA, IdentityRecord, identity_record, view_message
+from fedrec.shared.secagg.params import ProtocolViolation, SecAggParams, default_params
 from tests.shared.test_secagg import CA, confirm_and_unmask, random_vectors, start_round
 
 
@@ -279,8 +279,8 @@ def test_a_short_inbox_is_refused_before_the_device_trains_or_spends(node):
     refusal, and the device's training step (which charges its ledger and records once-only
     contributions) never runs: nobody can make it spend for a round that cannot go through."""
     from flwr.app import ArrayRecord
-    from shared.model.config import ModelHyper
-    from shared.protocol import LocalConfig, MaskedRequest, PrivacyRound, RoundConfig, pack_masked_request, \
+    from fedrec.shared.model.config import ModelHyper
+    from fedrec.shared.protocol import LocalConfig, MaskedRequest, PrivacyRound, RoundConfig, pack_masked_request, \
         pack_round_config
     round_id = secrets.token_bytes(24)
     assert refusal_of(secure.handle_shares(_shares_request(node, round_id), node, {}).content) is None

@@ -1,5 +1,5 @@
-from shared.data.preprocess import prepare
-from shared.data.synthetic import generate
+from fedrec.shared.data.preprocess import prepare
+from fedrec.shared.data.synthetic import generate
 
 
 def test_shape_validity_and_determinism():
@@ -37,7 +37,7 @@ def test_scales_to_100k_by_100k():
 
 
 def test_a_synthetic_spec_can_ask_for_short_histories():
-    from shared.data.pipeline import DataConfig, load_any
+    from fedrec.shared.data.pipeline import DataConfig, load_any
     dense = load_any(DataConfig(dataset="synthetic:300x100")).interactions.frame
     sparse = load_any(DataConfig(dataset="synthetic:300x100:6")).interactions.frame
     assert len(sparse) / 300 < 9 < 15 < len(dense) / 300

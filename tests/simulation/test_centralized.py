@@ -24,18 +24,18 @@ def test_train_writes_summary_plot_and_model(tmp_path, capsys):
     assert (out / "validation_curve.png").stat().st_size > 1000
     assert (out / "model.pt").is_file()
     import numpy as np
-    from shared.evaluation.metrics import ndcg
+    from fedrec.shared.evaluation.metrics import ndcg
     ranks = np.load(out / "test_ranks.npy")  # a rank span per user; their NDCG@10 is the reported one
     assert ranks.shape == (summary["data"]["users"], 2) and abs(float(ndcg(ranks, 10).mean()) - summary["metrics"]["ndcg@10"]) < 1e-9
     assert "NDCG@10" in capsys.readouterr().out
 
 
 def test_model_learns_more_than_popularity_on_synthetic_data(tmp_path):
-    from shared.evaluation.baselines import MostPopular
-    from shared.evaluation.ranking import evaluate
-    from shared.data.pipeline import DataConfig, prepare_data
-    from shared.model.training import TrainConfig, model_scorer
-    from simulation.centralized import CentralizedJob, ModelHyper, train_centralized
+    from fedrec.shared.evaluation.baselines import MostPopular
+    from fedrec.shared.evaluation.ranking import evaluate
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.shared.model.training import TrainConfig, model_scorer
+    from fedrec.simulation.centralized import CentralizedJob, ModelHyper, train_centralized
     prepared = prepare_data(DataConfig(dataset="synthetic:600x300", text_encoder="none", activity_features=True))
     job = CentralizedJob(model=ModelHyper(dim=32, max_len=30),
                          train=TrainConfig(epochs=25, batch_size=64, lr=3e-3, eval_every=5, patience=3))
@@ -88,8 +88,8 @@ def test_ml100k_reaches_the_target(datasets_dir, tmp_path):
 
 
 def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.protocols import split_held_out
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.protocols import split_held_out
     split = prepare_data(DataConfig(dataset="synthetic:200x150", text_encoder="none")).split
     training, held = split_held_out(split, 0.15, seed=0)
     assert len(held) == 30 and len(training) == 170
@@ -102,7 +102,7 @@ def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
     assert all(0 <= r["ndcg@10"] <= 1 for r in report["results"])
     # New devices: the same unseen users with only their first 1, 2, 5 events, scored on the next one.
     assert all({"first_1", "first_2", "first_5"} <= set(r) for r in report["results"])
-    from simulation.protocols import first_events
+    from fedrec.simulation.protocols import first_events
     two = first_events(held, 2)
     user = held.users[0]
     events = list(user.history_for_test) + [user.test]
@@ -110,8 +110,8 @@ def test_held_out_users_never_train_and_are_scored(tmp_path, capsys):
 
 
 def test_global_temporal_split_trains_on_nothing_at_or_after_the_cutoff(tmp_path):
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.protocols import split_global_time
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.protocols import split_global_time
     encoded = prepare_data(DataConfig(dataset="synthetic:200x150", text_encoder="none")).encoded
     training, evaluation, cutoff = split_global_time(encoded, 0.1)
     times = {str(u): (s, t) for u, s, t in zip(encoded.user_ids, encoded.sequences, encoded.timestamps)}

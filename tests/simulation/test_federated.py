@@ -15,13 +15,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp import ServerApp
 
-from client.app import make_client_app
+from fedrec.client.app import make_client_app
 from fedrec.cli import main
-from server.app import serve
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.evaluation.ranking import evaluate
-from shared.settings import run_config_defaults
-from simulation.federated import simulate, write_store
+from fedrec.server.app import serve
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.evaluation.ranking import evaluate
+from fedrec.shared.settings import run_config_defaults
+from fedrec.simulation.federated import simulate, write_store
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
@@ -65,7 +65,7 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
     assert "federated: NDCG@10" in capsys.readouterr().out
     # The server published the bundle: the final weights, the chosen blend over the summed counts, and
     # popularity from them; ranking with it gives the run's test figure.
-    from shared.recommend import Recommender
+    from fedrec.shared.recommend import Recommender
     rec = Recommender.load(out / "bundle")
     assert s["bundle"]["version"] == rec.version and rec.bundle.blend.label == fusion["chosen"]
     assert rec.bundle.popularity is not None and rec.bundle.manifest["run"]["mode"] == "federated"

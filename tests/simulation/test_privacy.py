@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fedrec.cli import main
-from server.aggregation import dp_mean
-from shared.model.config import ModelConfig
-from shared.model.recommender import RecommenderModel
-from shared.data.preprocess import Split, UserSplit
-from shared.privacy.accounting import epsilon
-from shared.model.training import left_pad, per_example_loss
-from simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
+from fedrec.server.aggregation import dp_mean
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.recommender import RecommenderModel
+from fedrec.shared.data.preprocess import Split, UserSplit
+from fedrec.shared.privacy.accounting import epsilon
+from fedrec.shared.model.training import left_pad, per_example_loss
+from fedrec.simulation.audit import attack_auc, auc_bound, canary_losses, insert_canaries, make_canaries
 
 TINY = ["--dataset", "synthetic:40x30", "--text-encoder", "none", "--dim", "16", "--layers", "1",
         "--max-len", "10", "--record-window", "11", "--clients-per-round", "6", "--eval-rounds", "3",
@@ -87,7 +87,7 @@ def test_the_dp_item_item_model_is_one_secure_release_accounted_once_per_device(
     assert p["model"] == "item-item" and p["noise"] == "distributed" and s["rounds_trained"] == 1
     assert p["epsilon"] == pytest.approx(epsilon([(p["noise_multiplier"], 1.0, 1)], 1e-5, "prv"), rel=1e-3)
     assert 3.9 < p["epsilon"] <= 4.0
-    from shared.privacy.cooccurrence import record_sensitivity
+    from fedrec.shared.privacy.cooccurrence import record_sensitivity
     assert p["sensitivity"] == pytest.approx(record_sensitivity(11))     # the record unit, not the user bound
     histories = [json.loads(f.read_text())["history"] for f in (out / "store" / "users").glob("*.privacy.json")]
     assert histories and all(h == [[p["noise_multiplier"], 1.0, 1]] for h in histories)
@@ -96,8 +96,8 @@ def test_the_dp_item_item_model_is_one_secure_release_accounted_once_per_device(
 
 
 def test_noise_shares_of_m_clients_sum_to_the_full_noise():
-    from client.secure import add_noise_share
-    from shared.privacy.accounting import noise_share_std, noise_shares
+    from fedrec.client.secure import add_noise_share
+    from fedrec.shared.privacy.accounting import noise_share_std, noise_shares
     assert noise_shares(25, 943, poisson=False, dropout=0.1) == 22
     assert noise_shares(25, 943, poisson=True, dropout=0.1) < noise_shares(25, 943, poisson=False, dropout=0.1)
     std = noise_share_std(record_noise=3.0, record_sensitivity=0.5, user_noise=0.0, user_clip=5.0, shares=16)
@@ -170,7 +170,7 @@ def test_one_run_audit_catches_a_mechanism_that_adds_too_little_noise():
     probability 1/2, scored by a Gaussian mechanism. Calibrated for epsilon 1, the bound stays
     under 1; with a tenth of the noise (the kind of bug an audit is for) it exceeds the claim.
     Random scores reject nothing."""
-    from simulation.audit import epsilon_lower_bound
+    from fedrec.simulation.audit import epsilon_lower_bound
     rng = np.random.default_rng(0)
     member = rng.random(1000) < 0.5
     # Gaussian mechanism, sensitivity 1: sigma for (1, 1e-5)-DP by the classic bound.

@@ -66,8 +66,8 @@ def test_fedrec_show_prints_history_recommendations_and_the_reference(trained_ru
 
 def test_coldstart_never_ranks_an_item_before_it_existed():
     import numpy as np
-    from shared.data.pipeline import DataConfig, prepare_data
-    from simulation.coldstart import cold_split, released_ranks
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.coldstart import cold_split, released_ranks
     data = cold_split(prepare_data(DataConfig(dataset="synthetic:300x200", text_encoder="none")), 0.15)
     targets = np.array([u.test for u in data.split.users])
 

@@ -5,16 +5,16 @@ import pytest
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import ServerApp
 
-from client.app import make_client_app
-from server.aggregation import ServerConfig, ServerOptimizer
-from server.app import federation_config, initial_weights
-from server.federation import FedRecStrategy, train_round, wait_for_nodes
-from shared.data.pipeline import DataConfig, prepare_data
-from shared.secagg.client import new_identity_key
-from shared.secagg.fixed_point import quantisation_error_bound
-from shared.secagg.params import SecAggParams
-from shared.settings import run_config_defaults
-from simulation.federated import simulate, write_store
+from fedrec.client.app import make_client_app
+from fedrec.server.aggregation import ServerConfig, ServerOptimizer
+from fedrec.server.app import federation_config, initial_weights
+from fedrec.server.federation import FedRecStrategy, train_round, wait_for_nodes
+from fedrec.shared.data.pipeline import DataConfig, prepare_data
+from fedrec.shared.secagg.client import new_identity_key
+from fedrec.shared.secagg.fixed_point import quantisation_error_bound
+from fedrec.shared.secagg.params import SecAggParams
+from fedrec.shared.settings import run_config_defaults
+from fedrec.simulation.federated import simulate, write_store
 
 DEFAULTS_CAP = ServerConfig().weight_cap
 
@@ -164,7 +164,7 @@ def test_a_node_that_lost_its_identity_key_sits_one_round_out_and_registers_agai
 
 
 def test_secagg_bench_writes_side_by_side_rounds_and_bytes(tmp_path):
-    from simulation.bench import run_secagg_bench
+    from fedrec.simulation.bench import run_secagg_bench
     small = {k: v for k, v in SETTINGS.items() if k not in ("secagg-neighbours", "secagg-threshold")}
     report = run_secagg_bench(DataConfig(dataset="synthetic:20x25", text_encoder="none", activity_features=False),
                               tmp_path, clients_per_round=6, rounds=2, settings=small)
@@ -179,15 +179,15 @@ def test_secagg_bench_writes_side_by_side_rounds_and_bytes(tmp_path):
 def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
     """The item model fused with the encoder is built from one secure sum of every device's item and
     item-pair counts: decoded, it equals X^T X over the devices' histories (never their test item)."""
-    from server.release import sum_item_counts
-    from shared.data.catalog_bundle import load_catalog
+    from fedrec.server.release import sum_item_counts
+    from fedrec.shared.data.catalog_bundle import load_catalog
 
     def body(grid, strategy, start):
         n_items = load_catalog(tmp_path / "store" / "catalog.npz").n_items
         counts, record = sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out")
         return {"counts": counts, "record": record, "replies": grid.replies}
 
-    from shared.privacy.cooccurrence import cooccurrence_from_counts
+    from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts
     r = run_in_simulation(tmp_path, body)
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
     X = np.zeros((30, prepared.split.n_items + 1))
@@ -206,11 +206,11 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
     Each aborts; the honest sum in between goes through."""
     from flwr.app import ArrayRecord
 
-    from server.release import ReleaseFailed, sum_item_counts
-    from server.secure import SecureRound, SecureTask
-    from shared.data.catalog_bundle import load_catalog
-    from shared.privacy.cooccurrence import COUNTS_CLIP, COUNTS_STAGE, counts_size
-    from shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+    from fedrec.server.release import ReleaseFailed, sum_item_counts
+    from fedrec.server.secure import SecureRound, SecureTask
+    from fedrec.shared.data.catalog_bundle import load_catalog
+    from fedrec.shared.privacy.cooccurrence import COUNTS_CLIP, COUNTS_STAGE, counts_size
+    from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_round_config
 
     def body(grid, strategy, start):
         cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
@@ -252,8 +252,8 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
 def test_devices_that_require_dp_refuse_the_exact_counts_round(tmp_path):
     """A server that asks devices under record-level DP for exact co-occurrence counts (a round
     without DP) is refused by every device, on its own policy, before anything is computed."""
-    from server.release import ReleaseFailed, sum_item_counts
-    from shared.data.catalog_bundle import load_catalog
+    from fedrec.server.release import ReleaseFailed, sum_item_counts
+    from fedrec.shared.data.catalog_bundle import load_catalog
 
     def body(grid, strategy, start):
         n_items = load_catalog(tmp_path / "store" / "catalog.npz").n_items
@@ -269,7 +269,7 @@ def test_devices_that_require_dp_refuse_the_exact_counts_round(tmp_path):
 
 
 def test_no_co_occurrence_sum_without_secure_aggregation_or_under_dp(tmp_path):
-    from server.app import fuse_item_model
+    from fedrec.server.app import fuse_item_model
     for override, why in (({"secure-aggregation": False}, "needs secure aggregation"),
                           ({"privacy": "record", "record-window": 10}, "not differentially private")):
         cfg = federation_config({**run_config_defaults(), **SETTINGS, **override})
@@ -283,12 +283,12 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     blend on their validation item and the server sees only the sum. Decoded, the sum equals each
     device's statistics computed centrally (item models without that device's validation item); a
     second blend round and a thin one are refused, as for the counts."""
-    from server.release import ReleaseFailed, choose_blend, sum_item_counts
-    from server.secure import SecureRound, SecureTask
-    from shared.data.catalog_bundle import load_catalog
-    from shared.model.fusion import BLEND_STAGE, blends, statistics_clip, statistics_size
-    from shared.privacy.cooccurrence import counts_size
-    from shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
+    from fedrec.server.release import ReleaseFailed, choose_blend, sum_item_counts
+    from fedrec.server.secure import SecureRound, SecureTask
+    from fedrec.shared.data.catalog_bundle import load_catalog
+    from fedrec.shared.model.fusion import BLEND_STAGE, blends, statistics_clip, statistics_size
+    from fedrec.shared.privacy.cooccurrence import counts_size
+    from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
 
     def body(grid, strategy, start):
         cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
@@ -318,10 +318,10 @@ def test_the_blend_is_chosen_from_the_devices_securely_summed_validation_statist
     assert r["again"] is not None and "aborted" in r["again"]     # nobody gives a second time
     assert r["early"] is not None and "not in this run's sum" in r["early"]
     # The same statistics computed centrally, device by device.
-    from shared.model.fusion import blend_statistics, choose_from_statistics, device_blend_ndcg
-    from shared.privacy.cooccurrence import without_own_validation
-    from shared.model.recommender import build_recommender, load_weights
-    from shared.model.training import model_scorer
+    from fedrec.shared.model.fusion import blend_statistics, choose_from_statistics, device_blend_ndcg
+    from fedrec.shared.privacy.cooccurrence import without_own_validation
+    from fedrec.shared.model.recommender import build_recommender, load_weights
+    from fedrec.shared.model.training import model_scorer
     prepared = prepare_data(DataConfig(dataset="synthetic:30x25", text_encoder="none", activity_features=False))
     cfg = federation_config({**run_config_defaults(), **SETTINGS})
     catalog = load_catalog(tmp_path / "store" / "catalog.npz")

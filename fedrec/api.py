@@ -1,0 +1,166 @@
+"""fedrec from Python (docs/api.md): `train` on a DataFrame or a file, then `recommend`,
+`similar_items`, `save` and `load`, like implicit's fit / recommend / similar_items.
+
+A thin layer over what the command line runs: the same settings table (shared/settings.py),
+the same jobs and the same run folder (summary.json, bundle/). A DataFrame is written into the
+run folder first (OUT/input/), so a run from Python is reproducible and resumable like one
+from a file, and a mistake in it is reported as a row of that file.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from fedrec.shared.errors import UserFileError
+from fedrec.shared.settings import SETTINGS, SettingsError, check
+
+MODES = ("centralized", "federated")
+_TRAIN_GROUPS = ("data", "model", "train")
+_FROM_ARGUMENTS = ("dataset", "catalog", "columns")   # train's own arguments, not settings
+
+
+def _settings(mode: str, given: dict) -> dict:
+    """Every setting the mode uses, defaults overridden by `given` (Python names: clients_per_round)."""
+    if mode not in MODES:
+        raise SettingsError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    usable = {s.dest: s for s in SETTINGS if s.cli and s.key not in _FROM_ARGUMENTS
+              and (mode == "federated" or s.group in _TRAIN_GROUPS)}
+    unknown = sorted(set(given) - set(usable))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) for mode={mode!r}: {unknown}; see `fedrec train --help` "
+                            "(a flag --clients-per-round is clients_per_round here)")
+    values = {s.key: given.get(dest, s.default) for dest, s in usable.items()}
+    check(values)
+    return values
+
+
+def _write_inputs(interactions: pd.DataFrame, catalog: pd.DataFrame | None, folder: Path) -> tuple[str, str | None]:
+    """The DataFrames as files the readers check (Parquet keeps the types; errors name its 1-based row)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    events = folder / "interactions.parquet"
+    interactions.reset_index(drop=True).to_parquet(events, index=False)
+    if catalog is None:
+        return str(events), None
+    items = catalog.reset_index(drop=True).copy()
+    if "genres" in items.columns:   # a list per item, or a string already joined with "|"
+        items["genres"] = [g if isinstance(g, str) else "|".join(map(str, g)) for g in items["genres"].fillna("")]
+    path = folder / "catalog.csv"
+    items.to_csv(path, index=False)
+    return str(events), str(path)
+
+
+def train(interactions, catalog=None, *, mode: str = "centralized", out=None, columns: dict | None = None,
+          progress: bool = True, **settings) -> "Model":
+    """Train and publish a model; returns it ready to recommend.
+
+    interactions: a DataFrame with columns user, item, timestamp (and rating, optional), or a
+        path or dataset name as `fedrec train --dataset` takes (ml-100k, synthetic:500x300, a CSV).
+    catalog: a DataFrame with item, title (and genres: a list or "a|b"), or a CSV path.
+    columns: other column names, e.g. {"user": "uid", "item": "iid", "timestamp": "ts"}.
+    settings: any `fedrec train` flag in Python form (rounds=20, clients_per_round=10, epochs=5).
+    out: the run folder (summary.json, bundle/); a new temporary folder if not given.
+    """
+    values = _settings(mode, settings)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedrec-run-"))
+    history = None
+    if isinstance(interactions, pd.DataFrame):
+        history = interactions
+        interactions, catalog_path = _write_inputs(interactions, catalog if isinstance(catalog, pd.DataFrame) else None,
+                                                   out / "input")
+        catalog = catalog_path if catalog_path else catalog
+    elif isinstance(catalog, pd.DataFrame):
+        raise SettingsError("a catalog DataFrame goes with an interactions DataFrame; give both as paths instead")
+    values.update({"dataset": str(interactions), "catalog": None if catalog is None else str(catalog),
+                   "columns": ",".join(f"{k}={v}" for k, v in columns.items()) if columns else None})
+    check(values)
+    summary = _run(mode, values, out, progress)
+    model = Model.load(out)
+    model.summary = summary
+    if history is not None:
+        model.histories = _histories(history, columns or {})
+    return model
+
+
+def _run(mode: str, values: dict, out: Path, progress: bool) -> dict:
+    if mode == "federated":
+        from fedrec.shared.console import tame_library_output
+        from fedrec.simulation.federated import FederatedJob, run_federated
+        tame_library_output(False)
+        return run_federated(FederatedJob.from_settings(values), out, progress=progress)
+    from fedrec.simulation.centralized import CentralizedJob, run_centralized
+    return run_centralized(CentralizedJob.from_settings(values), out, progress=progress)
+
+
+def _histories(frame: pd.DataFrame, columns: dict) -> dict[str, list[str]]:
+    """Each user's items, oldest first (what `recommend(user=...)` starts from)."""
+    user, item, when = (columns.get(k, k) for k in ("user", "item", "timestamp"))
+    ordered = frame.sort_values([user, when], kind="stable")
+    return {str(u): [str(i) for i in g[item]] for u, g in ordered.groupby(user, sort=False)}
+
+
+class Model:
+    """A trained model: the run's published bundle and its summary.
+
+    A saved model is the bundle and summary.json only: it holds nobody's history, so after
+    `load` pass the history to `recommend`. Users' histories are kept in memory by `train`
+    (from the DataFrame it was given) so that `recommend(user=...)` works in that session.
+    """
+
+    def __init__(self, recommender, summary: dict, folder: Path):
+        self.recommender = recommender
+        self.summary = summary
+        self.folder = folder
+        self.histories: dict[str, list[str]] = {}
+
+    @classmethod
+    def load(cls, folder) -> "Model":
+        """A run folder, or a folder written by `save` (the same layout: summary.json, bundle/)."""
+        import json
+        from fedrec.shared.recommend import Recommender
+        folder = Path(folder)
+        summary_file = folder / "summary.json"
+        if not summary_file.is_file() or not (folder / "bundle").is_dir():
+            raise UserFileError(f"{folder}: not a fedrec model (summary.json and bundle/ expected)")
+        return cls(Recommender.load(folder / "bundle"), json.loads(summary_file.read_text()), folder)
+
+    def save(self, folder) -> Path:
+        """The bundle and summary.json into `folder` (created; an existing model there is replaced)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "bundle").resolve() != (self.folder / "bundle").resolve():
+            shutil.rmtree(folder / "bundle", ignore_errors=True)
+            shutil.copytree(self.folder / "bundle", folder / "bundle")
+            shutil.copy(self.folder / "summary.json", folder / "summary.json")
+        return folder
+
+    def recommend(self, user=None, n: int = 10, *, history=None, exclude=(), diversity: float = 0.0,
+                  explain: bool = False) -> pd.DataFrame:
+        """Top n for a user the model was trained with (by id) or for a history of item ids,
+        oldest first. Items in the history are never recommended. Columns: item, title, score
+        (and because: the history items that explain it, with explain=True)."""
+        if (user is None) == (history is None):
+            raise ValueError("give a user id or a history of item ids, not both")
+        if user is not None:
+            if str(user) not in self.histories:
+                raise KeyError(f"user {user!r} is not among the users this model was trained with in this "
+                               "session; pass history=[item ids] instead")
+            history = self.histories[str(user)]
+        found = self.recommender.recommend([str(i) for i in history], n, exclude=[str(i) for i in exclude],
+                                           diversity=diversity, explain=explain)
+        rows = [{"item": r.item_id, "title": r.title, "score": r.score} |
+                ({"because": [b.item_id for b in r.because]} if explain else {}) for r in found]
+        return pd.DataFrame(rows, columns=["item", "title", "score"] + (["because"] if explain else []))
+
+    def similar_items(self, item, n: int = 10) -> pd.DataFrame:
+        """The n items whose item vectors are closest (cosine) to `item`'s."""
+        rows = [{"item": r.item_id, "title": r.title, "score": r.score}
+                for r in self.recommender.similar_items(str(item), n)]
+        return pd.DataFrame(rows, columns=["item", "title", "score"])
+
+    @property
+    def metrics(self) -> dict:
+        """The test metrics the run measured (NDCG@10, HR@10, ...), as in summary.json."""
+        return self.summary.get("metrics", {})
