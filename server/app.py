@@ -18,7 +18,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.server.aggregation import ServerConfig
-from fedrec.server.federation import FederationConfig, RoundHook, run_federation
+from fedrec.server.checkpoint import load_checkpoint
+from fedrec.server.federation import FederationConfig, RoundHook, run_federation, same_run
 from fedrec.server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
 from fedrec.server.secure import SecureConfig
 from fedrec.shared.data.catalog_bundle import load_catalog
@@ -124,6 +125,9 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
                if not cfg.secure.enabled else "exact counts are not differentially private")
         log.warning("the encoder alone, without the item model: %s", why)
         return {"chosen": "encoder alone", "why": why}
+    earlier = _released_before(out, cfg, saved)
+    if earlier is not None:
+        return earlier
     try:
         counts, record = sum_item_counts(grid, cfg, n_items, cfg.rounds + 1, out, progress=progress)
     except ReleaseFailed as err:
@@ -148,6 +152,20 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
             "counts_round": {"contributions": record["accepted"], "seconds": record["seconds"],
                              "bytes_up_per_client": record["bytes_up_mean"],
                              "server_learns": "the item and item-pair counts summed over every device (not DP)"}}
+
+
+def _released_before(out: Path, cfg: FederationConfig, saved: dict) -> dict | None:
+    """This run finished before (it is resumed, or continued with more rounds): its devices gave their
+    counts and validation statistics then, once ever, so the sum and the blend it chose are kept
+    (the blend is not judged again on the new encoder). None when there is no such earlier finish."""
+    earlier = load_checkpoint(out / "final.pt")
+    if earlier is None or earlier.get("item_counts") is None or not same_run(earlier["config"], cfg.to_dict()):
+        return None
+    fusion = cfg.fusion
+    blend = Blend.from_dict(earlier["blend"]) if "blend" in earlier else fusion.fallback
+    saved.update(item_counts=earlier["item_counts"], fusion=asdict(fusion), blend=blend.to_dict())
+    return {"chosen": blend.label, "blend": blend.to_dict(), "item_model": {k: fusion.settings(k) for k in blend.kinds},
+            "why": "kept from this run's earlier finish: devices give their counts and validation statistics once"}
 
 
 def publish_bundle(folder: Path, cfg: FederationConfig, catalog, saved: dict, final: dict) -> dict:

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -291,8 +291,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         if on_round is not None:
             record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
         _checkpoint(out, cfg, strategy.optimizer, history, record, server_round)
-        if server_round == last_round_before_refit(cfg):
-            save_checkpoint(out / SELECTED, {"round": server_round, "weights": strategy.optimizer.model_weights()})
+        if server_round == last_round_before_refit(cfg):   # also where a longer run of it continues from
+            save_checkpoint(out / SELECTED, {"round": server_round, "weights": strategy.optimizer.model_weights(),
+                                             "optimizer": strategy.optimizer.state_dict(), "history": list(history)})
         if progress is not None:
             progress(record)
     selected = load_checkpoint(out / SELECTED)
@@ -317,23 +318,53 @@ def last_round_before_refit(cfg: FederationConfig) -> int:
 
 
 def check_resumable(out: Path, cfg: FederationConfig) -> dict | None:
-    """The checkpoint in `out` (None: a new run), if `cfg` may continue it; RunMismatch naming the
-    settings that differ if not."""
+    """The checkpoint in `out` to continue from (None: a new run), if `cfg` may continue it;
+    RunMismatch naming the settings that differ if not. Only --rounds may grow (`_longer_run`)."""
     checkpoint = load_checkpoint(Path(out) / "checkpoint.pt")
     if checkpoint is None or checkpoint["config"] == cfg.identity():
         return checkpoint
     old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
     if not changed:
         return checkpoint
+    if changed == ["rounds"]:
+        return _longer_run(Path(out), checkpoint, cfg)
+    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]]
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-    raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(changed[:6])}"
+    raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(shown)}"
                       f"{more}); use a new --out, or the same settings to resume it")
+
+
+def _longer_run(out: Path, checkpoint: dict, cfg: FederationConfig) -> dict:
+    """A run continued with more rounds. Its refit rounds (trained on validation items too) belong
+    at the end, so once they began it continues from the state before them (selected.pt) and
+    redoes them; a run with differential privacy cannot grow (its noise spends the budget over
+    the rounds it was started with)."""
+    before = checkpoint["config"]["rounds"]
+    where = out / "checkpoint.pt"
+    if cfg.rounds < before:
+        raise RunMismatch(f"{where}: a run of {before} rounds can be continued with more rounds, not cut to "
+                          f"{cfg.rounds}; use a new --out")
+    if cfg.privacy.mode != "none":
+        raise RunMismatch(f"{where}: its noise was calibrated to spend --target-epsilon {cfg.privacy.target_epsilon} "
+                          f"over {before} rounds; more rounds would spend more. Use a new --out")
+    if checkpoint["round"] <= last_round_before_refit(replace(cfg, rounds=before)):
+        return checkpoint
+    selected = load_checkpoint(out / SELECTED)
+    if selected is None or "optimizer" not in selected:
+        raise RunMismatch(f"{where}: its refit rounds began and the state before them was not kept "
+                          "(a run from an older fedrec); use a new --out")
+    return {**selected, "config": checkpoint["config"]}
 
 
 # Where a file is, not what the run does: a moved folder still resumes.
 WHERE_NOT_WHAT = ("secure.enrolment_ca",)
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Two configurations (to_dict) of one run: equal but for its length and where files are."""
+    skip = set(WHERE_NOT_WHAT) | {"rounds", "min_nodes", "wait_for_nodes_s"}
+    return {k: v for k, v in _flat(a).items() if k not in skip} == {k: v for k, v in _flat(b).items() if k not in skip}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -349,7 +380,11 @@ def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tup
     if checkpoint is None:
         return [], 1
     optimizer.load_state_dict(checkpoint["optimizer"])
-    log.info("resuming from round %d", checkpoint["round"])
+    if checkpoint["config"]["rounds"] == cfg.rounds:
+        log.info("resuming from round %d", checkpoint["round"])
+    else:
+        log.info("continuing a run of %d rounds to %d rounds, from round %d (rounds after it are redone)",
+                 checkpoint["config"]["rounds"], cfg.rounds, checkpoint["round"])
     return checkpoint["history"], checkpoint["round"] + 1
 
 

@@ -41,3 +41,52 @@ def test_a_resume_on_other_data_is_refused_before_anything_in_the_folder_changes
     moved = {**settings, "store": str(tmp_path / "elsewhere")}         # where, not what: still resumes
     (tmp_path / "store" / "manifest.json").write_text(json.dumps(store_stamp(prepared)))
     _check_resumable(prepared, moved, tmp_path)
+
+
+def test_a_run_continues_with_more_rounds_from_before_its_refit_rounds(tmp_path):
+    """Issue 19: a finished run can be given more rounds. Its refit rounds (trained on validation
+    items too) must stay at the end, so it continues from the state before them, which selected.pt
+    keeps; it is never cut short, and a run with DP never grows (its noise spent the budget over
+    the rounds it was started with)."""
+    from fedrec.server.federation import SELECTED, last_round_before_refit
+    cfg = replace(FederationConfig(), rounds=10, refit_fraction=0.2)
+    assert last_round_before_refit(cfg) == 8
+    history = [{"round": r} for r in range(1, 11)]
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 10, "config": cfg.identity(), "optimizer": {}, "history": history})
+    with pytest.raises(RunMismatch, match="not kept"):   # no state before the refit: refused, not guessed
+        check_resumable(tmp_path, replace(cfg, rounds=20))
+    save_checkpoint(tmp_path / SELECTED, {"round": 8, "weights": {}, "optimizer": {"step": 8}, "history": history[:8]})
+    longer = check_resumable(tmp_path, replace(cfg, rounds=20))
+    assert longer["round"] == 8 and longer["optimizer"] == {"step": 8} and len(longer["history"]) == 8
+    assert check_resumable(tmp_path, cfg)["round"] == 10                # same length: the last checkpoint
+    with pytest.raises(RunMismatch, match="not cut to 5"):
+        check_resumable(tmp_path, replace(cfg, rounds=5))
+    private = replace(cfg, privacy=replace(cfg.privacy, mode="record"))
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 10, "config": private.identity(), "history": history})
+    with pytest.raises(RunMismatch, match="calibrated to spend --target-epsilon"):
+        check_resumable(tmp_path, replace(private, rounds=20))
+    # A run stopped before its refit rounds began simply goes on from its last checkpoint.
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 6, "config": cfg.identity(), "history": history[:6]})
+    assert check_resumable(tmp_path, replace(cfg, rounds=20))["round"] == 6
+
+
+def test_a_finished_run_taken_up_again_keeps_the_counts_and_blend_its_devices_gave_once(tmp_path):
+    """Devices give their co-occurrence counts and validation statistics once, ever: a run that
+    finished and is resumed (or given more rounds) keeps the sum and the blend of its first finish
+    instead of asking again (every device would refuse, and the model lose its item model). A
+    final.pt of another configuration is never taken."""
+    import numpy as np
+    import torch
+
+    from fedrec.server.app import _released_before, fuse_item_model
+    from fedrec.shared.model.fusion import Blend
+    cfg = FederationConfig()
+    counts = np.arange(9, dtype=np.float32).reshape(3, 3)
+    chosen = Blend.of("ease", 0.5)
+    torch.save({"config": cfg.to_dict(), "item_counts": counts, "blend": chosen.to_dict()}, tmp_path / "final.pt")
+    saved: dict = {}
+    report = fuse_item_model(None, replace(cfg, rounds=cfg.rounds * 2), 2, tmp_path, saved, None, None)  # no grid: no round
+    assert report["chosen"] == chosen.label and "once" in report["why"]
+    assert Blend.from_dict(saved["blend"]) == chosen and np.array_equal(saved["item_counts"], counts)
+    other = replace(cfg, clients_per_round=cfg.clients_per_round + 1)
+    assert _released_before(tmp_path, other, {}) is None

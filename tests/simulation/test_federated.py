@@ -194,3 +194,20 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     history = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
     assert history == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 6
+    # Output into a pipe (issue 19): plain lines, no colour codes, no tqdm frames, no DEBUG; --quiet
+    # leaves the final line alone on stdout.
+    both = second.stdout + second.stderr
+    assert "\x1b[" not in both and "\r" not in both and "DEBUG" not in both
+    assert len(second.stdout.splitlines()) == 1 and "NDCG@10" in second.stdout
+
+    # The finished run, given more rounds, continues: its refit round (6) is redone at the end.
+    longer = subprocess.run([*cmd[:cmd.index("--rounds") + 1], "8", *cmd[cmd.index("--rounds") + 2:]], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "continuing a run of 6 rounds to 8 rounds, from round 5" in longer.stderr
+    history = [json.loads(line)["round"] for line in rounds.read_text().splitlines()]
+    assert history == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 8
+    shorter = subprocess.run([*cmd[:cmd.index("--rounds") + 1], "3", *cmd[cmd.index("--rounds") + 2:]], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert shorter.returncode == 2 and shorter.stderr.count("\n") == 1 and "not cut to 3" in shorter.stderr
