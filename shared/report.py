@@ -30,13 +30,19 @@ def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str =
                           levels: dict[str, float] | None = None,
                           secondary: tuple[str, list[dict], str] | None = None,
                           shade: tuple[float, float, str] | None = None,
-                          points: dict[str, tuple[float, float]] | None = None) -> None:
+                          points: dict[str, tuple[float, float]] | None = None) -> Path:
     """One line per run: validation `metric` against `x` (epochs or rounds).
     levels:    horizontal reference lines (label -> value);
     secondary: (label, curve, its x key): another run against its own x axis, drawn on top
                (e.g. the centralized run by epoch beside the federated run by round);
     shade:     (from, to, label): a span of x to grey out (e.g. where validation is trained on);
-    points:    label -> (x, value) single markers (e.g. the final test value)."""
+    points:    label -> (x, value) single markers (e.g. the final test value).
+    A curve of fewer than two points is no plot (a dot on an empty axis): it is written as a table,
+    `path` with the suffix .txt, instead. Returns the file written."""
+    path = Path(path)
+    if max((sum(metric in p for p in c) for c in curves.values()), default=0) < 2:
+        return _curve_table(curves, path, x=x, metric=metric, title=title, points=points)
+    path.with_suffix(".txt").unlink(missing_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     handles = []
     for label, curve in curves.items():
@@ -64,3 +70,16 @@ def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str =
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def _curve_table(curves: dict[str, list[dict]], path: Path, *, x: str, metric: str, title: str,
+                 points: dict[str, tuple[float, float]] | None) -> Path:
+    """Too few points to draw: the same figures as lines of text."""
+    path.unlink(missing_ok=True)   # never a stale plot of another run beside the table
+    rows = [f"{title}" if title else f"validation {metric.upper()}", f"{'run':<40} {x:>6} {metric.upper():>10}"]
+    rows += [f"{label:<40} {p[x]:>6} {p[metric]:>10.4f}" for label, curve in curves.items() for p in curve if metric in p]
+    rows += [f"{label:<40} {px:>6} {py:>10.4f}" for label, (px, py) in (points or {}).items()]
+    table = path.with_suffix(".txt")
+    table.write_text("\n".join(rows) + "\n")
+    return table

@@ -235,7 +235,10 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         "secure_aggregation": _secure_summary(settings, history),
         "config": {"data": asdict(job.data), "model": asdict(job.model), "federation": settings,
                    "text_encoder": prepared.features.text_encoder},
-        "validation_curve": harness.curve,
+        # From every round's record, so a resumed or longer run's curve starts at round 1.
+        "validation_curve": [{"round": h["round"], "ndcg@10": h["metrics"]["valid_ndcg@10"],
+                              "hr@10": h["metrics"]["valid_hr@10"]} for h in history
+                             if "valid_ndcg@10" in h.get("metrics", {})],
     }
 
 
@@ -282,7 +285,8 @@ def plot_federated(summary: dict, path: Path, compare_with: str | None = None) -
         secondary = ("centralized, validation", central["validation_curve"], "epoch")
     plot_validation_curve(
         {"federated, validation (by round)": summary["validation_curve"]}, path, x="round",
-        title=f"{summary['dataset']}: federated vs centralized, NDCG@10",
+        title=(f"{summary['dataset']}: validation NDCG@10, federated (by round) vs centralized (by epoch)"
+               if compare_with else f"{summary['dataset']}: validation NDCG@10 of federated training, by round"),
         levels=levels, secondary=secondary,
         shade=(first_refit, rounds, "refit rounds (validation items trained on)") if refit else None,
         points={"federated, test": (rounds, summary["metrics"]["ndcg@10"])})
