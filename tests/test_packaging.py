@@ -5,6 +5,7 @@ package-dir), so installing fedrec never puts a package named `shared` or `serve
 site-packages, where it would clash with anyone else's.
 """
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -47,18 +48,24 @@ def test_a_wheel_installs_into_a_fresh_venv_as_fedrec_only(tmp_path):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, text=True)   # noqa: E731
+    # Hermetic: the simulation engine leaves PYTHONPATH set in this process (pip would then see the
+    # project installed already and install nothing).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))}
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, text=True, env=env)   # noqa: E731
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
         str(source))
     wheel = next((tmp_path / "wheel").glob("fedrec-*.whl"))
     assert {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()} == {"fedrec", wheel.name.split("-py")[0] + ".dist-info"}
     run(sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv"))
     fresh = tmp_path / "venv" / "bin" / "python"
-    run(sys.executable, "-m", "pip", "--python", str(fresh), "install", "-q", "--no-deps", "--no-index", str(wheel))
+    run(sys.executable, "-m", "pip", "--python", str(fresh), "install", "-q", "--no-deps", "--no-index",
+        "--ignore-installed", str(wheel))
     probe = ("import importlib.util as u, fedrec; print(fedrec.__version__); "
              "print([n for n in ('fedrec.shared.protocol', 'fedrec.server.app', 'fedrec.client.app', "
              "'fedrec.simulation.federated', 'fedrec.shared.proto.recommend_pb2') if u.find_spec(n) is None]); "
              "print([n for n in ('shared', 'client', 'server', 'simulation') if u.find_spec(n)])")
-    out = subprocess.run([str(fresh), "-I", "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.split("\n")
+    probed = subprocess.run([str(fresh), "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert probed.returncode == 0, probed.stderr
+    out = probed.stdout.split("\n")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert out[:3] == [version, "[]", "[]"]

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedrec.shared.proto import recommend_pb2 as shared_dot_proto_dot_recommend__pb2
+from fedrec.shared.proto import recommend_pb2 as fedrec_dot_shared_dot_proto_dot_recommend__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shared/proto/recommend_pb2_grpc.py depends on'
+        + ' but the generated code in fedrec/shared/proto/recommend_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class RecommendStub:
         """
         self.Recommend = channel.unary_unary(
                 '/fedrec.v1.Recommend/Recommend',
-                request_serializer=shared_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
+                request_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
                 _registered_method=True)
         self.SimilarItems = channel.unary_unary(
                 '/fedrec.v1.Recommend/SimilarItems',
-                request_serializer=shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
+                request_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
                 _registered_method=True)
         self.GetBundle = channel.unary_stream(
                 '/fedrec.v1.Recommend/GetBundle',
-                request_serializer=shared_dot_proto_dot_recommend__pb2.GetBundleRequest.SerializeToString,
-                response_deserializer=shared_dot_proto_dot_recommend__pb2.BundleChunk.FromString,
+                request_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.GetBundleRequest.SerializeToString,
+                response_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.BundleChunk.FromString,
                 _registered_method=True)
 
 
@@ -83,18 +83,18 @@ def add_RecommendServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Recommend': grpc.unary_unary_rpc_method_handler(
                     servicer.Recommend,
-                    request_deserializer=shared_dot_proto_dot_recommend__pb2.RecommendRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_recommend__pb2.RecommendReply.SerializeToString,
+                    request_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendRequest.FromString,
+                    response_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.SerializeToString,
             ),
             'SimilarItems': grpc.unary_unary_rpc_method_handler(
                     servicer.SimilarItems,
-                    request_deserializer=shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_recommend__pb2.RecommendReply.SerializeToString,
+                    request_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.SerializeToString,
             ),
             'GetBundle': grpc.unary_stream_rpc_method_handler(
                     servicer.GetBundle,
-                    request_deserializer=shared_dot_proto_dot_recommend__pb2.GetBundleRequest.FromString,
-                    response_serializer=shared_dot_proto_dot_recommend__pb2.BundleChunk.SerializeToString,
+                    request_deserializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.GetBundleRequest.FromString,
+                    response_serializer=fedrec_dot_shared_dot_proto_dot_recommend__pb2.BundleChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class Recommend:
             request,
             target,
             '/fedrec.v1.Recommend/Recommend',
-            shared_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
-            shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendRequest.SerializeToString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class Recommend:
             request,
             target,
             '/fedrec.v1.Recommend/SimilarItems',
-            shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.SerializeToString,
-            shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.SimilarItemsRequest.SerializeToString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.RecommendReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Recommend:
             request,
             target,
             '/fedrec.v1.Recommend/GetBundle',
-            shared_dot_proto_dot_recommend__pb2.GetBundleRequest.SerializeToString,
-            shared_dot_proto_dot_recommend__pb2.BundleChunk.FromString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.GetBundleRequest.SerializeToString,
+            fedrec_dot_shared_dot_proto_dot_recommend__pb2.BundleChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -260,12 +260,13 @@ def test_the_two_stage_path_survives_a_new_bundle_on_the_service(service):
 
 def test_generated_grpc_code_is_in_step_with_the_proto(tmp_path):
     tools = pytest.importorskip("grpc_tools.protoc")
-    shutil.copytree(ROOT / "shared" / "proto", tmp_path / "shared" / "proto")
+    staged = tmp_path / "fedrec" / "shared" / "proto"   # the module it imports as (fedrec.shared.proto)
+    shutil.copytree(ROOT / "shared" / "proto", staged)
     code = tools.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-                       str(tmp_path / "shared" / "proto" / "recommend.proto")])
+                       str(staged / "recommend.proto")])
     assert code == 0
     for name in ("recommend_pb2.py", "recommend_pb2_grpc.py"):
-        assert (tmp_path / "shared" / "proto" / name).read_text() == (ROOT / "shared" / "proto" / name).read_text(), \
+        assert (staged / name).read_text() == (ROOT / "shared" / "proto" / name).read_text(), \
             f"regenerate shared/proto/{name} (see recommend.proto)"
 
 
