@@ -1,4 +1,4 @@
-"""The Flower ClientApp (Message API): a thin adapter around `client.local`.
+"""The Flower ClientApp (Message API): a thin adapter around `fedrec.client.local`.
 
 Where the client's data lives: client/store.py. What each message carries: shared/protocol.py.
 

@@ -1,6 +1,6 @@
 """What one client does with its private log: plain functions, no Flower.
 
-A client holds one user's log (`client.store.UserLog`) and the public catalog (content
+A client holds one user's log (`fedrec.client.store.UserLog`) and the public catalog (content
 features). In a round it
   1. loads the global shared weights into its local copy of the model,
   2. trains them for `local_epochs` passes over its own history, each pass one `LocalStep`:
@@ -89,7 +89,7 @@ def local_update(model: RecommenderModel, global_weights: Weights, log: UserLog,
 @torch.no_grad()
 def local_metrics(model: RecommenderModel, log: UserLog, stage: str, ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """This user's HR/NDCG/MRR @K for the `stage` target, by full ranking with the history
-    excluded: the same definition as `shared.evaluation.ranking.evaluate`, for one user."""
+    excluded: the same definition as `fedrec.shared.evaluation.ranking.evaluate`, for one user."""
     model.eval()
     history = log.history(stage)
     user = model.user_vector(left_pad([history], model.cfg.max_len))

@@ -9,7 +9,7 @@ refused with the reason; a server's smaller budget is honoured, a larger one is 
 A record is a chunk of up to `record_window` consecutive interactions of the user's log. Chunks
 are disjoint, so each interaction is in exactly one record, and each chunk is one training
 sequence on its own. One local epoch is one DP-SGD step over all of the client's chunks:
-  * Opacus computes each chunk's gradient (shared.privacy.dp_grad for the item tower) and clips it
+  * Opacus computes each chunk's gradient (fedrec.shared.privacy.dp_grad for the item tower) and clips it
     to L2 norm `record_clip`;
   * it adds Gaussian noise of std noise_multiplier x record_clip to their sum.
 One step is one Gaussian mechanism on the chunk set: the step uses the *sum* of the clipped
@@ -227,7 +227,7 @@ def _compose(history: list[Event], event: Event) -> list[Event]:
 
 
 class DPStep(LocalStep):
-    """The local step of client.local.local_update, made record-level DP-SGD: examples are
+    """The local step of fedrec.client.local.local_update, made record-level DP-SGD: examples are
     the log's disjoint records, Opacus clips each record's gradient and adds the noise, and
     the ledger is checked before the data is touched and written before anything leaves."""
 

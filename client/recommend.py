@@ -1,7 +1,7 @@
 """Recommendations on the device: its history never leaves it.
 
 Default (on-device): the device holds the published bundle (fetched once with GetBundle) and
-runs `shared.recommend.Recommender` on its own history: scores, filters what it has seen,
+runs `fedrec.shared.recommend.Recommender` on its own history: scores, filters what it has seen,
 explains, re-ranks. Nothing about the history is sent anywhere.
 
 Two-stage (`two_stage`): for a device that cannot score the whole catalog. It computes its user

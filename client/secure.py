@@ -1,5 +1,5 @@
 """The client's side of secure aggregation, as Message API handlers around
-`shared.secagg.client.SecAggClient` (message types "train.secagg_" + register, shares, masked,
+`fedrec.shared.secagg.client.SecAggClient` (message types "train.secagg_" + register, shares, masked,
 confirm, unmask, abort; records in shared/protocol.py; the server's side in server/secure.py;
 what holds against whom in docs/threat-model.md).
 

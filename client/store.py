@@ -171,7 +171,7 @@ class LedgerFile:
 
 
 def credentials_path(node_config: dict, run_config: dict) -> Path:
-    """This device's enrolment credentials (shared.secagg.identity.DeviceCredentials): node config
+    """This device's enrolment credentials (fedrec.shared.secagg.identity.DeviceCredentials): node config
     `device-credentials`, else beside its log."""
     if "device-credentials" in node_config:
         return Path(str(node_config["device-credentials"]))

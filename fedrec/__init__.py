@@ -27,3 +27,7 @@ def __getattr__(name: str):
         from fedrec import api
         return getattr(api, "Model").load if name == "load" else getattr(api, name)
     raise AttributeError(f"module 'fedrec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -8,14 +8,18 @@ from a file, and a mistake in it is reported as a row of that file.
 """
 from __future__ import annotations
 
+import hashlib
+import numbers
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from fedrec.shared.data.schema import DataError
 from fedrec.shared.errors import UserFileError
-from fedrec.shared.settings import SETTINGS, SettingsError, check
+from fedrec.shared.settings import SETTINGS, SettingsError, check, column_problem
 
 MODES = ("centralized", "federated")
 _TRAIN_GROUPS = ("data", "model", "train")
@@ -23,7 +27,8 @@ _FROM_ARGUMENTS = ("dataset", "catalog", "columns")   # train's own arguments, n
 
 
 def _settings(mode: str, given: dict) -> dict:
-    """Every setting the mode uses, defaults overridden by `given` (Python names: clients_per_round)."""
+    """Every setting the mode uses, defaults overridden by `given` (Python names: clients_per_round),
+    each given value of its setting's type (SettingsError naming the key if not)."""
     if mode not in MODES:
         raise SettingsError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     usable = {s.dest: s for s in SETTINGS if s.cli and s.key not in _FROM_ARGUMENTS
@@ -32,24 +37,59 @@ def _settings(mode: str, given: dict) -> dict:
     if unknown:
         raise SettingsError(f"unknown setting(s) for mode={mode!r}: {unknown}; see `fedrec train --help` "
                             "(a flag --clients-per-round is clients_per_round here)")
-    values = {s.key: given.get(dest, s.default) for dest, s in usable.items()}
+    values = {s.key: _typed(s, given[dest]) if dest in given else s.default for dest, s in usable.items()}
     check(values)
+    if mode == "federated" and values["privacy"] != "none" and values["private-model"] == "item-item":
+        raise SettingsError("private_model='item-item' (the default with privacy) publishes no model bundle yet, "
+                            "so there would be no Model to return: use private_model='encoder', or the command line")
     return values
 
 
-def _write_inputs(interactions: pd.DataFrame, catalog: pd.DataFrame | None, folder: Path) -> tuple[str, str | None]:
-    """The DataFrames as files the readers check (Parquet keeps the types; errors name its 1-based row)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    events = folder / "interactions.parquet"
-    interactions.reset_index(drop=True).to_parquet(events, index=False)
+def _typed(setting, value):
+    """`value` as the setting's type; a string for a number or a flag is refused, not parsed
+    ("false" would otherwise be true)."""
+    kind = setting.type
+    if value is None and setting.optional:
+        return None
+    fits = (isinstance(value, bool) if kind is bool else
+            isinstance(value, numbers.Integral) and not isinstance(value, bool) if kind is int else
+            isinstance(value, numbers.Real) and not isinstance(value, bool) if kind is float else isinstance(value, str))
+    if not fits:
+        raise SettingsError(f"{setting.dest}: expected {kind.__name__}, not {value!r}")
+    return kind(value)
+
+
+def _write_inputs(interactions: pd.DataFrame, catalog, columns: dict, folder: Path) -> tuple[str, str | None]:
+    """The DataFrames as files the readers check, named by their content (a run taken up again with
+    other data never overwrites the input of the first; the store's stamp then refuses it). Only the
+    columns a run reads are written. Parquet keeps the types; an error names its 1-based row."""
+    wanted = [columns.get(k, k) for k in ("user", "item", "timestamp")]
+    wanted += [c for c in (columns.get("rating", "rating"),) if c in interactions.columns]
+    missing = [c for c in wanted if c not in interactions.columns]
+    if missing:
+        raise DataError(f"lacks column(s) {missing}; it has {list(interactions.columns)}", file="the interactions DataFrame")
+    events = _content_named(folder, "interactions", ".parquet",
+                            lambda path: interactions[wanted].reset_index(drop=True).to_parquet(path, index=False))
     if catalog is None:
-        return str(events), None
-    items = catalog.reset_index(drop=True).copy()
+        return events, None
+    if not isinstance(catalog, pd.DataFrame):
+        return events, str(catalog)
+    items = catalog.rename(columns={columns.get("item", "item"): "item"}).reset_index(drop=True)
+    items = items[[c for c in ("item", "title", "genres") if c in items.columns]].copy()
     if "genres" in items.columns:   # a list per item, or a string already joined with "|"
-        items["genres"] = [g if isinstance(g, str) else "|".join(map(str, g)) for g in items["genres"].fillna("")]
-    path = folder / "catalog.csv"
-    items.to_csv(path, index=False)
-    return str(events), str(path)
+        items["genres"] = ["" if g is None or (isinstance(g, float) and g != g) else g if isinstance(g, str)
+                           else "|".join(map(str, g)) for g in items["genres"]]
+    return events, _content_named(folder, "catalog", ".csv", lambda path: items.to_csv(path, index=False))
+
+
+def _content_named(folder: Path, stem: str, suffix: str, write) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder / f".{stem}.writing{suffix}"
+    write(scratch)
+    digest = hashlib.sha256(scratch.read_bytes()).hexdigest()[:12]
+    final = folder / f"{stem}-{digest}{suffix}"
+    scratch.replace(final)
+    return str(final)
 
 
 def train(interactions, catalog=None, *, mode: str = "centralized", out=None, columns: dict | None = None,
@@ -64,23 +104,23 @@ def train(interactions, catalog=None, *, mode: str = "centralized", out=None, co
     out: the run folder (summary.json, bundle/); a new temporary folder if not given.
     """
     values = _settings(mode, settings)
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedrec-run-"))
-    history = None
-    if isinstance(interactions, pd.DataFrame):
-        history = interactions
-        interactions, catalog_path = _write_inputs(interactions, catalog if isinstance(catalog, pd.DataFrame) else None,
-                                                   out / "input")
-        catalog = catalog_path if catalog_path else catalog
-    elif isinstance(catalog, pd.DataFrame):
+    columns = dict(columns or {})
+    problem = column_problem(",".join(f"{k}={v}" for k, v in columns.items()) or None)
+    if problem:
+        raise SettingsError(f"columns: {problem}")
+    if not isinstance(interactions, (pd.DataFrame, str, os.PathLike)):
+        raise TypeError(f"interactions: a pandas DataFrame, a path or a dataset name, not {type(interactions).__name__}")
+    if isinstance(catalog, pd.DataFrame) and not isinstance(interactions, pd.DataFrame):
         raise SettingsError("a catalog DataFrame goes with an interactions DataFrame; give both as paths instead")
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedrec-run-"))
+    if isinstance(interactions, pd.DataFrame):
+        interactions, catalog = _write_inputs(interactions, catalog, columns, out / "input")
     values.update({"dataset": str(interactions), "catalog": None if catalog is None else str(catalog),
-                   "columns": ",".join(f"{k}={v}" for k, v in columns.items()) if columns else None})
+                   "columns": ",".join(f"{k}={v}" for k, v in columns.items()) or None})
     check(values)
-    summary = _run(mode, values, out, progress)
+    _run(mode, values, out, progress)
     model = Model.load(out)
-    model.summary = summary
-    if history is not None:
-        model.histories = _histories(history, columns or {})
+    model.histories = _histories(values, model.recommender.index)
     return model
 
 
@@ -94,11 +134,21 @@ def _run(mode: str, values: dict, out: Path, progress: bool) -> dict:
     return run_centralized(CentralizedJob.from_settings(values), out, progress=progress)
 
 
-def _histories(frame: pd.DataFrame, columns: dict) -> dict[str, list[str]]:
-    """Each user's items, oldest first (what `recommend(user=...)` starts from)."""
-    user, item, when = (columns.get(k, k) for k in ("user", "item", "timestamp"))
-    ordered = frame.sort_values([user, when], kind="stable")
-    return {str(u): [str(i) for i in g[item]] for u, g in ordered.groupby(user, sort=False)}
+def _histories(values: dict, known: dict) -> dict[str, list[str]]:
+    """Each user's items, oldest first, as the run read them (ids stripped, events below
+    --min-rating, repeats and items the model does not know left out): what `recommend(user=...)`
+    starts from. Only for a file of events (a DataFrame is one); {} for a named dataset."""
+    from fedrec.shared.data.pipeline import column_map
+    from fedrec.shared.data.readers import read_table
+    path = Path(values["dataset"])
+    if not path.is_file():
+        return {}
+    frame = read_table(path, column_map(values["columns"])).frame
+    if values["min-rating"] is not None and "rating" in frame.columns:
+        frame = frame[frame["rating"] >= values["min-rating"]]
+    frame = frame.sort_values(["user", "timestamp"], kind="stable").drop_duplicates(["user", "item"])
+    frame = frame[frame["item"].isin(set(known))]
+    return {str(u): list(g["item"].astype(str)) for u, g in frame.groupby("user", sort=False)}
 
 
 class Model:
@@ -142,7 +192,7 @@ class Model:
         oldest first. Items in the history are never recommended. Columns: item, title, score
         (and because: the history items that explain it, with explain=True)."""
         if (user is None) == (history is None):
-            raise ValueError("give a user id or a history of item ids, not both")
+            raise ValueError("give either a user id or a history of item ids (one of them)")
         if user is not None:
             if str(user) not in self.histories:
                 raise KeyError(f"user {user!r} is not among the users this model was trained with in this "

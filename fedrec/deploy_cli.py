@@ -164,6 +164,11 @@ def _server_run(args, values: dict) -> None:
     info = deploy.server_info(args.state)
     run_config = {s.key: values[s.key] for s in RUN_CONFIG if s.key in values}
     run_config.update(store=info["store"], out=str(args.out.resolve()), **{"min-nodes": args.min_nodes})
+    # The ServerApp would refuse other settings, or a shorter run, only on the SuperLink, as a failed run;
+    # its folder is here, so say it here: one line, exit 2.
+    from fedrec.server.app import federation_config
+    from fedrec.server.federation import check_resumable
+    check_resumable(args.out, federation_config(run_config))
     started, result = time.time(), args.out / "result.json"
     try:
         code = subprocess.call(deploy.submit_argv(args.state, run_config), env=flower_env(args.state),

@@ -1,4 +1,4 @@
-"""The Flower ServerApp (Message API): a thin adapter around `server.federation`.
+"""The Flower ServerApp (Message API): a thin adapter around `fedrec.server.federation`.
 
 Configuration comes from the run config (`[tool.flwr.app.config]` in pyproject.toml, or
 `flwr run . --run-config ...`); the simulation passes the same keys as `settings`, because
@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.server.aggregation import ServerConfig
-from fedrec.server.checkpoint import load_checkpoint
+from fedrec.server.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.server.federation import FederationConfig, RoundHook, run_federation, same_run
 from fedrec.server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
 from fedrec.server.secure import SecureConfig
@@ -90,8 +90,8 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
                                    out, on_round=on_round, progress=progress)
             saved = {"weights": final["weights"], "config": cfg.to_dict()}
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
-                                              final["selected_weights"], progress)
-            torch.save(saved, out / "final.pt")
+                                              final["selected_weights"], progress, resumed=final["resumed"])
+            save_checkpoint(out / "final.pt", saved)   # atomic: it may hold the only copy of a once-only sum
             final["bundle"] = publish_bundle(out / "bundle", cfg, load_catalog(store / "catalog.npz"), saved, final)
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
@@ -111,7 +111,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
 
 
 def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, selected: dict | None,
-                    progress) -> dict:
+                    progress, *, resumed: bool = False) -> dict:
     """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the item
     models blended with the encoder (shared/model/fusion.py), then the blend chosen from a second
     secure sum, of devices' validation statistics (`choose_blend`; `selected`: the encoder before its
@@ -125,7 +125,7 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
                if not cfg.secure.enabled else "exact counts are not differentially private")
         log.warning("the encoder alone, without the item model: %s", why)
         return {"chosen": "encoder alone", "why": why}
-    earlier = _released_before(out, cfg, saved)
+    earlier = _released_before(out, cfg, saved, n_items) if resumed else None
     if earlier is not None:
         return earlier
     try:
@@ -154,12 +154,13 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
                              "server_learns": "the item and item-pair counts summed over every device (not DP)"}}
 
 
-def _released_before(out: Path, cfg: FederationConfig, saved: dict) -> dict | None:
+def _released_before(out: Path, cfg: FederationConfig, saved: dict, n_items: int) -> dict | None:
     """This run finished before (it is resumed, or continued with more rounds): its devices gave their
     counts and validation statistics then, once ever, so the sum and the blend it chose are kept
     (the blend is not judged again on the new encoder). None when there is no such earlier finish."""
     earlier = load_checkpoint(out / "final.pt")
-    if earlier is None or earlier.get("item_counts") is None or not same_run(earlier["config"], cfg.to_dict()):
+    if earlier is None or earlier.get("item_counts") is None or not same_run(earlier["config"], cfg.to_dict()) \
+            or np.shape(earlier["item_counts"]) != (n_items + 1, n_items + 1):
         return None
     fusion = cfg.fusion
     blend = Blend.from_dict(earlier["blend"]) if "blend" in earlier else fusion.fallback

@@ -302,7 +302,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     final = {"weights": strategy.optimizer.model_weights(), "history": history, "test": None,
              # None: lost (a run resumed from before session 10); the final weights have seen validation items
              "selected_weights": selected["weights"] if selected else None,
-             "privacy": privacy_summary(strategy, history)}
+             "privacy": privacy_summary(strategy, history),
+             "resumed": start_round > 1}   # taken up again from a checkpoint (not a new run)
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
     return final

@@ -1,5 +1,5 @@
 """The server's side of secure aggregation: one training round as three Message API
-exchanges around `shared.secagg.server.SecAggServer` (client side: client/secure.py; the
+exchanges around `fedrec.shared.secagg.server.SecAggServer` (client side: client/secure.py; the
 records: shared/protocol.py).
 
   register -> nodes never seen (all of them before the first secure round);
@@ -75,7 +75,7 @@ class SecureTask:
     """What one secure round aggregates: the same inputs a plain round sends, plus how the
     clients weigh themselves and the bound each contribution is clipped to."""
     arrays: ArrayRecord          # global weights
-    config: ConfigRecord         # the round config (shared.protocol.RoundConfig)
+    config: ConfigRecord         # the round config (fedrec.shared.protocol.RoundConfig)
     weighting: str
     weight_cap: float
     clip: float                  # sizes the fixed-point bound (update clip, plus noise room)

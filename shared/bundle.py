@@ -1,7 +1,7 @@
 """The published model bundle: everything a ranker or a device needs to recommend, in one folder.
 
 A run (centralized or federated) ends by writing one. The service (`fedrec serve`) and devices
-(`fedrec recommend`, `shared.recommend.Recommender`) load only this, never a run's own files.
+(`fedrec recommend`, `fedrec.shared.recommend.Recommender`) load only this, never a run's own files.
 
   manifest.json              format, version, content hash, each file's SHA-256, the model's
                              shape, the blend, the run's metrics and privacy: written last

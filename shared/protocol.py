@@ -327,7 +327,7 @@ def pack_register_reply(identity_record: bytes) -> RecordDict:
 
 
 def unpack_register_reply(content: RecordDict) -> bytes:
-    """The node's identity record (shared.secagg.identity.IdentityRecord, as bytes)."""
+    """The node's identity record (fedrec.shared.secagg.identity.IdentityRecord, as bytes)."""
     record = content["secagg"].get("identity") if isinstance(content.get("secagg"), ConfigRecord) else None
     if not isinstance(record, bytes) or len(record) != RECORD_BYTES:
         raise MalformedRecord("no valid identity record in its registration")

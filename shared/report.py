@@ -41,7 +41,8 @@ def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str =
     `path` with the suffix .txt, instead. Returns the file written."""
     path = Path(path)
     if max((sum(metric in p for p in c) for c in curves.values()), default=0) < 2:
-        return _curve_table(curves, path, x=x, metric=metric, title=title, points=points)
+        return _curve_table(curves, path, x=x, metric=metric, title=title, points=points, levels=levels,
+                            secondary=secondary)
     path.with_suffix(".txt").unlink(missing_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     handles = []
@@ -74,12 +75,18 @@ def plot_validation_curve(curves: dict[str, list[dict]], path: Path, *, x: str =
 
 
 def _curve_table(curves: dict[str, list[dict]], path: Path, *, x: str, metric: str, title: str,
-                 points: dict[str, tuple[float, float]] | None) -> Path:
-    """Too few points to draw: the same figures as lines of text."""
+                 points: dict[str, tuple[float, float]] | None, levels: dict[str, float] | None,
+                 secondary: tuple[str, list[dict], str] | None) -> Path:
+    """Too few points to draw: the same figures as lines of text (a reference run's too)."""
     path.unlink(missing_ok=True)   # never a stale plot of another run beside the table
-    rows = [f"{title}" if title else f"validation {metric.upper()}", f"{'run':<40} {x:>6} {metric.upper():>10}"]
-    rows += [f"{label:<40} {p[x]:>6} {p[metric]:>10.4f}" for label, curve in curves.items() for p in curve if metric in p]
-    rows += [f"{label:<40} {px:>6} {py:>10.4f}" for label, (px, py) in (points or {}).items()]
+    rows = [f"{title}" if title else f"validation {metric.upper()}", f"{'run':<40} {'at':>12} {metric.upper():>10}"]
+    rows += [f"{label:<40} {f'{x} {p[x]}':>12} {p[metric]:>10.4f}"
+             for label, curve in curves.items() for p in curve if metric in p]
+    rows += [f"{label:<40} {f'{x} {px}':>12} {py:>10.4f}" for label, (px, py) in (points or {}).items()]
+    if secondary is not None:
+        label, curve, sx = secondary
+        rows += [f"{label:<40} {f'{sx} {p[sx]}':>12} {p[metric]:>10.4f}" for p in curve if metric in p]
+    rows += [f"{label:<40} {'end':>12} {value:>10.4f}" for label, value in (levels or {}).items()]
     table = path.with_suffix(".txt")
     table.write_text("\n".join(rows) + "\n")
     return table

@@ -1,7 +1,7 @@
 """`fedrec bench quality`: baselines and our model on one split, one table, one JSON.
 
 All methods see the same training interactions and are ranked by the same evaluator
-(`shared.evaluation.evaluate`): full ranking, the user's history excluded, test stage.
+(`fedrec.shared.evaluation.evaluate`): full ranking, the user's history excluded, test stage.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -58,9 +59,15 @@ class FederatedJob:
 
 def store_stamp(prepared: PreparedData) -> dict:
     """What identifies the data a store was written from (a resumed run must see the same)."""
-    return {"version": 3, "users": len(prepared.split), "items": prepared.split.n_items,
+    logs = hashlib.sha256()   # every user's log, item ids and times: counts alone miss a relabelled item
+    for u in prepared.split.users:
+        logs.update(f"{u.user_id}\x00{u.valid}\x00{u.test}\x00".encode())
+        logs.update(np.ascontiguousarray(u.train, dtype=np.int64).tobytes())
+        logs.update(np.ascontiguousarray(u.train_times, dtype=np.int64).tobytes())
+    logs.update("\x00".join(map(str, prepared.encoded.item_ids)).encode())
+    return {"version": 4, "users": len(prepared.split), "items": prepared.split.n_items,
             "content_dim": prepared.features.dim, "events": int(sum(len(u.train) + 2 for u in prepared.split.users)),
-            "content_sum": float(prepared.features.matrix.astype(np.float64).sum())}
+            "content_sum": float(prepared.features.matrix.astype(np.float64).sum()), "logs": logs.hexdigest()}
 
 
 def write_store(prepared: PreparedData, store: Path) -> Path:
@@ -146,7 +153,8 @@ def _prepare_run(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
     write_store(prepared, out / "store")
     store = out / "store"
     if not (out / "checkpoint.pt").exists():
-        (out / "selected.pt").unlink(missing_ok=True)   # a previous run's encoder before its refit
+        for stale in ("selected.pt", "final.pt"):   # a previous run's encoder before its refit, its end
+            (out / stale).unlink(missing_ok=True)
         # A new run (not a resume): new simulated devices, with unspent privacy budgets. Runs in other
         # --out folders over the same users are not composed (docs/privacy.md).
         for i in range(len(prepared.split)):

@@ -5,7 +5,7 @@ requests in flight at once (grpc.aio), each a user vector asking for the top 10.
 percentiles, throughput, recall@100 of the service's answer against an exact scan, the time to
 load the bundle (and build its index), the service's resident memory, and the on-device path
 (history -> top 10, all local). Also times an exact scan at several catalog sizes: the measurement
-behind `shared.recommend.ANN_FROM_ITEMS`.
+behind `fedrec.shared.recommend.ANN_FROM_ITEMS`.
 
 A catalog larger than the bundle's (`--items`) is made from it: each new item is a copy of a real
 item's vector and content with Gaussian noise (0.25 of the vectors' per-dimension sd), so the

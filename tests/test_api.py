@@ -42,10 +42,36 @@ def test_a_wrong_setting_is_named_before_anything_runs(tmp_path):
         fedrec.train(events, rounds=3, out=tmp_path / "a")     # rounds is a federated setting
     with pytest.raises(SettingsError, match="--epochs"):
         fedrec.train(events, epochs=0, out=tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(SettingsError, match="content: expected bool, not 'false'"):   # never a truthy string
+        fedrec.train(events, content="false", out=tmp_path / "c")
+    with pytest.raises(SettingsError, match="epochs: expected int, not '3'"):
+        fedrec.train(events, epochs="3", out=tmp_path / "d")
+    with pytest.raises(SettingsError, match="private_model='item-item'"):
+        fedrec.train(events, mode="federated", privacy="record", out=tmp_path / "e")
+    with pytest.raises(SettingsError, match="columns"):
+        fedrec.train(events, columns={"who": "user"}, out=tmp_path / "f")
+    assert not any((tmp_path / x).exists() for x in "abcdef")
 
 
 def test_a_bad_row_in_a_dataframe_is_named(tmp_path):
+    missing = pd.DataFrame({"user": [1, None, 1], "item": [1, 2, 3], "timestamp": [1, 2, 3]})
+    with pytest.raises(DataError, match=r"interactions-\w+\.parquet:2: field 'user': is empty"):   # not the id "nan"
+        fedrec.train(missing, out=tmp_path / "nan")
     events = pd.DataFrame({"user": [1, 1, 1], "item": [1, 2, 3], "timestamp": ["1", "soon", "3"]})
-    with pytest.raises(DataError, match=r"interactions\.parquet.*2.*timestamp"):
+    with pytest.raises(DataError, match=r"interactions-\w+\.parquet:2: field 'timestamp'"):
         fedrec.train(events, out=tmp_path / "run")
+
+
+def test_histories_are_the_log_as_the_run_read_it(tmp_path):
+    """recommend(user=...) starts from what the run read: other column names, ids stripped, repeats
+    and items the catalog lacks (dropped on request) left out, oldest first."""
+    events = pd.DataFrame({"uid": ["a", "a", "a", "a", " a", "b", "b", "b"], "iid": [1, 2, 2, 3, 9, 1, 2, 3],
+                           "ts": [1, 2, 3, 4, 5, 1, 2, 3], "notes": ["private"] * 8})
+    items = pd.DataFrame({"iid": [1, 2, 3, 4], "title": ["A", "B", "C", "D"], "genres": [["x"], None, "x|y", []]})
+    model = fedrec.train(events, catalog=items, columns={"user": "uid", "item": "iid", "timestamp": "ts"},
+                         drop_unknown_items=True, epochs=1, text_encoder="none", progress=False,
+                         out=tmp_path / "run")
+    assert model.histories == {"a": ["1", "2", "3"], "b": ["1", "2", "3"]}
+    written = pd.read_parquet(next((tmp_path / "run" / "input").glob("interactions-*.parquet")))
+    assert list(written.columns) == ["uid", "iid", "ts"]     # only what a run reads reaches the disk
+    assert set(model.recommend(user="a", n=2)["item"]) <= {"4"}

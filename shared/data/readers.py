@@ -310,7 +310,12 @@ def read_table(path: Path, columns: ColumnMap = ColumnMap()) -> Interactions:
         if missing:
             raise DataError(f"lacks column(s) {missing}; it has {list(frame.columns)}", file=path)
         rating = columns.rating or ("rating" if "rating" in frame.columns else None)
-        frame = frame[needed + ([rating] if rating and rating not in needed else [])].astype(str)
+        frame = frame[needed + ([rating] if rating and rating not in needed else [])]
+        empty = frame.isna()   # astype(str) would turn a missing id into the id "nan" or "None"
+        if empty.to_numpy().any():
+            row, column = np.argwhere(empty.to_numpy())[0]
+            raise DataError("is empty", file=path, line=int(row) + 1, field=str(frame.columns[column]))
+        frame = frame.astype(str)
         # Parquet has no lines: report the 1-based row number instead.
         frame["line"] = np.arange(len(frame), dtype=np.int64) + 1
     else:

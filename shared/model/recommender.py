@@ -60,7 +60,7 @@ class ItemTower(nn.Module):
     the item's public content features.
 
     Its parameters are its own (no child modules), so that Opacus treats it as one layer with
-    one per-example gradient rule (`shared.privacy.dp_grad`): the catalog-wide table is used at every
+    one per-example gradient rule (`fedrec.shared.privacy.dp_grad`): the catalog-wide table is used at every
     position, on the input side and in the softmax, and the stock per-layer rules would
     materialise a batch x catalog x width gradient or refuse the shared use outright.
 
@@ -264,7 +264,7 @@ def shared_weights(model: RecommenderModel) -> Weights:
 
 
 def model_layout(model: RecommenderModel) -> Layout:
-    """Names and shapes of the shared weights, in wire order (shared.protocol)."""
+    """Names and shapes of the shared weights, in wire order (fedrec.shared.protocol)."""
     return {name: tuple(p.shape) for name, p in sorted(model.named_parameters())}
 
 

@@ -102,7 +102,7 @@ def per_example_loss(model: RecommenderModel, inputs: torch.Tensor, targets: tor
 
     The same objective as `next_item_loss`, shaped for per-example gradients (DP-SGD): the item
     tower is called on the inputs and on the states, so Opacus sees both uses of the catalog
-    table (shared.privacy.dp_grad). Scores every position, padding included: pad inputs only to the
+    table (fedrec.shared.privacy.dp_grad). Scores every position, padding included: pad inputs only to the
     longest sequence in the batch."""
     states = model.user_states(inputs)                   # (B, L, D)
     scores = model.item_tower(states)                    # (B, L, N+1)

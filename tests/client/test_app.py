@@ -5,6 +5,6 @@ import sys
 
 
 def test_client_app_loads_without_torch_or_opacus():
-    code = "import sys, client.app; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    code = "import sys, fedrec.client.app; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -85,8 +85,12 @@ def test_a_finished_run_taken_up_again_keeps_the_counts_and_blend_its_devices_ga
     chosen = Blend.of("ease", 0.5)
     torch.save({"config": cfg.to_dict(), "item_counts": counts, "blend": chosen.to_dict()}, tmp_path / "final.pt")
     saved: dict = {}
-    report = fuse_item_model(None, replace(cfg, rounds=cfg.rounds * 2), 2, tmp_path, saved, None, None)  # no grid: no round
+    longer = replace(cfg, rounds=cfg.rounds * 2)
+    report = fuse_item_model(None, longer, 2, tmp_path, saved, None, None, resumed=True)  # no grid: no round
     assert report["chosen"] == chosen.label and "once" in report["why"]
     assert Blend.from_dict(saved["blend"]) == chosen and np.array_equal(saved["item_counts"], counts)
     other = replace(cfg, clients_per_round=cfg.clients_per_round + 1)
-    assert _released_before(tmp_path, other, {}) is None
+    assert _released_before(tmp_path, other, {}, 2) is None
+    assert _released_before(tmp_path, cfg, {}, 3) is None        # counts of another catalog
+    with pytest.raises(AttributeError):   # a new run (not resumed) asks its devices: here, no grid to ask
+        fuse_item_model(None, longer, 2, tmp_path, {}, None, None, resumed=False)

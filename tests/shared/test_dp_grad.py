@@ -1,4 +1,4 @@
-"""Opacus per-example gradients of the whole model, item tower included (shared.privacy.dp_grad),
+"""Opacus per-example gradients of the whole model, item tower included (fedrec.shared.privacy.dp_grad),
 against one plain backward pass per example."""
 import numpy as np
 import pytest
