@@ -53,21 +53,18 @@ def _typed(setting, value):
         return None
     fits = (isinstance(value, bool) if kind is bool else
             isinstance(value, numbers.Integral) and not isinstance(value, bool) if kind is int else
-            isinstance(value, numbers.Real) and not isinstance(value, bool) if kind is float else isinstance(value, str))
+            isinstance(value, numbers.Real) and not isinstance(value, bool) if kind is float else
+            isinstance(value, (str, os.PathLike)))
     if not fits:
         raise SettingsError(f"{setting.dest}: expected {kind.__name__}, not {value!r}")
-    return kind(value)
+    return os.fspath(value) if kind is str else kind(value)
 
 
 def _write_inputs(interactions: pd.DataFrame, catalog, columns: dict, folder: Path) -> tuple[str, str | None]:
     """The DataFrames as files the readers check, named by their content (a run taken up again with
     other data never overwrites the input of the first; the store's stamp then refuses it). Only the
     columns a run reads are written. Parquet keeps the types; an error names its 1-based row."""
-    wanted = [columns.get(k, k) for k in ("user", "item", "timestamp")]
-    wanted += [c for c in (columns.get("rating", "rating"),) if c in interactions.columns]
-    missing = [c for c in wanted if c not in interactions.columns]
-    if missing:
-        raise DataError(f"lacks column(s) {missing}; it has {list(interactions.columns)}", file="the interactions DataFrame")
+    wanted = _columns_read(interactions, columns)
     events = _content_named(folder, "interactions", ".parquet",
                             lambda path: interactions[wanted].reset_index(drop=True).to_parquet(path, index=False))
     if catalog is None:
@@ -77,9 +74,24 @@ def _write_inputs(interactions: pd.DataFrame, catalog, columns: dict, folder: Pa
     items = catalog.rename(columns={columns.get("item", "item"): "item"}).reset_index(drop=True)
     items = items[[c for c in ("item", "title", "genres") if c in items.columns]].copy()
     if "genres" in items.columns:   # a list per item, or a string already joined with "|"
-        items["genres"] = ["" if g is None or (isinstance(g, float) and g != g) else g if isinstance(g, str)
-                           else "|".join(map(str, g)) for g in items["genres"]]
+        items["genres"] = ["" if _no_genre(g) else g if isinstance(g, str) else "|".join(map(str, g))
+                           for g in items["genres"]]
     return events, _content_named(folder, "catalog", ".csv", lambda path: items.to_csv(path, index=False))
+
+
+def _columns_read(interactions: pd.DataFrame, columns: dict) -> list[str]:
+    """The columns a run reads (DataError naming those it lacks)."""
+    wanted = [columns.get(k, k) for k in ("user", "item", "timestamp")]
+    rating = columns.get("rating", "rating")
+    wanted += [rating] if "rating" in columns or rating in interactions.columns else []
+    missing = [c for c in wanted if c not in interactions.columns]
+    if missing:
+        raise DataError(f"lacks column(s) {missing}; it has {list(interactions.columns)}", file="the interactions DataFrame")
+    return wanted
+
+
+def _no_genre(g) -> bool:
+    return g is None or (not isinstance(g, (list, tuple, set, str)) and bool(pd.isna(g)))
 
 
 def _content_named(folder: Path, stem: str, suffix: str, write) -> str:
@@ -112,6 +124,8 @@ def train(interactions, catalog=None, *, mode: str = "centralized", out=None, co
         raise TypeError(f"interactions: a pandas DataFrame, a path or a dataset name, not {type(interactions).__name__}")
     if isinstance(catalog, pd.DataFrame) and not isinstance(interactions, pd.DataFrame):
         raise SettingsError("a catalog DataFrame goes with an interactions DataFrame; give both as paths instead")
+    if isinstance(interactions, pd.DataFrame):
+        _columns_read(interactions, columns)   # before anything is written
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedrec-run-"))
     if isinstance(interactions, pd.DataFrame):
         interactions, catalog = _write_inputs(interactions, catalog, columns, out / "input")
@@ -147,6 +161,8 @@ def _histories(values: dict, known: dict) -> dict[str, list[str]]:
     if values["min-rating"] is not None and "rating" in frame.columns:
         frame = frame[frame["rating"] >= values["min-rating"]]
     frame = frame.sort_values(["user", "timestamp"], kind="stable").drop_duplicates(["user", "item"])
+    if values["last-events"]:
+        frame = frame.groupby("user", sort=False).tail(values["last-events"])
     frame = frame[frame["item"].isin(set(known))]
     return {str(u): list(g["item"].astype(str)) for u, g in frame.groupby("user", sort=False)}
 

@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         COMMANDS[args.command](args, values)
-    except (DataError, BundleError, UserFileError) as err:
+    except (DataError, BundleError, UserFileError, SettingsError) as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:

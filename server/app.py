@@ -83,8 +83,8 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
             except ReleaseFailed as err:
                 write_json(out / "result.json", {"test": None, "rounds": 1, "rounds_trained": 0, "privacy": None})
                 raise NoRoundTrained(str(err)) from None
-            torch.save({key: final[key] for key in ("item_item", "decay", "popularity", "popularity_weight")}
-                       | {"config": cfg.to_dict()}, out / "final.pt")
+            save_checkpoint(out / "final.pt", {key: final[key] for key in ("item_item", "decay", "popularity",
+                                                                        "popularity_weight")} | {"config": cfg.to_dict()})
         else:
             final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
                                    out, on_round=on_round, progress=progress)

@@ -142,7 +142,7 @@ def run_config_file(state: Path, values: dict) -> Path:
 def flower_app() -> Path:
     """The Flower app `flwr run` builds and submits: this source checkout (pyproject.toml's [tool.flwr.app])."""
     if not (PROJECT / "pyproject.toml").is_file():
-        raise RunFailed(f"`fedrec server run` submits the Flower app of a source checkout (its pyproject.toml names the "
+        raise UserFileError(f"`fedrec server run` submits the Flower app of a source checkout (its pyproject.toml names the "
                         f"ServerApp and the ClientApp); {PROJECT} is an installed package without one: run it from a clone")
     return PROJECT
 

@@ -170,9 +170,16 @@ def _check_resumable(prepared: PreparedData, settings: dict, out: Path) -> None:
     if check_resumable(out, federation_config(settings)) is None:
         return
     manifest = out / "store" / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()) != store_stamp(prepared):
-        raise RunMismatch(f"{out}: its run was trained on other data ({manifest} differs: users, items, events or "
-                          "content); use a new --out, or the same data settings to resume it")
+    if not manifest.exists():
+        return
+    stamp = json.loads(manifest.read_text())
+    if stamp.get("version") != store_stamp(prepared)["version"]:
+        raise RunMismatch(f"{out}: its store was written by an older fedrec ({manifest}: version {stamp.get('version')}), "
+                          "which did not record a digest of every log, so the data cannot be checked; use a new --out")
+    if stamp != store_stamp(prepared):
+        raise RunMismatch(f"{out}: its run was trained on other data ({manifest} differs: users, items, events, "
+                          "content or the digest of every user's log); use a new --out, or the same data settings "
+                          "to resume it")
 
 
 def _settings(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:

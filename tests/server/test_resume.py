@@ -92,5 +92,20 @@ def test_a_finished_run_taken_up_again_keeps_the_counts_and_blend_its_devices_ga
     other = replace(cfg, clients_per_round=cfg.clients_per_round + 1)
     assert _released_before(tmp_path, other, {}, 2) is None
     assert _released_before(tmp_path, cfg, {}, 3) is None        # counts of another catalog
-    with pytest.raises(AttributeError):   # a new run (not resumed) asks its devices: here, no grid to ask
+    with pytest.raises(AttributeError, match="get_node_ids"):   # a new run asks its devices: here, no grid
         fuse_item_model(None, longer, 2, tmp_path, {}, None, None, resumed=False)
+
+
+def test_the_store_stamp_sees_a_changed_log_with_the_same_counts():
+    """Same users, items and events, one timestamp moved: another log, so no resume on it."""
+    from fedrec.shared.data.pipeline import DataConfig, prepare_data
+    from fedrec.simulation.federated import store_stamp
+    prepared = prepare_data(DataConfig(dataset="synthetic:30x20", text_encoder="none", activity_features=False))
+    before = store_stamp(prepared)
+    first = prepared.split.users[0]
+    moved = first.train_times.copy()
+    moved[0] += 1
+    prepared.split.users[0] = replace(first, train_times=moved)
+    after = store_stamp(prepared)
+    assert {k: v for k, v in before.items() if k != "logs"} == {k: v for k, v in after.items() if k != "logs"}
+    assert before["logs"] != after["logs"]

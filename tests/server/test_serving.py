@@ -261,7 +261,8 @@ def test_the_two_stage_path_survives_a_new_bundle_on_the_service(service):
 def test_generated_grpc_code_is_in_step_with_the_proto(tmp_path):
     tools = pytest.importorskip("grpc_tools.protoc")
     staged = tmp_path / "fedrec" / "shared" / "proto"   # the module it imports as (fedrec.shared.proto)
-    shutil.copytree(ROOT / "shared" / "proto", staged)
+    staged.mkdir(parents=True)
+    shutil.copy(ROOT / "shared" / "proto" / "recommend.proto", staged)   # the source only: protoc must write the rest
     code = tools.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
                        str(staged / "recommend.proto")])
     assert code == 0
