@@ -63,10 +63,10 @@ def _typed(setting, value):
 def _write_inputs(interactions: pd.DataFrame, catalog, columns: dict, folder: Path) -> tuple[str, str | None]:
     """The DataFrames as files the readers check, named by their content (a run taken up again with
     other data never overwrites the input of the first; the store's stamp then refuses it). Only the
-    columns a run reads are written. Parquet keeps the types; an error names its 1-based row."""
-    wanted = _columns_read(interactions, columns)
+    columns a run reads are written (`interactions` holds only those). Parquet keeps the types; an
+    error names its 1-based row."""
     events = _content_named(folder, "interactions", ".parquet",
-                            lambda path: interactions[wanted].reset_index(drop=True).to_parquet(path, index=False))
+                            lambda path: interactions.reset_index(drop=True).to_parquet(path, index=False))
     if catalog is None:
         return events, None
     if not isinstance(catalog, pd.DataFrame):
@@ -117,32 +117,33 @@ def train(interactions, catalog=None, *, mode: str = "centralized", out=None, co
     """
     values = _settings(mode, settings)
     columns = dict(columns or {})
-    problem = column_problem(",".join(f"{k}={v}" for k, v in columns.items()) or None)
+    spec = ",".join(f"{k}={v}" for k, v in columns.items()) or None
+    problem = column_problem(spec)
     if problem:
         raise SettingsError(f"columns: {problem}")
     if not isinstance(interactions, (pd.DataFrame, str, os.PathLike)):
         raise TypeError(f"interactions: a pandas DataFrame, a path or a dataset name, not {type(interactions).__name__}")
     if isinstance(catalog, pd.DataFrame) and not isinstance(interactions, pd.DataFrame):
         raise SettingsError("a catalog DataFrame goes with an interactions DataFrame; give both as paths instead")
-    if isinstance(interactions, pd.DataFrame):
-        _columns_read(interactions, columns)   # before anything is written
+    wanted = _columns_read(interactions, columns) if isinstance(interactions, pd.DataFrame) else None  # before any write
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedrec-run-"))
-    if isinstance(interactions, pd.DataFrame):
-        interactions, catalog = _write_inputs(interactions, catalog, columns, out / "input")
-    values.update({"dataset": str(interactions), "catalog": None if catalog is None else str(catalog),
-                   "columns": ",".join(f"{k}={v}" for k, v in columns.items()) or None})
+    if wanted is not None:
+        interactions, catalog = _write_inputs(interactions[wanted], catalog, columns, out / "input")
+    values.update({"dataset": str(interactions), "catalog": None if catalog is None else str(catalog), "columns": spec})
     check(values)
-    _run(mode, values, out, progress)
+    run_job(mode, values, out, progress=progress)
     model = Model.load(out)
     model.histories = _histories(values, model.recommender.index)
     return model
 
 
-def _run(mode: str, values: dict, out: Path, progress: bool) -> dict:
+def run_job(mode: str, values: dict, out: Path, *, progress: bool, verbose: bool = False) -> dict:
+    """Train in `mode` from setting keys (checked); returns the summary written to OUT/summary.json.
+    The one place both `fedrec train` and `fedrec.train` start a job."""
     if mode == "federated":
         from fedrec.shared.console import tame_library_output
         from fedrec.simulation.federated import FederatedJob, run_federated
-        tame_library_output(False)
+        tame_library_output(verbose)
         return run_federated(FederatedJob.from_settings(values), out, progress=progress)
     from fedrec.simulation.centralized import CentralizedJob, run_centralized
     return run_centralized(CentralizedJob.from_settings(values), out, progress=progress)
@@ -153,16 +154,13 @@ def _histories(values: dict, known: dict) -> dict[str, list[str]]:
     --min-rating, repeats and items the model does not know left out): what `recommend(user=...)`
     starts from. Only for a file of events (a DataFrame is one); {} for a named dataset."""
     from fedrec.shared.data.pipeline import column_map
+    from fedrec.shared.data.preprocess import implicit, newest
     from fedrec.shared.data.readers import read_table
     path = Path(values["dataset"])
     if not path.is_file():
         return {}
-    frame = read_table(path, column_map(values["columns"])).frame
-    if values["min-rating"] is not None and "rating" in frame.columns:
-        frame = frame[frame["rating"] >= values["min-rating"]]
-    frame = frame.sort_values(["user", "timestamp"], kind="stable").drop_duplicates(["user", "item"])
-    if values["last-events"]:
-        frame = frame.groupby("user", sort=False).tail(values["last-events"])
+    read = read_table(path, column_map(values["columns"]))
+    frame = newest(implicit(read, values["min-rating"]), values["last-events"]).frame
     frame = frame[frame["item"].isin(set(known))]
     return {str(u): list(g["item"].astype(str)) for u, g in frame.groupby("user", sort=False)}
 

@@ -207,14 +207,8 @@ def _log_to_stderr() -> None:
 
 
 def _train(args, values: dict) -> None:
-    if args.mode == "federated":
-        from fedrec.shared.console import tame_library_output
-        tame_library_output(args.verbose)
-        from fedrec.simulation.federated import FederatedJob, run_federated
-        summary = run_federated(FederatedJob.from_settings(values), args.out, progress=not args.quiet)
-    else:
-        from fedrec.simulation.centralized import CentralizedJob, run_centralized
-        summary = run_centralized(CentralizedJob.from_settings(values), args.out, progress=not args.quiet)
+    from fedrec.api import run_job
+    summary = run_job(args.mode, values, args.out, progress=not args.quiet, verbose=args.verbose)
     if not args.quiet and summary.get("data_report"):
         from fedrec.shared.data.preprocess import describe_report
         print(describe_report(summary["data_report"]))

@@ -324,12 +324,12 @@ def check_resumable(out: Path, cfg: FederationConfig) -> dict | None:
     checkpoint = load_checkpoint(Path(out) / "checkpoint.pt")
     if checkpoint is None or checkpoint["config"] == cfg.identity():
         return checkpoint
-    old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
+    changed = changed_settings(checkpoint["config"], cfg.identity())
     if not changed:
         return checkpoint
     if changed == ["rounds"]:
         return _longer_run(Path(out), checkpoint, cfg)
+    old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
     shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]]
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
     raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(shown)}"
@@ -362,10 +362,15 @@ def _longer_run(out: Path, checkpoint: dict, cfg: FederationConfig) -> dict:
 WHERE_NOT_WHAT = ("secure.enrolment_ca",)
 
 
+def changed_settings(a: dict, b: dict) -> list[str]:
+    """The (flattened) settings two configurations differ in; where files are does not count."""
+    old, new = _flat(a), _flat(b)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
+
+
 def same_run(a: dict, b: dict) -> bool:
-    """Two configurations (to_dict) of one run: equal but for its length and where files are."""
-    skip = set(WHERE_NOT_WHAT) | {"rounds", "min_nodes", "wait_for_nodes_s"}
-    return {k: v for k, v in _flat(a).items() if k not in skip} == {k: v for k, v in _flat(b).items() if k not in skip}
+    """Two configurations (to_dict) of one run: equal but for its length and how long to wait for nodes."""
+    return set(changed_settings(a, b)) <= {"rounds", "min_nodes", "wait_for_nodes_s"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
