@@ -143,6 +143,15 @@ def _add_recommendation_benches(kinds) -> None:
 def _add_federation_benches(kinds) -> None:
     payload = kinds.add_parser("payload", help="bytes per client-round at 1.7k, 10k, 100k items")
     payload.add_argument("--out", type=Path, required=True, help="output folder")
+    population = kinds.add_parser("population", help="round time and peak memory of federated runs at growing "
+                                  "populations (synthetic data, the same clients per round)")
+    population.add_argument("--out", type=Path, required=True, help="output folder")
+    population.add_argument("--users", default="1000,10000,100000", help="comma-separated populations")
+    population.add_argument("--items", type=int, default=100_000, help="catalog size")
+    population.add_argument("--clients-per-round", type=int, default=25, help="clients in each round")
+    population.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 also starts Ray)")
+    population.add_argument("--no-secure-aggregation", dest="secure", action="store_false",
+                            help="plain rounds (default: secure aggregation, as shipped)")
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
                               "aggregation, side by side in one simulation")
     _add_settings(secagg, ("data", "secagg"))
@@ -187,6 +196,17 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 def _group(key: str) -> str:
     return next(s.group for s in SETTINGS if s.key == key)
+
+
+def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """'1000,10000' -> (1000, 10000); anything else is a usage error naming the flag."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        _usage_error(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1000,10000")
+    return values
 
 
 def _usage_error(message: str) -> None:
@@ -275,6 +295,10 @@ def _bench(args, values: dict) -> None:
     elif args.bench == "payload":
         from fedrec.simulation.bench import run_payload_bench
         run_payload_bench(args.out)
+    elif args.bench == "population":
+        from fedrec.simulation.population_bench import run_population_bench
+        run_population_bench(args.out, users=_positive_ints(args.users, "--users"), items=args.items,
+                             clients_per_round=args.clients_per_round, rounds=args.rounds, secure=args.secure)
     elif args.bench == "secagg":
         from fedrec.shared.data.pipeline import DataConfig
         from fedrec.simulation.bench import run_secagg_bench

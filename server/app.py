@@ -28,7 +28,7 @@ from fedrec.shared.bundle import write_model_bundle
 from fedrec.shared.model.fusion import ENCODER_ALONE, Blend, FusionConfig
 from fedrec.shared.model.recommender import build_recommender, load_weights, shared_weights
 from fedrec.shared.privacy.accounting import PrivacyConfig
-from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts
+from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts, counts_too_large
 from fedrec.shared.protocol import LocalConfig
 from fedrec.shared.report import write_json
 from fedrec.shared.settings import default, read_run_config
@@ -81,7 +81,8 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
                 final = release_item_item(grid, cfg, load_catalog(store / "catalog.npz").n_items, out,
                                           progress=progress)
             except ReleaseFailed as err:
-                write_json(out / "result.json", {"test": None, "rounds": 1, "rounds_trained": 0, "privacy": None})
+                write_json(out / "result.json", {"test": None, "rounds": 1, "rounds_trained": 0, "privacy": None,
+                                                 "stopped": {"round": 1, "why": f"the release failed: {err}"}})
                 raise NoRoundTrained(str(err)) from None
             save_checkpoint(out / "final.pt", {key: final[key] for key in ("item_item", "decay", "popularity",
                                                                         "popularity_weight")} | {"config": cfg.to_dict()})
@@ -96,7 +97,8 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         trained = sum(bool(h.get("trained")) for h in final["history"])
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
                                          "rounds_trained": trained, "privacy": final["privacy"],
-                                         "fusion": final.get("fusion"), "bundle": final.get("bundle")})
+                                         "fusion": final.get("fusion"), "bundle": final.get("bundle"),
+                                         "stopped": final.get("stopped")})
         if final["history"] and not trained:
             reasons = sorted({r for h in final["history"] for r in h["rejected"]})[:3]
             raise NoRoundTrained(f"none of the {len(final['history'])} rounds trained (skipped or aborted): "
@@ -120,9 +122,11 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     fusion = cfg.fusion
     if fusion.kind == "none":
         return {"chosen": "encoder alone", "why": "--fusion none"}
-    if not cfg.secure.enabled or cfg.privacy.mode != "none":
+    too_large = counts_too_large(n_items)
+    if not cfg.secure.enabled or cfg.privacy.mode != "none" or too_large:
         why = ("it needs secure aggregation (each device's counts would reach the server in the clear)"
-               if not cfg.secure.enabled else "exact counts are not differentially private")
+               if not cfg.secure.enabled else "exact counts are not differentially private"
+               if cfg.privacy.mode != "none" else too_large)
         log.warning("the encoder alone, without the item model: %s", why)
         return {"chosen": "encoder alone", "why": why}
     earlier = _released_before(out, cfg, saved, n_items) if resumed else None

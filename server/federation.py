@@ -55,6 +55,7 @@ class FederationConfig:
     federated_eval_every: int = default("federated-eval-every")  # federated validation every this many
                                  # rounds (0: never)
     eval_clients: int = default("eval-clients")   # clients asked per federated validation
+    time_budget_s: float = default("federated-time-budget")  # seconds for the rounds before the refit (0: none)
     final_test: bool = default("final-test")     # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
     timeout_s: float = 600.0     # per round, for replies
@@ -283,7 +284,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
     strategy.resolve_privacy(grid)
     strategy.count_participations(history)
-    for server_round in range(start_round, cfg.rounds + 1):
+    planned, stopped = planned_rounds(cfg, history)
+    strategy.cfg = replace(cfg, rounds=planned)   # the refit starts from where the budget ended
+    for server_round in range(start_round, planned + 1):
         record = train_round(grid, strategy, server_round)
         if cfg.federated_eval_every and server_round % cfg.federated_eval_every == 0:
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
@@ -291,22 +294,47 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         if on_round is not None:
             record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
         _checkpoint(out, cfg, strategy.optimizer, history, record, server_round)
-        if server_round == last_round_before_refit(cfg):   # also where a longer run of it continues from
+        if server_round <= last_round_before_refit(strategy.cfg):
+            planned, stopped = planned_rounds(cfg, history)
+            strategy.cfg = replace(cfg, rounds=planned)
+        if server_round == last_round_before_refit(strategy.cfg):   # also where a longer run continues from
             save_checkpoint(out / SELECTED, {"round": server_round, "weights": strategy.optimizer.model_weights(),
                                              "optimizer": strategy.optimizer.state_dict(), "history": list(history)})
         if progress is not None:
             progress(record)
+        if server_round >= planned:
+            break
     selected = load_checkpoint(out / SELECTED)
-    if selected is None and last_round_before_refit(cfg) == cfg.rounds:
+    if selected is None and last_round_before_refit(strategy.cfg) == planned:
         selected = {"weights": strategy.optimizer.model_weights()}   # no refit rounds: the final weights
     final = {"weights": strategy.optimizer.model_weights(), "history": history, "test": None,
              # None: lost (a run resumed from before session 10); the final weights have seen validation items
              "selected_weights": selected["weights"] if selected else None,
              "privacy": privacy_summary(strategy, history),
+             "stopped": {"round": planned, "why": stopped},
              "resumed": start_round > 1}   # taken up again from a checkpoint (not a new run)
     if cfg.final_test:
-        final["test"] = federated_evaluate(grid, strategy, cfg.rounds, "test")
+        final["test"] = federated_evaluate(grid, strategy, planned, "test")
     return final
+
+
+def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str]:
+    """The run's last round and why: --rounds, or fewer when the rounds before the refit spent
+    --federated-time-budget first (then the refit rounds follow: --refit-fraction of the new total).
+    Worked out from the rounds' own recorded seconds, so a resumed run ends where it would have."""
+    before_refit = last_round_before_refit(cfg)
+    spent = 0.0
+    for h in history:
+        if not cfg.time_budget_s or h["round"] >= before_refit:
+            break
+        spent += h["seconds"]
+        if spent >= cfg.time_budget_s:
+            total = next(t for t in range(h["round"], cfg.rounds + 1)
+                         if last_round_before_refit(replace(cfg, rounds=t)) >= h["round"])
+            return total, (f"time budget: the rounds before the refit took {spent:.0f} s of --federated-time-budget "
+                           f"{cfg.time_budget_s:g} s by round {h['round']} (of {before_refit} planned); then "
+                           f"{total - h['round']} refit round(s)")
+    return cfg.rounds, f"rounds: the {cfg.rounds} of --rounds"
 
 
 SELECTED = "selected.pt"   # the weights after the last round before the refit rounds
@@ -349,6 +377,9 @@ def _longer_run(out: Path, checkpoint: dict, cfg: FederationConfig) -> dict:
     if cfg.privacy.mode != "none":
         raise RunMismatch(f"{where}: its noise was calibrated to spend --target-epsilon {cfg.privacy.target_epsilon} "
                           f"over {before} rounds; more rounds would spend more. Use a new --out")
+    if cfg.time_budget_s:
+        raise RunMismatch(f"{where}: a run with --federated-time-budget ends where its budget did; more rounds "
+                          "would not run. Use a new --out, or a larger budget there")
     if checkpoint["round"] <= last_round_before_refit(replace(cfg, rounds=before)):
         return checkpoint
     selected = load_checkpoint(out / SELECTED)

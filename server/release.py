@@ -95,7 +95,8 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     return {"item_item": weights.astype(np.float32), "decay": DECAY,
             "popularity": popularity(counts).astype(np.float32),
             "popularity_weight": popularity_weight(multiplier * sensitivity),
-            "history": history, "privacy": privacy, "test": None}
+            "history": history, "privacy": privacy, "test": None,
+            "stopped": {"round": 1, "why": "the private item-item model is one release round"}}
 
 
 def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: int, out: Path, *,

@@ -235,6 +235,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         "bundle": result.get("bundle"),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "rounds": len(history), "rounds_trained": len(history) - len(untrained),
+        "stopped": result.get("stopped"),   # the round the run ended at, and why
         # The round's own verdict ("round skipped: ...") first, then what single nodes said.
         "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]},
                                  key=lambda r: (not r.startswith("round "), r))[:5],

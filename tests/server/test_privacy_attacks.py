@@ -49,8 +49,8 @@ class Spy(LoopbackGrid):
         self.app = make_client_app(device)
         self.replies = []
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
         self.replies.extend(replies)
         return replies
 

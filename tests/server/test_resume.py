@@ -109,3 +109,27 @@ def test_the_store_stamp_sees_a_changed_log_with_the_same_counts():
     after = store_stamp(prepared)
     assert {k: v for k, v in before.items() if k != "logs"} == {k: v for k, v in after.items() if k != "logs"}
     assert before["logs"] != after["logs"]
+
+
+def test_the_time_budget_ends_the_rounds_before_the_refit_and_keeps_a_tenth_for_it():
+    """--federated-time-budget: the rounds before the refit stop once their recorded seconds reach
+    it; the refit rounds follow (--refit-fraction of the new total); rounds after the refit began
+    never count; no budget: --rounds. Worked out from the history, so a resumed run agrees."""
+    from fedrec.server.federation import last_round_before_refit, planned_rounds
+    cfg = FederationConfig(rounds=500, refit_fraction=0.1)
+    history = [{"round": r, "seconds": 2.0} for r in range(1, 501)]
+    assert planned_rounds(cfg, history) == (500, "rounds: the 500 of --rounds")
+    budget = replace(cfg, time_budget_s=700.0)
+    end, why = planned_rounds(budget, history[:400])
+    assert last_round_before_refit(replace(cfg, rounds=end)) == 350 and end == 389
+    assert why.startswith("time budget") and "by round 350 (of 450 planned)" in why and "39 refit" in why
+    assert planned_rounds(budget, history[:349]) == (500, "rounds: the 500 of --rounds")   # not spent yet
+    assert planned_rounds(replace(cfg, time_budget_s=900.0), history)[0] == 500   # 450 rounds: 900 s, at the refit
+
+
+def test_a_run_with_a_time_budget_is_resumed_but_never_lengthened(tmp_path):
+    cfg = FederationConfig(rounds=20, time_budget_s=5.0)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 3, "config": cfg.identity(), "history": []})
+    assert check_resumable(tmp_path, cfg)["round"] == 3
+    with pytest.raises(RunMismatch, match="federated-time-budget"):
+        check_resumable(tmp_path, replace(cfg, rounds=40))

@@ -1,6 +1,8 @@
 """Malformed replies at every step of a secure round, as a faulty or malicious client would send
 them: the real ClientApp and the real server code, over an in-process transport. The run never
 crashes; each bad reply is dropped with a logged reason naming its node."""
+from uuid import uuid4
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -59,22 +61,30 @@ class LoopbackGrid:
         self.bad_step, self.kind, self.bad_node = bad_step, kind, None
         self.rng = np.random.default_rng(0)
         self.sent: list[str] = []                     # message types, in order
+        self.answered: list = []                      # replies not pulled yet
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Each node answers at once; `pull_messages` hands over what came back."""
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid4().hex   # as Flower's grids do on push
+            ids.append(message.metadata.message_id)
             self.sent.append(message.metadata.message_type)
             node = message.metadata.dst_node_id
             reply = self.app(message, self.contexts[node])
             if message.metadata.message_type == f"train.secagg_{self.bad_step}" and self.bad_node in (None, node):
                 self.bad_node = node
                 if self.kind == "duplicate":
-                    replies.append(reply)
+                    self.answered.append(reply)
                 reply.content = damage(reply.content, self.kind, self.rng)
-            replies.append(reply)
+            self.answered.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies, self.answered = self.answered, []
         return replies
 
 

@@ -41,6 +41,7 @@ def test_federated_run_writes_summary_with_rounds_bytes_and_timing(tmp_path, cap
                  "--compare-with", str(central), "--counts-min-devices", "10", "--blend-devices", "20", *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "federated" and s["rounds"] == 3 and 30 <= s["clients"] <= 40
+    assert s["stopped"] == {"round": 3, "why": "rounds: the 3 of --rounds"}
     assert s["bytes_down"] > 0 and s["bytes_up"] > 0
     assert s["bytes_per_client_round"]["down"] > 0 and {"p50", "p90", "p99"} <= set(s["round_seconds"])
     assert s["privacy"] == {"mode": "none"}
@@ -84,14 +85,19 @@ class RecordingGrid:
     def get_node_ids(self):
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def push_messages(self, messages):
+        self.trained_replies = 0        # numbers the damaged replies within one exchange
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         if self.damage:
             # Only replies that carry training (a user with one item has nothing to train on
             # and answers num-examples 0, which the server skips anyway).
             trained = [r for r in replies if "delta" in r.content and r.content["metrics"]["num-examples"] > 0]
-            for i, reply in enumerate(trained):
-                self.damage(i, reply)
+            for reply in trained:
+                self.damage(self.trained_replies, reply)
+                self.trained_replies += 1
         self.replies.extend(replies)
         return replies
 
@@ -168,6 +174,19 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on(tmp_path):
         assert "contains NaN or Inf" in reasons and "expected a flat vector of" in reasons
         assert "expected one array 'flat'" in reasons and "no 'metrics' with num-examples" in reasons
     assert all(np.isfinite(w).all() for w in final["weights"].values())
+
+
+def test_a_spent_time_budget_ends_the_run_early_with_its_refit_rounds_and_says_why(tmp_path):
+    """Any first round spends a budget of a microsecond: the run keeps the state after round 1 (the
+    encoder validation can judge), trains one refit round (--refit-fraction 0.5 of 2) and ends there,
+    four rounds early, with the reason in its result."""
+    import torch
+    _, _, final = run_recorded(tmp_path, {"rounds": 6, "refit-fraction": 0.5, "federated-time-budget": 1e-6,
+                                          "final-test": False, "fusion": "none"})
+    assert [h["round"] for h in final["history"]] == [1, 2] and all(h["trained"] for h in final["history"])
+    assert final["stopped"]["round"] == 2 and final["stopped"]["why"].startswith("time budget")
+    assert torch.load(tmp_path / "out" / "selected.pt", weights_only=False)["round"] == 1
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["stopped"] == final["stopped"]
 
 
 def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):

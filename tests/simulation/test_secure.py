@@ -31,8 +31,11 @@ class RecordingGrid:
     def get_node_ids(self):
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
 
