@@ -28,7 +28,7 @@ from fedrec.shared.bundle import write_model_bundle
 from fedrec.shared.model.fusion import ENCODER_ALONE, Blend, FusionConfig
 from fedrec.shared.model.recommender import build_recommender, load_weights, shared_weights
 from fedrec.shared.privacy.accounting import PrivacyConfig
-from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts, counts_too_large
+from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts
 from fedrec.shared.protocol import LocalConfig
 from fedrec.shared.report import write_json
 from fedrec.shared.settings import default, read_run_config
@@ -122,11 +122,9 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     fusion = cfg.fusion
     if fusion.kind == "none":
         return {"chosen": "encoder alone", "why": "--fusion none"}
-    too_large = counts_too_large(n_items)
-    if not cfg.secure.enabled or cfg.privacy.mode != "none" or too_large:
+    if not cfg.secure.enabled or cfg.privacy.mode != "none":
         why = ("it needs secure aggregation (each device's counts would reach the server in the clear)"
-               if not cfg.secure.enabled else "exact counts are not differentially private"
-               if cfg.privacy.mode != "none" else too_large)
+               if not cfg.secure.enabled else "exact counts are not differentially private")
         log.warning("the encoder alone, without the item model: %s", why)
         return {"chosen": "encoder alone", "why": why}
     earlier = _released_before(out, cfg, saved, n_items) if resumed else None

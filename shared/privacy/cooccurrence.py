@@ -83,19 +83,6 @@ def counts_size(n_items: int) -> int:
     return pair_count(n_items) + n_items
 
 
-# The counts sum is dense (a secure sum masks every coordinate), so its message grows with the
-# catalog squared: 5.7 MB per device at ML-100K's 1,682 items, 18 MB at 3,000, 190 MB at
-# ml-latest-small's 9,742 (x 610 devices through the SuperLink). Past this the encoder goes alone.
-MAX_COUNTS_ITEMS = 3_000
-
-
-def counts_too_large(n_items: int) -> str | None:
-    """Why a catalog is too large for the co-occurrence sum, or None."""
-    if n_items <= MAX_COUNTS_ITEMS:
-        return None
-    return (f"the co-occurrence sum over {n_items:,} items would be {4 * counts_size(n_items) / 1e6:,.0f} MB from "
-            f"every device (dense, as masking needs); it is summed for catalogs up to {MAX_COUNTS_ITEMS:,} items")
-
 
 COUNTS_CLIP = math.sqrt(MAX_COUNTED_ITEMS * (MAX_COUNTED_ITEMS - 1) / 2 + MAX_COUNTED_ITEMS)
 

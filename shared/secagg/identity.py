@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -144,12 +145,22 @@ def view_message(round_id: bytes, alive: list[int], dropped: list[int], graph: t
     round id and `graph` = (clients, degree)), these sent a masked input, these did not. Naming the
     signer ties a signature to its number; naming the graph stops a server from showing clients
     different graphs. Raises ValueError for a number outside 0..2^32 - 1."""
+    return VIEW + round_id + _uint32s([*graph, signer]) + _counted(alive) + _counted(dropped)
+
+
+def _counted(ids: list[int]) -> bytes:
+    return _uint32s([len(ids)]) + _uint32s(sorted(int(u) for u in ids))
+
+
+def _uint32s(values: list[int]) -> bytes:
+    """Big-endian 4-byte integers (numpy: a holder checks up to t views of ~1,000 numbers each)."""
     try:
-        pack = lambda ids: len(ids).to_bytes(4, "big") + b"".join(int(u).to_bytes(4, "big") for u in sorted(ids))
-        shape = b"".join(int(x).to_bytes(4, "big") for x in (*graph, signer))
+        array = np.array(values, dtype=np.int64)
     except OverflowError:
-        raise ValueError("a client number outside 0..2^32 - 1") from None
-    return VIEW + round_id + shape + pack(alive) + pack(dropped)
+        array = np.array([-1])
+    if array.size and (array.min() < 0 or array.max() > 2 ** 32 - 1):
+        raise ValueError("a client number outside 0..2^32 - 1")
+    return array.astype(">u4").tobytes()
 
 
 def verify_view(device_public: bytes, signature: bytes, message: bytes) -> bool:

@@ -98,13 +98,12 @@ def neighbour_graph(n: int, k: int, seed: bytes) -> dict[int, list[int]]:
         return {u: [v for v in range(1, n + 1) if v != u] for u in range(1, n + 1)}
     order = np.random.default_rng(np.frombuffer(hashlib.sha256(seed).digest(), dtype=np.uint32)).permutation(n) + 1
     half = k // 2
-    graph: dict[int, set[int]] = {int(u): set() for u in order}
-    for pos, u in enumerate(order):
-        for step in range(1, half + 1):
-            v = int(order[(pos + step) % n])
-            graph[int(u)].add(v)
-            graph[v].add(int(u))
-    return {u: sorted(vs) for u, vs in sorted(graph.items())}
+    # The client at ring position p is joined to those at p +- 1..half (distinct: 2 * half < n here).
+    # In numpy: every client builds the whole graph each step, 29 ms a time at 943 clients in Python.
+    offsets = np.concatenate([np.arange(1, half + 1), -np.arange(1, half + 1)])
+    neighbours = np.sort(order[(np.arange(n)[:, None] + offsets[None, :]) % n], axis=1)
+    rows = neighbours[np.argsort(order)].tolist()      # row i: client i + 1
+    return {u: rows[u - 1] for u in range(1, n + 1)}
 
 
 def client_floor_problem(params: SecAggParams, min_neighbours: int = MIN_NEIGHBOURS) -> str | None:

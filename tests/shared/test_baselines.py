@@ -52,3 +52,13 @@ def test_tuning_never_reads_the_test_items(monkeypatch):
     settings, valid, tried = tuning.select("item-knn-recency", two_worlds())
     assert set(seen) == {"valid"} and tried == len(seen) == 90   # 5 x 3 x 6 settings
     assert set(settings) == {"neighbours", "shrink", "decay"}
+
+
+def test_the_spd_inverse_matches_numpys_and_takes_the_general_inverse_when_not_positive_definite():
+    from fedrec.shared.evaluation.baselines import spd_inverse
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.3, (400, 120)).astype(np.float64)
+    gram = X.T @ X + 50 * np.eye(120)
+    assert np.allclose(spd_inverse(gram), np.linalg.inv(gram), rtol=1e-4, atol=1e-9)
+    crafted = np.array([[1.0, 3.0], [3.0, 1.0]])         # symmetric, invertible, not positive definite
+    assert np.allclose(spd_inverse(crafted), np.linalg.inv(crafted))

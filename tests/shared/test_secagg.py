@@ -270,3 +270,25 @@ def test_distributed_noise_shares_survive_masking_and_sum_to_the_full_noise():
     assert count == m
     assert total.std() == pytest.approx(full, rel=0.03)
     assert np.abs(total - sum(vectors[u] for u in range(1, m + 1))).max() <= quantisation_error_bound(params, m)
+
+
+def _ring_graph_reference(n, k, seed):
+    """The neighbour graph as first written (a loop over the ring): every device and the server
+    must derive the same graph, whatever fedrec version each runs."""
+    import hashlib
+    if k >= n - 1:
+        return {u: [v for v in range(1, n + 1) if v != u] for u in range(1, n + 1)}
+    order = np.random.default_rng(np.frombuffer(hashlib.sha256(seed).digest(), dtype=np.uint32)).permutation(n) + 1
+    graph = {int(u): set() for u in order}
+    for pos, u in enumerate(order):
+        for step in range(1, k // 2 + 1):
+            v = int(order[(pos + step) % n])
+            graph[int(u)].add(v)
+            graph[v].add(int(u))
+    return {u: sorted(vs) for u, vs in sorted(graph.items())}
+
+
+@pytest.mark.parametrize("n,k", [(5, 2), (10, 5), (25, 24), (30, 6), (943, 54), (1000, 61)])
+def test_the_neighbour_graph_is_the_one_every_version_derives(n, k):
+    for seed in (b"a", secrets.token_bytes(24)):
+        assert neighbour_graph(n, k, seed) == _ring_graph_reference(n, k, seed)
