@@ -329,8 +329,11 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
             break
         spent += h["seconds"]
         if spent >= cfg.time_budget_s:
-            total = next(t for t in range(h["round"], cfg.rounds + 1)
-                         if last_round_before_refit(replace(cfg, rounds=t)) >= h["round"])
+            # The totals whose refit begins after this round; of those, the one whose refit rounds are
+            # nearest --refit-fraction of it (rounding makes several qualify: 1, 2 or 3 for 0.5 at round 1).
+            ends = [t for t in range(h["round"], cfg.rounds + 1)
+                    if last_round_before_refit(replace(cfg, rounds=t)) == h["round"]]
+            total = min(ends, key=lambda t: abs(t * (1 - cfg.refit_fraction) - h["round"]))
             return total, (f"time budget: the rounds before the refit took {spent:.0f} s of --federated-time-budget "
                            f"{cfg.time_budget_s:g} s by round {h['round']} (of {before_refit} planned); then "
                            f"{total - h['round']} refit round(s)")
@@ -357,7 +360,7 @@ def check_resumable(out: Path, cfg: FederationConfig) -> dict | None:
         return checkpoint
     if changed == ["rounds"]:
         return _longer_run(Path(out), checkpoint, cfg)
-    old, new = _flat(checkpoint["config"]), _flat(cfg.identity())
+    old, new = _settings_of(checkpoint["config"]), _settings_of(cfg.identity())
     shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]]
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
     raise RunMismatch(f"{Path(out) / 'checkpoint.pt'}: written by a run with other settings ({'; '.join(shown)}"
@@ -394,14 +397,20 @@ WHERE_NOT_WHAT = ("secure.enrolment_ca",)
 
 
 def changed_settings(a: dict, b: dict) -> list[str]:
-    """The (flattened) settings two configurations differ in; where files are does not count."""
-    old, new = _flat(a), _flat(b)
+    """The (flattened) settings two configurations differ in; where files are does not count. A
+    setting one of them lacks (written before it existed) counts as its default."""
+    old, new = _settings_of(a), _settings_of(b)
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in WHERE_NOT_WHAT]
 
 
 def same_run(a: dict, b: dict) -> bool:
     """Two configurations (to_dict) of one run: equal but for its length and how long to wait for nodes."""
     return set(changed_settings(a, b)) <= {"rounds", "min_nodes", "wait_for_nodes_s"}
+
+
+def _settings_of(config: dict) -> dict:
+    """A (to_dict) configuration flattened, with the default of any setting it predates."""
+    return {**_flat(FederationConfig().to_dict()), **_flat(config)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -185,7 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("refit-fraction", float, 0.1, "centralized: after model selection, train this x the best epoch count "
        "more epochs on train + validation items; federated: in this last fraction of the rounds clients "
        "also train on their validation item (0: no refit)", "train", check=fraction, run_config=True),
-    _s("time-budget", float, None, "stop training after this many seconds, keeping the best model so far",
+    _s("time-budget", float, None, "centralized: stop training after this many seconds, keeping the best model so far "
+       "(federated: --federated-time-budget)",
        "train", optional=True, check=positive),
 
     _s("threads", int, 2, "torch CPU threads", "train", check=at_least(1)),

@@ -111,7 +111,12 @@ def spd_inverse(gram: np.ndarray) -> np.ndarray:
     import torch
     factor, info = torch.linalg.cholesky_ex(torch.from_numpy(gram.astype(np.float32)))
     if int(info) == 0 and torch.isfinite(factor).all():
-        return torch.cholesky_inverse(factor).numpy().astype(np.float64)
+        inverse = torch.cholesky_inverse(factor).numpy().astype(np.float64)
+        # float32 is enough for a well-conditioned matrix (a ridge of hundreds); a tiny ridge or a
+        # crafted matrix may not be: one probe vector, O(n^2), decides.
+        probe = np.random.default_rng(0).standard_normal(len(gram))
+        if np.isfinite(inverse).all() and np.linalg.norm(gram @ (inverse @ probe) - probe) <= 1e-3 * np.linalg.norm(probe):
+            return inverse
     return np.linalg.inv(gram)
 
 

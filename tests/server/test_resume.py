@@ -125,6 +125,8 @@ def test_the_time_budget_ends_the_rounds_before_the_refit_and_keeps_a_tenth_for_
     assert why.startswith("time budget") and "by round 350 (of 450 planned)" in why and "39 refit" in why
     assert planned_rounds(budget, history[:349]) == (500, "rounds: the 500 of --rounds")   # not spent yet
     assert planned_rounds(replace(cfg, time_budget_s=900.0), history)[0] == 500   # 450 rounds: 900 s, at the refit
+    half = FederationConfig(rounds=6, refit_fraction=0.5, time_budget_s=1.0)   # rounding: 1, 2 and 3 all qualify
+    assert planned_rounds(half, history[:1])[0] == 2
 
 
 def test_a_run_with_a_time_budget_is_resumed_but_never_lengthened(tmp_path):
@@ -133,3 +135,12 @@ def test_a_run_with_a_time_budget_is_resumed_but_never_lengthened(tmp_path):
     assert check_resumable(tmp_path, cfg)["round"] == 3
     with pytest.raises(RunMismatch, match="federated-time-budget"):
         check_resumable(tmp_path, replace(cfg, rounds=40))
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default(tmp_path):
+    cfg = FederationConfig()
+    before = {k: v for k, v in cfg.identity().items() if k != "time_budget_s"}
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 3, "config": before, "history": []})
+    assert check_resumable(tmp_path, cfg)["round"] == 3
+    with pytest.raises(RunMismatch, match="time_budget_s: 0.0 -> 5.0"):
+        check_resumable(tmp_path, replace(cfg, time_budget_s=5.0))

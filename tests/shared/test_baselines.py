@@ -62,3 +62,6 @@ def test_the_spd_inverse_matches_numpys_and_takes_the_general_inverse_when_not_p
     assert np.allclose(spd_inverse(gram), np.linalg.inv(gram), rtol=1e-4, atol=1e-9)
     crafted = np.array([[1.0, 3.0], [3.0, 1.0]])         # symmetric, invertible, not positive definite
     assert np.allclose(spd_inverse(crafted), np.linalg.inv(crafted))
+    ill = X.T @ X + 1e-6 * np.eye(120)                  # positive definite, too ill-conditioned for float32
+    ill[0, 0] += 1e7
+    assert np.allclose(ill @ spd_inverse(ill), np.eye(120), atol=1e-6)
