@@ -259,7 +259,7 @@ def _compare(args, values: dict) -> None:
 
 
 def _bench(args, values: dict) -> None:
-    if args.bench in ("secagg", "privacy", "dp-items", "payload"):   # the ones that run Flower
+    if args.bench in ("secagg", "privacy", "dp-items", "payload"):   # the ones that run Flower in this process
         from fedrec.shared.console import tame_library_output
         tame_library_output(getattr(args, "verbose", False))
     if args.bench == "quality":
@@ -292,7 +292,22 @@ def _bench(args, values: dict) -> None:
                 recommend_bench.run_recommend_bench(args.bundle, data, args.out, users=args.users)
         except recommend_bench.BundleMismatch as err:
             _usage_error(str(err))
-    elif args.bench == "payload":
+    elif args.bench in FEDERATION_BENCHES:
+        _federation_bench(args, values)
+    elif args.bench == "serve":
+        from fedrec.simulation.serve_bench import run_serve_bench
+        run_serve_bench(args.bundle, args.out, items=args.items, requests=args.requests, concurrency=args.concurrency)
+    elif args.bench == "dp-speed":
+        from fedrec.simulation.dp_bench import run_dp_speed_bench
+        run_dp_speed_bench(args.out, repeats=args.repeats)
+
+
+FEDERATION_BENCHES = ("payload", "population", "secagg", "privacy", "dp-items")
+
+
+def _federation_bench(args, values: dict) -> None:
+    """The benches of federated training: bytes, population scale, secure aggregation, privacy."""
+    if args.bench == "payload":
         from fedrec.simulation.bench import run_payload_bench
         run_payload_bench(args.out)
     elif args.bench == "population":
@@ -316,12 +331,6 @@ def _bench(args, values: dict) -> None:
         from fedrec.shared.data.pipeline import DataConfig
         from fedrec.simulation.dp_bench import run_dp_items_bench
         run_dp_items_bench(DataConfig.from_settings(values, activity_features=False), args.out, progress=not args.quiet)
-    elif args.bench == "serve":
-        from fedrec.simulation.serve_bench import run_serve_bench
-        run_serve_bench(args.bundle, args.out, items=args.items, requests=args.requests, concurrency=args.concurrency)
-    elif args.bench == "dp-speed":
-        from fedrec.simulation.dp_bench import run_dp_speed_bench
-        run_dp_speed_bench(args.out, repeats=args.repeats)
 
 
 def _recommend(args, values: dict) -> None:
