@@ -108,7 +108,7 @@ def _measure(folder: Path, n_users: int, items: int, clients_per_round: int, rou
         peak = memory.stop()
     wall = time.perf_counter() - started
     row = {"users": n_users, "items": items, "exit_code": code, "wall_seconds": round(wall, 1),
-           "peak_memory_gb": round(peak / 2 ** 30, 2), "log": str(folder.with_suffix(".log"))}
+           "peak_memory_gib": round(peak / 2 ** 30, 2), "log": str(folder.with_suffix(".log"))}
     history = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()] \
         if (folder / "rounds.jsonl").exists() else []
     history = [h for h in history if h["round"] <= rounds]
@@ -127,14 +127,14 @@ def population_table(report: dict) -> str:
     lines = [f"# Federated rounds by population: {report['items']:,} items, {report['clients_per_round']} clients a "
              f"round, {report['rounds']} rounds, secure aggregation {'on' if report['secure_aggregation'] else 'off'}, "
              "no final federated test (`--no-final-test`)",
-             "", "| users | round s (rounds 2+) | x smallest | round 1 s | wall s | peak memory GB | exit |",
+             "", "| users | round s (rounds 2+) | x smallest | round 1 s | wall s | peak memory GiB | exit |",
              "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "round_seconds" in r:
             lines.append(f"| {r['users']:,} | {r['round_seconds']:.2f} | {r['round_seconds'] / base:.2f}x | "
-                         f"{r['first_round_seconds']:.1f} | {r['wall_seconds']:.0f} | {r['peak_memory_gb']:.2f} | "
+                         f"{r['first_round_seconds']:.1f} | {r['wall_seconds']:.0f} | {r['peak_memory_gib']:.2f} | "
                          f"{r['exit_code']} |")
         else:
             lines.append(f"| {r['users']:,} | no round finished | | | {r['wall_seconds']:.0f} | "
-                         f"{r['peak_memory_gb']:.2f} | {r['exit_code']} (see {r['log']}) |")
+                         f"{r['peak_memory_gib']:.2f} | {r['exit_code']} (see {r['log']}) |")
     return "\n".join(lines) + "\n"
