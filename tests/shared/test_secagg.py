@@ -292,3 +292,14 @@ def _ring_graph_reference(n, k, seed):
 def test_the_neighbour_graph_is_the_one_every_version_derives(n, k):
     for seed in (b"a", secrets.token_bytes(24)):
         assert neighbour_graph(n, k, seed) == _ring_graph_reference(n, k, seed)
+
+
+def test_a_view_naming_a_client_number_outside_32_bits_is_refused_not_a_crash():
+    """A server may put any integer in the alive or dropped list it shows; the view cannot be packed,
+    and the client must refuse (ValueError -> ProtocolViolation), not fail with an OverflowError."""
+    from fedrec.shared.secagg.identity import view_message
+    for bad in ([2 ** 32], [-1], [2 ** 70]):
+        with pytest.raises(ValueError, match="outside 0..2"):
+            view_message(b"r" * 16, bad, [], (3, 2), 1)
+        with pytest.raises(ValueError, match="outside 0..2"):
+            view_message(b"r" * 16, [1, 2], bad, (3, 2), 1)
