@@ -14,6 +14,7 @@ Each step waits for a condition (a log line, a file, a process exit), never for 
 """
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -36,10 +37,26 @@ WAIT = 420            # seconds: the most any one condition may take on a loaded
 LEDGER = [(1.5, 0.25, 2)]
 
 
+_GIVEN: set[int] = set()
+
+
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, never given twice. A port the kernel hands out
+    (bind to 0) is in that range, and an outgoing connection could take it as its local port before
+    the SuperNode given it binds it: seen once, 'address already in use' (a flaky test)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    rng = random.SystemRandom()
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", rng.randrange(10000, low) if low > 11000 else 0))   # else: no room below it
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def _wait(what: str, condition, procs=(), timeout: float = WAIT):
