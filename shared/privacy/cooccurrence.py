@@ -83,7 +83,6 @@ def counts_size(n_items: int) -> int:
     return pair_count(n_items) + n_items
 
 
-
 COUNTS_CLIP = math.sqrt(MAX_COUNTED_ITEMS * (MAX_COUNTED_ITEMS - 1) / 2 + MAX_COUNTED_ITEMS)
 
 
