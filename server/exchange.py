@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from fedrec.shared.protocol import refusal_of
 
@@ -55,19 +56,41 @@ def _answering_node(reply: Message, messages: list[Message]) -> int:
 # secure round is four exchanges, so that wait alone was a large part of a short round.
 FIRST_POLL_S, LONGEST_POLL_S = 0.005, 0.2
 
+# Messages one exchange keeps in Flower's simulation at a time. Its in-memory LinkState checks every
+# stored message for every node on each 0.1 s sweep (nodes x messages, holding the lock and the GIL),
+# so a step sent to all 943 ML-100K devices at once made each sweep take seconds and starved the
+# ClientApp actors (py-spy: 78% of the driver in that sweep, each actor 32% busy). A window of a few
+# times the actors keeps them fed at a fraction of the cost (docs/federated.md "Where the time goes").
+# Deployment has no such sweep (each SuperNode pulls its own messages): there every message goes at once.
+SIMULATION_IN_FLIGHT = 32
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
-    """`grid.send_and_receive` with our own polling: push once, then pull the replies as they come
-    (public Grid calls only), until all have answered or `timeout` passes."""
-    waiting = set(grid.push_messages(messages))
+
+def in_flight_limit(grid: Grid) -> int | None:
+    """How many messages an exchange keeps outstanding on this grid (None: all at once)."""
+    return SIMULATION_IN_FLIGHT if isinstance(grid, InMemoryGrid) else None
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float, in_flight: int | None = None
+                     ) -> Iterator[Message]:
+    """`grid.send_and_receive` with our own polling: push (at most `in_flight` outstanding at a time,
+    the next as each reply comes), then pull the replies as they come (public Grid calls only), until
+    all have answered or `timeout` passes."""
+    pending = list(messages)
+    window = len(pending) if in_flight is None else max(1, in_flight)
+    waiting: set[str] = set()
     deadline, pause = time.monotonic() + timeout, FIRST_POLL_S
-    while waiting:
+    while pending or waiting:
+        if pending and len(waiting) < window:
+            batch, pending = pending[:window - len(waiting)], pending[window - len(waiting):]
+            waiting.update(grid.push_messages(batch))
         replies = list(grid.pull_messages(waiting))
         for reply in replies:
             waiting.discard(reply.metadata.reply_to_message_id)
             yield reply
-        if not waiting or time.monotonic() >= deadline:
+        if not (pending or waiting) or time.monotonic() >= deadline:
             return
+        if replies and pending:
+            continue   # room in the window: push the next at once
         pause = FIRST_POLL_S if replies else min(2 * pause, LONGEST_POLL_S)
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
@@ -78,7 +101,7 @@ def exchange(grid: Grid, message_type: str, contents: dict[int, RecordDict], tim
     A client error raises ClientFailure when `fail_on_error`, else the node counts as failed."""
     messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
     out = Exchange(bytes_down=sum(record_bytes(m.content) for m in messages))
-    for reply in send_and_receive(grid, messages, timeout):
+    for reply in send_and_receive(grid, messages, timeout, in_flight_limit(grid)):
         node = _answering_node(reply, messages)
         if node not in contents or node in out.replies:
             out.failed.append(f"node {node}: {'unasked' if node not in contents else 'duplicate'} reply to "

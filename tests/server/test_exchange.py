@@ -1,0 +1,69 @@
+"""server/exchange.py: the in-flight window keeps Flower's in-memory LinkState small, and loses nothing."""
+from uuid import uuid4
+
+import pytest
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.superlink.grid import InMemoryGrid
+
+from fedrec.server.exchange import SIMULATION_IN_FLIGHT, in_flight_limit, send_and_receive
+
+
+class QueueGrid:
+    """Answers each pushed message on a later pull (two per pull, oldest first), and records how many
+    were outstanding at the most; `silent` nodes never answer."""
+
+    def __init__(self, silent=()):
+        self.outstanding, self.most, self.silent = [], 0, set(silent)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid4().hex   # as Flower's grids do on push
+            ids.append(message.metadata.message_id)
+            if message.metadata.dst_node_id not in self.silent:
+                self.outstanding.append(message)
+        self.most = max(self.most, len(self.outstanding) + len(self.silent))
+        return ids
+
+    def pull_messages(self, message_ids):
+        answered, self.outstanding = self.outstanding[:2], self.outstanding[2:]
+        return [Message(RecordDict({"r": ConfigRecord({"node": m.metadata.dst_node_id})}), reply_to=m)
+                for m in answered]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Building a reply Message reads the task's identity, which Flower sets inside a real app."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for name in ("run_id", "node_id", "task_id"):
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+
+
+def _messages(nodes):
+    return [Message(RecordDict(), message_type="train", dst_node_id=node) for node in nodes]
+
+
+def test_a_window_keeps_at_most_that_many_outstanding_and_every_reply_comes():
+    grid = QueueGrid()
+    replies = list(send_and_receive(grid, _messages(range(1, 101)), timeout=30, in_flight=8))
+    assert sorted(r.content["r"]["node"] for r in replies) == list(range(1, 101))
+    assert grid.most == 8
+
+
+def test_without_a_window_every_message_goes_at_once():
+    grid = QueueGrid()
+    assert len(list(send_and_receive(grid, _messages(range(1, 41)), timeout=30))) == 40
+    assert grid.most == 40
+
+
+def test_nodes_that_never_answer_hold_their_place_until_the_deadline():
+    grid = QueueGrid(silent={1, 2})
+    replies = list(send_and_receive(grid, _messages(range(1, 21)), timeout=0.3, in_flight=4))
+    assert sorted(r.content["r"]["node"] for r in replies) == list(range(3, 21))
+    assert grid.most <= 4
+
+
+def test_the_window_applies_in_simulation_only():
+    assert in_flight_limit(object.__new__(InMemoryGrid)) == SIMULATION_IN_FLIGHT
+    assert in_flight_limit(QueueGrid()) is None
