@@ -21,7 +21,7 @@ from fedrec.server.aggregation import ServerConfig
 from fedrec.server.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.server.federation import FederationConfig, RoundHook, run_federation, same_run
 from fedrec.server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
-from fedrec.server.secure import SecureConfig
+from fedrec.server.secure import SecureConfig, SecureRound
 from fedrec.shared.data.catalog_bundle import load_catalog
 from fedrec.shared.model.config import ModelHyper
 from fedrec.shared.bundle import write_model_bundle
@@ -92,7 +92,8 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
                                    out, on_round=on_round, progress=progress)
             saved = {"weights": final["weights"], "config": cfg.to_dict()}
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
-                                              final["selected_weights"], progress, resumed=final["resumed"])
+                                              final["selected_weights"], progress, resumed=final["resumed"],
+                                              secure=final.get("secure_round"))
             save_checkpoint(out / "final.pt", saved)   # atomic: it may hold the only copy of a once-only sum
             final["bundle"] = publish_bundle(out / "bundle", cfg, load_catalog(store / "catalog.npz"), saved, final)
         trained = sum(bool(h.get("trained")) for h in final["history"])
@@ -114,11 +115,12 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
 
 
 def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, saved: dict, selected: dict | None,
-                    progress, *, resumed: bool = False) -> dict:
+                    progress, *, resumed: bool = False, secure: SecureRound | None = None) -> dict:
     """After the encoder's rounds: the item co-occurrence counts by one secure sum, saved for the item
     models blended with the encoder (shared/model/fusion.py), then the blend chosen from a second
     secure sum, of devices' validation statistics (`choose_blend`; `selected`: the encoder before its
-    refit rounds). Only with secure aggregation and without DP: in the clear every device's item set
+    refit rounds; `secure`: the training rounds' SecureRound, whose registrations both sums reuse).
+    Only with secure aggregation and without DP: in the clear every device's item set
     would show, and exact counts are not DP. Returns what the summary says about it."""
     fusion = cfg.fusion
     if fusion.kind == "none":
@@ -132,7 +134,7 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
     if earlier is not None:
         return earlier
     try:
-        counts, record = sum_item_counts(grid, cfg, n_items, cfg.rounds + 1, out, progress=progress)
+        counts, record = sum_item_counts(grid, cfg, n_items, cfg.rounds + 1, out, progress=progress, secure=secure)
     except ReleaseFailed as err:
         log.warning("the encoder alone, without the item model: %s", err)
         return {"chosen": "encoder alone", "why": str(err)}
@@ -145,7 +147,8 @@ def fuse_item_model(grid: Grid, cfg: FederationConfig, n_items: int, out: Path, 
                                                 "validation: the fixed --fusion-weight"}
     elif fusion.blend_devices:
         try:
-            blend, report = choose_blend(grid, cfg, counts, selected, cfg.rounds + 2, out, progress=progress)
+            blend, report = choose_blend(grid, cfg, counts, selected, cfg.rounds + 2, out, progress=progress,
+                                         secure=secure)
         except ReleaseFailed as err:
             log.warning("the blend round failed; the fixed --fusion-weight instead: %s", err)
             report = {"chosen": blend.label, "why": f"the blend round failed ({err}): the fixed --fusion-weight"}

@@ -312,7 +312,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
              "selected_weights": selected["weights"] if selected else None,
              "privacy": privacy_summary(strategy, history),
              "stopped": {"round": planned, "why": stopped},
-             "resumed": start_round > 1}   # taken up again from a checkpoint (not a new run)
+             "resumed": start_round > 1,   # taken up again from a checkpoint (not a new run)
+             "secure_round": strategy.secure}   # its registered nodes: the counts and blend rounds reuse them
     if cfg.final_test:
         final["test"] = federated_evaluate(grid, strategy, planned, "test")
     return final

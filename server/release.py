@@ -100,11 +100,12 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
 
 
 def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: int, out: Path, *,
-                    progress=None) -> tuple[np.ndarray, dict]:
+                    progress=None, secure: SecureRound | None = None) -> tuple[np.ndarray, dict]:
     """One secure sum over every node of its exact item and item-pair counts (no noise: only for
     runs without DP); returns the decoded sum (whole counts; `cooccurrence_from_counts` makes it the
     (n_items + 1)^2 co-occurrence matrix) and the round's record (also appended to rounds.jsonl). The
-    item models blended with the encoder are built from it. Raises ReleaseFailed when the sum aborts or the catalog has too many pairs."""
+    item models blended with the encoder are built from it. `secure`: the training rounds' SecureRound,
+    whose registered nodes are not asked again (else every node registers afresh). Raises ReleaseFailed when the sum aborts or the catalog has too many pairs."""
     _check_pairs(n_items, "the co-occurrence sum")
     nodes = sorted(grid.get_node_ids())
     floor = cfg.fusion.min_devices
@@ -122,12 +123,12 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, min_contributions=floor,
                       size=counts_size(n_items))
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
-    outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum")
+    outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum", secure)
     return np.rint(outcome.result.total), record
 
 
 def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights: dict, round_id: int, out: Path, *,
-                 progress=None) -> tuple[Blend, dict]:
+                 progress=None, secure: SecureRound | None = None) -> tuple[Blend, dict]:
     """The blend of the encoder and the item models (shared/model/fusion.py) that the one-standard-error
     rule picks (`choose_from_statistics`) from one secure sum over `blend-devices` sampled devices of
     each one's NDCG@10 under every candidate and their products (the server learns only the sum). `counts`: the summed co-occurrence counts as decoded;
@@ -147,7 +148,7 @@ def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights:
                       min_contributions=fusion.min_devices, size=statistics_size(len(candidates)),
                       extra=pack_blend_request(counts, fusion.kinds, fusion.wire_settings()))
     log.info("blend round: %d devices, %d candidates", k, len(candidates))
-    outcome, record = _one_secure_sum(grid, cfg, round_id, sampled, task, out, progress, "the blend round")
+    outcome, record = _one_secure_sum(grid, cfg, round_id, sampled, task, out, progress, "the blend round", secure)
     chosen, report = choose_from_statistics(candidates, outcome.result.total, outcome.result.weight)
     return chosen, {**report, "seconds": record["seconds"], "bytes_down_per_client": record["bytes_down"],
                     "chosen_on": "validation items of the devices asked: the encoder after the last round before the "
@@ -167,11 +168,13 @@ def _check_pairs(n_items: int, what: str, hint: str = "") -> None:
 
 
 def _one_secure_sum(grid: Grid, cfg: FederationConfig, round_id: int, nodes: list[int], task: SecureTask, out: Path,
-                    progress, what: str):
-    """Run one secure round as `task` says, record it in rounds.jsonl; ReleaseFailed if it aborts."""
+                    progress, what: str, secure: SecureRound | None = None):
+    """Run one secure round as `task` says (with `secure`'s registered nodes, or a new SecureRound),
+    record it in rounds.jsonl; ReleaseFailed if it aborts."""
     started = time.perf_counter()
     Path(out).mkdir(parents=True, exist_ok=True)
-    outcome = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error).run(grid, round_id, nodes, task)
+    secure = secure or SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error)
+    outcome = secure.run(grid, round_id, nodes, task)
     record = RoundRecord(
         round_id, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
         int(outcome.bytes_down / max(outcome.sampled, 1)), outcome.bytes_up / max(outcome.sampled, 1),

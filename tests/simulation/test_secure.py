@@ -183,12 +183,15 @@ def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
     """The item model fused with the encoder is built from one secure sum of every device's item and
     item-pair counts: decoded, it equals X^T X over the devices' histories (never their test item)."""
     from fedrec.server.release import sum_item_counts
+    from fedrec.server.secure import SecureOutcome
     from fedrec.shared.data.catalog_bundle import load_catalog
 
     def body(grid, strategy, start):
         n_items = load_catalog(tmp_path / "store" / "catalog.npz").n_items
-        counts, record = sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out")
-        return {"counts": counts, "record": record, "replies": grid.replies}
+        strategy.secure.register(grid, sorted(grid.get_node_ids()), SecureOutcome(None, 0))   # as round 1 does
+        first = len(grid.replies)
+        counts, record = sum_item_counts(grid, strategy.cfg, n_items, 1, tmp_path / "out", secure=strategy.secure)
+        return {"counts": counts, "record": record, "replies": grid.replies[first:]}
 
     from fedrec.shared.privacy.cooccurrence import cooccurrence_from_counts
     r = run_in_simulation(tmp_path, body)
@@ -198,6 +201,8 @@ def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
         X[row, user.history_for_test] = 1.0
     assert r["record"]["accepted"] == 30
     assert np.array_equal(cooccurrence_from_counts(r["counts"], prepared.split.n_items), X.T @ X)
+    # The training rounds' registrations are reused: no node is asked to register again.
+    assert "train.secagg_register" not in {reply.metadata.message_type for reply in r["replies"]}
     for reply in r["replies"]:            # what reached the server: masked uint32 vectors, never counts
         assert "counts" not in reply.content and "metrics" not in reply.content
 
