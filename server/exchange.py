@@ -5,7 +5,9 @@ through `exchange`, so what counts as a failed or missing reply is decided in on
 """
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -56,37 +58,51 @@ def _answering_node(reply: Message, messages: list[Message]) -> int:
 # secure round is four exchanges, so that wait alone was a large part of a short round.
 FIRST_POLL_S, LONGEST_POLL_S = 0.005, 0.2
 
-# Messages one exchange keeps in Flower's simulation at a time. Its in-memory LinkState checks every
-# stored message for every node on each 0.1 s sweep (nodes x messages, holding the lock and the GIL),
-# so a step sent to all 943 ML-100K devices at once made each sweep take seconds and starved the
-# ClientApp actors (py-spy: 78% of the driver in that sweep, each actor 32% busy). A window of a few
-# times the actors keeps them fed at a fraction of the cost (docs/federated.md "Where the time goes").
-# Deployment has no such sweep (each SuperNode pulls its own messages): there every message goes at once.
-SIMULATION_IN_FLIGHT = 32
+# Messages one exchange keeps outstanding in Flower's simulation. Its in-memory LinkState checks every
+# stored message for every node on each 0.1 s sweep (nodes x messages, holding the lock and the GIL):
+# sent to all 943 ML-100K devices at once, each sweep took seconds and starved the ClientApp actors
+# (py-spy: 78% of the driver in that sweep, each actor 32% busy). So the window follows Little's law:
+# what the actors answer in REFILL_S at the rate measured so far, between the two bounds. A cheap
+# step (register, confirm) then keeps many out, a heavy one (the counts round's 5.7 MB masked
+# vectors) few; a 25-client training round goes at once. Measured on ML-100K's counts round:
+# docs/federated.md "Where the time goes". Deployment has no such sweep (each SuperNode pulls its
+# own messages): there every message goes at once.
+MOST_IN_FLIGHT, FEWEST_IN_FLIGHT, REFILL_S = 64, 8, 0.3
 
 
 def in_flight_limit(grid: Grid) -> int | None:
-    """How many messages an exchange keeps outstanding on this grid (None: all at once)."""
-    return SIMULATION_IN_FLIGHT if isinstance(grid, InMemoryGrid) else None
+    """The most messages an exchange keeps outstanding on this grid (None: all at once)."""
+    return MOST_IN_FLIGHT if isinstance(grid, InMemoryGrid) else None
+
+
+def window_for(answered: int, seconds: float, most: int) -> int:
+    """Outstanding messages to keep: `answered` replies in `seconds` so far, refilled for REFILL_S."""
+    if answered < FEWEST_IN_FLIGHT or seconds <= 0:
+        return most   # no rate yet
+    return max(min(FEWEST_IN_FLIGHT, most), min(most, math.ceil(answered / seconds * REFILL_S)))
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float, in_flight: int | None = None
                      ) -> Iterator[Message]:
-    """`grid.send_and_receive` with our own polling: push (at most `in_flight` outstanding at a time,
-    the next as each reply comes), then pull the replies as they come (public Grid calls only), until
-    all have answered or `timeout` passes."""
+    """`grid.send_and_receive` with our own polling: push (with `in_flight`, at most that many
+    outstanding, fewer as `window_for` says; the next as replies come), then pull the replies as they
+    come (public Grid calls only), until all have answered or `timeout` passes."""
     pending = list(messages)
-    window = len(pending) if in_flight is None else max(1, in_flight)
+    most = len(pending) if in_flight is None else max(1, in_flight)
     waiting: set[str] = set()
-    deadline, pause = time.monotonic() + timeout, FIRST_POLL_S
+    recent: deque[float] = deque([time.monotonic()], maxlen=MOST_IN_FLIGHT)   # when the latest replies came
+    deadline, pause = recent[0] + timeout, FIRST_POLL_S
     while pending or waiting:
-        if pending and len(waiting) < window:
-            batch, pending = pending[:window - len(waiting)], pending[window - len(waiting):]
-            waiting.update(grid.push_messages(batch))
+        # The rate of late: a slow start (actors warming up) must not keep the window small.
+        room = window_for(len(recent) - 1, time.monotonic() - recent[0], most) - len(waiting)
+        if pending and room > 0:
+            waiting.update(grid.push_messages(pending[:room]))
+            pending = pending[room:]
         replies = list(grid.pull_messages(waiting))
         for reply in replies:
             waiting.discard(reply.metadata.reply_to_message_id)
             yield reply
+        recent.extend([time.monotonic()] * len(replies))
         if not (pending or waiting) or time.monotonic() >= deadline:
             return
         if replies and pending:

@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.superlink.grid import InMemoryGrid
 
-from fedrec.server.exchange import SIMULATION_IN_FLIGHT, in_flight_limit, send_and_receive
+from fedrec.server.exchange import FEWEST_IN_FLIGHT, MOST_IN_FLIGHT, in_flight_limit, send_and_receive, window_for
 
 
 class QueueGrid:
@@ -65,5 +65,13 @@ def test_nodes_that_never_answer_hold_their_place_until_the_deadline():
 
 
 def test_the_window_applies_in_simulation_only():
-    assert in_flight_limit(object.__new__(InMemoryGrid)) == SIMULATION_IN_FLIGHT
+    assert in_flight_limit(object.__new__(InMemoryGrid)) == MOST_IN_FLIGHT
     assert in_flight_limit(QueueGrid()) is None
+
+
+def test_the_window_keeps_what_the_actors_answer_in_a_refill_at_the_measured_rate():
+    assert window_for(0, 1.0, 64) == 64                       # no rate yet: the most
+    assert window_for(100, 1.0, 64) == 30                     # 100 a second, 0.3 s refill
+    assert window_for(20, 2.0, 64) == FEWEST_IN_FLIGHT        # slow replies: never below the fewest
+    assert window_for(10_000, 1.0, 64) == 64                  # never above the most
+    assert window_for(100, 1.0, 4) == 4                       # a smaller bound wins
