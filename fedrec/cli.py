@@ -152,6 +152,13 @@ def _add_federation_benches(kinds) -> None:
     population.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 also starts Ray)")
     population.add_argument("--no-secure-aggregation", dest="secure", action="store_false",
                             help="plain rounds (default: secure aggregation, as shipped)")
+    buckets = kinds.add_parser("buckets", help="the hashed item-ID table's size against quality, collisions and "
+                               "payload (centralized runs, one per size)")
+    buckets.add_argument("--out", type=Path, required=True, help="output folder")
+    buckets.add_argument("--dataset", default="synthetic:5000x10000", help="dataset (default: synthetic:5000x10000)")
+    buckets.add_argument("--data-dir", default=None, help="folder holding the MovieLens datasets")
+    buckets.add_argument("--buckets", default="1024,4096,16384", help="comma-separated ID-table sizes")
+    buckets.add_argument("--epochs", type=int, default=30, help="most epochs per run (default: 30)")
     secagg = kinds.add_parser("secagg", help="round time and bytes with vs without secure "
                               "aggregation, side by side in one simulation")
     _add_settings(secagg, ("data", "secagg"))
@@ -302,7 +309,7 @@ def _bench(args, values: dict) -> None:
         run_dp_speed_bench(args.out, repeats=args.repeats)
 
 
-FEDERATION_BENCHES = ("payload", "population", "secagg", "privacy", "dp-items")
+FEDERATION_BENCHES = ("payload", "population", "buckets", "secagg", "privacy", "dp-items")
 
 
 def _federation_bench(args, values: dict) -> None:
@@ -314,6 +321,10 @@ def _federation_bench(args, values: dict) -> None:
         from fedrec.simulation.population_bench import run_population_bench
         run_population_bench(args.out, users=_positive_ints(args.users, "--users"), items=args.items,
                              clients_per_round=args.clients_per_round, rounds=args.rounds, secure=args.secure)
+    elif args.bench == "buckets":
+        from fedrec.simulation.buckets_bench import run_buckets_bench
+        run_buckets_bench(args.out, dataset=args.dataset, data_dir=args.data_dir,
+                          buckets=_positive_ints(args.buckets, "--buckets"), epochs=args.epochs)
     elif args.bench == "secagg":
         from fedrec.shared.data.pipeline import DataConfig
         from fedrec.simulation.bench import run_secagg_bench

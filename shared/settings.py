@@ -191,7 +191,7 @@ SETTINGS: tuple[Setting, ...] = (
 
     _s("threads", int, 2, "torch CPU threads", "train", check=at_least(1)),
     # federation
-    _s("rounds", int, 700, "federated rounds", "federation", check=at_least(1), run_config=True),
+    _s("rounds", int, 500, "federated rounds", "federation", check=at_least(1), run_config=True),
     _s("federated-time-budget", float, 0.0, "seconds the rounds before the refit may take: once spent, the run "
        "goes on to its refit rounds (--refit-fraction of the rounds it then has) and ends before --rounds; "
        "summary.json says why it stopped. The counts, blend and test rounds come after it (0: no limit)",

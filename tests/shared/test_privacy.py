@@ -14,20 +14,22 @@ from fedrec.shared.model.config import ModelConfig, ModelHyper
 from fedrec.shared.model.recommender import RecommenderModel, shared_weights
 from fedrec.shared.protocol import LocalConfig, PrivacyRound, RoundConfig
 from fedrec.shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
+from fedrec.shared.settings import default
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
-# What we ship: the ML-100K federation's defaults (700 rounds, 25 of 943 users a round), at the
+# What we ship: the ML-100K federation's defaults (--rounds, 25 of 943 users a round), at the
 # epsilons of the privacy sweep, for both units.
+ROUNDS = default("rounds")
 SHIPPED = [(mode, eps) for mode in ("record", "user") for eps in (1.0, 2.0, 4.0, 8.0)]
 
 
 def shipped_event(mode: str, eps: float, accountant: str):
     cfg = resolve(PrivacyConfig(mode=mode, target_epsilon=eps, accountant=accountant),
-                  rounds=700, clients_per_round=25, clients=943, local_epochs=1)
+                  rounds=ROUNDS, clients_per_round=25, clients=943, local_epochs=1)
     if mode == "record":
         return cfg.record_noise, 1.0, cfg.planned_participations
-    return cfg.user_noise, cfg.user_sample_rate, 700
+    return cfg.user_noise, cfg.user_sample_rate, ROUNDS
 
 
 def independent(noise: float, rate: float, steps: int, delta: float, kind: str) -> float:
