@@ -68,6 +68,9 @@ FIRST_POLL_S, LONGEST_POLL_S = 0.005, 0.2
 # docs/federated.md "Where the time goes". Deployment has no such sweep (each SuperNode pulls its
 # own messages): there every message goes at once.
 MOST_IN_FLIGHT, FEWEST_IN_FLIGHT, REFILL_S = 64, 8, 0.3
+# A message unanswered this long stops holding a place in the window (its reply is still taken):
+# nodes that went silent must not keep the rest from being asked until the step's deadline.
+STALE_S = 5.0
 
 
 def in_flight_limit(grid: Grid) -> int | None:
@@ -89,18 +92,20 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, in_fli
     come (public Grid calls only), until all have answered or `timeout` passes."""
     pending = list(messages)
     most = len(pending) if in_flight is None else max(1, in_flight)
-    waiting: set[str] = set()
+    waiting: dict[str, float] = {}   # message id -> when it was pushed
     recent: deque[float] = deque([time.monotonic()], maxlen=MOST_IN_FLIGHT)   # when the latest replies came
     deadline, pause = recent[0] + timeout, FIRST_POLL_S
     while pending or waiting:
+        now = time.monotonic()
         # The rate of late: a slow start (actors warming up) must not keep the window small.
-        room = window_for(len(recent) - 1, time.monotonic() - recent[0], most) - len(waiting)
+        held = sum(now - pushed < STALE_S for pushed in waiting.values())
+        room = window_for(len(recent) - 1, now - recent[0], most) - held
         if pending and room > 0:
-            waiting.update(grid.push_messages(pending[:room]))
+            waiting.update(dict.fromkeys(grid.push_messages(pending[:room]), now))
             pending = pending[room:]
-        replies = list(grid.pull_messages(waiting))
+        replies = list(grid.pull_messages(set(waiting)))
         for reply in replies:
-            waiting.discard(reply.metadata.reply_to_message_id)
+            waiting.pop(reply.metadata.reply_to_message_id, None)
             yield reply
         recent.extend([time.monotonic()] * len(replies))
         if not (pending or waiting) or time.monotonic() >= deadline:

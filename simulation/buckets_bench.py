@@ -3,7 +3,8 @@
 A catalog larger than `--id-buckets` hashes its items into that many ID rows, so colliding items
 share a row (each keeps its own content features). For each table size this trains the model
 centrally on the same data (`fedrec train --mode centralized --id-buckets B`, a process each) and
-reports test NDCG@10 and coverage@10, the collisions, and the bytes one client would send and
+reports the encoder's test NDCG@10 and coverage@10 (`--fusion none`: an item model blended in would
+hide what the table costs, and fitting EASE on a large catalog dominates the run), the collisions, and the bytes one client would send and
 receive per federated round. Centralized, because the question is the table's, not the
 federation's: the federated model is the same network, and a federated run per size would take
 hours here. Writes buckets.json and buckets.md.
@@ -42,7 +43,8 @@ def run_buckets_bench(out: Path, *, dataset: str, data_dir: str | None, buckets:
 
 def _measure(folder: Path, dataset: str, data_dir: str | None, buckets: int, epochs: int, text_encoder: str) -> dict:
     cmd = [sys.executable, "-m", "fedrec.cli", "train", "--mode", "centralized", "--dataset", dataset,
-           "--text-encoder", text_encoder, "--id-buckets", str(buckets), "--epochs", str(epochs), "--quiet",
+           "--text-encoder", text_encoder, "--id-buckets", str(buckets), "--epochs", str(epochs), "--fusion", "none",
+           "--quiet",
            "--out", str(folder), *(["--data-dir", data_dir] if data_dir else [])]
     shutil.rmtree(folder, ignore_errors=True)   # a fresh run each time, never a resumed one
     started = time.perf_counter()
