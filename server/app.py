@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.server.aggregation import ServerConfig
 from fedrec.server.checkpoint import load_checkpoint, save_checkpoint
+from fedrec.server.exchange import is_simulation
 from fedrec.server.federation import FederationConfig, RoundHook, run_federation, same_run
 from fedrec.server.release import ReleaseFailed, choose_blend, release_item_item, sum_item_counts
 from fedrec.server.secure import SecureConfig, SecureRound
@@ -93,7 +94,10 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
             saved = {"weights": final["weights"], "config": cfg.to_dict()}
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
                                               final["selected_weights"], progress, resumed=final["resumed"],
-                                              secure=final.get("secure_round"))
+                                              # In deployment a device may have restarted (a new identity
+                                              # key) since round 1: it registers afresh, not sit the
+                                              # once-only sums out. In simulation none restarts.
+                                              secure=final.get("secure_round") if is_simulation(grid) else None)
             save_checkpoint(out / "final.pt", saved)   # atomic: it may hold the only copy of a once-only sum
             final["bundle"] = publish_bundle(out / "bundle", cfg, load_catalog(store / "catalog.npz"), saved, final)
         trained = sum(bool(h.get("trained")) for h in final["history"])

@@ -6,11 +6,13 @@ through `exchange`, so what counts as a failed or missing reply is decided in on
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -68,51 +70,69 @@ FIRST_POLL_S, LONGEST_POLL_S = 0.005, 0.2
 # docs/federated.md "Where the time goes". Deployment has no such sweep (each SuperNode pulls its
 # own messages): there every message goes at once.
 MOST_IN_FLIGHT, FEWEST_IN_FLIGHT, REFILL_S = 64, 8, 0.3
-# A message unanswered this long stops holding a place in the window (its reply is still taken):
-# nodes that went silent must not keep the rest from being asked until the step's deadline.
+# A message unanswered this long (or four times the recent replies' median wait, if longer) stops
+# holding a place in the window (its reply is still taken): nodes that went silent must not keep
+# the rest from being asked until the step's deadline.
 STALE_S = 5.0
 
 
 def in_flight_limit(grid: Grid) -> int | None:
     """The most messages an exchange keeps outstanding on this grid (None: all at once)."""
-    return MOST_IN_FLIGHT if isinstance(grid, InMemoryGrid) else None
+    return MOST_IN_FLIGHT if is_simulation(grid) else None
 
 
-def window_for(answered: int, seconds: float, most: int) -> int:
+def is_simulation(grid: Grid) -> bool:
+    """Flower's simulation engine (its in-memory grid), where the ServerApp runs beside the ClientApps."""
+    return isinstance(grid, InMemoryGrid)
+
+
+def fewest_in_flight() -> int:
+    """The window's floor: two messages per simulated ClientApp actor (one per core), at least 8."""
+    return max(FEWEST_IN_FLIGHT, 2 * (os.cpu_count() or 1))
+
+
+def window_for(answered: int, seconds: float, most: int, fewest: int = FEWEST_IN_FLIGHT) -> int:
     """Outstanding messages to keep: `answered` replies in `seconds` so far, refilled for REFILL_S."""
-    if answered < FEWEST_IN_FLIGHT or seconds <= 0:
+    if answered < fewest or seconds <= 0:
         return most   # no rate yet
-    return max(min(FEWEST_IN_FLIGHT, most), min(most, math.ceil(answered / seconds * REFILL_S)))
+    return max(min(fewest, most), min(most, math.ceil(answered / seconds * REFILL_S)))
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float, in_flight: int | None = None
                      ) -> Iterator[Message]:
     """`grid.send_and_receive` with our own polling: push (with `in_flight`, at most that many
     outstanding, fewer as `window_for` says; the next as replies come), then pull the replies as they
-    come (public Grid calls only), until all have answered or `timeout` passes."""
+    come (public Grid calls only), until all have answered or `timeout` passes. A message the grid did
+    not store (no id, or an empty one) is not waited for: its node counts as not answering."""
     pending = list(messages)
     most = len(pending) if in_flight is None else max(1, in_flight)
+    fewest = fewest_in_flight()
     waiting: dict[str, float] = {}   # message id -> when it was pushed
     recent: deque[float] = deque([time.monotonic()], maxlen=MOST_IN_FLIGHT)   # when the latest replies came
+    waits: deque[float] = deque(maxlen=MOST_IN_FLIGHT)                        # their push-to-reply seconds
     deadline, pause = recent[0] + timeout, FIRST_POLL_S
     while pending or waiting:
         now = time.monotonic()
-        # The rate of late: a slow start (actors warming up) must not keep the window small.
-        held = sum(now - pushed < STALE_S for pushed in waiting.values())
-        room = window_for(len(recent) - 1, now - recent[0], most) - held
-        if pending and room > 0:
-            waiting.update(dict.fromkeys(grid.push_messages(pending[:room]), now))
-            pending = pending[room:]
+        if pending:
+            # The rate of late: a slow start (actors warming up) must not keep the window small.
+            stale = max(STALE_S, 4 * float(np.median(waits))) if waits else STALE_S
+            held = sum(now - pushed < stale for pushed in waiting.values())
+            room = window_for(len(recent) - 1, now - recent[0], most, fewest) - held
+            if room > 0:
+                waiting.update(dict.fromkeys((i for i in grid.push_messages(pending[:room]) if i), now))
+                pending = pending[room:]
         replies = list(grid.pull_messages(set(waiting)))
         for reply in replies:
-            waiting.pop(reply.metadata.reply_to_message_id, None)
+            pushed = waiting.pop(reply.metadata.reply_to_message_id, None)
+            if pushed is not None:
+                waits.append(time.monotonic() - pushed)
             yield reply
         recent.extend([time.monotonic()] * len(replies))
         if not (pending or waiting) or time.monotonic() >= deadline:
             return
+        pause = FIRST_POLL_S if replies else min(2 * pause, LONGEST_POLL_S)
         if replies and pending:
             continue   # room in the window: push the next at once
-        pause = FIRST_POLL_S if replies else min(2 * pause, LONGEST_POLL_S)
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 

@@ -58,7 +58,7 @@ class FederationConfig:
     time_budget_s: float = default("federated-time-budget")  # seconds for the rounds before the refit (0: none)
     final_test: bool = default("final-test")     # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
-    timeout_s: float = 600.0     # per round, for replies
+    timeout_s: float = 600.0     # per exchange (one step of a round), for all its replies
     min_nodes: int = default("min-nodes")  # wait for this many connected nodes before round 1
                                            # (0: clients_per_round)
     wait_for_nodes_s: float = default("wait-for-nodes")

@@ -173,7 +173,8 @@ def _one_secure_sum(grid: Grid, cfg: FederationConfig, round_id: int, nodes: lis
     record it in rounds.jsonl; ReleaseFailed if it aborts."""
     started = time.perf_counter()
     Path(out).mkdir(parents=True, exist_ok=True)
-    secure = secure or SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error)
+    if secure is None:
+        secure = SecureRound(cfg.secure, cfg.timeout_s, cfg.fail_on_client_error)
     outcome = secure.run(grid, round_id, nodes, task)
     record = RoundRecord(
         round_id, outcome.sampled, outcome.result.count if outcome.result else 0, outcome.reasons,
