@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= runs/ml-100k-federated
 CENTRALIZED ?= runs/ml-100k-centralized
-ROUNDS ?= 100
+ROUNDS ?= 60
 
 .PHONY: run run-centralized test install bench clean
 
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/fedrec train --mode federated --dataset ml-100k --rounds $(ROUNDS) --fusion none --out $(OUT)
+	$(BIN)/fedrec train --mode federated --dataset ml-100k --rounds $(ROUNDS) --out $(OUT)
 	$(BIN)/fedrec show --run $(OUT) --reference $(CENTRALIZED) docs/reference/ml-100k-centralized.json
 
 run-centralized: install

@@ -210,6 +210,12 @@ class _Harness:
         return {"valid_ndcg@10": v["ndcg@10"], "valid_hr@10": v["hr@10"]}
 
     def on_progress(self, record) -> None:
+        if record.round > self.rounds:   # the secure sums after training (server/app.py: rounds + 1, + 2)
+            what = "the co-occurrence sum" if record.round == self.rounds + 1 else "the blend round"
+            if self.bar.enabled:
+                print(f"federated: {what}: {record.seconds:.1f} s, {record.accepted} devices", file=sys.stderr,
+                      flush=True)
+            return
         self.bar.update(record.round, **{"seconds": f"{record.seconds:.1f}", "clients accepted": record.accepted,
                            "last validation NDCG@10": f"{self.curve[-1]['ndcg@10']:.4f}" if self.curve else None})
 
