@@ -4,8 +4,8 @@ A catalog larger than `--id-buckets` hashes its items into that many ID rows, so
 share a row (each keeps its own content features). For each table size this trains the model
 centrally on the same data (`fedrec train --mode centralized --id-buckets B`, a process each) and
 reports the encoder's test NDCG@10 and coverage@10 (`--fusion none`: an item model blended in would
-hide what the table costs, and fitting EASE on a large catalog dominates the run), the collisions, and the bytes one client would send and
-receive per federated round. Centralized, because the question is the table's, not the
+hide what the table costs, and fitting EASE on a large catalog dominates the run), the collisions,
+and the bytes one client would send and receive per federated round. Centralized, because the question is the table's, not the
 federation's: the federated model is the same network, and a federated run per size would take
 hours here. Writes buckets.json and buckets.md.
 """
@@ -76,7 +76,7 @@ def _table_facts(n_items: int | None, buckets: int, summary: dict) -> dict:
 
 def buckets_table(report: dict) -> str:
     runs = [r for r in report["runs"] if "ndcg10" in r]
-    best = max(runs, key=lambda r: r["id_buckets"]) if runs else None
+    largest = max(runs, key=lambda r: r["id_buckets"]) if runs else None
     lines = [f"# The item-ID table's size: {report['dataset']}, centralized, {report['epochs']} epochs at most, "
              f"text encoder {report['text_encoder']}", "",
              "| ID rows asked | items | items without own rows | test NDCG@10 | x largest table | coverage@10 | "
@@ -87,6 +87,6 @@ def buckets_table(report: dict) -> str:
                          f"{r['wall_seconds']:.0f} |")
             continue
         lines.append(f"| {r['id_buckets']:,} | {r.get('items') or '-'} | {r.get('items_without_own_rows', '-')} | "
-                     f"{r['ndcg10']:.4f} | {r['ndcg10'] / max(best['ndcg10'], 1e-12):.3f} | {r['coverage10']:.3f} | "
+                     f"{r['ndcg10']:.4f} | {r['ndcg10'] / max(largest['ndcg10'], 1e-12):.3f} | {r['coverage10']:.3f} | "
                      f"{r.get('id_table_bytes', '-')} | {r['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
