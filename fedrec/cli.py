@@ -13,7 +13,7 @@ from pathlib import Path
 from fedrec import __version__, deploy_cli
 from fedrec.shared.data.schema import DataError
 from fedrec.shared.errors import BundleError, RunFailed, UserFileError
-from fedrec.shared.settings import SETTINGS, SettingsError, check
+from fedrec.shared.settings import SETTINGS, SettingsError, check, default
 
 MODES = ("centralized", "federated")
 TRAIN = ("data", "model", "train")
@@ -104,6 +104,15 @@ def _add_benches(kinds) -> None:
     _add_settings(temporal, TRAIN)
     _add_output(temporal)
     temporal.add_argument("--test-fraction", type=float, default=0.1, help="share of all events after the cutoff")
+    rule = kinds.add_parser("blend-rule", help="the rules that pick a blend from a few hundred devices' validation, "
+                            "judged on the other users' validation (never on test)")
+    _add_settings(rule, TRAIN)
+    _add_output(rule)
+    rule.add_argument("--epoch-counts", default="3,10,150", help="comma-separated epoch counts: weak to converged "
+                      "encoders (default: 3,10,150)")
+    rule.add_argument("--picks", type=int, default=default("blend-devices"), help="users a rule picks from "
+                      "(default: --blend-devices)")
+    rule.add_argument("--draws", type=int, default=2000, help="random splits of the users (default: 2000)")
     _add_recommendation_benches(kinds)
     _add_federation_benches(kinds)
 
@@ -283,6 +292,11 @@ def _bench(args, values: dict) -> None:
         from fedrec.simulation.protocols import run_temporal_bench
         run_temporal_bench(CentralizedJob.from_settings(values), args.out, fraction=args.test_fraction,
                            progress=not args.quiet)
+    elif args.bench == "blend-rule":
+        from fedrec.simulation.blend_rule_bench import run_blend_rule_bench
+        from fedrec.simulation.centralized import CentralizedJob
+        run_blend_rule_bench(CentralizedJob.from_settings(values), args.out, picks=args.picks, draws=args.draws,
+                             epochs=tuple(int(e) for e in args.epoch_counts.split(",")), progress=not args.quiet)
     elif args.bench == "coldstart":
         from fedrec.simulation.centralized import CentralizedJob
         from fedrec.simulation.coldstart import run_coldstart_bench

@@ -76,22 +76,37 @@ def train_centralized(prepared: PreparedData, job: CentralizedJob, *, progress: 
 ITEM_MODELS = {"ease": "ease-recency", "item-knn": "item-knn-recency", "popular": "most-popular"}   # -> simulation/baselines.py
 
 
+def tuned_item_models(split: Split, kinds: tuple[str, ...]) -> tuple[dict, dict[str, Scorer]]:
+    """Each item model of `kinds` tuned on validation and fit on the training items: (kind ->
+    (settings, valid NDCG@10, settings tried), kind -> its scorer)."""
+    from fedrec.simulation.baselines import fit_selected, select
+    tuned = {k: select(ITEM_MODELS[k], split) for k in kinds}
+    return tuned, {k: fit_selected(ITEM_MODELS[k], tuned[k][0], split) for k in kinds}
+
+
+def validation_blend_ndcg(model: RecommenderModel, result: FitResult, split: Split, items: dict[str, Scorer]
+                          ) -> tuple[list, np.ndarray]:
+    """Each user's validation NDCG@10 under every blend of the `items` models (`blends`), with what
+    had not seen the validation items: the encoder as selected before its refit, the item models fit
+    on the training items (`tuned_item_models`). Returns (candidates, (users, candidates))."""
+    selected = copy.deepcopy(model)
+    selected.load_state_dict(result.selected_state)
+    histories, targets = histories_and_targets(split, "valid")
+    candidates = blends(tuple(items))
+    return candidates, blend_ndcg(model_scorer(selected), items, candidates, histories, targets)
+
+
 def fuse_with_item_model(kind: str, model: RecommenderModel, result: FitResult, split: Split) -> tuple[Scorer, dict]:
     """The refit encoder blended with an item model (shared/model/fusion.py): `kind` "ease", "item-knn"
     or "popular", or "auto" for any of them; the blend may also be the encoder alone or the item model
     alone. Every choice is made on validation with what had not seen the validation items: each item
     model's settings (fit on the training items), then the blend, with the encoder as selected before
     its refit. For test the chosen item model is refit on train + validation, as the encoder was."""
-    from fedrec.simulation.baselines import SEARCH_SPACES, fit_selected, select
-    selected = copy.deepcopy(model)
-    selected.load_state_dict(result.selected_state)
-    histories, targets = histories_and_targets(split, "valid")
+    from fedrec.simulation.baselines import SEARCH_SPACES, fit_selected
     kinds = BLEND_KINDS if kind == "auto" else (kind,)
-    tuned = {k: select(ITEM_MODELS[k], split) for k in kinds}    # k -> (settings, valid NDCG@10, tried)
-    candidates = blends(kinds)
-    per_user = blend_ndcg(model_scorer(selected), {k: fit_selected(ITEM_MODELS[k], tuned[k][0], split) for k in kinds},
-                          candidates, histories, targets)
-    chosen, chosen_report = choose_from_statistics(candidates, blend_statistics(per_user), len(histories))
+    tuned, items = tuned_item_models(split, kinds)
+    candidates, per_user = validation_blend_ndcg(model, result, split, items)
+    chosen, chosen_report = choose_from_statistics(candidates, blend_statistics(per_user), len(per_user))
     report = {**chosen_report,
               "item_model": {k: tuned[k][0] for k in chosen.kinds},
               "item_models": {k: {"baseline": ITEM_MODELS[k], "settings": tuned[k][0], "settings_tried": tuned[k][2],

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fedrec.shared.model.fusion import (BLEND_KINDS, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, blend_ndcg,
+from fedrec.shared.model.fusion import (BLEND_KINDS, BLEND_RULES, ENCODER_ALONE, ITEM_ONLY, Blend, FusedScorer, FusionConfig, blend_ndcg,
                                  blend_statistics, blends, choose_from_statistics, choose_weight, device_blend_ndcg,
                                  standardised)
 
@@ -25,8 +25,9 @@ def test_the_weight_is_chosen_by_what_ranks_the_targets_best():
     encoder, items = fixed(np.array([0, 3.0, 1.0, 0.0, 0.5])), fixed(np.array([0, 0.0, 3.0, 1.0, 0.5]))
     histories = [np.array([4])] * 6
     weight, table = choose_weight(encoder, items, histories, np.array([2] * 6))
-    # Weights >= 1 and the item model alone all rank every target first: the simplest, the item model alone.
-    assert weight == ITEM_ONLY and table[1.0] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
+    # Weights >= 1 and the item model alone all rank every target first: the alone is not ahead, so the
+    # least of those weights with the encoder.
+    assert weight == 1.0 and table[1.0] == pytest.approx(1.0) and table[ITEM_ONLY] == pytest.approx(1.0)
     assert table[0.0] < 1.0
     # ... and the encoder alone when its item is the target (ties: the smaller weight).
     weight, _ = choose_weight(encoder, items, histories, np.array([1] * 6))
@@ -106,7 +107,8 @@ def test_the_one_se_rule_takes_the_simpler_blend_unless_the_better_one_is_clearl
     candidates = [Blend.of("ease", ITEM_ONLY), Blend.of("ease", 1.0)]
     alone = rng.random(400)
     noisy = alone + rng.normal(0, 0.2, 400) + 0.005       # ahead by 0.005, SE about 0.01
-    chosen, report = choose_from_statistics(candidates, blend_statistics(np.c_[alone, noisy]), 400)
+    chosen, report = choose_from_statistics(candidates, blend_statistics(np.c_[alone, noisy]), 400,
+                                            rule="simplest-within-se")
     assert report["best_on_validation"] == "encoder + 1 x ease" and chosen.label == "ease alone"
     clear = alone + 0.05 + rng.normal(0, 0.02, 400)          # ahead by 0.05, SE about 0.001
     assert choose_from_statistics(candidates, blend_statistics(np.c_[alone, clear]), 400)[0].label == "encoder + 1 x ease"
@@ -160,5 +162,42 @@ def test_among_equally_simple_blends_within_noise_the_rule_leans_on_the_encoder(
     candidates = [Blend.of("ease", 0.25), Blend.of("ease", 1.0)]
     noise = rng.normal(0, 0.1, 400)
     per_user = np.c_[base, base + noise - noise.mean() + 0.002]   # 1.0 ahead by 0.002, its SE about 0.005
-    chosen, report = choose_from_statistics(candidates, blend_statistics(per_user), 400)
+    chosen, report = choose_from_statistics(candidates, blend_statistics(per_user), 400, rule="simplest-within-se")
     assert report["best_on_validation"] == "encoder + 1 x ease" and chosen.label == "encoder + 0.25 x ease"
+
+
+def test_the_shipped_rule_keeps_a_trained_encoder_that_an_item_model_alone_only_matches_within_noise():
+    """Session 15's second 500-round run: "ease alone" within one paired SE of the best blend (0.1319
+    against 0.1363, SE 0.0086 on 200 devices) was taken by the one-SE rule and dropped an encoder that
+    scored 0.0934 alone on test; the run lost 12%. On held-out validation users that rule is 3-5%
+    below taking the best blend with the encoder (`fedrec bench blend-rule`)."""
+    rng = np.random.default_rng(3)
+    alone = rng.random(200) * 0.26
+    noise = rng.normal(0, 0.12, 200)
+    blend = alone + noise - noise.mean() + 0.0044                      # ahead by 0.0044, paired SE about 0.0085
+    candidates = [ENCODER_ALONE, Blend.of("ease", 1.0), Blend.of("ease", ITEM_ONLY)]
+    per_user = np.c_[alone * 0.5, blend, alone]
+    statistics = blend_statistics(per_user)
+    old, _ = choose_from_statistics(candidates, statistics, 200, rule="simplest-within-se")
+    chosen, report = choose_from_statistics(candidates, statistics, 200)
+    assert old.label == "ease alone" and chosen.label == "encoder + 1 x ease", report["why"]
+    assert report["rule"] == "encoder-unless-beaten"
+
+
+def test_the_shipped_rule_takes_an_item_model_alone_when_it_is_clearly_ahead():
+    rng = np.random.default_rng(4)
+    alone = (rng.random(400) < 0.3).astype(float)
+    blend = alone * (rng.random(400) < 0.7)                            # misses 30% of what the alone hits
+    candidates = [ENCODER_ALONE, Blend.of("item-knn", 1.0), Blend.of("item-knn", ITEM_ONLY)]
+    chosen, report = choose_from_statistics(candidates, blend_statistics(np.c_[blend * 0.5, blend, alone]), 400)
+    assert chosen.label == "item-knn alone", report["why"]
+
+
+@pytest.mark.parametrize("rule", sorted(BLEND_RULES))
+def test_every_rule_takes_a_candidate_that_is_best_for_every_user(rule):
+    candidates = blends(("ease", "item-knn"))
+    rng = np.random.default_rng(5)
+    per_user = rng.random((50, len(candidates))) * 0.5
+    per_user[:, 7] = 1.0
+    chosen, _ = choose_from_statistics(candidates, blend_statistics(per_user), 50, rule=rule)
+    assert chosen == candidates[7]
