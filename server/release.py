@@ -129,8 +129,8 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
 
 def choose_blend(grid: Grid, cfg: FederationConfig, counts: np.ndarray, weights: dict, round_id: int, out: Path, *,
                  progress=None, secure: SecureRound | None = None) -> tuple[Blend, dict]:
-    """The blend of the encoder and the item models (shared/model/fusion.py) that the one-standard-error
-    rule picks (`choose_from_statistics`) from one secure sum over `blend-devices` sampled devices of
+    """The blend of the encoder and the item models (shared/model/fusion.py) that the blend rule
+    picks (`choose_from_statistics`) from one secure sum over `blend-devices` sampled devices of
     each one's NDCG@10 under every candidate and their products (the server learns only the sum). `counts`: the summed co-occurrence counts as decoded;
     `weights`: the encoder before its refit rounds (it has not trained on validation items). Returns
     (the blend, what the summary says about it). Raises ReleaseFailed when the sum aborts."""

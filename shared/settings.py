@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("fusion", str, "auto", "blend the encoder's scores with an item model's: ease, item-knn (both recency-"
        "weighted), popular, or auto (any of them; none: the encoder alone). The blend (the encoder alone, an item "
        "model alone, the encoder with one item model at a weight, or with EASE and item-kNN together) is chosen on "
-       "validation by the one-standard-error rule. Centralized: the item models' settings too; "
+       "validation (the best that keeps the encoder, unless an item model alone is clearly ahead). Centralized: the item models' settings too; "
        "federated: the item models come from one secure sum of item co-occurrence counts (needs secure "
        "aggregation, no DP), with --fusion-decay, --ease-l2 and --knn-*, and the blend from a second secure sum of "
        "devices' validation NDCG@10 (--blend-devices)",
