@@ -47,18 +47,26 @@ def run_blend_rule_bench(job: CentralizedJob, out: Path, *, epochs: tuple[int, .
     return report
 
 
-def rule_outcomes(candidates: list, per_user: np.ndarray, picks: int, draws: int, seed: int) -> dict:
-    """Each rule's mean held-out validation NDCG@10 over `draws` splits of the users into `picks`
-    that choose and the rest that score, beside the best candidate on the rest (the oracle, out of
-    reach), with how often the pick drops the encoder."""
+def random_splits(users: int, picks: int, draws: int, seed: int) -> list[np.ndarray]:
+    """`draws` random orders of the users: the first `picks` of each choose, the rest score."""
     rng = np.random.default_rng(seed)
+    return [rng.permutation(users) for _ in range(draws)]
+
+
+def rule_outcomes(candidates: list, per_user: np.ndarray, picks: int, draws: int, seed: int,
+                  orders: list[np.ndarray] | None = None) -> dict:
+    """Each rule's mean held-out validation NDCG@10 over `draws` splits of the users into `picks`
+    that choose and the rest that score (`orders`, else `random_splits`), beside the best candidate
+    on the rest (the oracle, out of reach: itself the best of 38), with how often the pick drops
+    the encoder."""
     users, k = per_user.shape
     picks = min(picks, users - 1)
+    orders = random_splits(users, picks, draws, seed) if orders is None else orders
+    draws = len(orders)
     held = {rule: np.zeros(draws) for rule in BLEND_RULES}
     dropped = {rule: 0 for rule in BLEND_RULES}
     oracle = np.zeros(draws)
-    for d in range(draws):
-        order = rng.permutation(users)
+    for d, order in enumerate(orders):
         chooser, rest = per_user[order[:picks]], per_user[order[picks:]].mean(axis=0)
         means, se = paired_moments(blend_statistics(chooser), picks, k)
         oracle[d] = rest.max()

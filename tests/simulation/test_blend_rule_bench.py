@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fedrec.shared.model.fusion import BLEND_RULES, ENCODER_ALONE, ITEM_ONLY, Blend
 from fedrec.simulation.blend_rule_bench import rule_outcomes
@@ -18,6 +19,20 @@ def test_a_rule_is_scored_on_the_users_it_did_not_pick_from():
     for rule in out["rules"].values():
         assert rule["x_oracle"] == 1.0 and rule["drops_encoder"] == 0.0
         assert 0.5 <= rule["held_out_ndcg@10"] <= 0.6
+
+
+def test_the_pick_is_scored_on_the_other_users_not_on_the_ones_it_was_picked_from():
+    """Candidate 1 is far ahead on the 10 users that choose and behind on the other 30: every rule
+    picks it there, and the report must show it losing to the oracle (candidate 0) on the rest."""
+    candidates = [ENCODER_ALONE, Blend.of("ease", 1.0), Blend.of("ease", ITEM_ONLY)]
+    per_user = np.zeros((40, 3))
+    per_user[:10, 1] = 1.0                   # the choosers: candidate 1 hits every target
+    per_user[10:, 0] = 0.6                   # the rest: only candidate 0 hits
+    per_user[10:, 1] = 0.1
+    out = rule_outcomes(candidates, per_user, picks=10, draws=1, seed=0, orders=[np.arange(40)])
+    for rule in out["rules"].values():
+        assert rule["held_out_ndcg@10"] == pytest.approx(0.1) and rule["x_oracle"] == pytest.approx(0.1 / 0.6)
+    assert out["oracle_ndcg@10"] == pytest.approx(0.6)
 
 
 def test_the_bench_trains_each_encoder_and_writes_its_report(tmp_path):
