@@ -296,7 +296,7 @@ def _bench(args, values: dict) -> None:
         from fedrec.simulation.blend_rule_bench import run_blend_rule_bench
         from fedrec.simulation.centralized import CentralizedJob
         run_blend_rule_bench(CentralizedJob.from_settings(values), args.out, picks=args.picks, draws=args.draws,
-                             epochs=tuple(int(e) for e in args.epoch_counts.split(",")), progress=not args.quiet)
+                             epochs=_positive_ints(args.epoch_counts, "--epoch-counts"), progress=not args.quiet)
     elif args.bench == "coldstart":
         from fedrec.simulation.centralized import CentralizedJob
         from fedrec.simulation.coldstart import run_coldstart_bench

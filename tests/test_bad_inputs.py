@@ -23,6 +23,7 @@ FEDERATED = ["train", "--mode", "federated", *TINY]
     # Before: every round skipped and exit 0 with aborted_rounds 0.
     ([*FEDERATED, "--clients-per-round", "2"], "secure aggregation needs --clients-per-round >= 3"),
     ([*FEDERATED, "--heads", "3"], "--heads 3 must divide --dim 16"),
+    (["bench", "blend-rule", *TINY, "--epoch-counts", "3,ten"], "--epoch-counts '3,ten': expected comma-separated"),
     (["bench", "privacy", *TINY, "--modes", "record,user", "--record-window", "11", "--update-clip", "0"], "user-level DP needs --update-clip > 0"),
 ])
 def test_bad_settings_are_usage_errors_before_anything_starts(tmp_path, capsys, flags, message):
