@@ -47,8 +47,8 @@ def run_blend_rule_bench(job: CentralizedJob, out: Path, *, epochs: tuple[int, .
     return report
 
 
-def random_splits(users: int, picks: int, draws: int, seed: int) -> list[np.ndarray]:
-    """`draws` random orders of the users: the first `picks` of each choose, the rest score."""
+def random_splits(users: int, draws: int, seed: int) -> list[np.ndarray]:
+    """`draws` random orders of the users (the first `picks` of each choose, the rest score)."""
     rng = np.random.default_rng(seed)
     return [rng.permutation(users) for _ in range(draws)]
 
@@ -61,7 +61,7 @@ def rule_outcomes(candidates: list, per_user: np.ndarray, picks: int, draws: int
     the encoder."""
     users, k = per_user.shape
     picks = min(picks, users - 1)
-    orders = random_splits(users, picks, draws, seed) if orders is None else orders
+    orders = random_splits(users, draws, seed) if orders is None else orders
     draws = len(orders)
     held = {rule: np.zeros(draws) for rule in BLEND_RULES}
     dropped = {rule: 0 for rule in BLEND_RULES}

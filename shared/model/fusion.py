@@ -236,12 +236,20 @@ def paired_moments(statistics: np.ndarray, users: float, k: int) -> tuple[np.nda
     return means, np.sqrt(np.maximum(paired, 0.0) / max(users - 1, 1))
 
 
+def _within_one_se_of_best(means: np.ndarray, se: np.ndarray) -> list[int]:
+    best = int(np.argmax(means))
+    return [i for i in range(len(means)) if means[i] >= means[best] - se[i, best]]
+
+
+def _simplest(candidates: list[Blend], means: np.ndarray, among: list[int]) -> int:
+    """The least complex, then the least item weight, then the best mean, then the earlier."""
+    return min(among, key=lambda i: (candidates[i].complexity, candidates[i].item_weight, -means[i], i))
+
+
 def pick_simplest_within_se(candidates: list[Blend], means: np.ndarray, se: np.ndarray) -> int:
     """The one-standard-error rule with an item model alone as the simplest: among the candidates
     within one paired SE of the best, the least complex, then the least item weight, then the best."""
-    best = int(np.argmax(means))
-    eligible = [i for i in range(len(candidates)) if means[i] >= means[best] - se[i, best]]
-    return min(eligible, key=lambda i: (candidates[i].complexity, candidates[i].item_weight, -means[i], i))
+    return _simplest(candidates, means, _within_one_se_of_best(means, se))
 
 
 def pick_best(candidates: list[Blend], means: np.ndarray, se: np.ndarray) -> int:
@@ -249,7 +257,7 @@ def pick_best(candidates: list[Blend], means: np.ndarray, se: np.ndarray) -> int
     return int(np.argmax(means))
 
 
-def pick_encoder_unless_clearly_beaten(candidates: list[Blend], means: np.ndarray, se: np.ndarray) -> int:
+def pick_encoder_unless_beaten(candidates: list[Blend], means: np.ndarray, se: np.ndarray) -> int:
     """The best candidate that keeps the encoder, unless the best item model alone is ahead of it by
     more than one paired standard error (then that item model alone)."""
     with_encoder = [i for i, c in enumerate(candidates) if c.encoder]
@@ -265,13 +273,11 @@ def pick_encoder_first_within_se(candidates: list[Blend], means: np.ndarray, se:
     """The one-standard-error rule among the candidates that keep the encoder (least complex, then
     least item weight); an item model alone only when no candidate with the encoder is within one
     paired SE of the best."""
-    best = int(np.argmax(means))
-    eligible = [i for i in range(len(candidates)) if means[i] >= means[best] - se[i, best]]
-    keep = [i for i in eligible if candidates[i].encoder] or eligible
-    return min(keep, key=lambda i: (candidates[i].complexity, candidates[i].item_weight, -means[i], i))
+    eligible = _within_one_se_of_best(means, se)
+    return _simplest(candidates, means, [i for i in eligible if candidates[i].encoder] or eligible)
 
 
-BLEND_RULES = {"encoder-unless-beaten": pick_encoder_unless_clearly_beaten, "best": pick_best,
+BLEND_RULES = {"encoder-unless-beaten": pick_encoder_unless_beaten, "best": pick_best,
                "simplest-within-se": pick_simplest_within_se, "encoder-first-within-se": pick_encoder_first_within_se}
 # The rule a run uses: on held-out validation users (`fedrec bench blend-rule`) level with the best
 # mean, 2-5% above the old one-SE rule (simplest-within-se) on ML-100K, whole and cut to 8 events,
@@ -284,7 +290,7 @@ def choose_from_statistics(candidates: list[Blend], statistics: np.ndarray, user
                            rule: str = BLEND_RULE) -> tuple[Blend, dict]:
     """The blend that `rule` (BLEND_RULES) picks from summed `blend_statistics` of the validation
     NDCG@10. The best of 38 on a few hundred users is partly the luckiest (the winner's curse), so
-    the rules weigh the paired standard errors. Returns (the blend, what a summary says about it)."""
+    all rules but `best` weigh the paired standard errors. Returns (the blend, what a summary says about it)."""
     k = len(candidates)
     means, pair_se = paired_moments(statistics, users, k)
     best = int(np.argmax(means))
