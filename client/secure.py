@@ -120,7 +120,7 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
                     "sitting this round out")
         return _reply(msg, pack_shares_reply(SharesReply(identity_lost=True)))
     try:
-        params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients)
+        params = SecAggParams(request.neighbours, request.threshold, request.clip, request.max_clients, request.exact)
     except ValueError as err:   # e.g. a threshold that is no majority of the declared holders
         raise ProtocolViolation(str(err)) from None
     floor = int(context.node_config.get("secagg-min-neighbours", MIN_NEIGHBOURS))  # the device's own floor
@@ -137,7 +137,9 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
 def handle_masked(msg: Message, context: Context, train: Callable, config: RoundConfig,
                   noise_std: float = 0.0, *, min_alive: int = 0, exact_clip: float | None = None) -> Message:
     """`min_alive`: unmask only a sum of at least this many witnessed inputs (whatever the noise);
-    `exact_clip`: refuse unless the round's clip is this one (a contribution must never be rescaled)."""
+    `exact_clip`: a contribution of whole numbers (counts), summed exactly: refuse unless the round is
+    exact and its clip is this one (a contribution must never be rescaled). Without it, an exact round
+    is refused (a real-valued update is not made of 0s and 1s)."""
     try:
         return _masked(msg, context, train, config, noise_std, min_alive, exact_clip)
     except (ProtocolViolation, MalformedRecord) as err:
@@ -163,6 +165,9 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         # An exact contribution weighs 1, like every other: weights the server could tune per device
         # would zero the others' terms and leave one device's vector as the sum.
         raise ProtocolViolation(f"an exact contribution is summed with uniform weights, not {request.weighting!r}")
+    if client.params.exact != (exact_clip is not None):
+        raise ProtocolViolation("this contribution is " + ("whole counts, summed exactly" if exact_clip is not None
+                                                           else "real-valued") + "; the round's encoding is not")
     if exact_clip is not None and client.params.clip != exact_clip:
         # A smaller clip would scale each contribution by a factor that depends on its norm, and so
         # tag it: the sum's coordinates would tell the contributors apart.

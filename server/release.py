@@ -31,8 +31,6 @@ from fedrec.shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY
                                          ridge_for, symmetric, unit_sensitivity)
 from fedrec.shared.model.fusion import BLEND_STAGE, Blend, blends, choose_from_statistics, statistics_clip, statistics_size
 from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_blend_request, pack_round_config, to_record
-from fedrec.shared.secagg.fixed_point import quantisation_error_bound
-from fedrec.shared.secagg.params import SecAggParams
 
 log = logging.getLogger("fedrec.server")
 
@@ -112,16 +110,12 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
     if len(nodes) < floor:
         raise ReleaseFailed(f"{len(nodes)} devices, fewer than the co-occurrence sum's floor of {floor} "
                             "(--counts-min-devices): a sum over few devices would show their items")
-    # Whole counts decode exactly while the sum's rounding stays below 0.5 (the scale depends only on
-    # the clip and the number of summands, not on the graph).
-    worst = quantisation_error_bound(SecAggParams(1, 2, COUNTS_CLIP, len(nodes)), len(nodes))
-    if worst >= 0.5:
-        raise ReleaseFailed(f"{len(nodes):,} devices: the 32-bit ring's rounding could reach {worst:.2f} per count; "
-                            "the exact co-occurrence sum supports about 2,000 devices")
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
                                            stage=COUNTS_STAGE))
+    # Whole counts, summed as they are (no rounding) on a 16-bit ring while fewer than 32,768 devices
+    # add up (SecAggParams.exact): half the bytes and a quarter of the masking time of the 32-bit ring.
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, min_contributions=floor,
-                      size=counts_size(n_items))
+                      size=counts_size(n_items), exact=True)
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))
     outcome, record = _one_secure_sum(grid, cfg, round_id, nodes, task, out, progress, "the co-occurrence sum", secure)
     return np.rint(outcome.result.total), record

@@ -58,7 +58,7 @@ class SecureConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def params(self, n: int, clip: float) -> SecAggParams:
+    def params(self, n: int, clip: float, exact: bool = False) -> SecAggParams:
         auto = default_params(n, clip, dropout=self.dropout)
         k = min(self.neighbours or auto.neighbours, n - 1)
         k += k % 2 if k < n - 1 else 0   # the SecAgg+ ring graph has an even degree
@@ -67,7 +67,7 @@ class SecureConfig:
         if self.threshold and t != self.threshold:
             log.warning("secure aggregation: threshold %d does not fit a round of %d (degree %d); using %d",
                         self.threshold, n, k, t)
-        return SecAggParams(k, t, clip, n)
+        return SecAggParams(k, t, clip, n, exact)
 
 
 @dataclass
@@ -83,6 +83,7 @@ class SecureTask:
                                  # shares, or a floor on contributors), checked by clients too
     size: int = 0                # coordinates summed (0: those of `arrays`)
     noised: bool = False         # clients add distributed DP noise: the mean may exceed the clip
+    exact: bool = False          # whole counts in {0, 1}: summed exactly on the smaller ring (SecAggParams.exact)
     extra: dict = field(default_factory=dict)   # more records sent with the masked step (name -> record)
 
 
@@ -201,7 +202,7 @@ class SecureRound:
                   outcome: SecureOutcome) -> SecureSum:
         index = {node: i + 1 for i, node in enumerate(nodes)}
         node_of = {i: node for node, i in index.items()}
-        params = self.cfg.params(len(nodes), task.clip)
+        params = self.cfg.params(len(nodes), task.clip, task.exact)
         outcome.params = asdict(params)
         server = SecAggServer(len(nodes), params, round_id)
         registered = {u: self.identities[node] for node, u in index.items()}
@@ -221,7 +222,7 @@ class SecureRound:
         vectors = {}
         for node, content in masked.replies.items():
             try:
-                vectors[index[node]] = unpack_masked_reply(content, size)
+                vectors[index[node]] = unpack_masked_reply(content, size, params.dtype)
             except MalformedRecord as err:
                 outcome.reasons.append(f"node {node}: {err}; counted as dropped")
         alive, dropped = server.receive_masked(vectors)
@@ -290,7 +291,8 @@ class SecureRound:
                 index: dict, node_of: dict, outcome: SecureOutcome) -> dict:
         """Step 1: every client's mask key and sealed shares (client number -> SharesReply)."""
         result = self._step(grid, "shares", {node_of[u]: pack_shares_request(SharesRequest(
-            round_id, u, params.neighbours, params.threshold, params.clip, params.max_clients, registered[u], keys))
+            round_id, u, params.neighbours, params.threshold, params.clip, params.max_clients, registered[u], keys,
+            params.exact))
             for u, keys in identities.items()}, outcome, self.fail_on_error)
         shares = {}
         for node, content in result.replies.items():

@@ -11,7 +11,7 @@ Messages (Flower's message types) and their records:
                          <- "metrics" (one user's HR/NDCG/MRR @10 and users = 1)
   train.secagg_register  -> "secagg" {register}            <- "secagg" {identity}
   train.secagg_shares    -> SharesRequest                  <- SharesReply
-  train.secagg_masked    -> "arrays", "config", MaskedRequest   <- "masked" (one uint32 vector)
+  train.secagg_masked    -> "arrays", "config", MaskedRequest   <- "masked" (one vector of the round's ring: uint32, or uint16 for exact counts)
   train.secagg_confirm   -> ConfirmRequest (the view)      <- "secagg" {signature}
   train.secagg_unmask    -> UnmaskRequest (view, holders' signatures)   <- "shares" {owner: share}
   train.secagg_abort     -> the round id                   <- nothing
@@ -344,12 +344,14 @@ class SharesRequest:
     max_clients: int
     identity: bytes              # the identity record the server registered for this client
     neighbour_keys: dict[int, bytes]   # neighbour -> its identity record
+    exact: bool = False          # whole-number contributions on the smaller ring (SecAggParams.exact)
 
 
 def pack_shares_request(r: SharesRequest) -> RecordDict:
     return RecordDict({"secagg": ConfigRecord({"round-id": r.round_id, "index": r.index, "neighbours": r.neighbours,
                                                "threshold": r.threshold, "clip": r.clip,
-                                               "max-clients": r.max_clients, "identity": r.identity}),
+                                               "max-clients": r.max_clients, "identity": r.identity,
+                                               "exact": bool(r.exact)}),
                        "neighbour-keys": _id_record(r.neighbour_keys)})
 
 
@@ -357,7 +359,7 @@ def unpack_shares_request(content: RecordDict) -> SharesRequest:
     c = content["secagg"]
     return SharesRequest(_bytes(c["round-id"]), int(c["index"]), int(c["neighbours"]), int(c["threshold"]),
                          float(c["clip"]), int(c["max-clients"]), _bytes(c["identity"]),
-                         _ids(content["neighbour-keys"]))
+                         _ids(content["neighbour-keys"]), bool(c.get("exact", False)))
 
 
 @dataclass(frozen=True)
@@ -418,10 +420,11 @@ def pack_masked_reply(vector: np.ndarray) -> RecordDict:
     return RecordDict({"masked": ArrayRecord({"masked": Array(vector)})})
 
 
-def unpack_masked_reply(content: RecordDict, size: int) -> np.ndarray:
+def unpack_masked_reply(content: RecordDict, size: int, dtype: np.dtype = np.dtype(np.uint32)) -> np.ndarray:
+    """The masked vector: `size` elements of the round's ring (`SecAggParams.dtype`)."""
     record = content.get("masked")
     vector = record["masked"].numpy() if isinstance(record, ArrayRecord) and "masked" in record else None
-    if vector is None or vector.dtype != np.uint32 or vector.shape != (size,):
+    if vector is None or vector.dtype != np.dtype(dtype) or vector.shape != (size,):
         raise MalformedRecord("masked input malformed")
     return vector
 

@@ -154,11 +154,11 @@ class SecAggClient:
         is alive would read it from its self mask). Refuses a second masked input in a round."""
         inbox = self.open_inbox(inbox)
         y = quantise(vector, self.params, rng)
-        y += prg(self.self_seed, len(y))
+        y += prg(self.self_seed, len(y), y.dtype)
         self.masked = True
         s_key = load_private(self.s_private)
         for v in sorted(inbox):
-            mask = prg(pair_mask_seed(s_key, self.s_publics[v], self.round_id, self.index, v), len(y))
+            mask = prg(pair_mask_seed(s_key, self.s_publics[v], self.round_id, self.index, v), len(y), y.dtype)
             if self.index < v:
                 y += mask
             else:
@@ -255,7 +255,7 @@ class SecAggClient:
 
     def state(self) -> dict[str, bytes]:
         numbers = [self.index, self.params.neighbours, self.params.threshold, self.params.max_clients,
-                   self.min_neighbours, int(self.masked), int(self.answered), self.min_alive]
+                   self.min_neighbours, int(self.masked), int(self.answered), self.min_alive, int(self.params.exact)]
         return {"numbers": np.array(numbers, dtype=">i8").tobytes(),
                 "clip": np.array([self.params.clip], dtype=">f8").tobytes(),
                 **{name: getattr(self, name) for name in self._BYTES},
@@ -263,12 +263,12 @@ class SecAggClient:
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "SecAggClient":
-        index, k, t, n, floor, masked, answered, min_alive = (
+        index, k, t, n, floor, masked, answered, min_alive, exact = (
             int(x) for x in np.frombuffer(state["numbers"], dtype=">i8"))
         client = cls.__new__(cls)
         client.index, client.min_neighbours, client.masked, client.answered = index, floor, bool(masked), bool(answered)
         client.min_alive = min_alive
-        client.params = SecAggParams(k, t, float(np.frombuffer(state["clip"], dtype=">f8")[0]), n)
+        client.params = SecAggParams(k, t, float(np.frombuffer(state["clip"], dtype=">f8")[0]), n, bool(exact))
         for name in cls._BYTES:
             setattr(client, name, bytes(state[name]))
         for name in cls._MAPS:

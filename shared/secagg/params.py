@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RING_BITS = 32
+RING_BITS = 32                # the ring Z_2^32 of real-valued contributions (fixed point)
 HALF_RING = 2 ** (RING_BITS - 1)
+EXACT_RING_BITS = 16          # whole numbers in {0, 1} (counts): Z_2^16 holds a sum of up to 32,767 of them
 
 
 MIN_CLIENTS = 3      # a secure sum of fewer would tell each of two clients its partner's update
@@ -37,6 +38,8 @@ class SecAggParams:
     threshold: int         # t: shares needed to rebuild a secret, of the k + 1 holders
     clip: float            # each vector is clipped to this L2 norm before quantising
     max_clients: int       # most summands: sets the fixed-point scale so the sum never wraps
+    exact: bool = False    # whole numbers in {0, 1} (counts), summed as they are: scale 1, on the
+                           # smallest ring that holds max_clients of them (half the bytes and masks)
 
     def __post_init__(self):
         if not 1 <= self.threshold <= self.neighbours + 1:
@@ -48,16 +51,28 @@ class SecAggParams:
             raise ValueError("clip must be > 0 and max_clients >= 1")
 
     @property
+    def ring_bits(self) -> int:
+        """The ring Z_2^bits the masked vectors live in. Exact sums of at most 2^15 - 1 whole numbers
+        in {0, 1} fit 16 bits (the co-occurrence counts: 5.7 MB -> 2.8 MB a device at ML-100K)."""
+        return EXACT_RING_BITS if self.exact and self.max_clients < 2 ** (EXACT_RING_BITS - 1) else RING_BITS
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(f"<u{self.ring_bits // 8}")
+
+    @property
     def scale(self) -> float:
         """Fixed-point scale: max_clients values of magnitude <= bound (+1 from rounding) stay
-        inside the signed half of the ring, so the sum decodes exactly."""
+        inside the signed half of the ring, so the sum decodes exactly. Exact: 1 (whole numbers)."""
+        if self.exact:
+            return 1.0
         return (HALF_RING - 1) / (self.max_clients * (self.bound + 1))
 
     @property
     def bound(self) -> float:
         """Largest magnitude of one coordinate: the clip (L2 >= any coordinate), or 1 for a
-        weight in [0, 1]."""
-        return max(self.clip, 1.0)
+        weight in [0, 1]; exact: 1 (a count of 0 or 1)."""
+        return 1.0 if self.exact else max(self.clip, 1.0)
 
 
 def min_threshold(holders: int) -> int:

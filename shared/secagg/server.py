@@ -80,7 +80,7 @@ class SecAggServer:
         sent a masked input, dropped: shared keys but did not)."""
         self.alive = sorted(u for u in masked if u in self.shared)
         self._need(len(self.alive), "masked inputs")
-        self.total = np.zeros_like(next(iter(masked.values())), dtype=np.uint32)
+        self.total = np.zeros_like(next(iter(masked.values())), dtype=self.params.dtype)
         for u in self.alive:
             self.total += masked[u]
         return self.alive, sorted(self.shared - set(self.alive))
@@ -103,14 +103,14 @@ class SecAggServer:
         for u, shares in b_shares.items():
             seed = self._rebuild(shares, u, "self-mask seed",
                                  lambda seed, u=u: commit_seed(seed, self.round_id, u) == self.commitments[u])
-            total -= prg(seed, len(total))
+            total -= prg(seed, len(total), total.dtype)
         for u, shares in s_shares.items():
             s_private = self._rebuild(shares, u, "mask key", lambda key, u=u: public_bytes(
                 X25519PrivateKey.from_private_bytes(key)) == self.keys[u][1])
             s_key = load_private(s_private)
             for v in self.graph[u]:
                 if v in alive:  # v added +mask if v < u, else -mask: take it back out
-                    mask = prg(pair_mask_seed(s_key, self.keys[v][1], self.round_id, u, v), len(total))
+                    mask = prg(pair_mask_seed(s_key, self.keys[v][1], self.round_id, u, v), len(total), total.dtype)
                     if v < u:
                         total -= mask
                     else:

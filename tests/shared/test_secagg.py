@@ -112,6 +112,39 @@ def test_dropouts_before_masking_leave_the_survivors_sum():
     assert np.abs(total - sum(vectors[u] for u in survivors)).max() <= quantisation_error_bound(params, n)
 
 
+@pytest.mark.parametrize("gone_before,gone_after", [((), ()), ((3, 17, 30), ()), ((), (5, 11, 40))])
+def test_exact_counts_sum_exactly_on_the_16_bit_ring(gone_before, gone_after):
+    """Whole counts (0 or 1) go onto Z_2^16 as they are: the decoded sum is the exact integer sum,
+    survivors only when some drop before masking; each masked vector is half the 32-bit size."""
+    n, d = 48, 2_000
+    params = SecAggParams(**{**vars(default_params(n, clip=30.0, dropout=0.2)), "exact": True})
+    assert params.ring_bits == 16 and params.scale == 1.0
+    rng = np.random.default_rng(7)
+    vectors = {u: (rng.random(d) < 0.2).astype(np.float64) for u in range(1, n + 1)}
+    transcript = Transcript()
+    total, count = run_round(n, params, vectors, drop_before_masking=gone_before, drop_after_masking=gone_after,
+                             transcript=transcript)
+    survivors = [u for u in vectors if u not in gone_before]
+    assert count == len(survivors)
+    assert np.array_equal(total, sum(vectors[u] for u in survivors))
+    assert all(m.dtype == np.uint16 and m.nbytes == 2 * d for m in transcript.masked.values())
+
+
+def test_the_exact_ring_holds_its_population_and_takes_only_counts():
+    """16 bits while max_clients ones cannot wrap the signed half (2^15 - 1 of them), 32 past that;
+    anything but 0s and 1s is refused (it would be neither exact nor bounded)."""
+    from fedrec.shared.secagg.fixed_point import dequantise, quantise
+    assert SecAggParams(4, 4, 1.0, 32_767, exact=True).ring_bits == 16
+    assert SecAggParams(4, 4, 1.0, 32_768, exact=True).ring_bits == 32
+    assert SecAggParams(4, 4, 1.0, 100).ring_bits == 32
+    params = SecAggParams(4, 4, 1.0, 32_767, exact=True)
+    ones = quantise(np.ones(3), params, np.random.default_rng(0))
+    assert dequantise(ones * np.uint16(32_767), params, 32_767).tolist() == [32_767.0] * 3   # the most: no wrap
+    for bad in ([0.5, 1.0], [2.0], [-1.0]):
+        with pytest.raises(ValueError, match="only 0s and 1s"):
+            quantise(np.array(bad), params, np.random.default_rng(0))
+
+
 def test_too_many_dropouts_abort_the_round():
     n = 20
     params = SecAggParams(neighbours=8, threshold=7, clip=1.0, max_clients=n)
@@ -219,6 +252,9 @@ def test_client_state_survives_a_restart_between_steps():
     total, _ = server.unmask({u: clients[u].unmask_shares(alive, dropped, held)
                               for u, held in server.signatures_for(signatures).items()})
     assert np.abs(total - sum(vectors.values())).max() <= quantisation_error_bound(params, n)
+    exact = SecAggParams(**{**vars(params), "exact": True})
+    client = start_round(n, exact, b"r10")[0][1]
+    assert SecAggClient.from_state(client.state()).params == exact   # a restart keeps the ring
 
 
 @settings(max_examples=60, deadline=None)

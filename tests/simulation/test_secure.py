@@ -203,8 +203,10 @@ def test_the_secure_co_occurrence_sum_is_exactly_the_central_one(tmp_path):
     assert np.array_equal(cooccurrence_from_counts(r["counts"], prepared.split.n_items), X.T @ X)
     # The training rounds' registrations are reused: no node is asked to register again.
     assert "train.secagg_register" not in {reply.metadata.message_type for reply in r["replies"]}
-    for reply in r["replies"]:            # what reached the server: masked uint32 vectors, never counts
+    for reply in r["replies"]:   # what reached the server: masked vectors of the 16-bit ring, never counts
         assert "counts" not in reply.content and "metrics" not in reply.content
+        if reply.metadata.message_type == "train.secagg_masked":
+            assert [a.numpy().dtype for a in reply.content["masked"].values()] == [np.dtype(np.uint16)]
 
 
 def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_second_sum(tmp_path):
@@ -218,17 +220,17 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
     from fedrec.server.secure import SecureRound, SecureTask
     from fedrec.shared.data.catalog_bundle import load_catalog
     from fedrec.shared.privacy.cooccurrence import COUNTS_CLIP, COUNTS_STAGE, counts_size
-    from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_round_config
+    from fedrec.shared.protocol import PrivacyRound, RoundConfig, pack_round_config, to_record
 
     def body(grid, strategy, start):
         cfg, n_items = strategy.cfg, load_catalog(tmp_path / "store" / "catalog.npz").n_items
         nodes = sorted(grid.get_node_ids())
 
-        def crafted(round_id, chosen, clip, weighting="uniform", cap=1.0):
+        def crafted(round_id, chosen, clip, weighting="uniform", cap=1.0, exact=True):
             config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
                                                    stage=COUNTS_STAGE))
             task = SecureTask(ArrayRecord(), config, weighting, cap, clip=clip,
-                              size=counts_size(n_items))   # no floor on the server's side
+                              size=counts_size(n_items), exact=exact)   # no floor on the server's side
             return reused.run(grid, round_id, chosen, task)
 
         # One SecureRound for every sum, as a run reuses its training rounds' registrations in
@@ -241,6 +243,12 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
         # weighs ~0 would leave one device's counts as the sum; an infinite cap is malformed.
         weighed = crafted(5, nodes, COUNTS_CLIP, "examples", 1e300)
         infinite = crafted(6, nodes, COUNTS_CLIP, "examples", float("inf"))
+        # The encoding is the device's to check (integrity, not privacy: the masks are uniform on
+        # either ring): counts only on the exact ring, a real-valued update never on it.
+        inexact = crafted(7, nodes, COUNTS_CLIP, exact=False)
+        training = reused.run(grid, 8, nodes[:12], SecureTask(
+            to_record(start), pack_round_config(RoundConfig(8, cfg.seed, cfg.local, cfg.model, PrivacyRound())),
+            "uniform", 1.0, clip=cfg.local.clip, exact=True))
         honest = sum_item_counts(grid, cfg, n_items, 3, tmp_path / "out", secure=reused)[1]
         try:
             sum_item_counts(grid, cfg, n_items, 4, tmp_path / "out", secure=reused)
@@ -248,12 +256,14 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
         except ReleaseFailed as err:
             again = str(err)
         return {"rescaled": rescaled, "thin": thin, "honest": honest, "again": again, "weighed": weighed,
-                "infinite": infinite}
+                "infinite": infinite, "inexact": inexact, "training": training}
 
     r = run_in_simulation(tmp_path, body)
     assert r["weighed"].result is None and any("uniform weights" in reason for reason in r["weighed"].reasons)
     assert r["infinite"].result is None and any("weight cap" in reason for reason in r["infinite"].reasons)
     assert r["rescaled"].result is None and any("clip" in reason for reason in r["rescaled"].reasons)
+    assert r["inexact"].result is None and any("whole counts, summed exactly" in reason for reason in r["inexact"].reasons)
+    assert r["training"].result is None and any("real-valued" in reason for reason in r["training"].reasons)
     # A round of 5 is refused before anything is computed (a server that declared a larger round
     # would meet the witness check at unmasking: tests/shared/test_secagg_attacks.py).
     assert r["thin"].result is None and any("needs a sum of >= 10" in reason for reason in r["thin"].reasons)
