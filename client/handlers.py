@@ -203,7 +203,7 @@ def _item_counts_masked(msg: Message, context: Context, settings: dict, config: 
         return {"counts": cooccurrence.counts_contribution(items, n_items)}, TrainMetrics(1.0)
 
     return secure.handle_masked(msg, context, contribute, config, noise_std=0.0, min_alive=floor,
-                                exact_clip=cooccurrence.COUNTS_CLIP)
+                                exact_clip=cooccurrence.COUNTS_CLIP, whole=True)
 
 
 def _blend_masked(msg: Message, context: Context, settings: dict, config: RoundConfig) -> Message:

@@ -135,19 +135,20 @@ def _shares(msg: Message, context: Context, settings: dict) -> Message:
 
 
 def handle_masked(msg: Message, context: Context, train: Callable, config: RoundConfig,
-                  noise_std: float = 0.0, *, min_alive: int = 0, exact_clip: float | None = None) -> Message:
+                  noise_std: float = 0.0, *, min_alive: int = 0, exact_clip: float | None = None,
+                  whole: bool = False) -> Message:
     """`min_alive`: unmask only a sum of at least this many witnessed inputs (whatever the noise);
-    `exact_clip`: a contribution of whole numbers (counts), summed exactly: refuse unless the round is
-    exact and its clip is this one (a contribution must never be rescaled). Without it, an exact round
-    is refused (a real-valued update is not made of 0s and 1s)."""
+    `exact_clip`: refuse unless the round's clip is this one (a contribution must never be rescaled);
+    `whole`: the contribution is whole counts (0s and 1s), summed exactly: refuse a round that is not
+    exact, and, without it, one that is (a real-valued vector is not made of 0s and 1s)."""
     try:
-        return _masked(msg, context, train, config, noise_std, min_alive, exact_clip)
+        return _masked(msg, context, train, config, noise_std, min_alive, exact_clip, whole)
     except (ProtocolViolation, MalformedRecord) as err:
         return _refuse(msg, context, err)
 
 
 def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig, noise_std: float,
-            min_alive: int = 0, exact_clip: float | None = None) -> Message:
+            min_alive: int = 0, exact_clip: float | None = None, whole: bool = False) -> Message:
     """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
     quantised contribution. A client that refused to train (privacy budget)
     contributes weight 0: the server cannot tell it from the others. With distributed DP
@@ -165,9 +166,9 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         # An exact contribution weighs 1, like every other: weights the server could tune per device
         # would zero the others' terms and leave one device's vector as the sum.
         raise ProtocolViolation(f"an exact contribution is summed with uniform weights, not {request.weighting!r}")
-    if client.params.exact != (exact_clip is not None):
-        raise ProtocolViolation("this contribution is " + ("whole counts, summed exactly" if exact_clip is not None
-                                                           else "real-valued") + "; the round's encoding is not")
+    if client.params.exact != whole:
+        raise ProtocolViolation("this contribution is " + ("whole counts, summed exactly" if whole else "real-valued")
+                                + "; the round's encoding is not")
     if exact_clip is not None and client.params.clip != exact_clip:
         # A smaller clip would scale each contribution by a factor that depends on its norm, and so
         # tag it: the sum's coordinates would tell the contributors apart.
