@@ -38,7 +38,6 @@ from fedrec.shared.protocol import (ConfirmRequest, MalformedRecord, MaskedReque
                              pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
                              pack_shares_request, pack_unmask_request, secagg_message_type, unpack_confirm_reply,
                              unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
-from fedrec.shared.secagg.client import reachable
 from fedrec.shared.secagg.fixed_point import decode_mean
 from fedrec.shared.secagg.identity import IdentityRecord, verify_view, view_message
 from fedrec.shared.secagg.params import RoundAborted, SecAggParams, default_params, min_threshold
@@ -122,21 +121,6 @@ def check_plausible(mean: np.ndarray, weight: float, loss_sum: float, count: int
 
 
 REGISTER_ALL_UP_TO = 5_000   # nodes: at ML-100K's 943 one exchange of 6 s, instead of one more step in ~100 rounds
-
-
-def witnesses_to_show(graph: dict[int, list[int]], witnesses: dict[int, bytes], needed: int):
-    """client -> the witnesses it is sent: `needed` of those in its part of the round (the alive
-    inputs it reaches through alive neighbours, the only ones it counts), not all of them. Each is
-    a distinct enrolled device's signature of a view that calls it alive, which a device gives only
-    after sending its masked input: `needed` of them prove the floor as well as all would. Sending
-    every one made each unmask message 240 KB in ML-100K's counts round (943 x 256 bytes)."""
-    part_of: dict[int, list[int]] = {}
-    for u in sorted(witnesses):
-        if u not in part_of:
-            members = sorted(reachable(graph, set(witnesses), u))
-            for v in members:
-                part_of[v] = members
-    return lambda u: {v: witnesses[v] for v in part_of.get(u, [])[:needed]}
 
 
 class SecureRound:
@@ -248,16 +232,16 @@ class SecureRound:
                                "whose noise shares (or floor on contributors) the round counts on")
         signatures = self._confirm(grid, round_id, alive, dropped, index, node_of,
                                    (params.max_clients, params.neighbours), outcome)
-        # A floor on contributors (noise shares, counts): signed alive inputs' records and signatures,
-        # for the clients to check that the alive count they are shown is of real devices.
+        # A floor on contributors (noise shares, counts): every signed alive input's record and
+        # signature, for the clients to check that the alive count they are shown is of real devices.
+        # All of them, not just the server's floor: a device may hold a higher floor of its own.
         witnesses = ({u: registered[u] + signatures[u] for u in alive if u in signatures}
                      if task.min_contributions else {})
         if len(witnesses) < task.min_contributions:   # the clients would refuse: do not ask them
             raise RoundAborted(f"{len(witnesses)} witnessed inputs, fewer than the {task.min_contributions} "
                                "whose noise shares (or floor on contributors) the round counts on")
-        shown = witnesses_to_show(server.graph, witnesses, task.min_contributions)
         answers = self._step(grid, "unmask", {node_of[u]: pack_unmask_request(UnmaskRequest(
-            round_id, alive, dropped, held, shown(u))) for u, held in server.signatures_for(signatures).items()},
+            round_id, alive, dropped, held, witnesses)) for u, held in server.signatures_for(signatures).items()},
             outcome, self.fail_on_error)
         started = time.perf_counter()
         unmasked = {}

@@ -291,31 +291,3 @@ def test_a_short_inbox_is_refused_before_the_device_trains_or_spends(node):
     reply = secure.handle_masked(_message(request, "masked"), node, lambda: trained.append(1), config)
     assert "fewer than threshold" in refusal_of(reply.content) and trained == []
 
-
-def test_the_server_shows_each_client_only_the_witnesses_its_floor_needs_and_they_still_prove_it():
-    """The server sends each client `needed` witnesses from its own part of the round instead of all
-    of them (server/secure.py: witnesses_to_show): the honest client accepts them, and a client in a
-    part cut short still refuses, as it does when shown everything."""
-    import hashlib
-
-    from fedrec.server.secure import witnesses_to_show
-    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=20)
-    clients, server = _masked_round(20, params, b"trimmed")
-    everyone = (list(range(1, 21)), [])
-    signed = {u: clients[u].confirm(*everyone, clients[u].credentials) for u in clients}
-    shown = witnesses_to_show(server.graph, {u: server.identities[u] + signed[u] for u in clients}, 12)
-    for u, client in clients.items():
-        client.min_alive = 12
-        assert len(shown(u)) == 12
-        assert client.unmask_shares(*everyone, signed, shown(u))
-    clients, server = _masked_round(20, params, b"cut")
-    order = np.random.default_rng(np.frombuffer(hashlib.sha256(b"cut").digest(), dtype=np.uint32)).permutation(20) + 1
-    dropped = sorted(int(order[i]) for i in (0, 1, 10, 11))
-    view = ([u for u in range(1, 21) if u not in dropped], dropped)
-    signed = {u: clients[u].confirm(*view, clients[u].credentials) for u in view[0]}
-    shown = witnesses_to_show(server.graph, {u: server.identities[u] + signed[u] for u in view[0]}, 10)
-    middle = int(order[5])
-    assert len(shown(middle)) == 8                     # its part: 8 alive inputs, all it is shown
-    clients[middle].min_alive = 10
-    with pytest.raises(ProtocolViolation, match="in this client's part of the round"):
-        clients[middle].unmask_shares(*view, signed, shown(middle))
