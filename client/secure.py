@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedrec.client.store import device_files
 from fedrec.shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
                              pack_masked_reply, pack_refusal, pack_register_reply, pack_shares_reply,
-                             pack_unmask_reply, unit_weight, unpack_confirm_request, unpack_masked_request,
+                             pack_unmask_reply, task_digest, unit_weight, unpack_confirm_request, unpack_masked_request,
                              unpack_shares_request, unpack_unmask_request)
 from fedrec.shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from fedrec.shared.secagg.fixed_point import encode_contribution
@@ -147,6 +147,21 @@ def handle_masked(msg: Message, context: Context, train: Callable, config: Round
         return _refuse(msg, context, err)
 
 
+def _check_encoding(params: SecAggParams, weighting: str, exact_clip: float | None, whole: bool) -> None:
+    """Refuse a round whose encoding is not the one this contribution was made for."""
+    if exact_clip is not None and weighting != "uniform":
+        # An exact contribution weighs 1, like every other: weights the server could tune per device
+        # would zero the others' terms and leave one device's vector as the sum.
+        raise ProtocolViolation(f"an exact contribution is summed with uniform weights, not {weighting!r}")
+    if params.exact != whole:
+        raise ProtocolViolation("this contribution is " + ("whole counts, summed exactly" if whole else "real-valued")
+                                + "; the round's encoding is not")
+    if exact_clip is not None and params.clip != exact_clip:
+        # A smaller clip would scale each contribution by a factor that depends on its norm, and so
+        # tag it: the sum's coordinates would tell the contributors apart.
+        raise ProtocolViolation(f"the round's clip {params.clip!r} is not this contribution's {exact_clip!r}")
+
+
 def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig, noise_std: float,
             min_alive: int = 0, exact_clip: float | None = None, whole: bool = False) -> Message:
     """Train as in a plain round (`train() -> (delta, TrainMetrics)`), then send only the masked,
@@ -162,17 +177,7 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         # More shares than the round has clients: the sum would carry less noise than claimed.
         raise ProtocolViolation(f"noise split into {shares} shares but the round has at most "
                                 f"{client.params.max_clients} clients")
-    if exact_clip is not None and request.weighting != "uniform":
-        # An exact contribution weighs 1, like every other: weights the server could tune per device
-        # would zero the others' terms and leave one device's vector as the sum.
-        raise ProtocolViolation(f"an exact contribution is summed with uniform weights, not {request.weighting!r}")
-    if client.params.exact != whole:
-        raise ProtocolViolation("this contribution is " + ("whole counts, summed exactly" if whole else "real-valued")
-                                + "; the round's encoding is not")
-    if exact_clip is not None and client.params.clip != exact_clip:
-        # A smaller clip would scale each contribution by a factor that depends on its norm, and so
-        # tag it: the sum's coordinates would tell the contributors apart.
-        raise ProtocolViolation(f"the round's clip {client.params.clip!r} is not this contribution's {exact_clip!r}")
+    _check_encoding(client.params, request.weighting, exact_clip, whole)
     if min_alive > client.params.max_clients:
         raise ProtocolViolation(f"this contribution needs a sum of >= {min_alive} inputs; the round has at most "
                                 f"{client.params.max_clients}")
@@ -201,7 +206,13 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
         vector[:-2] = np.clip(add_noise_share(vector[:-2], noise_std), -client.params.bound, client.params.bound)
     # Stochastic rounding draws from the OS, never from the run's seed (the server's): a server
     # that knew the draws could undo the rounding's randomness.
-    masked = client.masked_input(vector, inbox, np.random.default_rng(secrets.randbits(128)))
+    # The view it signs names what it was asked to do: its holders and witnesses must have done the same.
+    client.task = task_digest(config, request.weighting, request.weight_cap, client.params.clip, client.params.exact,
+                              len(vector))
+    try:
+        masked = client.masked_input(vector, inbox, np.random.default_rng(secrets.randbits(128)))
+    except ValueError as err:   # e.g. an exact round and a vector that is not 0s and 1s
+        raise ProtocolViolation(str(err)) from None
     _save(context, client)
     # Nothing else: no example count, loss or timing of this user leaves in the clear.
     return _reply(msg, pack_masked_reply(masked))

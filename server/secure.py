@@ -36,8 +36,9 @@ from flwr.serverapp import Grid
 from fedrec.server.exchange import Exchange, exchange
 from fedrec.shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
                              pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
-                             pack_shares_request, pack_unmask_request, secagg_message_type, unpack_confirm_reply,
-                             unpack_masked_reply, unpack_register_reply, unpack_shares_reply, unpack_unmask_reply)
+                             pack_shares_request, pack_unmask_request, secagg_message_type, task_digest,
+                             unpack_confirm_reply, unpack_masked_reply, unpack_register_reply, unpack_round_config,
+                             unpack_shares_reply, unpack_unmask_reply)
 from fedrec.shared.secagg.fixed_point import decode_mean
 from fedrec.shared.secagg.identity import IdentityRecord, verify_view, view_message
 from fedrec.shared.secagg.params import RoundAborted, SecAggParams, default_params, min_threshold
@@ -230,8 +231,8 @@ class SecureRound:
             # Before any unmask share is asked for: a sum of fewer is never opened.
             raise RoundAborted(f"{len(alive)} contributions, fewer than the {task.min_contributions} "
                                "whose noise shares (or floor on contributors) the round counts on")
-        signatures = self._confirm(grid, round_id, alive, dropped, index, node_of,
-                                   (params.max_clients, params.neighbours), outcome)
+        signatures = self._confirm(grid, round_id, alive, dropped, index, node_of, params,
+                                   self._asked(task, params, size), outcome)
         # A floor on contributors (noise shares, counts): every signed alive input's record and
         # signature, for the clients to check that the alive count they are shown is of real devices.
         # All of them, not just the server's floor: a device may hold a higher floor of its own.
@@ -270,8 +271,15 @@ class SecureRound:
         outcome.reasons += [f"node {node}: blamed by {count} neighbour(s) for messages that fail authentication"
                             for node, count in sorted(blamed.items())]
 
+    @staticmethod
+    def _asked(task: SecureTask, params: SecAggParams, size: int) -> bytes:
+        """What the round asked of every client, as each signs it into its view (an honest server asks
+        all the same)."""
+        return task_digest(unpack_round_config(task.config), task.weighting, task.weight_cap, params.clip,
+                           params.exact, size)
+
     def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], index: dict,
-                 node_of: dict, graph: tuple[int, int], outcome: SecureOutcome) -> dict[int, bytes]:
+                 node_of: dict, params: SecAggParams, task: bytes, outcome: SecureOutcome) -> dict[int, bytes]:
         """Step 3, the consistency round: every alive client signs the one view of the round;
         client number -> its signature (each client checks its holders' before revealing)."""
         result = self._step(grid, "confirm", {node_of[u]: pack_confirm_request(ConfirmRequest(round_id, alive, dropped))
@@ -280,7 +288,7 @@ class SecureRound:
         for node, content in result.replies.items():
             try:
                 signature = unpack_confirm_reply(content)
-                view = view_message(round_id, alive, dropped, graph, index[node])
+                view = view_message(round_id, alive, dropped, (params.max_clients, params.neighbours), index[node], task)
                 if not verify_view(IdentityRecord.from_bytes(self.identities[node]).device_public, signature, view):
                     raise MalformedRecord("view signature does not verify")
                 signatures[index[node]] = signature

@@ -24,6 +24,8 @@ Flower decodes each array with `np.load`, which took 2.7 ms per message of 34 ar
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -385,6 +387,17 @@ def unpack_shares_reply(content: RecordDict) -> SharesReply:
         return SharesReply(_bytes(c["s-public"]), _bytes(c["b-commitment"]), _ids(content["shares"]))
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedRecord(f"shares reply: {err!r}") from None
+
+
+def task_digest(config: RoundConfig, weighting: str, weight_cap: float, clip: float, exact: bool, size: int) -> bytes:
+    """What a secure round asks of every contributor, in 32 bytes each client signs into its view of
+    the round (shared/secagg/identity.py: view_message): the round config (stage, privacy, model),
+    the weighting and its cap, the clip, the ring's encoding and the vector's length. Holders' and
+    witnesses' signatures then vouch for devices that did the same task: a server cannot count devices
+    it gave a zero-weight training task toward the floor of a device it asked for its counts."""
+    description = json.dumps({"config": asdict(config), "weighting": weighting, "weight-cap": float(weight_cap),
+                              "clip": float(clip), "exact": bool(exact), "size": int(size)}, sort_keys=True)
+    return hashlib.sha256(b"fedrec-secagg-task|" + description.encode()).digest()
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class SecAggClient:
         self.devices: dict[int, bytes] = {}      # neighbours' device keys: they sign the view
         self.seal_keys: dict[int, bytes] = {}    # neighbour -> the round's key for shares to and from it
         self.view = b""                          # the view this client signed (once per round)
+        self.task = b""                          # what the round asked of it (shared/protocol.py: task_digest)
         self.masked = False                      # a masked input was sent this round (once only)
         self.answered = False
         self.min_alive = 0                       # distributed DP: the fewest inputs whose sum it helps unmask
@@ -68,7 +69,7 @@ class SecAggClient:
     def _view(self, alive: list[int], dropped: list[int], signer: int) -> bytes:
         try:
             return view_message(self.round_id, alive, dropped, (self.params.max_clients, self.params.neighbours),
-                                signer)
+                                signer, self.task)
         except ValueError as err:
             raise ProtocolViolation(str(err)) from None
 
@@ -251,7 +252,7 @@ class SecAggClient:
 
     # persistence between steps, in the client's own (never sent) state
     _MAPS = ("s_publics", "held", "c_publics", "devices", "seal_keys")
-    _BYTES = ("round_id", "c_private", "ca_public", "own_device", "s_private", "self_seed", "view")
+    _BYTES = ("round_id", "c_private", "ca_public", "own_device", "s_private", "self_seed", "view", "task")
 
     def state(self) -> dict[str, bytes]:
         numbers = [self.index, self.params.neighbours, self.params.threshold, self.params.max_clients,

@@ -140,12 +140,14 @@ def identity_record(credentials: DeviceCredentials, identity_public: bytes) -> I
                           credentials.sign(IDENTITY + identity_public))
 
 
-def view_message(round_id: bytes, alive: list[int], dropped: list[int], graph: tuple[int, int], signer: int) -> bytes:
+def view_message(round_id: bytes, alive: list[int], dropped: list[int], graph: tuple[int, int], signer: int,
+                 task: bytes = b"") -> bytes:
     """The bytes client `signer` signs to say: in this round (whose neighbour graph is fixed by the
-    round id and `graph` = (clients, degree)), these sent a masked input, these did not. Naming the
-    signer ties a signature to its number; naming the graph stops a server from showing clients
-    different graphs. Raises ValueError for a number outside 0..2^32 - 1."""
-    return VIEW + round_id + _uint32s([*graph, signer]) + _counted(alive) + _counted(dropped)
+    round id and `graph` = (clients, degree)), doing `task` (shared/protocol.py: task_digest), these
+    sent a masked input, these did not. Naming the signer ties a signature to its number; naming the
+    graph stops a server from showing clients different graphs; naming the task, from counting
+    devices it gave another task. Raises ValueError for a number outside 0..2^32 - 1."""
+    return VIEW + round_id + _uint32s([*graph, signer]) + _counted(alive) + _counted(dropped) + task
 
 
 def _counted(ids: list[int]) -> bytes:

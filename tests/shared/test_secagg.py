@@ -140,6 +140,8 @@ def test_the_exact_ring_holds_its_population_and_takes_only_counts():
     params = SecAggParams(4, 4, 1.0, 32_767, exact=True)
     ones = quantise(np.ones(3), params, np.random.default_rng(0))
     assert dequantise(ones * np.uint16(32_767), params, 32_767).tolist() == [32_767.0] * 3   # the most: no wrap
+    assert dequantise(np.array([0xFFFF, 0x8000], np.uint16), params, 1).tolist() == [-1.0, -32_768.0]  # signed
+    assert prg(b"k" * 32, 5, params.dtype).dtype == np.uint16 and prg(b"k" * 32, 5).dtype == np.uint32
     for bad in ([0.5, 1.0], [2.0], [-1.0]):
         with pytest.raises(ValueError, match="only 0s and 1s"):
             quantise(np.array(bad), params, np.random.default_rng(0))

@@ -291,3 +291,32 @@ def test_a_short_inbox_is_refused_before_the_device_trains_or_spends(node):
     reply = secure.handle_masked(_message(request, "masked"), node, lambda: trained.append(1), config)
     assert "fewer than threshold" in refusal_of(reply.content) and trained == []
 
+
+
+def test_a_device_refuses_to_unmask_when_its_holders_and_witnesses_did_another_task():
+    """The mixed-task attack of the session-17 review, by a malicious server: it asks one device for
+    its counts and every other for a training update it weighs at ~0 (an "examples" cap of 1e300),
+    so the sum is that device's counts, while the others' signatures of the same alive list vouched
+    for it as holders and as witnesses of the floor. The task is now in the view each signs
+    (shared/protocol.py: task_digest): theirs name another task, and the device refuses."""
+    from fedrec.shared.model.config import ModelHyper
+    from fedrec.shared.privacy.cooccurrence import COUNTS_STAGE
+    from fedrec.shared.protocol import LocalConfig, RoundConfig, task_digest
+    counts = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper(), stage=COUNTS_STAGE), "uniform", 1.0, 1.0,
+                         True, 12)
+    training = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper()), "examples", 1e300, 1.0, False, 12)
+    assert counts != training
+    params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=10)
+    everyone = (list(range(1, 11)), [])
+    for mixed in (True, False):
+        clients, server = _masked_round(10, params, b"mixed" if mixed else b"same")
+        for u, client in clients.items():
+            client.task, client.min_alive = (counts if u == 1 or not mixed else training), 10
+        signed = {u: clients[u].confirm(*everyone, clients[u].credentials) for u in clients}
+        witnesses = {u: server.identities[u] + signed[u] for u in clients}
+        holders = {v: signed[v] for v in [*server.graph[1], 1]}
+        if mixed:
+            with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
+                clients[1].unmask_shares(*everyone, holders, witnesses)
+        else:
+            assert clients[1].unmask_shares(*everyone, holders, witnesses)   # the same task: answered

@@ -243,8 +243,8 @@ def test_a_server_gets_no_device_s_counts_from_a_thin_sum_a_rescaled_one_or_a_se
         # weighs ~0 would leave one device's counts as the sum; an infinite cap is malformed.
         weighed = crafted(5, nodes, COUNTS_CLIP, "examples", 1e300)
         infinite = crafted(6, nodes, COUNTS_CLIP, "examples", float("inf"))
-        # The encoding is the device's to check (integrity, not privacy: the masks are uniform on
-        # either ring): counts only on the exact ring, a real-valued update never on it.
+        # The encoding is the device's to check: counts only on the exact ring, a real-valued update
+        # never on it (a round mixing them across devices is refused at unmasking: the task is in the view).
         inexact = crafted(7, nodes, COUNTS_CLIP, exact=False)
         training = reused.run(grid, 8, nodes[:12], SecureTask(
             to_record(start), pack_round_config(RoundConfig(8, cfg.seed, cfg.local, cfg.model, PrivacyRound())),
