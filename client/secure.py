@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedrec.client.store import device_files
 from fedrec.shared.protocol import (MalformedRecord, RoundConfig, SharesReply, clip_l2, flatten, pack_confirm_reply,
                              pack_masked_reply, pack_refusal, pack_register_reply, pack_shares_reply,
-                             pack_unmask_reply, task_digest, unit_weight, unpack_confirm_request, unpack_masked_request,
+                             pack_unmask_reply, inputs_digest, task_digest, unit_weight, unpack_confirm_request, unpack_masked_request,
                              unpack_shares_request, unpack_unmask_request)
 from fedrec.shared.secagg.client import SecAggClient, identity_public, new_identity_key
 from fedrec.shared.secagg.fixed_point import encode_contribution
@@ -208,7 +208,7 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
     # that knew the draws could undo the rounding's randomness.
     # The view it signs names what it was asked to do: its holders and witnesses must have done the same.
     client.task = task_digest(config, request.weighting, request.weight_cap, client.params.clip, client.params.exact,
-                              len(vector))
+                              len(vector), inputs_digest(dict(msg.content.items())))
     try:
         masked = client.masked_input(vector, inbox, np.random.default_rng(secrets.randbits(128)))
     except ValueError as err:   # e.g. an exact round and a vector that is not 0s and 1s

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from fedrec.server.exchange import Exchange, exchange
 from fedrec.shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
                              pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
-                             pack_shares_request, pack_unmask_request, secagg_message_type, task_digest,
+                             inputs_digest, pack_shares_request, pack_unmask_request, secagg_message_type, task_digest,
                              unpack_confirm_reply, unpack_masked_reply, unpack_register_reply, unpack_round_config,
                              unpack_shares_reply, unpack_unmask_reply)
 from fedrec.shared.secagg.fixed_point import decode_mean
@@ -276,7 +276,7 @@ class SecureRound:
         """What the round asked of every client, as each signs it into its view (an honest server asks
         all the same)."""
         return task_digest(unpack_round_config(task.config), task.weighting, task.weight_cap, params.clip,
-                           params.exact, size)
+                           params.exact, size, inputs_digest({**task.extra, "arrays": task.arrays, "config": task.config}))
 
     def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], index: dict,
                  node_of: dict, params: SecAggParams, task: bytes, outcome: SecureOutcome) -> dict[int, bytes]:

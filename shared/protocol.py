@@ -389,15 +389,38 @@ def unpack_shares_reply(content: RecordDict) -> SharesReply:
         raise MalformedRecord(f"shares reply: {err!r}") from None
 
 
-def task_digest(config: RoundConfig, weighting: str, weight_cap: float, clip: float, exact: bool, size: int) -> bytes:
+def task_digest(config: RoundConfig, weighting: str, weight_cap: float, clip: float, exact: bool, size: int,
+                inputs: bytes) -> bytes:
     """What a secure round asks of every contributor, in 32 bytes each client signs into its view of
     the round (shared/secagg/identity.py: view_message): the round config (stage, privacy, model),
-    the weighting and its cap, the clip, the ring's encoding and the vector's length. Holders' and
-    witnesses' signatures then vouch for devices that did the same task: a server cannot count devices
-    it gave a zero-weight training task toward the floor of a device it asked for its counts."""
+    the weighting and its cap, the clip, the ring's encoding, the vector's length and the inputs it
+    was sent (`inputs_digest`: the weights, the blend round's counts and candidates). Holders' and
+    witnesses' signatures then vouch for devices given the same task: a server cannot count devices
+    it gave a zero-weight training task, or an encoder whose answers it can predict, toward the floor
+    of a device it asked for its counts or its validation statistics."""
     description = json.dumps({"config": asdict(config), "weighting": weighting, "weight-cap": float(weight_cap),
-                              "clip": float(clip), "exact": bool(exact), "size": int(size)}, sort_keys=True)
+                              "clip": float(clip), "exact": bool(exact), "size": int(size), "inputs": inputs.hex()},
+                             sort_keys=True)
     return hashlib.sha256(b"fedrec-secagg-task|" + description.encode()).digest()
+
+
+MASKING_RECORDS = ("secagg", "inbox", "mask-keys")   # a masked request's per-client records (not its task)
+
+
+def inputs_digest(records: dict) -> bytes:
+    """SHA-256 of a masked request's task records (every record but MASKING_RECORDS), byte for byte:
+    each array's dtype, shape and data, each config or metric entry's type and value."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in records if n not in MASKING_RECORDS):
+        record = records[name]
+        digest.update(f"|{name}:{type(record).__name__}|".encode())
+        for key in sorted(record.keys()):
+            value = record[key]
+            if isinstance(value, Array):
+                digest.update(f"{key}={value.dtype}{tuple(value.shape)}{value.stype}:".encode() + value.data)
+            else:
+                digest.update(f"{key}={type(value).__name__}:{value!r};".encode())
+    return digest.digest()
 
 
 @dataclass(frozen=True)

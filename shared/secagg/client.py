@@ -271,7 +271,7 @@ class SecAggClient:
         client.min_alive = min_alive
         client.params = SecAggParams(k, t, float(np.frombuffer(state["clip"], dtype=">f8")[0]), n, bool(exact))
         for name in cls._BYTES:
-            setattr(client, name, bytes(state[name]))
+            setattr(client, name, bytes(state.get(name, b"")))
         for name in cls._MAPS:
             setattr(client, name, _unpack(bytes(state[name])))
         return client

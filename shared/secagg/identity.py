@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 ENROLMENT = b"fedrec-enrolment-v1|"
 IDENTITY = b"fedrec-secagg-identity-v1|"
-VIEW = b"fedrec-secagg-view-v1|"
+VIEW = b"fedrec-secagg-view-v2|"   # v2: the task is in the view (session 17)
 RECORD_BYTES = 32 + 32 + 64 + 64
 
 
@@ -141,7 +141,7 @@ def identity_record(credentials: DeviceCredentials, identity_public: bytes) -> I
 
 
 def view_message(round_id: bytes, alive: list[int], dropped: list[int], graph: tuple[int, int], signer: int,
-                 task: bytes = b"") -> bytes:
+                 task: bytes) -> bytes:
     """The bytes client `signer` signs to say: in this round (whose neighbour graph is fixed by the
     round id and `graph` = (clients, degree)), doing `task` (shared/protocol.py: task_digest), these
     sent a masked input, these did not. Naming the signer ties a signature to its number; naming the

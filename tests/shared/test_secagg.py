@@ -338,6 +338,6 @@ def test_a_view_naming_a_client_number_outside_32_bits_is_refused_not_a_crash():
     from fedrec.shared.secagg.identity import view_message
     for bad in ([2 ** 32], [-1], [2 ** 70]):
         with pytest.raises(ValueError, match="outside 0..2"):
-            view_message(b"r" * 16, bad, [], (3, 2), 1)
+            view_message(b"r" * 16, bad, [], (3, 2), 1, b"")
         with pytest.raises(ValueError, match="outside 0..2"):
-            view_message(b"r" * 16, [1, 2], bad, (3, 2), 1)
+            view_message(b"r" * 16, [1, 2], bad, (3, 2), 1, b"")

@@ -73,8 +73,8 @@ def test_split_views_with_a_colluder_reveal_neither_secret():
     signed_a = {u: clients[u].confirm(*alive_view, clients[u].credentials) for u in (1, 2)}
     signed_b = {u: clients[u].confirm(*dropped_view, clients[u].credentials) for u in (3, 4)}
     colluder = clients[5].credentials
-    signed_a[5] = colluder.sign(view_message(b"split", *alive_view, (5, 4), 5))
-    signed_b[5] = colluder.sign(view_message(b"split", *dropped_view, (5, 4), 5))
+    signed_a[5] = colluder.sign(view_message(b"split", *alive_view, (5, 4), 5, b""))
+    signed_b[5] = colluder.sign(view_message(b"split", *dropped_view, (5, 4), 5, b""))
     for u, view, signed in [(1, alive_view, signed_a), (2, alive_view, signed_a),
                             (3, dropped_view, signed_b), (4, dropped_view, signed_b)]:
         with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
@@ -254,7 +254,7 @@ def test_an_alive_list_padded_or_cut_does_not_thin_the_noise():
     for u in range(6, 21):
         device = rogue.enrol()
         fakes[u] = (identity_record(device, identity_public(new_identity_key())).to_bytes()
-                    + device.sign(view_message(b"padded", *everyone, (20, 4), u)))
+                    + device.sign(view_message(b"padded", *everyone, (20, 4), u, b"")))
     with pytest.raises(ProtocolViolation, match="no enrolled device's signature"):
         clients[3].unmask_shares(*everyone, signed, {**real, **fakes})
     with pytest.raises(ProtocolViolation, match="witnessed inputs"):
@@ -302,10 +302,18 @@ def test_a_device_refuses_to_unmask_when_its_holders_and_witnesses_did_another_t
     from fedrec.shared.model.config import ModelHyper
     from fedrec.shared.privacy.cooccurrence import COUNTS_STAGE
     from fedrec.shared.protocol import LocalConfig, RoundConfig, task_digest
+    from flwr.app import Array, ArrayRecord
+    from fedrec.shared.protocol import inputs_digest
     counts = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper(), stage=COUNTS_STAGE), "uniform", 1.0, 1.0,
-                         True, 12)
-    training = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper()), "examples", 1e300, 1.0, False, 12)
+                         True, 12, inputs_digest({}))
+    training = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper()), "examples", 1e300, 1.0, False, 12,
+                           inputs_digest({}))
     assert counts != training
+    # The inputs count too (the blend round's encoder and counts): other weights, another task.
+    weights = {"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}), "secagg": ArrayRecord()}
+    other = {"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "secagg": ArrayRecord()}
+    assert inputs_digest(weights) != inputs_digest(other)
+    assert inputs_digest(weights) == inputs_digest({"arrays": weights["arrays"]})   # per-client records left out
     params = SecAggParams(neighbours=4, threshold=4, clip=1.0, max_clients=10)
     everyone = (list(range(1, 11)), [])
     for mixed in (True, False):
