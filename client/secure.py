@@ -207,7 +207,7 @@ def _masked(msg: Message, context: Context, train: Callable, config: RoundConfig
     # Stochastic rounding draws from the OS, never from the run's seed (the server's): a server
     # that knew the draws could undo the rounding's randomness.
     # The view it signs names what it was asked to do: its holders and witnesses must have done the same.
-    client.task = task_digest(config, request.weighting, request.weight_cap, client.params.clip, client.params.exact,
+    client.task = task_digest(request.weighting, request.weight_cap, client.params.clip, client.params.exact,
                               len(vector), inputs_digest(dict(msg.content.items())))
     try:
         masked = client.masked_input(vector, inbox, np.random.default_rng(secrets.randbits(128)))

@@ -113,7 +113,7 @@ def sum_item_counts(grid: Grid, cfg: FederationConfig, n_items: int, round_id: i
     config = pack_round_config(RoundConfig(round_id, cfg.seed, cfg.local, cfg.model, PrivacyRound(),
                                            stage=COUNTS_STAGE))
     # Whole counts, summed as they are (no rounding) on a 16-bit ring while fewer than 32,768 devices
-    # add up (SecAggParams.exact): half the bytes and a quarter of the masking time of the 32-bit ring.
+    # add up (SecAggParams.exact): half the bytes of the 32-bit ring (docs/results.md "Session 17").
     task = SecureTask(ArrayRecord(), config, "uniform", 1.0, clip=COUNTS_CLIP, min_contributions=floor,
                       size=counts_size(n_items), exact=True)
     log.info("item co-occurrence sum: %d nodes, %d coordinates", len(nodes), counts_size(n_items))

@@ -37,7 +37,7 @@ from fedrec.server.exchange import Exchange, exchange
 from fedrec.shared.protocol import (ConfirmRequest, MalformedRecord, MaskedRequest, SharesRequest, UnmaskRequest, blame_of,
                              pack_abort_request, pack_confirm_request, pack_masked_request, pack_register_request,
                              inputs_digest, pack_shares_request, pack_unmask_request, secagg_message_type, task_digest,
-                             unpack_confirm_reply, unpack_masked_reply, unpack_register_reply, unpack_round_config,
+                             unpack_confirm_reply, unpack_masked_reply, unpack_register_reply,
                              unpack_shares_reply, unpack_unmask_reply)
 from fedrec.shared.secagg.fixed_point import decode_mean
 from fedrec.shared.secagg.identity import IdentityRecord, verify_view, view_message
@@ -275,8 +275,8 @@ class SecureRound:
     def _asked(task: SecureTask, params: SecAggParams, size: int) -> bytes:
         """What the round asked of every client, as each signs it into its view (an honest server asks
         all the same)."""
-        return task_digest(unpack_round_config(task.config), task.weighting, task.weight_cap, params.clip,
-                           params.exact, size, inputs_digest({**task.extra, "arrays": task.arrays, "config": task.config}))
+        return task_digest(task.weighting, task.weight_cap, params.clip, params.exact, size,
+                           inputs_digest({**task.extra, "arrays": task.arrays, "config": task.config}))
 
     def _confirm(self, grid: Grid, round_id: bytes, alive: list[int], dropped: list[int], index: dict,
                  node_of: dict, params: SecAggParams, task: bytes, outcome: SecureOutcome) -> dict[int, bytes]:

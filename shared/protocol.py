@@ -389,16 +389,15 @@ def unpack_shares_reply(content: RecordDict) -> SharesReply:
         raise MalformedRecord(f"shares reply: {err!r}") from None
 
 
-def task_digest(config: RoundConfig, weighting: str, weight_cap: float, clip: float, exact: bool, size: int,
-                inputs: bytes) -> bytes:
+def task_digest(weighting: str, weight_cap: float, clip: float, exact: bool, size: int, inputs: bytes) -> bytes:
     """What a secure round asks of every contributor, in 32 bytes each client signs into its view of
-    the round (shared/secagg/identity.py: view_message): the round config (stage, privacy, model),
-    the weighting and its cap, the clip, the ring's encoding, the vector's length and the inputs it
-    was sent (`inputs_digest`: the weights, the blend round's counts and candidates). Holders' and
+    the round (shared/secagg/identity.py: view_message): the weighting and its cap, the clip, the
+    ring's encoding, the vector's length and the inputs it was sent (`inputs_digest`: the round
+    config with its stage and privacy, the weights, the blend round's counts and candidates). Holders' and
     witnesses' signatures then vouch for devices given the same task: a server cannot count devices
     it gave a zero-weight training task, or an encoder whose answers it can predict, toward the floor
     of a device it asked for its counts or its validation statistics."""
-    description = json.dumps({"config": asdict(config), "weighting": weighting, "weight-cap": float(weight_cap),
+    description = json.dumps({"weighting": weighting, "weight-cap": float(weight_cap),
                               "clip": float(clip), "exact": bool(exact), "size": int(size), "inputs": inputs.hex()},
                              sort_keys=True)
     return hashlib.sha256(b"fedrec-secagg-task|" + description.encode()).digest()

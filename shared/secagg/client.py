@@ -232,7 +232,7 @@ class SecAggClient:
         record + its signature of the view under its own number), all of distinct devices, and a
         random sample of WITNESS_SAMPLE of them, drawn here after the server committed, is checked
         against the CA. A made-up fraction f passes with probability (1 - f)^WITNESS_SAMPLE."""
-        part = reachable(self.graph(), set(alive), self.index)
+        part = _connected(self.graph(), set(alive), self.index)
         witnessed = {u: w for u, w in witnesses.items() if u in part and len(w) == RECORD_BYTES + 64}
         devices = {IdentityRecord.from_bytes(w[:RECORD_BYTES]).device_public for w in witnessed.values()}
         if len(witnessed) < self.min_alive or len(devices) < len(witnessed):
@@ -277,7 +277,7 @@ class SecAggClient:
         return client
 
 
-def reachable(graph: dict[int, list[int]], alive: set[int], start: int) -> set[int]:
+def _connected(graph: dict[int, list[int]], alive: set[int], start: int) -> set[int]:
     """The alive clients reachable from `start` through alive neighbours."""
     seen, stack = {start}, [start]
     while stack:

@@ -301,14 +301,14 @@ def test_a_device_refuses_to_unmask_when_its_holders_and_witnesses_did_another_t
     (shared/protocol.py: task_digest): theirs name another task, and the device refuses."""
     from fedrec.shared.model.config import ModelHyper
     from fedrec.shared.privacy.cooccurrence import COUNTS_STAGE
-    from fedrec.shared.protocol import LocalConfig, RoundConfig, task_digest
+    from fedrec.shared.protocol import LocalConfig, RoundConfig, pack_round_config, task_digest
     from flwr.app import Array, ArrayRecord
     from fedrec.shared.protocol import inputs_digest
-    counts = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper(), stage=COUNTS_STAGE), "uniform", 1.0, 1.0,
-                         True, 12, inputs_digest({}))
-    training = task_digest(RoundConfig(1, 0, LocalConfig(), ModelHyper()), "examples", 1e300, 1.0, False, 12,
-                           inputs_digest({}))
-    assert counts != training
+    def config(stage=""):
+        return {"config": pack_round_config(RoundConfig(1, 0, LocalConfig(), ModelHyper(), stage=stage))}
+    counts = task_digest("uniform", 1.0, 1.0, True, 12, inputs_digest(config(COUNTS_STAGE)))
+    training = task_digest("examples", 1e300, 1.0, False, 12, inputs_digest(config()))
+    assert counts != training and inputs_digest(config(COUNTS_STAGE)) != inputs_digest(config())   # the stage alone
     # The inputs count too (the blend round's encoder and counts): other weights, another task.
     weights = {"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}), "secagg": ArrayRecord()}
     other = {"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "secagg": ArrayRecord()}
