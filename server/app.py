@@ -41,7 +41,7 @@ def federation_config(run_config: dict) -> FederationConfig:
     """The federation from run-config keys (shared/settings.py), checked there first."""
     c = read_run_config(run_config)
     return FederationConfig(
-        rounds=c["rounds"], clients_per_round=c["clients-per-round"], seed=c["seed"],
+        rounds=c["rounds"], clients_per_round=c["clients-per-round"], participations=c["participations"], seed=c["seed"],
         local=LocalConfig(local_epochs=c["local-epochs"], lr=c["local-lr"], optimizer=c["local-optimizer"],
                           train_on=c["train-on"], clip=c["update-clip"]),
         server=ServerConfig(optimizer=c["server-optimizer"], lr=c["server-lr"], eps=c["server-eps"],
@@ -91,6 +91,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         else:
             final = run_federation(grid, cfg, initial_weights(store / "catalog.npz", cfg),
                                    out, on_round=on_round, progress=progress)
+            cfg = final["federation"]   # with the rounds and cohort the schedule chose
             saved = {"weights": final["weights"], "config": cfg.to_dict()}
             final["fusion"] = fuse_item_model(grid, cfg, load_catalog(store / "catalog.npz").n_items, out, saved,
                                               final["selected_weights"], progress, resumed=final["resumed"],
@@ -104,7 +105,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
         write_json(out / "result.json", {"test": final["test"], "rounds": len(final["history"]),
                                          "rounds_trained": trained, "privacy": final["privacy"],
                                          "fusion": final.get("fusion"), "bundle": final.get("bundle"),
-                                         "stopped": final.get("stopped")})
+                                         "stopped": final.get("stopped"), "schedule": final.get("schedule")})
         if final["history"] and not trained:
             reasons = sorted({r for h in final["history"] for r in h["rejected"]})[:3]
             raise NoRoundTrained(f"none of the {len(final['history'])} rounds trained (skipped or aborted): "

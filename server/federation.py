@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrec.server.aggregation import ServerConfig, ServerOptimizer, check_update, dp_mean, mean_delta
 from fedrec.server.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.server.exchange import ClientFailure, exchange, record_bytes
+from fedrec.server.schedule import MIN_COHORT, Schedule, plan
 from fedrec.server.secure import SecureConfig, SecureRound, SecureTask
 from fedrec.shared.errors import RunMismatch
 from fedrec.shared.model.config import ModelHyper
@@ -44,8 +45,9 @@ log = logging.getLogger("fedrec.server")
 
 @dataclass
 class FederationConfig:
-    rounds: int = default("rounds")
-    clients_per_round: int = default("clients-per-round")
+    rounds: int = default("rounds")                        # 0: from the population (server/schedule.py)
+    clients_per_round: int = default("clients-per-round")  # 0: from the population
+    participations: float = default("participations")      # turns per device the schedule aims at
     local: LocalConfig = field(default_factory=LocalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelHyper = field(default_factory=ModelHyper)
@@ -107,7 +109,7 @@ class FedRecStrategy(Strategy):
         self.cfg = cfg
         self.optimizer = optimizer
         self.expected = layout_of(optimizer.weights())
-        self.privacy = cfg.privacy          # with noise multipliers once `resolve_privacy` ran
+        self.privacy = cfg.privacy          # with noise multipliers once `resolve` ran
         self.clients = 0                    # nodes in the federation, known at the first round
         # DP noise and the user-level client sample come from the OS, not the run seed: whoever
         # knows the seed could otherwise subtract the noise or know who took part.
@@ -123,13 +125,18 @@ class FedRecStrategy(Strategy):
     def secagg_identities(self) -> dict[int, bytes]:
         return self.secure.identities
 
-    def resolve_privacy(self, grid: Grid) -> None:
+    def resolve(self, grid: Grid) -> Schedule:
+        """Against the nodes connected now: the schedule (the rounds and cohort given as 0 derived from
+        how many there are, server/schedule.py) and then the privacy noise, which depends on both."""
         self.clients = len(list(grid.get_node_ids()))
+        schedule = plan(self.clients, self.cfg.rounds, self.cfg.clients_per_round, self.cfg.participations)
+        self.cfg = replace(self.cfg, rounds=schedule.rounds, clients_per_round=schedule.clients_per_round)
         self.privacy = resolve(self.cfg.privacy, rounds=self.cfg.rounds, clients_per_round=self.cfg.clients_per_round,
                                clients=self.clients, local_epochs=self.cfg.local.local_epochs,
                                dropout=self.cfg.secure.dropout)
         if self.privacy.mode != "none":
             log.info("privacy: %s", json.dumps(self.privacy.to_dict()))
+        return schedule
 
     def privacy_round(self) -> PrivacyRound:
         p = self.privacy
@@ -279,10 +286,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     strategy = FedRecStrategy(cfg, ServerOptimizer(initial_weights, cfg.server))
-    history, start_round = _resume(out, cfg, strategy.optimizer)
+    history, start_round = _resume(out, cfg, strategy.optimizer)   # checkpoints keep the settings as given
     _write_rounds(out / "rounds.jsonl", history)
-    wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
-    strategy.resolve_privacy(grid)
+    wait_for_nodes(grid, nodes_needed(cfg), cfg.wait_for_nodes_s)
+    schedule = strategy.resolve(grid)
+    log.info("schedule: %s", schedule.why)
+    checkpointed, cfg = cfg, strategy.cfg
     strategy.count_participations(history)
     planned, stopped = planned_rounds(cfg, history)
     strategy.cfg = replace(cfg, rounds=planned)   # the refit starts from where the budget ended
@@ -293,7 +302,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
         if on_round is not None:
             record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
-        _checkpoint(out, cfg, strategy.optimizer, history, record, server_round)
+        _checkpoint(out, checkpointed, strategy.optimizer, history, record, server_round)
         if server_round <= last_round_before_refit(strategy.cfg):
             planned, stopped = planned_rounds(cfg, history)
             strategy.cfg = replace(cfg, rounds=planned)
@@ -311,7 +320,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
              # None: lost (a run resumed from before session 10); the final weights have seen validation items
              "selected_weights": selected["weights"] if selected else None,
              "privacy": privacy_summary(strategy, history),
-             "stopped": {"round": planned, "why": stopped},
+             "stopped": {"round": planned, "why": stopped if checkpointed.rounds else
+                         stopped.replace(f"the {cfg.rounds} of --rounds", f"the {cfg.rounds} the schedule chose")},
+             "schedule": schedule.to_dict(),
+             "federation": cfg,   # the settings as run: the schedule's rounds and cohort in place of 0
              "resumed": start_round > 1,   # taken up again from a checkpoint (not a new run)
              "secure_round": strategy.secure}   # its registered nodes: the counts and blend rounds reuse them
     if cfg.final_test:
@@ -375,6 +387,9 @@ def _longer_run(out: Path, checkpoint: dict, cfg: FederationConfig) -> dict:
     the rounds it was started with)."""
     before = checkpoint["config"]["rounds"]
     where = out / "checkpoint.pt"
+    if not before or not cfg.rounds:
+        raise RunMismatch(f"{where}: a run whose rounds the schedule chose (--rounds 0) is neither lengthened nor "
+                          "given a schedule afterwards; use a new --out, or the same --rounds to resume it")
     if cfg.rounds < before:
         raise RunMismatch(f"{where}: a run of {before} rounds can be continued with more rounds, not cut to "
                           f"{cfg.rounds}; use a new --out")
@@ -444,6 +459,12 @@ def _checkpoint(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer, hi
                                             "optimizer": optimizer.state_dict(), "history": history})
     history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
     append_round(out / "rounds.jsonl", history[-1])
+
+
+def nodes_needed(cfg: FederationConfig) -> int:
+    """Connected nodes to wait for before round 1: --min-nodes, else a round's cohort (the
+    smallest the schedule picks when that is derived)."""
+    return cfg.min_nodes or cfg.clients_per_round or MIN_COHORT
 
 
 class NotEnoughNodes(RuntimeError):

@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedrec.server.federation import FederationConfig, RoundRecord, append_round, wait_for_nodes
+from fedrec.server.federation import FederationConfig, RoundRecord, append_round, nodes_needed, wait_for_nodes
 from fedrec.server.secure import SecureRound, SecureTask
 from fedrec.shared.privacy.accounting import CLAMP_SIGMAS, clamp_probability, epsilon, noise_for, noise_shares
 from fedrec.shared.privacy.cooccurrence import (COUNTS_CLIP, COUNTS_STAGE, DECAY, SENSITIVITY, STAGE,
@@ -56,7 +56,7 @@ def release_item_item(grid: Grid, cfg: FederationConfig, n_items: int, out: Path
     out.mkdir(parents=True, exist_ok=True)
     (out / "rounds.jsonl").write_text("")
     _check_pairs(n_items, "the item-item release", "; use --private-model encoder")
-    wait_for_nodes(grid, cfg.min_nodes or cfg.clients_per_round, cfg.wait_for_nodes_s)
+    wait_for_nodes(grid, nodes_needed(cfg), cfg.wait_for_nodes_s)
     nodes = sorted(grid.get_node_ids())
     p = cfg.privacy
     # One Gaussian release: the PRV accountant is exact to its error bound here (0.1%), where RDP's

@@ -168,7 +168,7 @@ def run_secagg_bench(data: DataConfig, out: Path, *, clients_per_round: int = 10
     prepared = prepare_data(data, show_progress=False)
     store = write_store(prepared, out / "store")
     settings = {**run_config_defaults(), "store": str(store), "out": str(out), "clients-per-round": clients_per_round,
-                **(settings or {})}
+                "rounds": rounds, **(settings or {})}
     rows: list[dict] = []
     app = ServerApp()
 

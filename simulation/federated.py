@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fedrec.client.store import UserLog, write_credentials, write_ledger
+from fedrec.server.schedule import plan
 from fedrec.shared.data.catalog_bundle import catalog_of, save_catalog
 from fedrec.shared.errors import RunFailed, RunMismatch
 from fedrec.shared.evaluation.ranking import evaluate, subset_metrics, tie_free_users
@@ -126,7 +127,8 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     prepared = prepared or prepare_data(job.data, show_progress=progress)
     _check_resumable(prepared, _settings(job, prepared, out), out)   # before anything in `out` changes
     settings = _prepare_run(job, prepared, out)
-    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, int(settings["rounds"]), progress)
+    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, planned_rounds(settings, prepared),
+                       progress)
     if progress:
         print(f"federated: starting Flower's simulation engine (Ray) with {len(prepared.split)} virtual clients; "
               "round 1 waits until they are up", file=sys.stderr, flush=True)
@@ -182,6 +184,12 @@ def _check_resumable(prepared: PreparedData, settings: dict, out: Path) -> None:
                           "to resume it")
 
 
+def planned_rounds(settings: dict, prepared: PreparedData) -> int:
+    """The rounds the server will plan (server/schedule.py): every simulated user is a node."""
+    return plan(len(prepared.split), int(settings["rounds"]), int(settings["clients-per-round"]),
+                float(settings["participations"])).rounds
+
+
 def _settings(job: FederatedJob, prepared: PreparedData, out: Path) -> dict:
     """The run config the apps run with (no side effects)."""
     m = job.model
@@ -227,7 +235,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     everything = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     # The co-occurrence sum after the training rounds is reported under "fusion", not as a round.
-    history = [h for h in everything if h["round"] <= int(settings["rounds"])]
+    history = [h for h in everything if h["round"] <= planned_rounds(settings, prepared)]
     untrained = [h for h in history if not h.get("trained")]
     fusion = result.get("fusion")
     if isinstance(scorer, FusedScorer):
@@ -242,6 +250,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
         "wall_seconds": round(time.perf_counter() - started, 2),
         "rounds": len(history), "rounds_trained": len(history) - len(untrained),
         "stopped": result.get("stopped"),   # the round the run ended at, and why
+        "schedule": result.get("schedule"),  # the rounds and cohort it ran with, and why those
         # The round's own verdict ("round skipped: ...") first, then what single nodes said.
         "round_problems": sorted({r.splitlines()[0][:200] for h in untrained for r in h["rejected"]},
                                  key=lambda r: (not r.startswith("round "), r))[:5],

@@ -15,8 +15,9 @@ FEDERATED = ["train", "--mode", "federated", *TINY]
 
 @pytest.mark.parametrize("flags,message", [
     # Before: user-level DP with no rounds or no clients searched for a noise level forever.
-    ([*FEDERATED, "--privacy", "user", "--rounds", "0"], "--rounds 0: must be >= 1"),
-    ([*FEDERATED, "--privacy", "user", "--clients-per-round", "0"], "--clients-per-round 0: must be >= 1"),
+    ([*FEDERATED, "--privacy", "user", "--rounds", "-1"], "--rounds -1: must be >= 0"),
+    ([*FEDERATED, "--privacy", "user", "--clients-per-round", "-1"], "--clients-per-round -1: must be >= 0"),
+    ([*FEDERATED, "--participations", "0"], "--participations 0.0: must be > 0"),
     # Before: tracebacks.
     (["train", *TINY, "--epochs", "0"], "--epochs 0: must be >= 1"),
     (["train", *TINY, "--batch-size", "0"], "--batch-size 0: must be >= 1"),
@@ -35,7 +36,7 @@ def test_bad_settings_are_usage_errors_before_anything_starts(tmp_path, capsys, 
 
 
 def test_the_server_app_refuses_the_same_settings_from_a_run_config():
-    for config, message in [({"rounds": 0}, "--rounds 0"), ({"clients-per-round": 2}, "clients-per-round >= 3"),
+    for config, message in [({"rounds": -1}, "--rounds -1"), ({"clients-per-round": 2}, "clients-per-round >= 3"),
                             ({"privacy": "record", "record-window": 80}, "--record-window 80")]:
         with pytest.raises(SettingsError, match=message):
             read_run_config(config)

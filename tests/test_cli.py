@@ -48,7 +48,7 @@ def test_every_flag_has_help_and_every_setting_shows_its_default(capsys):
     assert not missing, missing
     train = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     text = train.format_help()
-    for flag, default in (("--rounds", "500"), ("--epochs", "150"), ("--clients-per-round", "25")):
+    for flag, default in (("--rounds", "0"), ("--epochs", "150"), ("--clients-per-round", "0"), ("--participations", "13.25")):
         line = text[text.index(f"  {flag} "):]
         assert f"(default: {default})" in " ".join(line.split())[:400], flag
     assert "(default: --secure-aggregation)" in " ".join(

@@ -59,7 +59,7 @@ def _strategy(store, grid, **server):
     """The server's strategy, resolved against the grid; `server` overrides what it asks for."""
     cfg = federation_config({**run_config_defaults(), **DEVICE, "store": str(store), **server})
     strategy = FedRecStrategy(cfg, ServerOptimizer(initial_weights(store / "catalog.npz", cfg), cfg.server))
-    strategy.resolve_privacy(grid)
+    strategy.resolve(grid)
     return strategy
 
 

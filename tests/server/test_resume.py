@@ -80,7 +80,7 @@ def test_a_finished_run_taken_up_again_keeps_the_counts_and_blend_its_devices_ga
 
     from fedrec.server.app import _released_before, fuse_item_model
     from fedrec.shared.model.fusion import Blend
-    cfg = FederationConfig()
+    cfg = FederationConfig(rounds=500, clients_per_round=25)   # as run: the schedule resolved
     counts = np.arange(9, dtype=np.float32).reshape(3, 3)
     chosen = Blend.of("ease", 0.5)
     torch.save({"config": cfg.to_dict(), "item_counts": counts, "blend": chosen.to_dict()}, tmp_path / "final.pt")

@@ -15,7 +15,7 @@ from fedrec.shared.data.pipeline import DataConfig, prepare_data
 from fedrec.shared.settings import run_config_defaults
 from fedrec.simulation.federated import write_store
 
-SETTINGS = {"dim": 8, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "clients-per-round": 8,
+SETTINGS = {"dim": 8, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "clients-per-round": 8, "rounds": 10,
             "secure-aggregation": True, "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0}
 STEPS = ("register", "shares", "masked", "confirm", "unmask")
 

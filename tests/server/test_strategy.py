@@ -50,7 +50,7 @@ def test_the_server_refuses_distributed_noise_that_its_guarantee_does_not_cover(
 def test_distributed_user_noise_is_left_to_the_clients_and_divided_by_the_expected_count():
     from fedrec.shared.privacy.accounting import PrivacyConfig
     s = strategy(privacy=PrivacyConfig(mode="user", distributed_noise=True))
-    s.resolve_privacy(Nodes(list(range(30))))
+    s.resolve(Nodes(list(range(30))))
     assert s.privacy.user_noise > 0 and s.privacy.noise_shares >= 1
     total = np.full(4, 6.0)
     assert np.allclose(s.average(total, 3.0), 6.0 / (s.privacy.user_sample_rate * 30))

@@ -189,6 +189,19 @@ def test_a_spent_time_budget_ends_the_run_early_with_its_refit_rounds_and_says_w
     assert json.loads((tmp_path / "out" / "result.json").read_text())["stopped"] == final["stopped"]
 
 
+def test_rounds_and_cohort_left_at_0_come_from_the_population_and_the_run_says_so(tmp_path):
+    """30 devices, one turn each asked (--participations 1): cohorts of 25 (the smallest the schedule
+    picks), so 2 rounds; the result names the schedule and why it stopped."""
+    _, _, final = run_recorded(tmp_path, {"rounds": 0, "clients-per-round": 0, "participations": 1.0,
+                                          "refit-fraction": 0.0, "final-test": False, "fusion": "none"})
+    assert final["schedule"]["rounds"] == 2 and final["schedule"]["clients_per_round"] == 25
+    assert "30 devices" in final["schedule"]["why"] and "--participations 1" in final["schedule"]["why"]
+    assert [(h["round"], h["sampled"]) for h in final["history"]] == [(1, 25), (2, 25)]
+    assert final["stopped"] == {"round": 2, "why": "rounds: the 2 the schedule chose"}
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["schedule"] == final["schedule"] and result["stopped"] == final["stopped"]
+
+
 def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "fed"
     cmd = [sys.executable, "-m", "fedrec.cli", "train", "--mode", "federated", "--rounds", "6",

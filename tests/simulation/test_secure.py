@@ -19,7 +19,7 @@ from fedrec.simulation.federated import simulate, write_store
 DEFAULTS_CAP = ServerConfig().weight_cap
 
 SETTINGS = {"dim": 16, "layers": 1, "heads": 2, "max-len": 10, "dropout": 0.0, "id-buckets": 4096,
-            "clients-per-round": 12, "local-epochs": 1, "local-lr": 0.5, "update-clip": 5.0,
+            "clients-per-round": 12, "rounds": 500, "local-epochs": 1, "local-lr": 0.5, "update-clip": 5.0,
             "server-optimizer": "fedavg", "server-lr": 1.0, "server-averaging": 0.0,
             "secure-aggregation": True, "secagg-neighbours": 6, "secagg-threshold": 5, "counts-min-devices": 10}
 
