@@ -50,6 +50,7 @@ def federation_config(run_config: dict) -> FederationConfig:
                          dropout=c["dropout"], id_buckets=c["id-buckets"], id_dropout=c["id-dropout"],
                          content=c["content"]),
         refit_fraction=c["refit-fraction"], federated_eval_every=c["federated-eval-every"], eval_clients=c["eval-clients"],
+        patience=c["federated-patience"],
         time_budget_s=c["federated-time-budget"],
         final_test=c["final-test"], min_nodes=c["min-nodes"], wait_for_nodes_s=c["wait-for-nodes"],
         secure=SecureConfig(enabled=c["secure-aggregation"], neighbours=c["secagg-neighbours"],

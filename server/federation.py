@@ -56,7 +56,8 @@ class FederationConfig:
                                  # train on their validation item (as the centralized refit does); never test
     federated_eval_every: int = default("federated-eval-every")  # federated validation every this many
                                  # rounds (0: never)
-    eval_clients: int = default("eval-clients")   # clients asked per federated validation
+    eval_clients: int = default("eval-clients")   # clients asked per federated validation (the same ones each time)
+    patience: int = default("federated-patience")  # validations without a better one before the refit (0: never)
     time_budget_s: float = default("federated-time-budget")  # seconds for the rounds before the refit (0: none)
     final_test: bool = default("final-test")     # every client evaluates the final model on its test item
     fail_on_client_error: bool = True
@@ -245,8 +246,10 @@ class FedRecStrategy(Strategy):
         stage = str(config["stage"])
         k = len(list(grid.get_node_ids())) if stage == "test" else self.cfg.eval_clients
         record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, stage)})
+        # Validation asks the same panel every time (round 0's draw): successive values then differ by
+        # the model, not by who was asked, which the stopping rule (--federated-patience) compares.
         return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
-                for n in self.sample(grid, server_round, k, 1)]
+                for n in self.sample(grid, server_round if stage == "test" else 0, k, 1)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's Strategy interface over `evaluation_mean`."""
@@ -333,24 +336,44 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
 
 def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str]:
     """The run's last round and why: --rounds, or fewer when the rounds before the refit spent
-    --federated-time-budget first (then the refit rounds follow: --refit-fraction of the new total).
-    Worked out from the rounds' own recorded seconds, so a resumed run ends where it would have."""
+    --federated-time-budget first, or when --federated-patience federated validations in a row found
+    no better NDCG@10 than the best before them (then the refit rounds follow: --refit-fraction of
+    the new total). Worked out from the rounds' own records, so a resumed run ends where it would have."""
     before_refit = last_round_before_refit(cfg)
-    spent = 0.0
+    spent, best, since = 0.0, -np.inf, 0
     for h in history:
-        if not cfg.time_budget_s or h["round"] >= before_refit:
+        if h["round"] >= before_refit:
             break
+        why = None
         spent += h["seconds"]
-        if spent >= cfg.time_budget_s:
-            # The totals whose refit begins after this round; of those, the one whose refit rounds are
-            # nearest --refit-fraction of it (rounding makes several qualify: 1, 2 or 3 for 0.5 at round 1).
-            ends = [t for t in range(h["round"], cfg.rounds + 1)
-                    if last_round_before_refit(replace(cfg, rounds=t)) == h["round"]]
-            total = min(ends, key=lambda t: abs(t * (1 - cfg.refit_fraction) - h["round"]))
-            return total, (f"time budget: the rounds before the refit took {spent:.0f} s of --federated-time-budget "
-                           f"{cfg.time_budget_s:g} s by round {h['round']} (of {before_refit} planned); then "
-                           f"{total - h['round']} refit round(s)")
+        if cfg.time_budget_s and spent >= cfg.time_budget_s:
+            why = (f"time budget: the rounds before the refit took {spent:.0f} s of --federated-time-budget "
+                   f"{cfg.time_budget_s:g} s by round {h['round']} (of {before_refit} planned)")
+        score = h.get("metrics", {}).get(VALIDATION_METRIC) if cfg.federated_eval_every and cfg.patience else None
+        if score is not None and np.isfinite(score):
+            best, best_round, since = (score, h["round"], 0) if score > best + 1e-9 else (best, best_round, since + 1)
+            if why is None and since >= cfg.patience:
+                why = (f"validation: {since} federated validation(s) in a row (--federated-patience) found no "
+                       f"NDCG@10 above round {best_round}'s {best:.4f} by round {h['round']} "
+                       f"(of {before_refit} planned)")
+        if why:
+            total = _total_with_refit(cfg, h["round"])
+            return total, f"{why}; then {total - h['round']} refit round(s)"
     return cfg.rounds, f"rounds: the {cfg.rounds} of --rounds"
+
+
+# What the stopping rule watches (run_federation records it); better means by more than the order of
+# summing the replies can change (1e-9).
+VALIDATION_METRIC = "federated_valid_ndcg@10"
+
+
+def _total_with_refit(cfg: FederationConfig, last_before_refit: int) -> int:
+    """The run's length when its refit begins after `last_before_refit`: of the totals that qualify, the
+    one whose refit rounds are nearest --refit-fraction of it (rounding makes several qualify: 1, 2 or
+    3 for 0.5 at round 1)."""
+    ends = [t for t in range(last_before_refit, cfg.rounds + 1)
+            if last_round_before_refit(replace(cfg, rounds=t)) == last_before_refit]
+    return min(ends, key=lambda t: abs(t * (1 - cfg.refit_fraction) - last_before_refit))
 
 
 SELECTED = "selected.pt"   # the weights after the last round before the refit rounds
@@ -399,6 +422,9 @@ def _longer_run(out: Path, checkpoint: dict, cfg: FederationConfig) -> dict:
     if cfg.time_budget_s:
         raise RunMismatch(f"{where}: a run with --federated-time-budget ends where its budget did; more rounds "
                           "would not run. Use a new --out, or a larger budget there")
+    if cfg.federated_eval_every and cfg.patience:
+        raise RunMismatch(f"{where}: a run with a stopping rule (--federated-eval-every, --federated-patience) ends "
+                          "where its validation did; more rounds would not run. Use a new --out")
     if checkpoint["round"] <= last_round_before_refit(replace(cfg, rounds=before)):
         return checkpoint
     selected = load_checkpoint(out / SELECTED)

@@ -223,8 +223,11 @@ SETTINGS: tuple[Setting, ...] = (
        "over rounds, with this decay (0: the last weights)", "federation", check=fraction, run_config=True),
     _s("federated-eval-every", int, 0, "the server asks clients for validation metrics every this many "
        "rounds (0: never)", "federation", check=at_least(0), run_config=True),
-    _s("eval-clients", int, 100, "clients asked per federated validation", "federation", check=at_least(1),
-       run_config=True),
+    _s("eval-clients", int, 100, "clients asked per federated validation (the same ones each time)", "federation",
+       check=at_least(1), run_config=True),
+    _s("federated-patience", int, 3, "with --federated-eval-every: after this many federated validations in a row "
+       "without a better NDCG@10, the run goes on to its refit rounds and ends (0: never; summary.json says why)",
+       "federation", check=at_least(0), run_config=True),
     _s("final-test", bool, True, "every client evaluates the final model on its test item", "federation",
        run_config=True),
     _s("min-nodes", int, 0, "wait until this many nodes are connected before round 1 (0: clients-per-round, or 25 "

@@ -129,6 +129,28 @@ def test_the_time_budget_ends_the_rounds_before_the_refit_and_keeps_a_tenth_for_
     assert planned_rounds(half, history[:1])[0] == 2
 
 
+def test_validations_without_a_better_one_end_the_rounds_before_the_refit():
+    """--federated-patience 3 with a validation every 10 rounds: the best is at round 100, rounds 110-130
+    find nothing better, so the rounds before the refit end at 130 and a tenth follows; a better value
+    in time (or patience 0, or no validations) changes nothing. Worked out from the history alone."""
+    from fedrec.server.federation import VALIDATION_METRIC, last_round_before_refit, planned_rounds
+    cfg = FederationConfig(rounds=500, refit_fraction=0.1, federated_eval_every=10, patience=3)
+    scores = {r: min(r, 100) / 1000 - (r > 100) * 1e-4 for r in range(10, 501, 10)}   # rises to round 100
+    history = [{"round": r, "seconds": 1.0, "metrics": {VALIDATION_METRIC: scores[r]} if r in scores else {}}
+               for r in range(1, 501)]
+    end, why = planned_rounds(cfg, history[:200])
+    assert last_round_before_refit(replace(cfg, rounds=end)) == 130 and end == 144
+    assert why.startswith("validation: 3 federated validation(s)") and "round 100's 0.1000 by round 130" in why
+    assert "14 refit" in why
+    assert planned_rounds(cfg, history[:129])[0] == 500                            # two so far: not yet
+    assert planned_rounds(replace(cfg, patience=0), history)[0] == 500
+    assert planned_rounds(replace(cfg, federated_eval_every=0), history)[0] == 500
+    rising = [{**h, "metrics": {VALIDATION_METRIC: h["round"] / 1000}} for h in history]
+    assert planned_rounds(cfg, rising) == (500, "rounds: the 500 of --rounds")
+    nan = [{**h, "metrics": {VALIDATION_METRIC: float("nan")}} for h in history]   # no verdict from no value
+    assert planned_rounds(cfg, nan)[0] == 500
+
+
 def test_a_run_with_a_time_budget_is_resumed_but_never_lengthened(tmp_path):
     cfg = FederationConfig(rounds=20, time_budget_s=5.0)
     save_checkpoint(tmp_path / "checkpoint.pt", {"round": 3, "config": cfg.identity(), "history": []})

@@ -202,6 +202,19 @@ def test_rounds_and_cohort_left_at_0_come_from_the_population_and_the_run_says_s
     assert result["schedule"] == final["schedule"] and result["stopped"] == final["stopped"]
 
 
+def test_a_validation_that_finds_nothing_better_ends_the_run_asking_the_same_panel_each_time(tmp_path):
+    """A server step too small to move the model: the same weights, asked of the same 10 devices after
+    rounds 1 and 2, score the same, so --federated-patience 1 ends the run at round 2 of 6 (on a new
+    panel each time the two values would differ by who was asked)."""
+    _, _, final = run_recorded(tmp_path, {"rounds": 6, "refit-fraction": 0.0, "server-lr": 1e-30,
+                                          "federated-eval-every": 1, "eval-clients": 10, "federated-patience": 1,
+                                          "final-test": False, "fusion": "none"})
+    values = [h["metrics"]["federated_valid_ndcg@10"] for h in final["history"]]
+    assert len(values) == 2 and values[0] == pytest.approx(values[1], abs=1e-12)   # summed in arrival order
+    assert [h["metrics"]["federated_valid_users"] for h in final["history"]] == [10.0, 10.0]
+    assert final["stopped"]["round"] == 2 and final["stopped"]["why"].startswith("validation: 1 federated")
+
+
 def test_a_killed_server_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "fed"
     cmd = [sys.executable, "-m", "fedrec.cli", "train", "--mode", "federated", "--rounds", "6",
