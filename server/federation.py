@@ -340,7 +340,7 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
     no better NDCG@10 than the best before them (then the refit rounds follow: --refit-fraction of
     the new total). Worked out from the rounds' own records, so a resumed run ends where it would have."""
     before_refit = last_round_before_refit(cfg)
-    spent, best, since = 0.0, -np.inf, 0
+    spent, best, best_round, since = 0.0, -np.inf, 0, 0
     for h in history:
         if h["round"] >= before_refit:
             break
