@@ -32,26 +32,21 @@ class Schedule:
 
 
 def plan(population: int, rounds: int, clients_per_round: int, participations: float) -> Schedule:
-    """The run's rounds and cohort: each as given when > 0, else derived so that every one of
-    `population` devices gets about `participations` turns."""
+    """The run's rounds and cohort: each as given when > 0, else derived: the cohort from the
+    population, the rounds so that every one of `population` devices gets about `participations` turns."""
     if population < 1:
         raise ValueError("a schedule needs at least one device")
     turns = participations * population
-    given = []
-    if clients_per_round:
-        given.append(f"--clients-per-round {clients_per_round}")
-    else:
-        clients_per_round = min(population, max(MIN_COHORT, math.ceil(turns / (rounds or MOST_ROUNDS))))
-    if rounds:
-        given.append(f"--rounds {rounds}")
-    else:
+    cohort_given, rounds_given = bool(clients_per_round), bool(rounds)
+    if not cohort_given:
+        # From the population alone, not from a given --rounds: a short run (make run's 60 rounds) keeps
+        # the cohort a round costs, and gives each device fewer turns.
+        clients_per_round = min(population, max(MIN_COHORT, math.ceil(turns / MOST_ROUNDS)))
+    if not rounds_given:
         rounds = max(1, math.ceil(turns / clients_per_round))
-    each = rounds * clients_per_round / population
-    if len(given) == 2:
-        why = f"{' and '.join(given)}: {each:.2f} turns for each of {population:,} devices"
-    else:
-        why = (f"{rounds:,} rounds of {clients_per_round:,} clients give each of {population:,} devices "
-               f"{each:.2f} turns (--participations {participations:g}"
-               + (f"; {given[0]}" if given else f"; cohorts of at least {MIN_COHORT}, rounds at most about "
-                                                f"{MOST_ROUNDS}") + ")")
-    return Schedule(rounds, clients_per_round, why)
+    each = f"{rounds * clients_per_round / population:.2f} turns for each of {population:,} devices"
+    cohort = (f"--clients-per-round {clients_per_round}" if cohort_given else
+              f"{clients_per_round:,} clients (at least {MIN_COHORT}; more when that would need over {MOST_ROUNDS} "
+              f"rounds)")
+    length = f"--rounds {rounds}" if rounds_given else f"{rounds:,} rounds (for --participations {participations:g})"
+    return Schedule(rounds, clients_per_round, f"{length} of {cohort}: {each}")

@@ -7,7 +7,8 @@ from fedrec.server.schedule import MIN_COHORT, MOST_ROUNDS, plan
 def test_ml_100k_gets_the_tuned_500_rounds_of_25():
     s = plan(943, 0, 0, 13.25)
     assert (s.rounds, s.clients_per_round) == (500, 25)
-    assert "500 rounds of 25 clients" in s.why and "943 devices" in s.why and "13.26 turns" in s.why
+    assert s.why == ("500 rounds (for --participations 13.25) of 25 clients (at least 25; more when that would need "
+                     "over 500 rounds): 13.26 turns for each of 943 devices")
 
 
 @pytest.mark.parametrize("population", [610, 943, 5_000, 20_000, 100_000, 1_000_000])
@@ -27,7 +28,10 @@ def test_a_population_grows_the_cohort_not_the_rounds():
 
 def test_what_is_given_stays_and_the_other_is_derived_from_it():
     assert plan(943, 0, 50, 13.25).clients_per_round == 50 and plan(943, 0, 50, 13.25).rounds == 250
-    assert plan(943, 100, 0, 13.25).rounds == 100 and plan(943, 100, 0, 13.25).clients_per_round == 125
+    # A given --rounds keeps the population's cohort (a short run stays cheap a round): fewer turns.
+    short = plan(943, 60, 0, 13.25)
+    assert (short.rounds, short.clients_per_round) == (60, 25) and "1.59 turns" in short.why
+    assert plan(20_000, 60, 0, 13.25).clients_per_round == plan(20_000, 0, 0, 13.25).clients_per_round
     both = plan(943, 700, 25, 13.25)
     assert (both.rounds, both.clients_per_round) == (700, 25) and "--rounds 700" in both.why
 

@@ -195,7 +195,7 @@ def test_rounds_and_cohort_left_at_0_come_from_the_population_and_the_run_says_s
     _, _, final = run_recorded(tmp_path, {"rounds": 0, "clients-per-round": 0, "participations": 1.0,
                                           "refit-fraction": 0.0, "final-test": False, "fusion": "none"})
     assert final["schedule"]["rounds"] == 2 and final["schedule"]["clients_per_round"] == 25
-    assert "30 devices" in final["schedule"]["why"] and "--participations 1" in final["schedule"]["why"]
+    assert "for each of 30 devices" in final["schedule"]["why"] and "--participations 1)" in final["schedule"]["why"]
     assert [(h["round"], h["sampled"]) for h in final["history"]] == [(1, 25), (2, 25)]
     assert final["stopped"] == {"round": 2, "why": "rounds: the 2 the schedule chose"}
     result = json.loads((tmp_path / "out" / "result.json").read_text())
