@@ -167,8 +167,13 @@ def _server_run(args, values: dict) -> None:
     # The ServerApp would refuse other settings, or a shorter run, only on the SuperLink, as a failed run;
     # its folder is here, so say it here: one line, exit 2.
     from fedrec.server.app import federation_config
-    from fedrec.server.federation import check_resumable
-    check_resumable(args.out, federation_config(run_config))
+    from fedrec.server.federation import check_resumable, schedule_problem
+    from fedrec.shared.settings import SettingsError
+    cfg = federation_config(run_config)
+    check_resumable(args.out, cfg)
+    problem = schedule_problem(cfg)
+    if problem:
+        raise SettingsError(problem)
     started, result = time.time(), args.out / "result.json"
     try:
         code = subprocess.call(deploy.submit_argv(args.state, run_config), env=flower_env(args.state),

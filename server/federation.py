@@ -11,6 +11,7 @@ Strategy interface (configure/aggregate) and add the checkpoint between rounds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -38,7 +39,7 @@ from fedrec.shared.privacy.accounting import (CLAMP_SIGMAS, PrivacyConfig, clamp
 from fedrec.shared.protocol import (LocalConfig, MalformedRecord, PrivacyRound, RoundConfig, Weights, clip_l2, flatten,
                              layout_of, pack_round_config, to_record, unflatten, unpack_eval_reply,
                              unpack_train_reply)
-from fedrec.shared.settings import default
+from fedrec.shared.settings import SettingsError, default
 
 log = logging.getLogger("fedrec.server")
 
@@ -126,11 +127,12 @@ class FedRecStrategy(Strategy):
     def secagg_identities(self) -> dict[int, bytes]:
         return self.secure.identities
 
-    def resolve(self, grid: Grid) -> Schedule:
+    def resolve(self, grid: Grid, schedule: Schedule | None = None) -> Schedule:
         """Against the nodes connected now: the schedule (the rounds and cohort given as 0 derived from
-        how many there are, server/schedule.py) and then the privacy noise, which depends on both."""
+        how many there are, server/schedule.py; or `schedule`, a resumed run's) and then the privacy
+        noise, which depends on both."""
         self.clients = len(list(grid.get_node_ids()))
-        schedule = plan(self.clients, self.cfg.rounds, self.cfg.clients_per_round, self.cfg.participations)
+        schedule = schedule or plan(self.clients, self.cfg.rounds, self.cfg.clients_per_round, self.cfg.participations)
         self.cfg = replace(self.cfg, rounds=schedule.rounds, clients_per_round=schedule.clients_per_round)
         self.privacy = resolve(self.cfg.privacy, rounds=self.cfg.rounds, clients_per_round=self.cfg.clients_per_round,
                                clients=self.clients, local_epochs=self.cfg.local.local_epochs,
@@ -241,6 +243,11 @@ class FedRecStrategy(Strategy):
             record.metrics["privacy"] = {"refused": refused, "record_epsilon_max": max(epsilons) if epsilons else None}
         return RoundOutcome(update, record)
 
+    def validation_panel(self, grid: Grid) -> list[int]:
+        """The devices asked for validation metrics: round 0's draw, the same each time while the
+        federation's nodes are."""
+        return self.sample(grid, 0, self.cfg.eval_clients, 1)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         stage = str(config["stage"])
@@ -249,7 +256,7 @@ class FedRecStrategy(Strategy):
         # Validation asks the same panel every time (round 0's draw): successive values then differ by
         # the model, not by who was asked, which the stopping rule (--federated-patience) compares.
         return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
-                for n in self.sample(grid, server_round if stage == "test" else 0, k, 1)]
+                for n in (self.sample(grid, server_round, k, 1) if stage == "test" else self.validation_panel(grid))]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's Strategy interface over `evaluation_mean`."""
@@ -289,10 +296,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     strategy = FedRecStrategy(cfg, ServerOptimizer(initial_weights, cfg.server))
-    history, start_round = _resume(out, cfg, strategy.optimizer)   # checkpoints keep the settings as given
+    history, start_round, planned_before = _resume(out, cfg, strategy.optimizer)   # the settings as given
     _write_rounds(out / "rounds.jsonl", history)
+    problem = schedule_problem(cfg)
+    if problem:
+        raise SettingsError(problem)
     wait_for_nodes(grid, nodes_needed(cfg), cfg.wait_for_nodes_s)
-    schedule = strategy.resolve(grid)
+    schedule = strategy.resolve(grid, planned_before)   # a resumed run keeps its schedule
     log.info("schedule: %s", schedule.why)
     checkpointed, cfg = cfg, strategy.cfg
     strategy.count_participations(history)
@@ -303,9 +313,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
         if cfg.federated_eval_every and server_round % cfg.federated_eval_every == 0:
             metrics = federated_evaluate(grid, strategy, server_round, "valid")
             record.metrics.update({f"federated_valid_{k}": v for k, v in (metrics or {}).items()})
+            record.metrics[PANEL] = panel_digest(strategy.validation_panel(grid))
         if on_round is not None:
             record.metrics.update(on_round(server_round, strategy.optimizer.model_weights()))
-        _checkpoint(out, checkpointed, strategy.optimizer, history, record, server_round)
+        _checkpoint(out, checkpointed, schedule, strategy.optimizer, history, record, server_round)
         if server_round <= last_round_before_refit(strategy.cfg):
             planned, stopped = planned_rounds(cfg, history)
             strategy.cfg = replace(cfg, rounds=planned)
@@ -340,7 +351,7 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
     no better NDCG@10 than the best before them (then the refit rounds follow: --refit-fraction of
     the new total). Worked out from the rounds' own records, so a resumed run ends where it would have."""
     before_refit = last_round_before_refit(cfg)
-    spent, best, best_round, since = 0.0, -np.inf, 0, 0
+    spent, best, best_round, since, panel = 0.0, -np.inf, 0, 0, None
     for h in history:
         if h["round"] >= before_refit:
             break
@@ -351,6 +362,8 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
                    f"{cfg.time_budget_s:g} s by round {h['round']} (of {before_refit} planned)")
         score = h.get("metrics", {}).get(VALIDATION_METRIC) if cfg.federated_eval_every and cfg.patience else None
         if score is not None and np.isfinite(score):
+            if h["metrics"].get(PANEL) != panel:   # other devices asked (a restart, nodes gone): compare anew
+                best, best_round, since, panel = -np.inf, 0, 0, h["metrics"].get(PANEL)
             best, best_round, since = (score, h["round"], 0) if score > best + 1e-9 else (best, best_round, since + 1)
             if why is None and since >= cfg.patience:
                 why = (f"validation: {since} federated validation(s) in a row (--federated-patience) found no "
@@ -365,6 +378,11 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
 # What the stopping rule watches (run_federation records it); better means by more than the order of
 # summing the replies can change (1e-9).
 VALIDATION_METRIC = "federated_valid_ndcg@10"
+PANEL = "federated_valid_panel"   # which devices gave it (panel_digest)
+
+
+def panel_digest(nodes: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, sorted(nodes))).encode()).hexdigest()[:16]
 
 
 def _total_with_refit(cfg: FederationConfig, last_before_refit: int) -> int:
@@ -462,29 +480,40 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tuple[list[dict], int]:
-    """(history, first round to run): from the checkpoint in `out`, if there is one."""
+def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tuple[list[dict], int, Schedule | None]:
+    """(history, first round to run, the schedule it ran with): from the checkpoint in `out`, if there is one."""
     checkpoint = check_resumable(out, cfg)
     if checkpoint is None:
-        return [], 1
+        return [], 1, None
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["config"]["rounds"] == cfg.rounds:
         log.info("resuming from round %d", checkpoint["round"])
     else:
         log.info("continuing a run of %d rounds to %d rounds, from round %d (rounds after it are redone)",
                  checkpoint["config"]["rounds"], cfg.rounds, checkpoint["round"])
-    return checkpoint["history"], checkpoint["round"] + 1
+    kept = checkpoint.get("schedule")   # None: a longer run (its --rounds given anew), or one from before session 18
+    return checkpoint["history"], checkpoint["round"] + 1, Schedule(**kept) if kept else None
 
 
-def _checkpoint(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer, history: list[dict],
+def _checkpoint(out: Path, cfg: FederationConfig, schedule: Schedule, optimizer: ServerOptimizer, history: list[dict],
                 record: RoundRecord, server_round: int) -> None:
     saving = time.perf_counter()
     record.phase_seconds["checkpoint"] = 0.0
     history.append(asdict(record))
-    save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.identity(),
+    save_checkpoint(out / "checkpoint.pt", {"round": server_round, "config": cfg.identity(), "schedule": schedule.to_dict(),
                                             "optimizer": optimizer.state_dict(), "history": history})
     history[-1]["phase_seconds"]["checkpoint"] = time.perf_counter() - saving
     append_round(out / "rounds.jsonl", history[-1])
+
+
+def schedule_problem(cfg: FederationConfig) -> str | None:
+    """Why the schedule cannot be derived here (None: it can): it plans from the nodes connected at
+    round 1, so a run must say how many to wait for, or the first 25 to connect would set it."""
+    if (cfg.rounds and cfg.clients_per_round) or cfg.min_nodes:
+        return None
+    return ("--rounds 0 and --clients-per-round 0 are derived from the devices connected when round 1 starts: "
+            "give min-nodes (the devices to wait for; `fedrec server run --min-nodes N`), or both --rounds and "
+            "--clients-per-round")
 
 
 def nodes_needed(cfg: FederationConfig) -> int:

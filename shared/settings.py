@@ -344,6 +344,10 @@ def combination_problems(values: dict[str, Any]) -> list[str]:
         problems += distributed_noise_problems(privacy, _on(values, "secure-aggregation"),
                                                _on(values, "local-epochs"), _on(values, "local-optimizer"),
                                                _on(values, "update-clip"))
+    if privacy != "none" and _on(values, "federated-eval-every") and _on(values, "federated-patience"):
+        problems.append(f"--federated-patience {_on(values, 'federated-patience')} would decide how long the DP "
+                        "model trains from validation replies that are not noised: with --privacy use "
+                        "--federated-patience 0 (or no --federated-eval-every)")
     if _on(values, "secure-aggregation") and 0 < _on(values, "clients-per-round") < MIN_SECURE_CLIENTS:
         problems.append(f"secure aggregation needs --clients-per-round >= {MIN_SECURE_CLIENTS} (got "
                         f"{_on(values, 'clients-per-round')}): masking needs company; or --no-secure-aggregation")

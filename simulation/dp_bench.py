@@ -123,7 +123,8 @@ def run_privacy_sweep(job, out: Path, *, epsilons=(1.0, 2.0, 4.0, 8.0, math.inf)
         if not (run_dir / "summary.json").exists():
             if progress:
                 print(f"--- privacy {mode}, epsilon {_eps_label(eps)} -> {run_dir}", flush=True)
-            settings = {**job.settings, "privacy": mode, "target-epsilon": eps}
+            # No stopping rule: DP devices refuse validation, so only the reference run could stop on it.
+            settings = {**job.settings, "privacy": mode, "target-epsilon": eps, "federated-patience": 0}
             if mode == "none":  # the reference run has no noise to distribute
                 settings["distributed-noise"] = False
             run_federated(replace(job, settings=settings), run_dir, progress=progress, prepared=with_canaries)
@@ -163,7 +164,8 @@ def _sweep_row(mode: str, eps: float, summary: dict, losses: np.ndarray, member:
             "noise_multiplier": summary["privacy"].get("noise_multiplier"),
             "ndcg@10": summary["metrics"]["ndcg@10"], "hr@10": summary["metrics"]["hr@10"],
             "attack_auc": attack_auc(losses, member), "auc_bound": auc_bound(eps, delta),
-            "epsilon_lower_bound": audit["epsilon_lower_bound"], "audit": audit, "wall_seconds": summary["wall_seconds"]}
+            "epsilon_lower_bound": audit["epsilon_lower_bound"], "audit": audit, "wall_seconds": summary["wall_seconds"],
+            "schedule": summary.get("schedule")}
 
 
 def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, canaries: int, window: int,
@@ -172,8 +174,9 @@ def _sweep_report(rows: list[dict], dataset: str, settings: dict, delta: float, 
     baseline = rows[0]["ndcg@10"]
     for r in rows:
         r["ndcg_vs_non_private"] = r["ndcg@10"] / baseline if baseline else None
-    report = {"dataset": dataset, "rounds": settings.get("rounds"),
-              "clients_per_round": settings.get("clients-per-round"), "delta": delta,
+    schedule = rows[0].get("schedule") or {}   # what the runs chose where the settings left it to the schedule
+    report = {"dataset": dataset, "rounds": settings.get("rounds") or schedule.get("rounds"),
+              "clients_per_round": settings.get("clients-per-round") or schedule.get("clients_per_round"), "delta": delta,
               "noise": ("distributed (the item-item release)" if settings.get("private-model", "item-item") == "item-item"
                         else "distributed" if settings.get("distributed-noise") else "local (record) / server (user)"),
               "canaries": {"count": 2 * canaries, "membership": "each in a user's log with probability 1/2",

@@ -1,6 +1,7 @@
 """A run folder continued with other settings is a one-line usage error naming what changed."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from fedrec.server.checkpoint import save_checkpoint
@@ -149,6 +150,38 @@ def test_validations_without_a_better_one_end_the_rounds_before_the_refit():
     assert planned_rounds(cfg, rising) == (500, "rounds: the 500 of --rounds")
     nan = [{**h, "metrics": {VALIDATION_METRIC: float("nan")}} for h in history]   # no verdict from no value
     assert planned_rounds(cfg, nan)[0] == 500
+
+
+def test_a_new_validation_panel_starts_the_count_again():
+    """After a restart (simulated nodes get new ids) or nodes gone, other devices are asked: their
+    values are not compared with the old panel's best."""
+    from fedrec.server.federation import PANEL, VALIDATION_METRIC, planned_rounds
+    cfg = FederationConfig(rounds=500, refit_fraction=0.1, federated_eval_every=10, patience=2)
+    history = [{"round": r, "seconds": 1.0, "metrics": {}} for r in range(1, 101)]
+    for r, score, panel in [(10, 0.10, "a"), (20, 0.09, "a"), (30, 0.05, "b"), (40, 0.06, "b"), (50, 0.07, "b")]:
+        history[r - 1]["metrics"] = {VALIDATION_METRIC: score, PANEL: panel}
+    assert planned_rounds(cfg, history)[0] == 500            # panel b is still rising
+    history[29]["metrics"][PANEL] = "a"                     # had round 30 asked panel a: two without a better
+    end, why = planned_rounds(cfg, history)
+    assert "round 10's 0.1000 by round 30" in why
+
+
+def test_a_resumed_run_keeps_the_schedule_it_planned(tmp_path):
+    """The plan is saved with each checkpoint; a restart with another number of nodes connected
+    continues that plan, not a new one."""
+    from fedrec.server.aggregation import ServerOptimizer
+    from fedrec.server.federation import _resume, schedule_problem
+    from fedrec.server.schedule import plan
+    cfg = FederationConfig(rounds=0, clients_per_round=0, min_nodes=943)
+    planned = plan(943, 0, 0, cfg.participations)
+    optimizer = ServerOptimizer({"w": np.zeros(2, np.float32)}, cfg.server)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 400, "config": cfg.identity(), "schedule": planned.to_dict(),
+                                                 "optimizer": optimizer.state_dict(), "history": []})
+    assert _resume(tmp_path, cfg, optimizer)[1:] == (401, planned)
+    # Derived from whoever connects first, the schedule needs to know how many to wait for.
+    assert "min-nodes" in schedule_problem(FederationConfig(rounds=0, clients_per_round=25))
+    assert schedule_problem(FederationConfig(rounds=500, clients_per_round=25)) is None
+    assert schedule_problem(cfg) is None
 
 
 def test_a_run_with_a_time_budget_is_resumed_but_never_lengthened(tmp_path):

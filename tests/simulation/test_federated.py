@@ -192,7 +192,7 @@ def test_a_spent_time_budget_ends_the_run_early_with_its_refit_rounds_and_says_w
 def test_rounds_and_cohort_left_at_0_come_from_the_population_and_the_run_says_so(tmp_path):
     """30 devices, one turn each asked (--participations 1): cohorts of 25 (the smallest the schedule
     picks), so 2 rounds; the result names the schedule and why it stopped."""
-    _, _, final = run_recorded(tmp_path, {"rounds": 0, "clients-per-round": 0, "participations": 1.0,
+    _, _, final = run_recorded(tmp_path, {"rounds": 0, "clients-per-round": 0, "participations": 1.0, "min-nodes": 30,
                                           "refit-fraction": 0.0, "final-test": False, "fusion": "none"})
     assert final["schedule"]["rounds"] == 2 and final["schedule"]["clients_per_round"] == 25
     assert "for each of 30 devices" in final["schedule"]["why"] and "--participations 1)" in final["schedule"]["why"]
