@@ -79,7 +79,7 @@ def serve(grid: Grid, run_config: dict, *, on_round: RoundHook | None = None, pr
     try:
         cfg = federation_config(run_config)
         store = Path(str(run_config.get("store", default("store"))))
-        if cfg.privacy.mode != "none" and cfg.privacy.private_model == "item-item":
+        if cfg.privacy.releases_item_item:
             try:
                 final = release_item_item(grid, cfg, load_catalog(store / "catalog.npz").n_items, out,
                                           progress=progress)

@@ -322,7 +322,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
             strategy.cfg = replace(cfg, rounds=planned)
         if server_round == last_round_before_refit(strategy.cfg):   # also where a longer run continues from
             save_checkpoint(out / SELECTED, {"round": server_round, "weights": strategy.optimizer.model_weights(),
-                                             "optimizer": strategy.optimizer.state_dict(), "history": list(history)})
+                                             "optimizer": strategy.optimizer.state_dict(), "history": list(history),
+                                             "schedule": schedule.to_dict()})
         if progress is not None:
             progress(record)
         if server_round >= planned:
@@ -349,7 +350,9 @@ def planned_rounds(cfg: FederationConfig, history: list[dict]) -> tuple[int, str
     """The run's last round and why: --rounds, or fewer when the rounds before the refit spent
     --federated-time-budget first, or when --federated-patience federated validations in a row found
     no better NDCG@10 than the best before them (then the refit rounds follow: --refit-fraction of
-    the new total). Worked out from the rounds' own records, so a resumed run ends where it would have."""
+    the new total). Worked out from the rounds' own records, so a resumed run ends where it would have
+    (the validation count starts again when other devices are asked: a simulation's restart gives its
+    nodes new ids, so a new panel)."""
     before_refit = last_round_before_refit(cfg)
     spent, best, best_round, since, panel = 0.0, -np.inf, 0, 0, None
     for h in history:
@@ -491,7 +494,10 @@ def _resume(out: Path, cfg: FederationConfig, optimizer: ServerOptimizer) -> tup
     else:
         log.info("continuing a run of %d rounds to %d rounds, from round %d (rounds after it are redone)",
                  checkpoint["config"]["rounds"], cfg.rounds, checkpoint["round"])
-    kept = checkpoint.get("schedule")   # None: a longer run (its --rounds given anew), or one from before session 18
+    kept = checkpoint.get("schedule")   # None: a run from before session 18
+    if kept and checkpoint["config"]["rounds"] != cfg.rounds:   # a longer run (both given): its cohort, the new length
+        kept = {**kept, "rounds": cfg.rounds, "why": f"--rounds {cfg.rounds}, lengthened, of the run's "
+                                                     f"{kept['clients_per_round']} clients"}
     return checkpoint["history"], checkpoint["round"] + 1, Schedule(**kept) if kept else None
 
 
@@ -509,7 +515,7 @@ def _checkpoint(out: Path, cfg: FederationConfig, schedule: Schedule, optimizer:
 def schedule_problem(cfg: FederationConfig) -> str | None:
     """Why the schedule cannot be derived here (None: it can): it plans from the nodes connected at
     round 1, so a run must say how many to wait for, or the first 25 to connect would set it."""
-    if (cfg.rounds and cfg.clients_per_round) or cfg.min_nodes:
+    if (cfg.rounds and cfg.clients_per_round) or cfg.min_nodes or cfg.privacy.releases_item_item:
         return None
     return ("--rounds 0 and --clients-per-round 0 are derived from the devices connected when round 1 starts: "
             "give min-nodes (the devices to wait for; `fedrec server run --min-nodes N`), or both --rounds and "

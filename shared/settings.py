@@ -344,7 +344,8 @@ def combination_problems(values: dict[str, Any]) -> list[str]:
         problems += distributed_noise_problems(privacy, _on(values, "secure-aggregation"),
                                                _on(values, "local-epochs"), _on(values, "local-optimizer"),
                                                _on(values, "update-clip"))
-    if privacy != "none" and _on(values, "federated-eval-every") and _on(values, "federated-patience"):
+    if privacy != "none" and _on(values, "private-model") == "encoder" and _on(values, "federated-eval-every") \
+            and _on(values, "federated-patience"):
         problems.append(f"--federated-patience {_on(values, 'federated-patience')} would decide how long the DP "
                         "model trains from validation replies that are not noised: with --privacy use "
                         "--federated-patience 0 (or no --federated-eval-every)")

@@ -19,7 +19,8 @@ FEDERATED = ["train", "--mode", "federated", *TINY]
     ([*FEDERATED, "--privacy", "user", "--clients-per-round", "-1"], "--clients-per-round -1: must be >= 0"),
     ([*FEDERATED, "--participations", "0"], "--participations 0.0: must be > 0"),
     # Validation replies are not noised: they must not decide how long a DP model trains.
-    ([*FEDERATED, "--privacy", "user", "--federated-eval-every", "5"], "--federated-patience 3 would decide"),
+    ([*FEDERATED, "--privacy", "user", "--private-model", "encoder", "--federated-eval-every", "5"],
+     "--federated-patience 3 would decide"),
     # Before: tracebacks.
     (["train", *TINY, "--epochs", "0"], "--epochs 0: must be >= 1"),
     (["train", *TINY, "--batch-size", "0"], "--batch-size 0: must be >= 1"),

@@ -70,6 +70,11 @@ class PrivacyConfig(PrivacyUnits):
             raise ValueError(f"--target-epsilon must be > 0 (got {self.target_epsilon:g}) and --delta in (0, 1) "
                              f"(got {self.delta:g})")
 
+    @property
+    def releases_item_item(self) -> bool:
+        """The DP run is one noisy item-item release (server/release.py), not rounds of the encoder."""
+        return self.mode != "none" and self.private_model == "item-item"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

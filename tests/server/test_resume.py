@@ -178,6 +178,13 @@ def test_a_resumed_run_keeps_the_schedule_it_planned(tmp_path):
     save_checkpoint(tmp_path / "checkpoint.pt", {"round": 400, "config": cfg.identity(), "schedule": planned.to_dict(),
                                                  "optimizer": optimizer.state_dict(), "history": []})
     assert _resume(tmp_path, cfg, optimizer)[1:] == (401, planned)
+    # Lengthened (make run killed at round 30 of 60, rerun with --rounds 100): the new length, the same cohort.
+    short = FederationConfig(rounds=60, clients_per_round=0, min_nodes=943)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"round": 30, "config": short.identity(),
+                                                 "schedule": plan(943, 60, 0, cfg.participations).to_dict(),
+                                                 "optimizer": optimizer.state_dict(), "history": []})
+    longer = _resume(tmp_path, replace(short, rounds=100), optimizer)[2]
+    assert (longer.rounds, longer.clients_per_round) == (100, 25) and "lengthened" in longer.why
     # Derived from whoever connects first, the schedule needs to know how many to wait for.
     assert "min-nodes" in schedule_problem(FederationConfig(rounds=0, clients_per_round=25))
     assert schedule_problem(FederationConfig(rounds=500, clients_per_round=25)) is None
