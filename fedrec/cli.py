@@ -161,6 +161,12 @@ def _add_federation_benches(kinds) -> None:
     population.add_argument("--rounds", type=int, default=3, help="rounds per run (round 1 also starts Ray)")
     population.add_argument("--no-secure-aggregation", dest="secure", action="store_false",
                             help="plain rounds (default: secure aggregation, as shipped)")
+    schedule = kinds.add_parser("schedule", help="the schedule derived from the population, federated against "
+                                "centralized on several datasets (the encoder alone, plain rounds)")
+    schedule.add_argument("--out", type=Path, required=True, help="output folder (finished runs there are kept)")
+    schedule.add_argument("--datasets", default="ml-100k,ml-latest-small,synthetic:5000x10000,synthetic:20000x10000",
+                          help="comma-separated datasets")
+    schedule.add_argument("--data-dir", default=None, help="folder holding the MovieLens datasets")
     buckets = kinds.add_parser("buckets", help="the hashed item-ID table's size against quality, collisions and "
                                "payload (centralized runs, one per size)")
     buckets.add_argument("--out", type=Path, required=True, help="output folder")
@@ -326,7 +332,7 @@ def _bench(args, values: dict) -> None:
         run_dp_speed_bench(args.out, repeats=args.repeats)
 
 
-FEDERATION_BENCHES = ("payload", "population", "buckets", "secagg", "privacy", "dp-items")
+FEDERATION_BENCHES = ("payload", "population", "schedule", "buckets", "secagg", "privacy", "dp-items")
 
 
 def _federation_bench(args, values: dict) -> None:
@@ -338,6 +344,10 @@ def _federation_bench(args, values: dict) -> None:
         from fedrec.simulation.population_bench import run_population_bench
         run_population_bench(args.out, users=_positive_ints(args.users, "--users"), items=args.items,
                              clients_per_round=args.clients_per_round, rounds=args.rounds, secure=args.secure)
+    elif args.bench == "schedule":
+        from fedrec.simulation.schedule_bench import run_schedule_bench
+        run_schedule_bench(args.out, datasets=tuple(d.strip() for d in args.datasets.split(",") if d.strip()),
+                           data_dir=args.data_dir)
     elif args.bench == "buckets":
         from fedrec.simulation.buckets_bench import run_buckets_bench
         run_buckets_bench(args.out, dataset=args.dataset, data_dir=args.data_dir,
