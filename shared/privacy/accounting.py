@@ -127,6 +127,8 @@ def resolve(cfg: PrivacyConfig, *, rounds: int, clients_per_round: int, clients:
     `dropout` of a round's clients)."""
     if cfg.mode == "none":
         return cfg
+    if rounds < 1 or clients_per_round < 1:   # 0 means "from the population": plan the schedule first
+        raise ValueError(f"privacy noise needs the run's rounds and cohort (got {rounds} and {clients_per_round})")
     q = min(clients_per_round / clients, 1.0)
     out = PrivacyConfig(**{**cfg.to_dict(), "user_sample_rate": q if cfg.user else 0.0})
     if cfg.distributed_noise:

@@ -15,12 +15,13 @@ from fedrec.shared.model.recommender import RecommenderModel, shared_weights
 from fedrec.shared.protocol import LocalConfig, PrivacyRound, RoundConfig
 from fedrec.shared.privacy.accounting import PrivacyConfig, epsilon, noise_for, resolve
 from fedrec.shared.settings import default
+from fedrec.server.schedule import plan
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
 # What we ship: the ML-100K federation's defaults (--rounds, 25 of 943 users a round), at the
 # epsilons of the privacy sweep, for both units.
-ROUNDS = default("rounds")
+ROUNDS = plan(943, default("rounds"), default("clients-per-round"), default("participations")).rounds   # 500
 SHIPPED = [(mode, eps) for mode in ("record", "user") for eps in (1.0, 2.0, 4.0, 8.0)]
 
 
