@@ -258,7 +258,7 @@ def _train(args, values: dict) -> None:
     print(f"{summary['dataset']} {summary['mode']}: NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}  "
           f"MRR@10 {m['mrr@10']:.4f}  coverage@10 {m['coverage@10']:.3f}  ({summary['wall_seconds']:.0f} s) "
           f"-> {args.out}/summary.json")
-    if summary.get("schedule"):   # federated: what it ran, and why it ended there
+    if not args.quiet and summary.get("schedule"):   # federated: what it ran, and why it ended there
         print(f"schedule: {summary['schedule']['why']}\nstopped at round {summary['stopped']['round']}: "
               f"{summary['stopped']['why']}")
 
