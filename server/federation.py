@@ -335,8 +335,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, initial_weights: dict[str,
              # None: lost (a run resumed from before session 10); the final weights have seen validation items
              "selected_weights": selected["weights"] if selected else None,
              "privacy": privacy_summary(strategy, history),
-             "stopped": {"round": planned, "why": stopped if checkpointed.rounds else
-                         stopped.replace(f"the {cfg.rounds} of --rounds", f"the {cfg.rounds} the schedule chose")},
+             "stopped": {"round": planned, "why": f"rounds: the {planned} the schedule chose"
+                         if not checkpointed.rounds and stopped.startswith("rounds:") else stopped},
              "schedule": schedule.to_dict(),
              "federation": cfg,   # the settings as run: the schedule's rounds and cohort in place of 0
              "resumed": start_round > 1,   # taken up again from a checkpoint (not a new run)

@@ -127,7 +127,7 @@ def run_federated(job: FederatedJob, out: Path, *, progress: bool = True,
     prepared = prepared or prepare_data(job.data, show_progress=progress)
     _check_resumable(prepared, _settings(job, prepared, out), out)   # before anything in `out` changes
     settings = _prepare_run(job, prepared, out)
-    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, planned_rounds(settings, prepared),
+    harness = _Harness(build_model(prepared, job.model), prepared, job.eval_rounds, scheduled_rounds(settings, prepared),
                        progress)
     if progress:
         print(f"federated: starting Flower's simulation engine (Ray) with {len(prepared.split)} virtual clients; "
@@ -184,8 +184,9 @@ def _check_resumable(prepared: PreparedData, settings: dict, out: Path) -> None:
                           "to resume it")
 
 
-def planned_rounds(settings: dict, prepared: PreparedData) -> int:
-    """The rounds the server will plan (server/schedule.py): every simulated user is a node."""
+def scheduled_rounds(settings: dict, prepared: PreparedData) -> int:
+    """The rounds the server's schedule gives this run (server/schedule.py: every simulated user is a
+    node); a time budget or the stopping rule may end it sooner."""
     return plan(len(prepared.split), int(settings["rounds"]), int(settings["clients-per-round"]),
                 float(settings["participations"])).rounds
 
@@ -235,7 +236,7 @@ def _summarize(job: FederatedJob, prepared: PreparedData, settings: dict, out: P
     np.save(out / "test_ranks.npy", evaluation.ranks)  # per user, for `fedrec compare`
     everything = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     # The co-occurrence sum after the training rounds is reported under "fusion", not as a round.
-    history = [h for h in everything if h["round"] <= planned_rounds(settings, prepared)]
+    history = [h for h in everything if h["round"] <= scheduled_rounds(settings, prepared)]
     untrained = [h for h in history if not h.get("trained")]
     fusion = result.get("fusion")
     if isinstance(scorer, FusedScorer):
