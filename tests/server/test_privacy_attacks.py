@@ -15,7 +15,7 @@ from flwr.app import Context, RecordDict
 from fedrec.client.app import make_client_app
 from fedrec.server.aggregation import ServerOptimizer
 from fedrec.server.app import federation_config, initial_weights
-from fedrec.server.federation import FedRecStrategy, privacy_summary, secure_round, train_round
+from fedrec.server.federation import FedRecStrategy, federated_evaluate, privacy_summary, secure_round, train_round
 from fedrec.shared.data.pipeline import DataConfig, prepare_data
 from fedrec.shared.privacy.accounting import clamp_probability, epsilon, user_epsilon
 from fedrec.shared.protocol import refusal_of
@@ -77,6 +77,19 @@ def test_dp_replies_carry_no_count_loss_or_timing(store):
         assert metrics["num-examples"] == 1.0, metrics        # a fixed weight, not the user's length
         assert "train-loss" not in metrics or math.isnan(metrics["train-loss"])
         assert "train-seconds" not in metrics or math.isnan(metrics["train-seconds"])
+
+
+def test_a_dp_device_gives_no_validation_metric_whatever_the_server_asks(store):
+    """Adversary: a server that does not follow the protocol declares a run without DP and asks every
+    device for its validation metrics, as the stopping rule's panel is asked (each one's exact NDCG@10
+    on a held-out interaction, nothing a DP guarantee covers). Devices whose own policy requires DP
+    refuse, so nothing reaches the mean. Fails if a device answers on the server's word."""
+    store, users = store
+    grid = Spy(store, users)
+    strategy = _strategy(store, grid, **{"privacy": "none", "federated-eval-every": 1, "eval-clients": users})
+    assert federated_evaluate(grid, strategy, 1, "valid") is None
+    assert len(grid.replies) == users and all(refusal_of(r.content) for r in grid.replies)
+    assert not any("metrics" in r.content for r in grid.replies)
 
 
 def test_the_secure_sum_carries_fixed_weights_and_no_loss_under_dp(store, monkeypatch):

@@ -150,3 +150,11 @@ def test_a_client_refuses_distributed_noise_over_more_than_one_sgd_step(tmp_path
             DPStep(privacy, ledger, epochs, optimizer)
     DPStep(privacy, ledger, 1, "sgd")
     assert PrivacyLedger(tmp_path / "ledger.json").history == []    # nothing spent by a refusal
+
+
+def test_noise_is_never_resolved_for_a_schedule_not_yet_planned():
+    """--rounds 0 means "from the population": noise calibrated over 0 rounds would be no calibration
+    (and Opacus's search over it never ends), so it is refused until the schedule is planned."""
+    with pytest.raises(ValueError, match="rounds and cohort"):
+        resolve(PrivacyConfig(mode="user", target_epsilon=8.0), rounds=0, clients_per_round=25, clients=943,
+                local_epochs=1)
